@@ -35,12 +35,12 @@ def tiny_models(seed: int = 0, hidden: int = 32, layers: int = 2):
 
 def tiny_opd_trainer(student, teacher, tokenizer, out_dir, *, steps: int, callbacks=(),
                      learning_rate: float = 1e-2, weight_decay: float = 0.1, seed: int = 0,
-                     batch_size: int = 8):
-    """An OPDTrainer (reverse KL, AdamW, clipping at 1) wired as the pipeline wires it, on CPU."""
+                     batch_size: int = 8, max_grad_norm: float = 1.0):
+    """An OPDTrainer (reverse KL, AdamW, clipping) wired as the pipeline wires it, on CPU."""
     args = DistillationConfig(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, optim="adamw_torch",
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=max_grad_norm, logging_steps=1,
         save_strategy="no", report_to=[], bf16=False, use_cpu=True, seed=seed, data_seed=seed,
         gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
         beta=1.0, temperature=1.0, max_completion_length=answer_length(DIGITS) + 1,

@@ -1,0 +1,220 @@
+"""Trainer callbacks: training log, snapshots, NaN guard, early stop, gradient masks, AdamW state.
+
+TRL's trainers are extended here, never forked: each concern is a `TrainerCallback`.
+"""
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from opdgeo.masks import check_mask_matches_model, load_mask
+from opdgeo.naming import classify
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class CSVLogCallback(TrainerCallback):
+    """One row per logging step: loss, grad norm, lr, seconds per step, tokens per second."""
+
+    FIELDS = ("step", "loss", "grad_norm", "learning_rate", "seconds_per_step", "tokens_per_second")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._last_time = None
+        self._last_step = 0
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerow(self.FIELDS)
+        self._last_time = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {state.global_step}: training diverged. Lower the "
+                "learning rate or the gradient clipping norm (max_grad_norm) in the config."
+            )
+        if loss is None:
+            return
+        now = time.perf_counter()
+        steps = max(state.global_step - self._last_step, 1)
+        tokens = state.num_input_tokens_seen - self._last_tokens
+        elapsed = now - self._last_time
+        row = (
+            state.global_step,
+            loss,
+            logs.get("grad_norm", ""),
+            logs.get("learning_rate", ""),
+            elapsed / steps,
+            tokens / elapsed if tokens > 0 else "",
+        )
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+        self._last_time, self._last_step = now, state.global_step
+        self._last_tokens = state.num_input_tokens_seen
+
+
+class SnapshotCallback(TrainerCallback):
+    """Save a bf16 checkpoint every `every` steps (the curves and trajectories read them)."""
+
+    def __init__(self, save, every: int, folder: Path):
+        self.save, self.every, self.folder = save, every, Path(folder)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.save(self.folder / f"step-{state.global_step}")
+
+
+class EarlyStopOnScoreCallback(TrainerCallback):
+    """Evaluate every `every` steps; stop once the score reaches `stop_at`."""
+
+    def __init__(self, score_fn, every: int, stop_at: float, log: Path):
+        self.score_fn, self.every, self.stop_at, self.log = score_fn, every, stop_at, Path(log)
+        self.history: list[tuple[int, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step < state.max_steps:
+            return
+        value = self.score_fn(model)
+        self.history.append((state.global_step, value))
+        with self.log.open("a") as f:
+            f.write(f"{state.global_step},{value}\n")
+        print(f"step {state.global_step}: held-out exact match {value:.3f}", flush=True)
+        if value >= self.stop_at:
+            control.should_training_stop = True
+
+    @property
+    def final(self) -> float:
+        return self.history[-1][1] if self.history else float("nan")
+
+
+# ---------------------------------------------------------------- masked training
+
+
+class GradientMaskCallback(TrainerCallback):
+    """Train only the coordinates inside a mask; the others stay bit-for-bit at their start.
+
+    Two mechanisms, because one is not enough with AdamW:
+    - a tensor hook zeroes the gradient outside the mask as autograd produces it, before it
+      is accumulated into `.grad`, so clipping's norm and the optimizer's moments never see it;
+    - after every optimizer step the coordinates outside the mask are written back from a
+      copy, since decoupled weight decay (and momentum from before) would still move them.
+    Memory: one bool per coordinate plus an fp32 copy of the frozen coordinates only.
+    """
+
+    def __init__(self, mask: dict, model):
+        # Checked here, when the trainer is wired, so a wrong mask fails before any step.
+        self.mask = check_mask_matches_model(mask, model)
+        self.model = model
+        self._frozen: list[tuple] = []  # (parameter, outside mask, initial values outside)
+        self._hooks: list = []
+
+    @classmethod
+    def from_file(cls, path, model) -> "GradientMaskCallback":
+        try:
+            return cls(load_mask(path), model)
+        except ValueError as error:
+            raise ValueError(f"mask {path}: {error}") from None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Set up here rather than in __init__: the trainer may have moved the model since.
+        self._remove_hooks()
+        params = dict(self.model.named_parameters())
+        for name, inside in self.mask.items():
+            param = params[name]
+            outside = ~inside.to(param.device)
+            self._frozen.append((param, outside, param.detach()[outside].clone()))
+            self._hooks.append(param.register_hook(
+                lambda grad, outside=outside: grad.masked_fill(outside, 0.0)))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for param, outside, initial in self._frozen:
+                param[outside] = initial
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hooks()
+
+    def _remove_hooks(self):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._frozen = [], []
+
+
+# ---------------------------------------------------------------- AdamW state diagnostics
+
+
+class OptimizerStateCallback(TrainerCallback):
+    """AdamW state every `every` steps: first-moment alignment and second-moment spread.
+
+    - m1_cosine: cosine between exp_avg now and at the previous logged step (none at the
+      first), over all parameters concatenated and per block;
+    - m2_cv: coefficient of variation std / mean of exp_avg_sq over coordinates.
+    Both are streamed parameter by parameter in float64 sums; the previous first moment is
+    kept as one copy per parameter (one model's worth of memory on the training device).
+    Tidy rows: run, step, block ("all" overall), metric, value.
+    """
+
+    FIELDS = ("run", "step", "block", "metric", "value")
+
+    def __init__(self, path, run: str, every: int):
+        self.path, self.run, self.every = Path(path), run, max(int(every), 1)
+        self._previous: dict[int, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerow(self.FIELDS)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        if step % self.every and step < state.max_steps and not control.should_training_stop:
+            return
+        if optimizer is None or model is None:
+            return
+        rows = [(self.run, step, block, metric, value)
+                for block, metric, value in self._measure(model, optimizer)]
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    def _measure(self, model, optimizer):
+        sums: dict[str, list[float]] = {}  # block -> [dot, |m|^2, |m_prev|^2, n, sum v, sum v^2]
+        had_previous = bool(self._previous)
+        for name, param in model.named_parameters():
+            moments = optimizer.state.get(param, {})
+            if "exp_avg" not in moments:
+                continue  # not AdamW, or no gradient yet
+            m = moments["exp_avg"].detach().double()
+            v = moments["exp_avg_sq"].detach().double()
+            previous = self._previous.get(id(param))
+            terms = (
+                float((m * previous).sum()) if previous is not None else 0.0,
+                float((m * m).sum()),
+                float((previous * previous).sum()) if previous is not None else 0.0,
+                float(v.numel()),
+                float(v.sum()),
+                float((v * v).sum()),
+            )
+            for block in ("all", classify(name).block):
+                acc = sums.setdefault(block, [0.0] * 6)
+                for i, term in enumerate(terms):
+                    acc[i] += term
+            self._previous[id(param)] = moments["exp_avg"].detach().clone()
+        for block, (dot, mm, pp, n, sv, svv) in sorted(sums.items()):
+            if had_previous:
+                norms = math.sqrt(mm * pp)
+                yield block, "m1_cosine", dot / norms if norms > 0 else float("nan")
+            mean = sv / n
+            variance = max(svv / n - mean * mean, 0.0)
+            yield block, "m2_cv", math.sqrt(variance) / mean if mean > 0 else float("nan")

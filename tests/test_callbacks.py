@@ -1,0 +1,123 @@
+"""Gradient masks and AdamW state diagnostics in real TRL OPD training (tiny models, CPU)."""
+
+import csv
+import math
+
+import pytest
+import torch
+from bench_masking import tiny_models, tiny_opd_trainer
+from opdgeo.callbacks import GradientMaskCallback, OptimizerStateCallback
+from opdgeo.masks import random_mask_with_density, save_mask
+from transformers import TrainerCallback
+
+STEPS = 5
+CLIP = 0.05  # below the tiny model's gradient norms, so clipping acts on every step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models train fastest on one thread; more than the free cores makes steps crawl.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class GradientProbe(TrainerCallback):
+    """After clipping, before the step: the largest |grad| outside the mask, and the norm."""
+
+    def __init__(self, outside: dict):
+        self.outside = outside
+        self.max_outside: list[float] = []
+        self.clipped_norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        self.max_outside.append(max(
+            params[n].grad[out].abs().max().item() if out.any() else 0.0
+            for n, out in self.outside.items()))
+        self.clipped_norms.append(math.sqrt(sum(
+            p.grad.double().pow(2).sum().item() for p in params.values() if p.grad is not None)))
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("masked")
+    tokenizer, student, teacher = tiny_models()
+    shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
+    mask = random_mask_with_density(shapes, 0.5, seed=0)
+    save_mask(mask, tmp / "mask.safetensors")
+    initial = {n: p.detach().clone() for n, p in student.named_parameters()}
+    probe = GradientProbe({n: ~m for n, m in mask.items()})
+    callback = GradientMaskCallback.from_file(tmp / "mask.safetensors", student)
+    trainer = tiny_opd_trainer(student, teacher, tokenizer, tmp / "trainer", steps=STEPS,
+                               callbacks=[callback, probe], max_grad_norm=CLIP)
+    trainer.train()
+    grad_norms = [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row]
+    return dict(student=student, mask=mask, initial=initial, probe=probe, grad_norms=grad_norms,
+                trainer=trainer)
+
+
+def test_coordinates_outside_the_mask_are_bit_for_bit_unchanged(masked_run):
+    """AdamW with weight decay 0.1 at lr 1e-2 would move every coordinate; only inside may."""
+    student, mask, initial = masked_run["student"], masked_run["mask"], masked_run["initial"]
+    assert masked_run["trainer"].state.global_step == STEPS
+    assert masked_run["trainer"].args.weight_decay > 0
+    moved_inside = total_inside = 0
+    for name, param in student.named_parameters():
+        inside = mask[name]
+        after, before = param.detach(), initial[name]
+        assert torch.equal(after[~inside], before[~inside]), f"{name} moved outside the mask"
+        moved_inside += int((after[inside] != before[inside]).sum())
+        total_inside += int(inside.sum())
+    assert moved_inside > 0.9 * total_inside
+
+
+def test_clipping_never_sees_gradients_outside_the_mask(masked_run):
+    probe, grad_norms = masked_run["probe"], masked_run["grad_norms"]
+    assert len(probe.max_outside) == STEPS
+    assert max(probe.max_outside) == 0.0
+    # The logged norm is the pre-clip norm of the masked gradients: clipping leaves exactly
+    # min(norm, CLIP) (up to clip_grad_norm's 1e-6), which fails if unmasked gradients had
+    # counted in the norm that set the clipping coefficient.
+    assert max(grad_norms) > CLIP
+    for logged, clipped in zip(grad_norms, probe.clipped_norms, strict=True):
+        assert clipped == pytest.approx(min(logged, CLIP), rel=1e-4)
+
+
+def test_mask_hooks_are_removed_after_training(masked_run):
+    student = masked_run["student"]
+    assert all(not p._backward_hooks for p in student.parameters())
+
+
+def test_a_mask_that_does_not_fit_fails_before_training(tmp_path):
+    _, student, _ = tiny_models()
+    shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
+    shapes["model.layers.0.mlp.up_proj.weight"] = (3, 3)
+    save_mask(random_mask_with_density(shapes, 0.5, seed=0), tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"bad.safetensors.*model.layers.0.mlp.up_proj.weight"):
+        GradientMaskCallback.from_file(tmp_path / "bad.safetensors", student)
+
+
+def test_optimizer_state_callback_writes_tidy_rows(tmp_path):
+    tokenizer, student, teacher = tiny_models()
+    initial = {n: p.detach().clone() for n, p in student.named_parameters()}
+    callback = OptimizerStateCallback(tmp_path / "optimizer_state.csv", "toy-opd", every=2)
+    tiny_opd_trainer(student, teacher, tokenizer, tmp_path / "trainer", steps=STEPS,
+                     callbacks=[callback]).train()
+    # Without a mask, AdamW with weight decay moves (nearly) every coordinate.
+    changed = sum(int((p.detach() != initial[n]).sum()) for n, p in student.named_parameters())
+    assert changed > 0.99 * sum(p.numel() for p in student.parameters())
+
+    rows = list(csv.DictReader((tmp_path / "optimizer_state.csv").open()))
+    assert rows and set(rows[0]) == {"run", "step", "block", "metric", "value"}
+    assert {r["run"] for r in rows} == {"toy-opd"}
+    assert sorted({int(r["step"]) for r in rows}) == [2, 4, 5]  # every 2, and the last step
+    cosine = [r for r in rows if r["metric"] == "m1_cosine"]
+    cv = [r for r in rows if r["metric"] == "m2_cv"]
+    assert {int(r["step"]) for r in cosine} == {4, 5}  # needs a previous logged step
+    assert all(-1.0 <= float(r["value"]) <= 1.0 for r in cosine)
+    assert all(float(r["value"]) >= 0.0 for r in cv)
+    assert {r["block"] for r in cv} == {"all", "attention", "ffn", "embedding", "lm_head", "norm"}
+    overall_cosine = [float(r["value"]) for r in cosine if r["block"] == "all"]
+    assert overall_cosine[-1] > 0.5  # consecutive steps: beta1 = 0.9 keeps m1 aligned
