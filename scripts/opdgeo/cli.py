@@ -1,0 +1,183 @@
+"""The `opdgeo` command: one subcommand per verb. The only module that parses arguments.
+
+Pipeline rules pass the settings they use as JSON (`--spec`), so that Snakemake tracks them
+as params and the package never reads the config file behind Snakemake's back.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from error
+
+
+def _threads(n: int):
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def cmd_train_model(args):
+    from opdgeo.train import resolve_device, train_base
+
+    _threads(args.threads)
+    train_base(args.name, args.spec, args.task, args.out, resolve_device(args.device))
+
+
+def cmd_train_run(args):
+    from opdgeo.config import RunSpec
+    from opdgeo.train import resolve_device, train_run
+
+    _threads(args.threads)
+    spec = RunSpec(**args.spec)
+    train_run(spec, args.source, args.teacher, args.task, args.out, resolve_device(args.device),
+              mask_path=args.mask)
+
+
+def cmd_make_mask(args):
+    from opdgeo import masks
+
+    spec = args.spec
+    method = spec["method"]
+    if method == "atol":
+        mask = masks.mask_from_delta(args.source, args.trained, atol=spec["atol"])
+    elif method == "top":
+        mask = masks.top_fraction_mask(args.source, args.trained, spec["density"])
+    elif method == "random_like":
+        like = masks.mask_from_delta(args.source, args.trained, atol=spec["atol"])
+        mask = masks.random_mask_like(like, spec["seed"])
+    elif method == "random_density":
+        shapes = masks.checkpoint_shapes(args.source)
+        mask = masks.random_mask_with_density(shapes, spec["density"], spec["seed"])
+    else:
+        raise SystemExit(f"unknown mask method {method!r}")
+    masks.save_mask(mask, args.out)
+    density, _ = masks.mask_densities(mask)
+    print(f"mask {args.out}: global density {density:.4f}")
+
+
+def cmd_evaluate(args):
+    from opdgeo.evaluate import evaluate_checkpoints
+    from opdgeo.task import split_examples
+    from opdgeo.train import resolve_device
+
+    _threads(args.threads)
+    checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}
+    if args.checkpoints:
+        for folder in sorted(Path(args.checkpoints).glob("step-*")):
+            checkpoints[int(folder.name.removeprefix("step-"))] = folder
+    task, evaluation = args.task, args.spec
+    examples = split_examples(task["digits"], task["eval_prompts"], "eval", task["seed"])
+    table = evaluate_checkpoints(checkpoints, args.run, examples, task["digits"],
+                                 evaluation["k"], evaluation["temperature"], task["seed"],
+                                 resolve_device(args.device), evaluation["batch_size"])
+    _write_csv_atomic(table, args.out)
+
+
+def _write_csv_atomic(table, out):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(out)
+
+
+def cmd_collect(args):
+    from opdgeo import tables
+
+    if args.kind == "summaries":
+        frame = tables.collect_summaries(args.files, args.spec or {})
+    elif args.kind == "overlaps":
+        frame = tables.collect_overlaps(args.files)
+    elif args.kind == "csv":
+        frame = tables.concat_csvs(args.files)
+    else:  # per-run CSVs in results/runs/{run}/
+        frame = tables.concat_csvs(args.files, run_from_folder=True)
+    tables.write_table(frame, args.out)
+
+
+def cmd_runs(args):
+    from opdgeo import tables
+    from opdgeo.config import build_runs, run_table
+
+    tables.write_table(run_table(build_runs(args.spec)), args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opdgeo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-model", help="build a tiny base model and train it on the task")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", type=_json, required=True, help="models.<name> from the config")
+    p.add_argument("--task", type=_json, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_train_model)
+
+    p = sub.add_parser("train-run", help="train one run (OPD, control or masked) from its source")
+    p.add_argument("--spec", type=_json, required=True, help="the run spec (opdgeo.config)")
+    p.add_argument("--source", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--mask", type=Path)
+    p.add_argument("--task", type=_json, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_train_run)
+
+    p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
+    p.add_argument("--spec", type=_json, required=True, help="the mask spec (opdgeo.config)")
+    p.add_argument("--source", required=True)
+    p.add_argument("--trained", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_make_mask)
+
+    p = sub.add_parser("evaluate", help="held-out exact match and mean@k of checkpoints")
+    p.add_argument("--run", required=True)
+    p.add_argument("--checkpoint", required=True, help="the final checkpoint")
+    p.add_argument("--step", type=int, help="step of the final checkpoint")
+    p.add_argument("--checkpoints", help="folder of step-N checkpoints")
+    p.add_argument("--task", type=_json, required=True)
+    p.add_argument("--spec", type=_json, required=True, help="the evaluation settings")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
+    p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv"])
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--spec", type=_json, help="summaries: run -> final step")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("runs", help="the table of runs (kind, pair, teacher, optimizer, ...)")
+    p.add_argument("--spec", type=_json, required=True, help="the whole config")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_runs)
+
+    from opdgeo.delta import cli as delta_cli
+
+    delta_cli.register(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"opdgeo {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Config -> run specs. The one place where run and mask names are made.
+
+The schema (workflow/schemas/config.schema.yaml) checks shapes and types; this module checks
+what a schema cannot (references between sections) and expands the config into runs:
+
+    {pair}-opd-{teacher}-{optimizer}-s{seed}      on-policy distillation (optimizers: primary teacher)
+    {pair}-sft-{optimizer}-s{seed}                offline distillation control (primary teacher)
+    {pair}-grpo-{optimizer}-s{seed}               RLVR control
+    {pair}-masked-{arm}-s{seed}                   subnetwork retraining from the source
+    {name}                                        external run (two given checkpoints)
+"""
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+TRAINING_DEFAULTS = {
+    "steps": 200,
+    "batch_size": 32,
+    "generations_per_prompt": 4,
+    "loss": "reverse_kl",
+    "beta": 0.5,
+    "topk": 32,
+    "temperature": 1.0,
+    "max_grad_norm": 1.0,
+    "save_every": 50,
+    "seeds": [0],
+    "optimizers": {"adamw": {"learning_rate": 1e-5}},
+    "keep_fp32": True,
+    "gradient_checkpointing": False,
+    "bf16": "auto",
+    "use_vllm": False,
+    "prompts": 4096,
+}
+OPTIMIZER_DEFAULTS = {"weight_decay": 0.0, "momentum": 0.0, "adam_beta2": 0.999}
+
+
+class ConfigError(ValueError):
+    """A config that the schema accepts but that does not make sense."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    kind: str  # opd | sft | grpo | masked | external
+    pair: str | None
+    source: str  # model key (trained runs) or checkpoint path (external runs)
+    teacher: str | None = None
+    optimizer: str | None = None
+    seed: int = 0
+    mask: str | None = None  # mask name (masked runs)
+    trained: str | None = None  # checkpoint path (external runs)
+    training: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.kind != "external"
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the intermediate checkpoints that training leaves behind."""
+        if not self.is_trained:
+            return []
+        every, steps = self.training["save_every"], self.training["steps"]
+        return [s for s in range(every, steps, every)]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How a mask is made: from which run's delta, or at random like another mask."""
+
+    name: str
+    pair: str
+    method: str  # atol | top | random_like | random_density
+    run: str | None = None  # run whose delta defines it (atol, top, random_like)
+    atol: float = 1e-5
+    density: float | None = None
+    seed: int = 0
+
+
+def pair_training(config: dict, pair: str) -> dict:
+    """Global training settings, overridden by the pair's own, with defaults filled in."""
+    merged = copy.deepcopy(TRAINING_DEFAULTS)
+    for layer in (config.get("training", {}), config["pairs"][pair].get("training", {})):
+        for key, value in layer.items():
+            merged[key] = copy.deepcopy(value)
+    merged["optimizers"] = {
+        name: {**OPTIMIZER_DEFAULTS, **settings} for name, settings in merged["optimizers"].items()
+    }
+    return merged
+
+
+def check_references(config: dict):
+    models = config["models"]
+    for pair, spec in config["pairs"].items():
+        for role, key in [("student", spec["student"])] + [("teacher", t) for t in spec["teachers"]]:
+            if key not in models:
+                raise ConfigError(
+                    f"pairs.{pair}.{role} is {key!r}, which is not a key of `models` "
+                    f"(known: {sorted(models)}). Add it under `models:` or fix the name."
+                )
+        if len(set(spec["teachers"])) != len(spec["teachers"]):
+            raise ConfigError(f"pairs.{pair}.teachers lists a teacher twice")
+    for name in config.get("external", {}):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ConfigError(f"external run name {name!r}: use letters, digits, '.', '_', '-'")
+
+
+def build_runs(config: dict) -> dict[str, RunSpec]:
+    """Every run of the study, by name, in a stable order."""
+    check_references(config)
+    runs: dict[str, RunSpec] = {}
+    for pair, spec in config["pairs"].items():
+        training = pair_training(config, pair)
+        optimizers = list(training["optimizers"])
+        primary_teacher, primary_opt = spec["teachers"][0], optimizers[0]
+        for seed in training["seeds"]:
+            # The optimizer ablation runs on the primary teacher; other teachers use the
+            # primary optimizer (as the paper's second-teacher run used AdamW only).
+            for teacher in spec["teachers"]:
+                for opt in optimizers if teacher == primary_teacher else optimizers[:1]:
+                    name = f"{pair}-opd-{teacher}-{opt}-s{seed}"
+                    runs[name] = RunSpec(
+                        name, "opd", pair, spec["student"], teacher, opt, seed, training=training
+                    )
+            for control in spec.get("controls", ["sft", "grpo"]):
+                name = f"{pair}-{control}-{primary_opt}-s{seed}"
+                runs[name] = RunSpec(
+                    name, control, pair, spec["student"], primary_teacher, primary_opt, seed,
+                    training=training,
+                )
+        for arm, masks in masked_arms(config, pair, runs).items():
+            for mask in masks:
+                name = f"{pair}-masked-{arm}-s{mask.seed}"
+                runs[name] = RunSpec(
+                    name, "masked", pair, spec["student"], primary_teacher, primary_opt,
+                    mask.seed, mask=mask.name, training=training,
+                )
+    for name, ext in config.get("external", {}).items():
+        if name in runs:
+            raise ConfigError(f"external run {name!r} has the name of a trained run")
+        runs[name] = RunSpec(name, "external", None, ext["source"], trained=ext["trained"])
+    return runs
+
+
+def primary_run(config: dict, pair: str, seed: int) -> str:
+    spec = config["pairs"][pair]
+    opt = list(pair_training(config, pair)["optimizers"])[0]
+    return f"{pair}-opd-{spec['teachers'][0]}-{opt}-s{seed}"
+
+
+def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]]:
+    """Arm name -> one mask per seed, parsed from `pairs.<pair>.masked.arms`."""
+    masked = config["pairs"][pair].get("masked", {})
+    atol = masked.get("atol", 1e-5)
+    arms: dict[str, list[MaskSpec]] = {}
+    for arm in masked.get("arms", []):
+        head, _, arg = arm.partition(":")
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", arm).strip("-")
+        arms[slug] = []
+        for seed in masked.get("seeds", [0]):
+            primary = primary_run(config, pair, seed)
+            other = f"{pair}-{arg}" if arg else None
+            if other and not _is_number(arg) and other not in runs:
+                other = next((r for r in runs if r.startswith(other + "-")), other)
+                if other not in runs:
+                    raise ConfigError(
+                        f"pairs.{pair}.masked.arms: {arm!r} names run {arg!r}, but no run "
+                        f"{pair}-{arg}[-...] exists (runs: {sorted(r for r in runs if r.startswith(pair))})"
+                    )
+            if head == "opd" and not arg:
+                mask = MaskSpec(f"{primary}.atol{atol:g}", pair, "atol", primary, atol)
+            elif head == "run" and arg:
+                mask = MaskSpec(f"{other}.atol{atol:g}", pair, "atol", other, atol)
+            elif head == "top" and _is_number(arg):
+                d = float(arg)
+                mask = MaskSpec(f"{primary}.top{d:g}", pair, "top", primary, atol, d)
+            elif head == "random" and not arg:
+                mask = MaskSpec(
+                    f"{primary}.atol{atol:g}.random{seed}", pair, "random_like", primary, atol,
+                    seed=seed,
+                )
+            elif head == "random" and _is_number(arg):
+                d = float(arg)
+                mask = MaskSpec(f"{pair}.density{d:g}.random{seed}", pair, "random_density",
+                                primary, atol, d, seed)
+            elif head == "random":
+                mask = MaskSpec(f"{other}.atol{atol:g}.random{seed}", pair, "random_like", other,
+                                atol, seed=seed)
+            else:
+                raise ConfigError(
+                    f"pairs.{pair}.masked.arms: cannot read {arm!r}; use opd, random, run:<run>, "
+                    "random:<run>, top:<density> or random:<density>"
+                )
+            arms[slug].append(mask)
+    return arms
+
+
+def build_masks(config: dict) -> dict[str, MaskSpec]:
+    runs = build_runs(config)
+    return {
+        m.name: m
+        for pair in config["pairs"]
+        for masks in masked_arms(config, pair, runs).values()
+        for m in masks
+    }
+
+
+def run_table(runs: dict[str, RunSpec]):
+    """One row per run: how it was made (the figures colour and group runs by these)."""
+    import pandas as pd
+
+    rows = []
+    for spec in runs.values():
+        opt = spec.training.get("optimizers", {}).get(spec.optimizer, {})
+        rows.append({
+            "run": spec.name, "kind": spec.kind, "pair": spec.pair, "source": spec.source,
+            "teacher": spec.teacher, "optimizer": spec.optimizer, "seed": spec.seed,
+            "mask": spec.mask, "learning_rate": opt.get("learning_rate"),
+            "steps": spec.training.get("steps"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

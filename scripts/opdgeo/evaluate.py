@@ -1,0 +1,69 @@
+"""Held-out scores of a checkpoint: greedy exact match and sampled mean@k."""
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from opdgeo.task import Example, answer_length, score
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sample: bool,
+             temperature: float = 1.0, batch_size: int = 256) -> list[str]:
+    """Completions of `prompts`, greedy or sampled, special tokens stripped."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    model.train(was_training)
+    return completions
+
+
+def exact_match(model, tokenizer, examples: list[Example], digits: int, batch_size: int = 256):
+    prompts = [e.prompt for e in examples]
+    completions = generate(model, tokenizer, prompts, answer_length(digits) + 1, sample=False,
+                           batch_size=batch_size)
+    return sum(score(c, e.answer) for c, e in zip(completions, examples, strict=True)) / len(examples)
+
+
+def mean_at_k(model, tokenizer, examples: list[Example], digits: int, k: int, temperature: float,
+              seed: int, batch_size: int = 256) -> float:
+    """Mean exact match over k sampled completions per prompt (seeded)."""
+    torch.manual_seed(seed)
+    prompts = [e.prompt for e in examples for _ in range(k)]
+    answers = [e.answer for e in examples for _ in range(k)]
+    completions = generate(model, tokenizer, prompts, answer_length(digits) + 1, sample=True,
+                           temperature=temperature, batch_size=batch_size)
+    return sum(score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
+
+
+def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, examples: list[Example],
+                         digits: int, k: int, temperature: float, seed: int, device: str,
+                         batch_size: int = 256) -> pd.DataFrame:
+    """Tidy scores (run, step, metric, value) of every checkpoint of one run."""
+    from opdgeo.models import load_model, load_tokenizer
+
+    rows = []
+    for step, path in sorted(checkpoints.items()):
+        model, tokenizer = load_model(path, device), load_tokenizer(path)
+        em = exact_match(model, tokenizer, examples, digits, batch_size)
+        mk = mean_at_k(model, tokenizer, examples, digits, k, temperature, seed, batch_size)
+        rows += [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
+        print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f}", flush=True)
+    return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])

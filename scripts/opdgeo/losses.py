@@ -1,0 +1,67 @@
+"""OPD loss variants that TRL's DistillationTrainer lacks, as a small subclass.
+
+`reverse_kl`, `forward_kl` and `jsd` are TRL's own chunked generalised JSD (beta 1, 0, or the
+configured mixing). Two more are public OPD practice:
+
+- `sampled_k1` (verl, Tinker): per-token advantage A_t = -(log pi_S(y_t) - log pi_T(y_t)),
+  detached; loss = -A_t * log pi_S(y_t), a policy gradient on the sampled tokens.
+- `forward_kl_topk`: KL(pi_T || pi_S) over the teacher's top-k tokens, the teacher
+  renormalised over them (the paper's vision-language run, k = 32).
+
+Both take logits from the models' own forward, so architecture-specific logit scaling
+(MiniCPM, Gemma soft-capping) is applied as the model defines it.
+"""
+
+import torch
+import torch.nn.functional as F
+from trl import DistillationTrainer
+
+TRL_BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}
+LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled_k1", "forward_kl_topk")
+
+
+class OPDTrainer(DistillationTrainer):
+    """DistillationTrainer with the sampled-token and top-k losses added."""
+
+    def __init__(self, *args, loss: str = "reverse_kl", topk: int = 32, **kwargs):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown OPD loss {loss!r}; choose one of {LOSSES}")
+        super().__init__(*args, **kwargs)
+        self.opd_loss, self.topk = loss, topk
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if self.opd_loss not in ("sampled_k1", "forward_kl_topk"):
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        completion_ids = inputs["completion_ids"]
+        mask = inputs["completion_mask"].float()
+        student_logits = self._completion_logits(unwrapped_student, inputs)
+        with torch.no_grad():
+            self.teacher_model.eval()
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            teacher_logits = self._completion_logits(teacher, inputs)
+        student_logp = F.log_softmax(student_logits / self.temperature, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits / self.temperature, dim=-1)
+        if self.opd_loss == "sampled_k1":
+            s = student_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+            t = teacher_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+            advantage = -(s - t).detach()
+            per_token = -advantage * s
+        else:
+            top_logp, top_idx = teacher_logp.topk(min(self.topk, teacher_logp.size(-1)), dim=-1)
+            top_p = F.softmax(top_logp, dim=-1)  # teacher renormalised over its top-k
+            per_token = (top_p * (top_p.clamp_min(1e-30).log() - student_logp.gather(-1, top_idx)))
+            per_token = per_token.sum(-1)
+        total = (per_token * mask).sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        loss = total / torch.as_tensor(denominator, device=total.device).clamp_min(1)
+        entropy = -(student_logp.exp() * student_logp).sum(-1)
+        return loss, (entropy * mask).sum().detach(), mask.sum()
+
+    @staticmethod
+    def _completion_logits(model, inputs):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        k = inputs["completion_ids"].size(1)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=k + 1).logits
+        return logits[:, :-1].float()  # position t predicts completion token t

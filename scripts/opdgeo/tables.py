@@ -1,0 +1,79 @@
+"""Tidy tables: every per-run output of the DAG gathered into long tables (run, step, metric,
+value). Figures and paper tables read these only, never checkpoints.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+TIDY = ["run", "step", "metric", "value"]
+
+
+def _step_of(folder: str, final_steps: dict[str, int], run: str):
+    if folder == "final":
+        return final_steps.get(run, math.nan)
+    return int(folder.removeprefix("step-"))
+
+
+def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a summary, nested keys joined with '/'."""
+    flat = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        elif isinstance(value, bool):
+            flat[name] = float(value)
+        elif isinstance(value, int | float):
+            flat[name] = float(value)
+    return flat
+
+
+def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.DataFrame:
+    """`results/analysis/{run}/{final|step-N}/summary.json` files -> tidy rows."""
+    rows = []
+    for path in map(Path, paths):
+        run, folder = path.parent.parent.name, path.parent.name
+        step = _step_of(folder, final_steps, run)
+        for metric, value in flatten(json.loads(path.read_text())).items():
+            rows.append((run, step, metric, value))
+    return pd.DataFrame(rows, columns=TIDY)
+
+
+def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
+    """`results/overlap/{a}__{b}/overlap.json` files -> rows (a, b, metric, value)."""
+    rows = []
+    for path in map(Path, paths):
+        a, b = path.parent.name.split("__")
+        for metric, value in flatten(json.loads(path.read_text())).items():
+            rows.append((a, b, metric, value))
+    return pd.DataFrame(rows, columns=["run_a", "run_b", "metric", "value"])
+
+
+def concat_csvs(paths: list[Path], run_from_folder: bool = False) -> pd.DataFrame:
+    """Concatenate per-run CSVs; with `run_from_folder`, add the run from `.../{run}/file.csv`."""
+    frames = []
+    for path in map(Path, paths):
+        frame = pd.read_csv(path)
+        if run_from_folder:
+            frame.insert(0, "run", path.parent.name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_table(frame: pd.DataFrame, out: Path, formats=("csv",)):
+    """Write a table atomically, as CSV and optionally Markdown and LaTeX beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "csv": lambda p: frame.to_csv(p, index=False),
+        "md": lambda p: p.write_text(frame.to_markdown(index=False) + "\n"),
+        "tex": lambda p: p.write_text(frame.to_latex(index=False, float_format="%.4g")),
+    }
+    for fmt in formats:
+        path = out.with_suffix("." + fmt)
+        tmp = path.with_name(path.name + ".tmp")
+        writers[fmt](tmp)
+        tmp.replace(path)

@@ -1,0 +1,49 @@
+"""The synthetic verifiable task: fixed-width addition with the answer digits reversed.
+
+`123+045=` -> `8610`: the sum 0168 written least significant digit first, so that a
+left-to-right model can carry as it goes. Every prompt and every answer of one task has the
+same length, so batches need no padding and exact match is a string comparison.
+"""
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+def make_example(a: int, b: int, digits: int) -> Example:
+    prompt = f"{a:0{digits}d}+{b:0{digits}d}="
+    answer = f"{a + b:0{digits + 1}d}"[::-1]
+    return Example(prompt, answer)
+
+
+def split_examples(digits: int, n: int, split: str, seed: int) -> list[Example]:
+    """`n` examples of one split; train and eval prompts never overlap.
+
+    Splits are disjoint by construction: a pair (a, b) belongs to `eval` when its hash
+    bucket says so, so every seed draws from the same held-out set.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    high = 10**digits
+    want_eval = split == "eval"
+    rng = random.Random(f"{split}-{seed}")
+    examples = []
+    while len(examples) < n:
+        a, b = rng.randrange(high), rng.randrange(high)
+        if ((a * 7919 + b * 104729) % 10 == 0) == want_eval:
+            examples.append(make_example(a, b, digits))
+    return examples
+
+
+def answer_length(digits: int) -> int:
+    return digits + 1
+
+
+def score(completion: str, answer: str) -> float:
+    """Exact match of the completion (special tokens stripped) with the answer."""
+    return float(completion.strip() == answer)

@@ -1,0 +1,231 @@
+"""Wire TRL's trainers from a run spec: base models (SFT on ground truth), OPD, and controls.
+
+Only this module knows how a run was made; every later stage sees a checkpoint folder.
+"""
+
+import json
+import random
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+import datasets
+from datasets import Dataset
+from transformers import set_seed
+from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+from opdgeo.callbacks import CSVLogCallback, EarlyStopOnScoreCallback, SnapshotCallback
+from opdgeo.config import RunSpec
+from opdgeo.evaluate import exact_match, generate
+from opdgeo.losses import TRL_BETA, OPDTrainer
+from opdgeo.models import (
+    build_model,
+    character_tokenizer,
+    check_same_vocabulary,
+    load_model,
+    load_tokenizer,
+    save_checkpoint,
+)
+from opdgeo.task import answer_length, score, split_examples
+
+# Per-example progress bars of dataset preprocessing drown the training progress in the logs.
+datasets.disable_progress_bars()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config asks for device cuda, but no GPU is visible: use auto or cpu")
+    return device
+
+
+def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, optimizer: str,
+                  opt: dict, seed: int, device: str, training: dict | None = None, **extra):
+    """Settings every trainer shares: optimizer, clipping, precision, logging, no checkpoints."""
+    training = training or {}
+    optim = {"adamw": "adamw_torch", "sgd": "sgd"}[optimizer]
+    optim_args = f"momentum={opt.get('momentum', 0.0)}" if optimizer == "sgd" else None
+    bf16 = training.get("bf16", "auto") == "on" or (
+        training.get("bf16", "auto") == "auto" and device == "cuda"
+    )
+    return config_cls(
+        output_dir=str(out_dir / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=opt["learning_rate"],
+        weight_decay=opt.get("weight_decay", 0.0),
+        adam_beta2=opt.get("adam_beta2", 0.999),
+        optim=optim,
+        optim_args=optim_args,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=training.get("max_grad_norm", 1.0),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        seed=seed,
+        data_seed=seed,
+        gradient_checkpointing=training.get("gradient_checkpointing", False),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------- base models
+
+
+def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
+    """Build a tiny model and train it on the task's ground truth until it scores `stop_at`.
+
+    Writes `out_dir/final` (bf16 checkpoint), `train_log.csv`, `scores.csv` and `score.json`.
+    Fails, leaving no checkpoint, when the final score is outside [require_min, require_max].
+    """
+    out_dir = Path(out_dir)
+    build, train = spec["build"], spec["train"]
+    set_seed(train["seed"])
+    tokenizer = character_tokenizer()
+    dims = {k: v for k, v in build.items() if k != "arch"}
+    model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
+    digits = task["digits"]
+    n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
+    train_examples = split_examples(digits, n_train, "train", train["seed"])
+    eval_examples = split_examples(digits, task["eval_prompts"], "eval", task["seed"])
+    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
+                                 for e in train_examples])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores_log = out_dir / "scores.csv"
+    scores_log.write_text("step,exact_match\n")
+    stopper = EarlyStopOnScoreCallback(
+        lambda m: exact_match(m, tokenizer, eval_examples, digits),
+        train["eval_every"], train["stop_at"], scores_log,
+    )
+    args = _trainer_args(
+        SFTConfig, out_dir, steps=train["max_steps"], batch_size=train["batch_size"],
+        optimizer="adamw", opt={"learning_rate": train["learning_rate"], "adam_beta2": 0.99},
+        seed=train["seed"], device=device, max_length=64, completion_only_loss=True,
+        packing=False, eos_token=tokenizer.eos_token,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer,
+                         callbacks=[CSVLogCallback(out_dir / "train_log.csv"), stopper])
+    trainer.train()
+    final = stopper.final
+    if not train["require_min"] <= final <= train["require_max"]:
+        raise RuntimeError(
+            f"model {name} ended at held-out exact match {final:.3f} after "
+            f"{trainer.state.global_step} steps, outside the required range "
+            f"[{train['require_min']}, {train['require_max']}]. Give it more steps "
+            f"(models.{name}.train.max_steps), another learning rate, or widen the range."
+        )
+    save_checkpoint(model, tokenizer, out_dir / "final")
+    (out_dir / "score.json").write_text(json.dumps(
+        {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_dir: Path,
+              device: str, mask_path: Path | None = None, diagnostics_every: int = 10):
+    """Train one run from `source`; write final/, checkpoints/step-N/, train_log.csv."""
+    out_dir = Path(out_dir)
+    training = spec.training
+    opt = training["optimizers"][spec.optimizer]
+    set_seed(spec.seed)
+    student_tokenizer = load_tokenizer(source)
+    model = load_model(source, device)
+    teacher_model = None
+    if teacher is not None:
+        teacher_tokenizer = load_tokenizer(teacher)
+        check_same_vocabulary(student_tokenizer, teacher_tokenizer, source, teacher)
+        teacher_model = load_model(teacher, device)
+
+    digits = task["digits"]
+    rng = random.Random(f"{spec.name}")
+    prompts = split_examples(digits, training["prompts"], "train", spec.seed)
+    rng.shuffle(prompts)
+    completion_tokens = answer_length(digits) + 1
+    common = dict(steps=training["steps"], batch_size=training["batch_size"],
+                  optimizer=spec.optimizer, opt=opt, seed=spec.seed, device=device,
+                  training=training)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    save = partial(save_checkpoint, tokenizer=student_tokenizer)
+    callbacks = [
+        CSVLogCallback(out_dir / "train_log.csv"),
+        SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
+                         out_dir / "checkpoints"),
+    ]
+    callbacks += _extra_callbacks(model, mask_path, out_dir, spec, diagnostics_every)
+
+    if spec.kind in ("opd", "masked"):
+        loss = training["loss"]
+        beta = TRL_BETA.get(loss, training["beta"])
+        args = _trainer_args(
+            DistillationConfig, out_dir, **common, beta=beta,
+            temperature=training["temperature"], max_completion_length=completion_tokens,
+            top_k=0, top_p=1.0,
+        )
+        dataset = Dataset.from_list([{"prompt": e.prompt} for e in prompts])
+        trainer = OPDTrainer(model=model, teacher_model=teacher_model, args=args,
+                             train_dataset=dataset, processing_class=student_tokenizer,
+                             callbacks=callbacks, loss=loss, topk=training["topk"])
+    elif spec.kind == "sft":
+        n = training["steps"] * training["batch_size"]
+        chosen = (prompts * (n // len(prompts) + 1))[:n]
+        torch.manual_seed(spec.seed)
+        completions = generate(teacher_model, teacher_tokenizer, [e.prompt for e in chosen],
+                               completion_tokens, sample=True,
+                               temperature=training["temperature"])
+        dataset = Dataset.from_list([{"prompt": e.prompt, "completion": c}
+                                     for e, c in zip(chosen, completions, strict=True)])
+        args = _trainer_args(SFTConfig, out_dir, **common, max_length=64,
+                             completion_only_loss=True, packing=False,
+                             eos_token=student_tokenizer.eos_token)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=student_tokenizer, callbacks=callbacks)
+    elif spec.kind == "grpo":
+        dataset = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in prompts])
+        args = _trainer_args(
+            GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],
+            max_completion_length=completion_tokens, temperature=training["temperature"],
+            beta=0.0, top_k=0, top_p=1.0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=args,
+                              train_dataset=dataset, processing_class=student_tokenizer,
+                              callbacks=callbacks)
+    else:
+        raise ValueError(f"run {spec.name}: kind {spec.kind!r} is not trained")
+
+    trainer.train()
+    fp32 = out_dir / "final_fp32.safetensors" if training["keep_fp32"] else None
+    save_checkpoint(model, student_tokenizer, out_dir / "final", fp32_weights=fp32)
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """RLVR reward: 1 when the completion is exactly the answer."""
+    return [score(c, a) for c, a in zip(completions, answer, strict=True)]
+
+
+def _extra_callbacks(model, mask_path, out_dir, spec, diagnostics_every):
+    """Gradient mask (masked runs) and AdamW state diagnostics (AdamW runs)."""
+    from opdgeo import callbacks as cb
+
+    extra = []
+    if mask_path is not None and hasattr(cb, "GradientMaskCallback"):
+        extra.append(cb.GradientMaskCallback.from_file(mask_path, model))
+    elif mask_path is not None:
+        raise NotImplementedError("masked training needs opdgeo.callbacks.GradientMaskCallback")
+    if spec.optimizer == "adamw" and hasattr(cb, "OptimizerStateCallback"):
+        extra.append(cb.OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name,
+                                               diagnostics_every))
+    return extra

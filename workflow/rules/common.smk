@@ -1,0 +1,110 @@
+# Input functions: runs, models, masks and the files of each. Names come from opdgeo.config
+# only; rules never spell a run name themselves.
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
+
+from opdgeo.config import ConfigError, build_masks, build_runs, pair_training  # noqa: E402
+
+try:
+    RUNS = build_runs(config)
+    MASKS = build_masks(config)
+except ConfigError as error:
+    raise WorkflowError(f"config: {error}") from None
+
+TRAINED = [name for name, run in RUNS.items() if run.is_trained]
+BUILT_MODELS = [name for name, spec in config["models"].items() if "build" in spec]
+GPU = 1 if config["device"] == "cuda" else 0
+
+
+RUN_PATTERN = "|".join(map(re.escape, sorted(RUNS, key=len, reverse=True))) or "NONE"
+
+
+wildcard_constraints:
+    run=RUN_PATTERN,
+    a=RUN_PATTERN,
+    b=RUN_PATTERN,
+    model="|".join(BUILT_MODELS) or "NONE",
+    step=r"\d+",
+
+
+def as_arg(value):
+    """A config value as one shell-quoted JSON argument (Snakemake tracks it as a param)."""
+    return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+def model_path(key):
+    """Checkpoint of a base model: built by the pipeline, or given (hub id or folder)."""
+    spec = config["models"][key]
+    return f"results/models/{key}/final" if "build" in spec else spec["path"]
+
+
+def model_inputs(key):
+    """The files Snakemake must wait for before a model can be read."""
+    path = model_path(key)
+    return [path] if "build" in config["models"][key] or Path(path).exists() else []
+
+
+def source_path(run):
+    spec = RUNS[run]
+    return model_path(spec.source) if spec.is_trained else spec.source
+
+
+def trained_path(run):
+    spec = RUNS[run]
+    return f"results/runs/{run}/final" if spec.is_trained else spec.trained
+
+
+def run_inputs(run):
+    """Source and trained checkpoints of a run, as Snakemake inputs."""
+    spec = RUNS[run]
+    if spec.is_trained:
+        return {"source": model_inputs(spec.source), "trained": trained_path(run)}
+    return {
+        "source": [p for p in (spec.source,) if Path(p).exists()],
+        "trained": [p for p in (spec.trained,) if Path(p).exists()],
+    }
+
+
+def mask_path(name):
+    return f"results/masks/{name}.safetensors"
+
+
+def final_steps(run):
+    return RUNS[run].training["steps"]
+
+
+def overlap_pairs():
+    """Every pair of runs (masked retrains aside) that share a source checkpoint."""
+    by_source = {}
+    for name in (r for r, spec in RUNS.items() if spec.kind != "masked"):
+        by_source.setdefault(source_path(name), []).append(name)
+    return [(a, b) for group in by_source.values() for i, a in enumerate(group)
+            for b in group[i + 1 :]]
+
+
+def analysis_targets():
+    targets = [f"results/analysis/{run}/final/summary.json" for run in RUNS]
+    if config["analysis"]["trajectory"]:
+        targets += [
+            f"results/analysis/{run}/step-{step}/summary.json"
+            for run in TRAINED for step in RUNS[run].checkpoint_steps()
+        ]
+    targets += [f"results/overlap/{a}__{b}/overlap.json" for a, b in overlap_pairs()]
+    return targets
+
+
+def all_targets():
+    return [
+        "results/tables/evaluation.csv",
+        "results/tables/delta_global.csv",
+        "results/tables/trajectory.csv",
+        "results/tables/overlap.csv",
+        "results/tables/optimizer_state.csv",
+        "results/tables/training_log.csv",
+        "results/tables/runs.csv",
+    ]

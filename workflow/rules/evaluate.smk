@@ -1,0 +1,53 @@
+# Held-out exact match and mean@k of every checkpoint: base models, and every run's final and
+# intermediate checkpoints (the curves of Fig 3 read these).
+
+
+rule evaluate_model:
+    input:
+        lambda w: model_inputs(w.model),
+    output:
+        "results/eval/models/{model}.csv",
+    params:
+        checkpoint=lambda w: model_path(w.model),
+        task=as_arg(config["task"]),
+        spec=as_arg(config["evaluation"]),
+        device=config["device"],
+    log:
+        "results/logs/evaluate_model/{model}.log",
+    benchmark:
+        "results/benchmarks/evaluate_model/{model}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
+        " --task {params.task} --spec {params.spec} --out {output}"
+        " --device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate_run:
+    input:
+        final="results/runs/{run}/final",
+        checkpoints="results/runs/{run}/checkpoints",
+    output:
+        "results/eval/runs/{run}.csv",
+    params:
+        step=lambda w: final_steps(w.run),
+        task=as_arg(config["task"]),
+        spec=as_arg(config["evaluation"]),
+        device=config["device"],
+    log:
+        "results/logs/evaluate_run/{run}.log",
+    benchmark:
+        "results/benchmarks/evaluate_run/{run}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"
+        " --checkpoints {input.checkpoints} --task {params.task} --spec {params.spec}"
+        " --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Base models the pipeline builds and trains on the task's ground truth: teachers to near
+# 100%, the student to a middling score (it becomes the source of every run of its pair).
+
+
+rule train_model:
+    output:
+        checkpoint=directory("results/models/{model}/final"),
+        score="results/models/{model}/score.json",
+        log_csv="results/models/{model}/train_log.csv",
+    params:
+        spec=lambda w: as_arg(config["models"][w.model]),
+        task=as_arg(config["task"]),
+        device=config["device"],
+    log:
+        "results/logs/train_model/{model}.log",
+    benchmark:
+        "results/benchmarks/train_model/{model}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=GPU,
+    shell:
+        "opdgeo train-model --name {wildcards.model} --spec {params.spec} --task {params.task}"
+        " --out results/models/{wildcards.model} --device {params.device} --threads {threads}"
+        " > {log} 2>&1"

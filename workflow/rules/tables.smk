@@ -1,0 +1,83 @@
+# Tidy tables: every per-run output gathered into long tables that figures read.
+
+
+localrules:
+    runs_table,
+    evaluation_table,
+    delta_tables,
+    overlap_table,
+    optimizer_state_table,
+    training_log_table,
+
+
+rule runs_table:
+    output:
+        "results/tables/runs.csv",
+    params:
+        config=as_arg({k: v for k, v in config.items() if k != "plots"}),
+    log:
+        "results/logs/tables/runs.log",
+    shell:
+        "opdgeo runs --spec {params.config} --out {output} > {log} 2>&1"
+
+
+rule evaluation_table:
+    input:
+        expand("results/eval/models/{model}.csv", model=BUILT_MODELS),
+        expand("results/eval/runs/{run}.csv", run=TRAINED),
+    output:
+        "results/tables/evaluation.csv",
+    log:
+        "results/logs/tables/evaluation.log",
+    shell:
+        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+
+
+rule delta_tables:
+    input:
+        final=expand("results/analysis/{run}/final/summary.json", run=RUNS),
+        steps=[t for t in analysis_targets() if "/step-" in t],
+    output:
+        final="results/tables/delta_global.csv",
+        trajectory="results/tables/trajectory.csv",
+    params:
+        steps=as_arg({run: final_steps(run) for run in TRAINED}),
+    log:
+        "results/logs/tables/delta.log",
+    shell:
+        "(opdgeo collect summaries {input.final} --spec {params.steps} --out {output.final}"
+        " && opdgeo collect summaries {input.final} {input.steps} --spec {params.steps}"
+        " --out {output.trajectory}) > {log} 2>&1"
+
+
+rule overlap_table:
+    input:
+        [f"results/overlap/{a}__{b}/overlap.json" for a, b in overlap_pairs()],
+    output:
+        "results/tables/overlap.csv",
+    log:
+        "results/logs/tables/overlap.log",
+    shell:
+        "opdgeo collect overlaps {input} --out {output} > {log} 2>&1"
+
+
+rule optimizer_state_table:
+    input:
+        expand("results/runs/{run}/optimizer_state.csv", run=TRAINED),
+    output:
+        "results/tables/optimizer_state.csv",
+    log:
+        "results/logs/tables/optimizer_state.log",
+    shell:
+        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+
+
+rule training_log_table:
+    input:
+        expand("results/runs/{run}/train_log.csv", run=TRAINED),
+    output:
+        "results/tables/training_log.csv",
+    log:
+        "results/logs/tables/training_log.log",
+    shell:
+        "opdgeo collect run-csv {input} --out {output} > {log} 2>&1"
