@@ -1,0 +1,305 @@
+"""`analyze_checkpoints`: every metric of STUDY.md section 3 for one source -> trained pair.
+
+Streamed: one tensor pair is in memory at a time (peak memory follows the largest tensor),
+each source matrix is decomposed once and reused by every geometry metric and mask.
+Outputs (written into a temporary folder beside `out_dir`, renamed when complete):
+tensors.csv, layers.csv, modules.csv, blocks.csv, layer_module.csv, summary.json, summary.md.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
+from opdgeo.delta.grouping import add_enrichment, group_tables, summary
+from opdgeo.delta.io import Checkpoint, TensorPair, match_tensors
+from opdgeo.delta.metrics import (
+    HEADLINE_ATOL,
+    HEADLINE_RATIO,
+    MASK_RATIOS,
+    N_CATEGORIES,
+    RankSplit,
+    chunk_slices,
+    coordinate_energy_shares,
+    covered_by_atol,
+    delta_and_stats,
+    magnitude_key,
+    rank_splits,
+    ratio_label,
+    threshold_label,
+)
+from opdgeo.delta.nulls import (
+    exact_rounding_null_categories,
+    fit_rounding_null,
+    isotropic_rows,
+    shuffled_rows,
+    tensor_generator,
+)
+from opdgeo.delta.spectrum import (
+    HEADLINE_RANK_TOLERANCE,
+    decompose,
+    rank_count,
+    singular_values,
+    spectrum_metrics,
+    tall_rows,
+)
+from opdgeo.naming import canonical_name, classify
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SHUFFLE_NULL_KEYS = ("top16_energy", "stable_rank",
+                     f"numerical_rank_fraction_{threshold_label(HEADLINE_RANK_TOLERANCE)}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _suffix(atol: float) -> str:
+    """Coverage columns name the headline atol (1e-5) plainly and atol 0 as `_atol_0`."""
+    return "" if atol == HEADLINE_ATOL else f"_atol_{threshold_label(atol)}"
+
+
+def _by_atol(label_sums: torch.Tensor, exact_null: bool):
+    """Per-label sums -> (observed, exact-null or None) sums over each atol's update mask.
+
+    With the exact null the labels are observed + N_CATEGORIES * null categories.
+    """
+    if not exact_null:
+        return covered_by_atol(label_sums[:N_CATEGORIES]), None
+    joint = label_sums[: N_CATEGORIES**2].view(N_CATEGORIES, N_CATEGORIES)  # (null, observed)
+    return covered_by_atol(joint.sum(0)), covered_by_atol(joint.sum(1))
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else math.nan
+
+
+def _coverage_columns(prefix: str, label: str, covered, updated) -> dict[str, float]:
+    return {f"{prefix}_coverage_{label}{_suffix(atol)}": _share(covered[atol], updated[atol])
+            for atol in updated}
+
+
+def analyze_tensor(pair: TensorPair, source: torch.Tensor, trained: torch.Tensor,
+                   trained_fp32: torch.Tensor | None, exact_svd_max: int, seed: int,
+                   nulls: bool) -> dict:
+    """Every per-tensor metric of one pair (source and trained in the analysis dtype)."""
+    group = classify(pair.name)
+    row = {"name": pair.name, "layer": group.layer, "module": group.module,
+           "block": group.block, "shape": "x".join(map(str, pair.shape)),
+           "numel": source.numel()}
+    delta, category, stats = delta_and_stats(source, trained)
+    del trained
+    row |= stats.row() | coordinate_energy_shares(delta, stats.delta_energy)
+    generator = tensor_generator(pair.name, seed, source.device)
+    exact_null = trained_fp32 is not None
+    labels, n_labels = category, N_CATEGORIES
+    if exact_null:
+        null_category = exact_rounding_null_categories(source, trained_fp32, generator)
+        labels, n_labels = category + N_CATEGORIES * null_category, N_CATEGORIES**2
+        del null_category
+    numel = source.numel()
+
+    # Low-magnitude masks (every tensor) and the parametric rounding null fitted on them.
+    low_splits, low_high = rank_splits(source, [round(r * numel) for r in MASK_RATIOS],
+                                       labels=labels, n_labels=n_labels)
+    updated, null_updated = _by_atol(low_high.sum(dim=1), exact_null)
+    for ratio, split in zip(MASK_RATIOS, low_splits, strict=True):
+        covered, null_covered = _by_atol(split.sums, exact_null)
+        row |= _coverage_columns("low_magnitude", ratio_label(ratio), covered, updated)
+        if exact_null and ratio == HEADLINE_RATIO:
+            row |= _coverage_columns("exact_null_low_magnitude", ratio_label(ratio),
+                                     null_covered, null_updated)
+    if exact_null:
+        for atol, count in null_updated.items():
+            row[f"exact_null_sparsity_atol_{threshold_label(atol)}"] = 1 - count / numel
+    bin_counts = low_high[:n_labels].sum(dim=0)
+    rounding_null = fit_rounding_null(bin_counts, updated[HEADLINE_ATOL])
+    headline = MASK_RATIOS.index(HEADLINE_RATIO)
+    row["rounding_null_scale"] = rounding_null.scale
+    row[f"rounding_null_low_magnitude_coverage_{ratio_label(HEADLINE_RATIO)}"] = _share(
+        rounding_null.expected_in_smallest(bin_counts, low_splits[headline]),
+        rounding_null.expected_changed)
+    if source.dim() < 2:
+        return add_enrichment(row)
+
+    # Spectrum of the delta, geometry against one decomposition of the source.
+    delta_rows = tall_rows(delta)
+    short_side = delta_rows.shape[1]
+    values, complete = singular_values(delta_rows, exact_svd_max)
+    row |= spectrum_metrics(values, short_side, stats.delta_energy, complete)
+    source_decomposition = decompose(tall_rows(source), rank_count(max(MASK_RATIOS), short_side),
+                                     exact_svd_max)
+    row |= principal_projection(delta_rows, source_decomposition)
+    trained_decomposition = decompose(tall_rows(source, delta),
+                                      rank_count(HEADLINE_RATIO, short_side), exact_svd_max)
+    row |= rotation_and_drift(source_decomposition, trained_decomposition, short_side)
+    if nulls:
+        shuffled_values, shuffled_complete = singular_values(
+            shuffled_rows(delta, delta_rows, generator), exact_svd_max)
+        shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
+                                            shuffled_complete)
+        row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)
+                for key in SHUFFLE_NULL_KEYS}
+        isotropic = principal_projection(isotropic_rows(delta_rows, generator),
+                                         source_decomposition)
+        row |= {f"isotropic_null_principal_projection_{ratio_label(r)}":
+                isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
+    del delta, delta_rows
+
+    # Principal masks: top-ratio coordinates of |U_k S_k V_k^T|.
+    matrix_shape = (source.shape[0], numel // source.shape[0])
+    for ratio, low_split in zip(MASK_RATIOS, low_splits, strict=True):
+        label = ratio_label(ratio)
+        magnitudes = principal_magnitudes(source_decomposition, rank_count(ratio, short_side),
+                                          matrix_shape)
+        weights = [rounding_null.coordinate_weights(source)] if ratio == HEADLINE_RATIO else []
+        # the top-ratio set is the complement of the (numel - count) smallest
+        (rest,), high = rank_splits(magnitudes, [numel - round(ratio * numel)], labels=labels,
+                                    n_labels=n_labels, weights=weights)
+        top = high.sum(dim=1) - rest.sums
+        covered, null_covered = _by_atol(top, exact_null)
+        row |= _coverage_columns("principal", label, covered, updated)
+        if ratio != HEADLINE_RATIO:
+            continue
+        row[f"rounding_null_principal_coverage_{label}"] = _share(
+            float(top[n_labels]), float(high[n_labels].sum()))
+        if exact_null:
+            row |= _coverage_columns("exact_null_principal", label, null_covered, null_updated)
+        union_covered, density = _union_counts(magnitudes, rest, source, low_split, labels,
+                                               n_labels)
+        row[f"combined_density_{label}"] = density / numel
+        row |= _coverage_columns("combined", label, _by_atol(union_covered, exact_null)[0],
+                                 updated)
+    return add_enrichment(row)
+
+
+def _union_counts(magnitudes: torch.Tensor, principal_rest: RankSplit, source: torch.Tensor,
+                  low_split: RankSplit, labels: torch.Tensor, n_labels: int):
+    """Per-label count of the union of the principal and low-magnitude masks, and its size.
+
+    Ties at either threshold count with their fractional membership (independently).
+    """
+    flat_magnitudes, flat_source = magnitudes.reshape(-1), source.reshape(-1)
+    flat_labels = labels.reshape(-1)
+    sums = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
+    for sl in chunk_slices(flat_source.numel()):
+        principal = 1 - principal_rest.membership(magnitude_key(flat_magnitudes[sl]))
+        low = low_split.membership(magnitude_key(flat_source[sl]))
+        union = (principal + low - principal * low).double()
+        sums += torch.bincount(flat_labels[sl].long(), weights=union, minlength=n_labels)
+    return sums, float(sums.sum())
+
+
+def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:
+    names = checkpoint.names()
+    if pair.trained_name in names:
+        return pair.trained_name
+    by_canonical = {canonical_name(n): n for n in names}
+    if pair.name not in by_canonical:
+        raise ValueError(f"tensor {pair.trained_name} missing in fp32 weights {checkpoint.path}")
+    return by_canonical[pair.name]
+
+
+def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path,
+                        dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
+                        seed: int = 0, fp32_trained: Path | None = None,
+                        nulls: bool = True) -> dict:
+    """Analyse the delta trained - source tensor by tensor; write out_dir; return the summary.
+
+    dtype: both checkpoints are cast to it before subtracting (statistics in float32).
+    fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
+    rounding null. nulls: also compute the isotropic and shuffle nulls (the parametric
+    rounding null is always computed: it is nearly free).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)
+    fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
+    pairs = match_tensors(source_checkpoint, trained_checkpoint)
+    rows = []
+    for pair in pairs:
+        source_tensor = source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype])
+        trained_tensor = trained_checkpoint.load(pair.trained_name).to(torch_device,
+                                                                       DTYPES[dtype])
+        trained_fp32 = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair)) \
+            if fp32_checkpoint is not None else None
+        rows.append(analyze_tensor(pair, source_tensor, trained_tensor, trained_fp32,
+                                   exact_svd_max, seed, nulls))
+        del source_tensor, trained_tensor, trained_fp32
+    tensors = pd.DataFrame(rows)
+    tensors["layer"] = tensors["layer"].astype("Int64")
+    result = summary(tensors)
+    result["rounding_null_sparsity_fit"] = {
+        block: float(scale) for block, scale in
+        tensors.groupby("block")["rounding_null_scale"].median().items()}
+    result |= {
+        "dtype": dtype, "device": str(torch_device), "tensor_count": len(tensors),
+        "matrix_count": int(tensors["shape"].str.contains("x").sum()),
+        "source": str(source), "trained": str(trained),
+        "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
+        "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
+        "seconds": time.perf_counter() - started,
+    }
+    result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
+              for key, v in result.items()}
+    _write_atomically(Path(out_dir), tensors, group_tables(tensors), result)
+    return result
+
+
+def _write_atomically(out_dir: Path, tensors: pd.DataFrame, tables: dict[str, pd.DataFrame],
+                      result: dict) -> None:
+    """Write every output into a temporary sibling folder, then rename it into place."""
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        tensors.to_csv(temporary / "tensors.csv", index=False)
+        for table_name, table in tables.items():
+            table.to_csv(temporary / f"{table_name}.csv", index=False)
+        (temporary / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        (temporary / "summary.md").write_text(summary_markdown(result))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temporary.rename(out_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+SUMMARY_ROWS = (
+    ("relative norm ||dW|| / ||W_src||", "relative_norm"),
+    ("sparsity (|dW| <= 1e-5)", "sparsity_atol_1e-5"),
+    ("exact zeros", "exact_zero_fraction"),
+    ("top-16 spectral energy (median)", "top16_energy_median"),
+    ("stable rank (median)", "stable_rank_median"),
+    ("numerical rank / min(m, n) (median)", "numerical_rank_fraction_median"),
+    ("principal projection at 10% (median)", "principal_projection_10pct_median"),
+    ("  isotropic null", "isotropic_null_principal_projection_10pct_median"),
+    ("principal coverage at 10%", "principal_coverage_10pct"),
+    ("  rounding null", "rounding_null_principal_coverage_10pct"),
+    ("low-magnitude coverage at 10%", "low_magnitude_coverage_10pct"),
+    ("  rounding null", "rounding_null_low_magnitude_coverage_10pct"),
+    ("  exact rounding null", "exact_null_low_magnitude_coverage_10pct"),
+    ("subspace rotation at 10% (median)", "subspace_rotation_10pct_median"),
+)
+
+
+def summary_markdown(result: dict) -> str:
+    lines = [f"# Delta analysis: {result['trained']} - {result['source']}", "",
+             f"{result['tensor_count']} tensors, {result['num_params']:,} parameters, "
+             f"analysed in {result['dtype']}.", "", "| metric | value |", "|---|---|"]
+    for label, key in SUMMARY_ROWS:
+        if result.get(key) is not None:
+            lines.append(f"| {label} | {result[key]:.6g} |")
+    lines += ["", "| block | energy share |", "|---|---|"]
+    lines += [f"| {block} | {share:.4f} |" for block, share in
+              sorted(result["block_energy_share"].items(), key=lambda item: -item[1])]
+    return "\n".join(lines) + "\n"

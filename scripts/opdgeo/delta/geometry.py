@@ -1,0 +1,81 @@
+"""The delta against the source's singular geometry: projections, rotation, principal masks.
+
+All of it reuses one `Decomposition` of W_src (and one of W_trained for the rotation).
+"""
+
+import torch
+from opdgeo.delta.metrics import CHUNK, MASK_RATIOS, ratio_label
+from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
+
+ROTATION_RATIO = 0.10
+
+
+def principal_projection(delta: TallRows, source: Decomposition) -> dict[str, float]:
+    """Share of ||dW||^2 inside the top-k singular subspaces of W_src, for every ratio.
+
+    joint = ||U_k^T dW V_k||^2, left = ||U_k^T dW||^2, right = ||dW V_k||^2, each over
+    ||dW||^2. One pass over dW's rows with the largest k serves every smaller k.
+    """
+    long_vectors, short_vectors = (source.right, source.left) if delta.transposed \
+        else (source.left, source.right)
+    long_vectors, short_vectors = long_vectors.double(), short_vectors.double()
+    energy = 0.0
+    long_part = torch.zeros(long_vectors.shape[1], delta.shape[1], dtype=torch.float64,
+                            device=long_vectors.device)  # L^T A
+    short_norms = torch.zeros(short_vectors.shape[1], dtype=torch.float64,
+                              device=long_vectors.device)  # column norms^2 of A R
+    for start, chunk in delta.chunks():
+        energy += float((chunk**2).sum())
+        long_part.addmm_(long_vectors[start:start + len(chunk)].T, chunk)
+        short_norms += ((chunk @ short_vectors) ** 2).sum(dim=0)
+    joint_part = long_part @ short_vectors
+    long_cumulative = (long_part**2).sum(dim=1).cumsum(0)
+    short_cumulative = short_norms.cumsum(0)
+    left_cumulative, right_cumulative = (short_cumulative, long_cumulative) if delta.transposed \
+        else (long_cumulative, short_cumulative)
+    metrics = {}
+    for ratio in MASK_RATIOS:
+        k = rank_count(ratio, delta.shape[1])
+        label = ratio_label(ratio)
+        if energy == 0:
+            joint = left = right = float("nan")
+        else:
+            joint = float((joint_part[:k, :k] ** 2).sum()) / energy
+            left = float(left_cumulative[k - 1]) / energy
+            right = float(right_cumulative[k - 1]) / energy
+        metrics[f"principal_projection_{label}"] = joint
+        metrics[f"principal_projection_left_{label}"] = left
+        metrics[f"principal_projection_right_{label}"] = right
+    return metrics
+
+
+def rotation_and_drift(source: Decomposition, trained: Decomposition,
+                       short_side: int) -> dict[str, float]:
+    """Mean sine of the principal angles between the top-k left subspaces of W_src and
+    W_trained, and the relative drift of their top-k singular values (k = 10%).
+
+    Sines come from the part of U_trained outside U_src (float64): stable for tiny angles,
+    where 1 - cos^2 would cancel.
+    """
+    k = rank_count(ROTATION_RATIO, short_side)
+    source_left = source.left[:, :k].double()
+    trained_left = trained.left[:, :k].double()
+    outside = trained_left - source_left @ (source_left.T @ trained_left)
+    sines = torch.linalg.svdvals(outside).clamp(max=1.0)
+    drift = torch.linalg.vector_norm(trained.values[:k] - source.values[:k])
+    label = ratio_label(ROTATION_RATIO)
+    return {
+        f"subspace_rotation_{label}": float(sines.mean()),
+        f"singular_value_drift_{label}": float(drift / torch.linalg.vector_norm(source.values[:k])),
+    }
+
+
+def principal_magnitudes(source: Decomposition, k: int, shape: tuple[int, int]) -> torch.Tensor:
+    """|U_k S_k V_k^T|, the source's rank-k part, built in row chunks into one buffer."""
+    out = torch.empty(shape, dtype=torch.float32, device=source.left.device)
+    scaled_right = (source.right[:, :k] * source.values[:k].float().to(source.right.device)).T
+    step = max(1, CHUNK // shape[1])
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        torch.matmul(source.left[rows, :k], scaled_right, out=out[rows])
+    return out.abs_()

@@ -1,0 +1,151 @@
+"""Checkpoint folders read one tensor at a time, and source <-> trained tensor matching.
+
+A checkpoint is a Hugging Face folder holding `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, or `pytorch_model*.bin` (read through a lazy mmap), or a
+single `.safetensors` file (the fp32 master weights a run keeps beside its bf16 checkpoint).
+Nothing is loaded until `load` asks for one tensor, so a pair of checkpoints never sits in
+memory at once.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from opdgeo.naming import canonical_name
+from safetensors import safe_open
+
+EMBEDDING_SUFFIX = "embed_tokens.weight"
+LM_HEAD_SUFFIX = "lm_head.weight"
+_FLOAT_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class Checkpoint:
+    """Tensor names, shapes and lazy loading for one checkpoint folder or file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file_of: dict[str, Path] = {}  # safetensors: tensor name -> file
+        self._bin_tensors: dict[str, torch.Tensor] = {}  # .bin: mmap-backed tensors
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._is_float: dict[str, bool] = {}
+        self._open: dict[Path, object] = {}
+        if self.path.is_file():
+            self._index_safetensors([self.path])
+        elif (self.path / "model.safetensors.index.json").exists():
+            index = json.loads((self.path / "model.safetensors.index.json").read_text())
+            shards = sorted({self.path / f for f in index["weight_map"].values()})
+            self._index_safetensors(shards)
+        elif sorted(self.path.glob("*.safetensors")):
+            self._index_safetensors(sorted(self.path.glob("*.safetensors")))
+        elif sorted(self.path.glob("pytorch_model*.bin")):
+            for shard in sorted(self.path.glob("pytorch_model*.bin")):
+                state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                self._bin_tensors.update(state)
+        else:
+            raise ValueError(f"{self.path}: no *.safetensors or pytorch_model*.bin found")
+        self.tie_word_embeddings = _ties_embeddings(self.path)
+
+    def _index_safetensors(self, files: list[Path]) -> None:
+        for file in files:
+            handle = self._handle(file)
+            for name in handle.keys():
+                info = handle.get_slice(name)
+                self._file_of[name] = file
+                self._shapes[name] = tuple(info.get_shape())
+                self._is_float[name] = info.get_dtype() in _FLOAT_SAFETENSORS_DTYPES
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._open[file]
+
+    def names(self) -> list[str]:
+        """Floating-point tensors, each stored tensor once (tied copies dropped)."""
+        if self._bin_tensors:
+            names = [n for n, t in self._bin_tensors.items() if t.is_floating_point()]
+        else:
+            names = [n for n in self._file_of if self._is_float[n]]
+        return [n for n in names if not self._is_tied_copy(n, names)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._bin_tensors:
+            return tuple(self._bin_tensors[name].shape)
+        return self._shapes[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        if self._bin_tensors:
+            return self._bin_tensors[name]
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def _is_tied_copy(self, name: str, names: list[str]) -> bool:
+        """An output head that is the input embedding (by config, or by shared storage)."""
+        if not name.endswith(LM_HEAD_SUFFIX):
+            return False
+        embedding = next((n for n in names if n.endswith(EMBEDDING_SUFFIX)), None)
+        if embedding is None:
+            return False
+        if self.tie_word_embeddings:
+            return True
+        if self._bin_tensors:  # torch.save keeps tied parameters as one storage
+            head, embed = self._bin_tensors[name], self._bin_tensors[embedding]
+            return head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
+        return False
+
+
+def _ties_embeddings(path: Path) -> bool:
+    """`tie_word_embeddings` from config.json (top level or a multimodal `text_config`)."""
+    config_file = (path.parent if path.is_file() else path) / "config.json"
+    if not config_file.exists():
+        return False
+    config = json.loads(config_file.read_text())
+    text_config = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """One tensor of the source and its counterpart in the trained checkpoint."""
+
+    name: str  # canonical name (naming.canonical_name of the source name)
+    source_name: str
+    trained_name: str
+    shape: tuple[int, ...]
+
+
+def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
+    """Pair tensors by exact name, then by canonical name; raise on any mismatch."""
+    source_names, trained_names = source.names(), trained.names()
+    trained_left = set(trained_names)
+    matched: dict[str, str] = {}
+    for name in source_names:
+        if name in trained_left:
+            matched[name] = name
+            trained_left.discard(name)
+    trained_by_canonical = {canonical_name(n): n for n in trained_left}
+    for name in source_names:
+        if name not in matched and canonical_name(name) in trained_by_canonical:
+            matched[name] = trained_by_canonical.pop(canonical_name(name))
+    if not matched:
+        raise ValueError(
+            f"no matching tensors between {source.path} and {trained.path}: "
+            f"source has {source_names[:5]}..., trained has {trained_names[:5]}..."
+        )
+    missing_in_trained = [n for n in source_names if n not in matched]
+    missing_in_source = sorted(trained_by_canonical.values())
+    if missing_in_trained or missing_in_source:
+        raise ValueError(
+            f"tensors present in only one checkpoint: missing in trained {trained.path}: "
+            f"{missing_in_trained}; missing in source {source.path}: {missing_in_source}"
+        )
+    pairs = []
+    for source_name, trained_name in matched.items():
+        source_shape, trained_shape = source.shape(source_name), trained.shape(trained_name)
+        if source_shape != trained_shape:
+            raise ValueError(
+                f"shape mismatch for tensor {source_name}: source {list(source_shape)} "
+                f"vs trained {trained_name} {list(trained_shape)}"
+            )
+        pairs.append(TensorPair(canonical_name(source_name), source_name, trained_name,
+                                source_shape))
+    return pairs

@@ -1,0 +1,221 @@
+"""Coordinate metrics of one delta: scale, sparsity, energy concentration, mask coverage.
+
+Everything element-wise runs over flat chunks, so temporaries stay small even for a
+150k x 2k embedding, and every statistic is accumulated in one or two passes.
+
+Top- and bottom-ratio masks ("the 10% smallest |W_src|") are counted without sorting: the
+magnitudes' float32 bit patterns are ordered like the values, so a histogram of the upper 16
+bits finds the bin holding the k-th value and a second histogram of the lower 16 bits inside
+that bin finds the value itself. Coordinates tied at the threshold (common in bf16) belong to
+the mask with the fraction that fills it to exactly k, which is what random tie-breaking
+gives in expectation; a mask's density is therefore exactly its ratio.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+HEADLINE_ATOL = 1e-5  # matches bf16 checkpoint deltas (STUDY.md section 3)
+UPDATE_ATOLS = (0.0, HEADLINE_ATOL)  # an update mask is |dW| > atol
+ABSOLUTE_EPS = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+RELATIVE_TAUS = (1e-4, 1e-3, 1e-2)  # thresholds tau * RMS(W_src)
+COORD_ENERGY_FRACTIONS = (0.001, 0.01, 0.05)
+MASK_RATIOS = (0.01, 0.05, 0.10, 0.20)
+HEADLINE_RATIO = 0.10
+
+CHUNK = 1 << 22  # elements per chunk: 16 MB of float32
+HIGH_BINS = 1 << 15  # upper 16 bits of a non-negative float32 (sign bit clear)
+LOW_BINS = 1 << 16
+# Update categories per coordinate: 0 unchanged, 1 changed but |dW| <= 1e-5, 2 |dW| > 1e-5.
+# Coverage at atol 0 counts categories {1, 2}, at atol 1e-5 category {2}.
+N_CATEGORIES = 3
+
+
+def threshold_label(value: float) -> str:
+    """1e-05 -> '1e-5', 0 -> '0': the spelling of thresholds in column names."""
+    return "0" if value == 0 else f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def ratio_label(ratio: float) -> str:
+    """0.1 -> '10pct', 0.001 -> '0.1pct'."""
+    return f"{ratio * 100:g}pct"
+
+
+def chunk_slices(numel: int, size: int = CHUNK):
+    for start in range(0, numel, size):
+        yield slice(start, min(start + size, numel))
+
+
+def magnitude_key(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like |values|: the float32 bit pattern of |x| (bf16 exactly)."""
+    if values.dtype == torch.bfloat16:
+        return (values.view(torch.int16).to(torch.int32) & 0x7FFF) << 16
+    return values.float().view(torch.int32) & 0x7FFFFFFF
+
+
+def categories(abs_delta: torch.Tensor) -> torch.Tensor:
+    """Update category of each coordinate (see N_CATEGORIES) as uint8."""
+    return (abs_delta > 0).to(torch.uint8) + (abs_delta > HEADLINE_ATOL).to(torch.uint8)
+
+
+def covered_by_atol(label_sums: torch.Tensor) -> dict[float, float]:
+    """Per-category sums -> sums over the update mask of each atol."""
+    return {0.0: float(label_sums[1] + label_sums[2]), HEADLINE_ATOL: float(label_sums[2])}
+
+
+@dataclass
+class RankSplit:
+    """The `count` smallest magnitudes of a tensor, with per-label and weighted sums."""
+
+    count: int
+    key: int  # magnitude key of the count-th smallest value (the threshold)
+    tie_fraction: float  # fraction of coordinates at the threshold that belong to the set
+    sums: torch.Tensor  # (n_labels + n_weights,) sums over the set, float64
+
+    def membership(self, keys: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate membership in the set: 1 below the threshold, tie_fraction at it."""
+        below = (keys < self.key).to(torch.float32)
+        return below + self.tie_fraction * (keys == self.key).to(torch.float32)
+
+
+def rank_splits(values: torch.Tensor, counts: list[int], labels: torch.Tensor | None = None,
+                n_labels: int = 1, weights=()) -> tuple[list[RankSplit], torch.Tensor]:
+    """Sums over the `count` smallest |values| for each count, and over all coordinates.
+
+    labels: integer tensor (same numel) in [0, n_labels): sums are counts per label.
+    weights: callables slice -> float tensor of that chunk's per-coordinate weights.
+    Returns (one RankSplit per count, the high-bits histogram (n_sums, HIGH_BINS) over all
+    coordinates; its row sums are the totals).
+    """
+    flat = values.reshape(-1)
+    flat_labels = labels.reshape(-1) if labels is not None else None
+    n_sums = n_labels + len(weights)
+    device = values.device
+
+    def histograms(select_bin: int | None):
+        # select_bin None: histogram of the high 16 bits; else of the low 16 bits in that bin
+        n_bins = HIGH_BINS if select_bin is None else LOW_BINS
+        hist = torch.zeros(n_sums, n_bins, dtype=torch.float64, device=device)
+        for sl in chunk_slices(flat.numel()):
+            key = magnitude_key(flat[sl])
+            chunk_labels = flat_labels[sl].long() if flat_labels is not None else None
+            chunk_weights = [w(sl) for w in weights]
+            if select_bin is None:
+                bins = key >> 16
+            else:
+                inside = (key >> 16) == select_bin
+                bins = key[inside] & 0xFFFF
+                chunk_labels = chunk_labels[inside] if chunk_labels is not None else None
+                chunk_weights = [w[inside] for w in chunk_weights]
+            if chunk_labels is None:
+                hist[0] += torch.bincount(bins, minlength=n_bins)
+            else:
+                joint = torch.bincount(bins + n_bins * chunk_labels, minlength=n_bins * n_labels)
+                hist[:n_labels] += joint.view(n_labels, n_bins)
+            for j, weight in enumerate(chunk_weights):
+                hist[n_labels + j] += torch.bincount(bins, weights=weight.double(),
+                                                     minlength=n_bins)
+        return hist
+
+    high = histograms(None)
+    high_counts = high[:n_labels].sum(dim=0)
+    high_cumulative = high_counts.cumsum(0)
+    splits = []
+    low_cache: dict[int, torch.Tensor] = {}
+    for count in counts:
+        if count <= 0:
+            splits.append(RankSplit(0, -1, 0.0, torch.zeros(n_sums, dtype=torch.float64)))
+            continue
+        high_bin = int(torch.searchsorted(high_cumulative, float(count)))
+        below_high = float(high_cumulative[high_bin - 1]) if high_bin > 0 else 0.0
+        if high_bin not in low_cache:
+            low_cache[high_bin] = histograms(high_bin)
+        low = low_cache[high_bin]
+        low_cumulative = low[:n_labels].sum(dim=0).cumsum(0)
+        low_bin = int(torch.searchsorted(low_cumulative, float(count) - below_high))
+        below = below_high + (float(low_cumulative[low_bin - 1]) if low_bin > 0 else 0.0)
+        at_threshold = float(low_cumulative[low_bin]) + below_high - below
+        tie_fraction = (count - below) / at_threshold
+        sums = (high[:, :high_bin].sum(dim=1) + low[:, :low_bin].sum(dim=1)
+                + tie_fraction * low[:, low_bin])
+        splits.append(RankSplit(count, (high_bin << 16) | low_bin, tie_fraction, sums))
+    return splits, high
+
+
+@dataclass
+class CoordinateStats:
+    """Scale and sparsity sums of one delta (sums, so groups aggregate by adding)."""
+
+    numel: int
+    delta_energy: float  # ||dW||_F^2
+    source_energy: float  # ||W_src||_F^2
+    abs_sum: float
+    linf: float
+    at_most: dict[str, int]  # column name -> count of coordinates with |dW| <= threshold
+
+    def row(self) -> dict[str, float]:
+        numel = self.numel
+        return {
+            "relative_norm": (self.delta_energy / self.source_energy) ** 0.5
+            if self.source_energy > 0 else float("nan"),
+            "linf": self.linf,
+            "mean_abs": self.abs_sum / numel,
+            "rms": (self.delta_energy / numel) ** 0.5,
+            "delta_energy": self.delta_energy,
+            "source_energy": self.source_energy,
+            **{name: count / numel for name, count in self.at_most.items()},
+        }
+
+
+def sparsity_thresholds(source_rms: float) -> dict[str, float]:
+    """Column name -> |dW| threshold of every sparsity the study reports."""
+    thresholds = {"exact_zero_fraction": 0.0}
+    thresholds |= {f"sparsity_atol_{threshold_label(eps)}": eps for eps in ABSOLUTE_EPS}
+    thresholds |= {f"sparsity_rel_{threshold_label(tau)}": tau * source_rms
+                   for tau in RELATIVE_TAUS}
+    return thresholds
+
+
+def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, CoordinateStats]:
+    """dW in float32, the update category of every coordinate, and the scale/sparsity sums."""
+    numel = source.numel()
+    source_energy = float(torch.linalg.vector_norm(source, dtype=torch.float32).double() ** 2)
+    thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
+    boundary_list = sorted(set(thresholds.values()))
+    boundaries = torch.tensor(boundary_list, device=source.device)
+    delta = torch.empty(source.shape, dtype=torch.float32, device=source.device)
+    category = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
+    flat_delta, flat_category = delta.view(-1), category.view(-1)
+    flat_source, flat_trained = source.reshape(-1), trained.reshape(-1)
+    bucket_counts = torch.zeros(len(boundaries) + 1, dtype=torch.int64, device=source.device)
+    energy = abs_sum = linf = 0.0
+    for sl in chunk_slices(numel):
+        chunk = flat_trained[sl].float() - flat_source[sl].float()
+        flat_delta[sl] = chunk
+        magnitude = chunk.abs()
+        flat_category[sl] = categories(magnitude)
+        buckets = torch.bucketize(magnitude, boundaries, out_int32=True)
+        bucket_counts += torch.bincount(buckets, minlength=len(boundaries) + 1)
+        energy += float(torch.dot(chunk, chunk))
+        abs_sum += float(magnitude.sum())
+        linf = max(linf, float(magnitude.max()))
+    at_or_below = bucket_counts.cumsum(0).tolist()
+    # bucket i holds boundaries[i-1] < |dW| <= boundaries[i], so cumsum[i] counts |dW| <= b[i]
+    at_most = {name: at_or_below[boundary_list.index(value)]
+               for name, value in thresholds.items()}
+    return delta, category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most)
+
+
+def coordinate_energy_shares(delta: torch.Tensor, delta_energy: float) -> dict[str, float]:
+    """Share of ||dW||^2 held by the top 0.1 / 1 / 5% coordinates by |dW|."""
+    numel = delta.numel()
+    flat = delta.reshape(-1)
+    counts = [numel - max(1, round(f * numel)) for f in COORD_ENERGY_FRACTIONS]
+    splits, high = rank_splits(delta, counts, weights=[lambda sl: flat[sl] ** 2])
+    shares = {}
+    for fraction, split in zip(COORD_ENERGY_FRACTIONS, splits, strict=True):
+        top_energy = float(high[1].sum() - split.sums[1])
+        shares[f"coord_energy_top{ratio_label(fraction)}"] = (
+            top_energy / delta_energy if delta_energy > 0 else float("nan"))
+    return shares

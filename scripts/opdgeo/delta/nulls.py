@@ -1,0 +1,176 @@
+"""Null models: what bf16 rounding, isotropy or position-independence alone predict.
+
+Rounding null. A bf16 coordinate w changes by more than atol only when its update u gives
+|bf16(w + u) - w| > atol. Rounding moves w by whole bf16 spacings ulp(w), so that happens
+when |u| > ulp(w) * (floor(atol / ulp(w)) + 1/2), and the spacing grows with |w|: small
+coordinates change first whatever the objective. ulp(w) depends only on w's exponent, hence
+only on the high 16 bits of |w|, the bins `metrics.rank_splits` already histograms, so the
+parametric null is a sum over those bins.
+- parametric: u independent of w, |u| half-normal (or constant) with the scale fitted so the
+  expected number of changed coordinates equals the observed; its expected low-magnitude and
+  principal coverage follow in closed form.
+- exact (fp32 master weights known): the tensor's own fp32 update magnitudes permuted over
+  coordinates with random signs, added to the bf16 source and rounded to bf16.
+Isotropic null: a Gaussian delta of the tensor's shape through the same projection code.
+Shuffle null: the delta's own entries permuted within the tensor, through the same spectrum.
+"""
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from opdgeo.delta.geometry import principal_magnitudes
+from opdgeo.delta.metrics import (
+    HEADLINE_ATOL,
+    HEADLINE_RATIO,
+    HIGH_BINS,
+    RankSplit,
+    categories,
+    magnitude_key,
+    rank_splits,
+)
+from opdgeo.delta.spectrum import TallRows, decompose, rank_count, tall_rows
+
+DISTRIBUTIONS = ("half_normal", "constant")
+BISECTION_STEPS = 64
+
+
+def tensor_generator(name: str, seed: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by run seed and tensor name: results do not depend on order."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def change_thresholds(atol: float) -> torch.Tensor:
+    """Per high-bits bin of |w|: the smallest |u| that moves bf16(w + u) more than atol."""
+    exponent = torch.arange(HIGH_BINS, dtype=torch.float64) // 128  # bf16: 7 mantissa bits
+    spacing = torch.exp2(exponent.clamp(min=1) - 134)  # 2^(E - 127 - 7); subnormals as E = 1
+    return spacing * (torch.floor(atol / spacing) + 0.5)
+
+
+def change_probability(thresholds: torch.Tensor, scale: float, distribution: str) -> torch.Tensor:
+    if distribution == "half_normal":  # u ~ N(0, scale^2): P(|u| > t) = erfc(t / (scale sqrt 2))
+        return torch.special.erfc(thresholds / (scale * math.sqrt(2))) if scale > 0 \
+            else torch.zeros_like(thresholds)
+    if distribution == "constant":  # |u| = scale
+        return (scale > thresholds).to(torch.float64)
+    raise ValueError(f"unknown rounding-null distribution {distribution!r}: use {DISTRIBUTIONS}")
+
+
+@dataclass
+class RoundingNull:
+    """The fitted parametric null of one tensor: its scale and P(change) per |w| bin."""
+
+    scale: float
+    probability: torch.Tensor  # (HIGH_BINS,) float64
+    expected_changed: float
+
+    def coordinate_weights(self, source: torch.Tensor):
+        """A `rank_splits` weight: P(change) of every coordinate of a source chunk."""
+        flat, table = source.reshape(-1), self.probability.to(source.device)
+        return lambda sl: table[magnitude_key(flat[sl]) >> 16]
+
+    def expected_in_smallest(self, bin_counts: torch.Tensor, split: RankSplit) -> float:
+        """Expected changed coordinates inside a smallest-|w| set, from the |w| histogram.
+
+        All coordinates of one high bin share one probability, so the partial bin at the
+        threshold contributes (its members) * (its probability).
+        """
+        if split.count == 0:
+            return 0.0
+        threshold_bin = split.key >> 16
+        probability = self.probability.to(bin_counts.device)
+        below = float((bin_counts[:threshold_bin] * probability[:threshold_bin]).sum())
+        members_in_bin = split.count - float(bin_counts[:threshold_bin].sum())
+        return below + members_in_bin * float(probability[threshold_bin])
+
+
+def fit_rounding_null(bin_counts: torch.Tensor, changed: float, atol: float = HEADLINE_ATOL,
+                      distribution: str = "half_normal") -> RoundingNull:
+    """Fit the update scale so that the expected changed count equals `changed`.
+
+    bin_counts: coordinates per high-bits bin of |w| (from `rank_splits`).
+    """
+    counts = bin_counts.double().cpu()
+    thresholds = change_thresholds(atol)
+    occupied = counts > 0
+    counts, occupied_thresholds = counts[occupied], thresholds[occupied]
+
+    def expected(scale: float) -> float:
+        return float((counts * change_probability(occupied_thresholds, scale, distribution)).sum())
+
+    if changed <= 0:
+        scale = 0.0
+    else:
+        # bisection on log(scale) between scales that change almost nothing and everything
+        low = math.log(float(occupied_thresholds.min()) * 1e-3)
+        high = math.log(float(occupied_thresholds.max()) * 1e3)
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            low, high = (middle, high) if expected(math.exp(middle)) < changed else (low, middle)
+        scale = math.exp(high)
+    probability = change_probability(thresholds, scale, distribution)
+    return RoundingNull(scale, probability, expected(scale))
+
+
+def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Tensor,
+                                   generator: torch.Generator) -> torch.Tensor:
+    """Update categories after the tensor's fp32 update is shuffled and rounded to bf16."""
+    base = source.bfloat16().float().reshape(-1)
+    update = trained_fp32.to(source.device, torch.float32).reshape(-1) - base
+    order = torch.randperm(update.numel(), generator=generator, device=source.device)
+    signs = torch.randint(0, 2, (update.numel(),), generator=generator, device=source.device)
+    shuffled = update.abs()[order] * (2 * signs - 1)
+    rounded = (base + shuffled).bfloat16().float()
+    return categories((rounded - base).abs()).view(source.shape)
+
+
+def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
+                  generator: torch.Generator) -> TallRows:
+    """The delta's entries permuted uniformly within the tensor, read in row chunks."""
+    flat = delta.reshape(-1)
+    order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
+                           dtype=torch.int32)  # int32: half the memory of the default
+    short = delta_rows.shape[1]
+    return TallRows(lambda start, stop: flat[order[start * short:stop * short]].view(-1, short),
+                    delta_rows.shape, delta_rows.transposed)
+
+
+def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:
+    """A Gaussian matrix of the delta's shape (its norm is irrelevant: projections are
+    shares), generated per chunk from seeds drawn once, so every read returns the same rows."""
+    base_seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device))
+    short = delta_rows.shape[1]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        chunk_generator = torch.Generator(device=generator.device).manual_seed(base_seed + start)
+        return torch.randn(stop - start, short, generator=chunk_generator,
+                           device=generator.device)
+
+    return TallRows(rows, delta_rows.shape, delta_rows.transposed)
+
+
+def rounding_null_on_gaussian(sparsity: float, std: float, shape: tuple[int, int],
+                              atol: float = HEADLINE_ATOL, ratio: float = HEADLINE_RATIO,
+                              seed: int = 0, distribution: str = "half_normal",
+                              device: str = "cpu") -> dict[str, float]:
+    """The parametric null for a reported sparsity on bf16 Gaussian weights N(0, std^2).
+
+    Returns the fitted scale and the expected low-magnitude and principal coverage at
+    `ratio`, by the same code the analysis runs on real weights.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    weight = (torch.randn(shape, generator=generator, device=device) * std).bfloat16()
+    numel = weight.numel()
+    splits, high = rank_splits(weight, [round(ratio * numel)])
+    bin_counts = high[0]
+    null = fit_rounding_null(bin_counts, (1 - sparsity) * numel, atol, distribution)
+    low_magnitude = null.expected_in_smallest(bin_counts, splits[0]) / null.expected_changed
+    k = rank_count(ratio, min(shape))
+    magnitudes = principal_magnitudes(decompose(tall_rows(weight), k, min(shape)), k, shape)
+    principal_splits, principal_high = rank_splits(
+        magnitudes, [numel - round(ratio * numel)], weights=[null.coordinate_weights(weight)])
+    expected_total = float(principal_high[1].sum())
+    principal = (expected_total - float(principal_splits[0].sums[1])) / expected_total
+    return {"scale": null.scale, "low_magnitude_coverage": low_magnitude,
+            "principal_coverage": principal}

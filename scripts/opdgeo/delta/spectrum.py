@@ -1,0 +1,161 @@
+"""Singular values of a delta, and the one decomposition of a weight matrix that geometry reuses.
+
+Matrices are read tall (long side first, transposing wide ones: LAPACK is several times
+faster on tall matrices) and in row chunks, so a 150k x 1k embedding is never copied whole.
+Tensors with more than two dimensions (convolution kernels) are read as (out, rest) matrices.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from opdgeo.delta.metrics import ratio_label, threshold_label
+
+SPECTRAL_TOPK = (1, 2, 4, 8, 16, 32, 64)
+SINGULAR_VALUE_FRACTIONS = (0.01, 0.05, 0.10)
+RANK_TOLERANCES = (1e-6, 1e-5, 1e-4)  # numerical rank counts s > tol * s_1
+HEADLINE_RANK_TOLERANCE = 1e-5
+RANDOMIZED_OVERSAMPLING = 10
+RANDOMIZED_POWER_ITERATIONS = 4
+CHUNK_ELEMENTS = 1 << 24  # float64 chunk of rows: 128 MB
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def rank_count(ratio: float, short_side: int) -> int:
+    """Number of singular directions in the top `ratio` of a matrix (at least one)."""
+    return max(1, round(ratio * short_side))
+
+
+@dataclass
+class TallRows:
+    """A matrix read tall, in row chunks: `rows(start, stop)` returns those rows (float32)."""
+
+    rows: Callable[[int, int], torch.Tensor]
+    shape: tuple[int, int]  # (long, short)
+    transposed: bool  # the tall matrix is the original's transpose
+
+    def chunks(self):
+        step = max(1, CHUNK_ELEMENTS // self.shape[1])
+        for start in range(0, self.shape[0], step):
+            yield start, self.rows(start, min(start + step, self.shape[0])).to(torch.float64)
+
+    def whole(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0]).float()
+
+
+def tall_rows(*parts: torch.Tensor) -> TallRows:
+    """The sum of same-shaped tensors (W_src + dW = W_trained), read tall in chunks."""
+    matrices = [as_matrix(p) for p in parts]
+    transposed = matrices[0].shape[0] < matrices[0].shape[1]
+    if transposed:
+        matrices = [m.T for m in matrices]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return sum(m[start:stop].float() for m in matrices)
+
+    return TallRows(rows, tuple(matrices[0].shape), transposed)
+
+
+def gram(matrix: TallRows) -> torch.Tensor:
+    """Short-side Gram matrix A^T A in float64, accumulated over row chunks."""
+    short = matrix.shape[1]
+    total = None
+    for _, chunk in matrix.chunks():
+        total = chunk.T @ chunk if total is None else total.addmm_(chunk.T, chunk)
+    return total if total is not None else torch.zeros(short, short, dtype=torch.float64)
+
+
+def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, bool]:
+    """Descending singular values (float64, CPU) and whether they are all of them.
+
+    Exact in float64 (numerical rank at 1e-6 * s_1 sits at float32's noise floor): a direct
+    SVD when the matrix fits one chunk, else the eigenvalues of the float64 Gram matrix,
+    which needs no copy of the matrix and resolves s_i down to ~1e-7 s_1. Above
+    `exact_svd_max`: the randomized top values, enough for every top-k statistic.
+    """
+    long, short = delta.shape
+    if short > exact_svd_max:
+        wanted = max(max(SPECTRAL_TOPK), rank_count(max(SINGULAR_VALUE_FRACTIONS), short))
+        _, values, _ = torch.svd_lowrank(delta.whole(), q=wanted + RANDOMIZED_OVERSAMPLING,
+                                         niter=RANDOMIZED_POWER_ITERATIONS)
+        return values[:wanted].double().cpu(), False
+    if long * short <= CHUNK_ELEMENTS:
+        return torch.linalg.svdvals(delta.rows(0, long).to(torch.float64)).cpu(), True
+    eigenvalues = torch.linalg.eigvalsh(gram(delta))
+    return eigenvalues.flip(0).clamp(min=0).sqrt().cpu(), True
+
+
+def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: float,
+                     complete: bool) -> dict[str, float]:
+    """Top-k energy, stable rank, entropy effective rank, numerical rank of one spectrum.
+
+    With a complete spectrum the energies are shares of sum s_i^2; with a randomized top part
+    they are shares of ||dW||_F^2, and the metrics that need every value are NaN.
+    """
+    nan = float("nan")
+    energy = float((values**2).sum()) if complete else frobenius_energy
+    metrics: dict[str, float] = {}
+    if energy <= 0 or float(values[0]) <= 0:  # no update: no spectrum
+        for tol in RANK_TOLERANCES:
+            metrics[f"numerical_rank_{threshold_label(tol)}"] = 0.0
+            metrics[f"numerical_rank_fraction_{threshold_label(tol)}"] = 0.0
+        return metrics
+    cumulative = (values**2).cumsum(0) / energy
+    for k in SPECTRAL_TOPK:
+        index = min(k, short_side) - 1
+        metrics[f"top{k}_energy"] = float(cumulative[index]) if index < len(values) else nan
+    for fraction in SINGULAR_VALUE_FRACTIONS:
+        k = rank_count(fraction, short_side)
+        metrics[f"top{ratio_label(fraction)}_sv_energy"] = \
+            float(cumulative[k - 1]) if k <= len(values) else nan
+    metrics["stable_rank"] = energy / float(values[0]) ** 2
+    if complete:
+        weights = values / values.sum()
+        weights = weights[weights > 0]
+        metrics["effective_rank"] = math.exp(float(-(weights * weights.log()).sum()))
+    else:
+        metrics["effective_rank"] = nan
+    for tol in RANK_TOLERANCES:
+        rank = float((values > tol * values[0]).sum()) if complete else nan
+        metrics[f"numerical_rank_{threshold_label(tol)}"] = rank
+        metrics[f"numerical_rank_fraction_{threshold_label(tol)}"] = rank / short_side
+    return metrics
+
+
+@dataclass
+class Decomposition:
+    """Top singular triplets of a matrix, W ~ left @ diag(values) @ right.T (original
+    orientation, float32 vectors; `values` float64, all of them when exact)."""
+
+    values: torch.Tensor
+    left: torch.Tensor  # (m, k)
+    right: torch.Tensor  # (n, k)
+
+
+def decompose(matrix: TallRows, top: int, exact_svd_max: int) -> Decomposition:
+    """Top-`top` singular triplets.
+
+    Exact route: eigendecomposition of the float64 short-side Gram matrix, then the long-side
+    vectors as A v / s for the top directions only. Cheaper than an SVD, needs no copy of the
+    matrix, and exact to float64 for the top directions that geometry uses.
+    Above `exact_svd_max`: randomized top-k SVD.
+    """
+    if matrix.shape[1] <= exact_svd_max:
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram(matrix))
+        values = eigenvalues.flip(0).clamp(min=0).sqrt()
+        short_vectors = eigenvectors.flip(1)[:, :top]
+        inverse = 1 / values[:top].clamp(min=torch.finfo(torch.float64).tiny)
+        long_vectors = torch.cat([chunk @ short_vectors for _, chunk in matrix.chunks()]) * inverse
+    else:
+        long_vectors, values, short_vectors = torch.svd_lowrank(
+            matrix.whole(), q=top + RANDOMIZED_OVERSAMPLING, niter=RANDOMIZED_POWER_ITERATIONS)
+        long_vectors, short_vectors, values = long_vectors[:, :top], short_vectors[:, :top], \
+            values[:top]
+    long_vectors, short_vectors = long_vectors.float(), short_vectors.float()
+    if matrix.transposed:
+        return Decomposition(values.double(), short_vectors, long_vectors)
+    return Decomposition(values.double(), long_vectors, short_vectors)
