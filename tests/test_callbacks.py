@@ -47,6 +47,9 @@ def masked_run(tmp_path_factory):
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
     mask = random_mask_with_density(shapes, 0.5, seed=0)
     save_mask(mask, tmp / "mask.safetensors")
+    with torch.no_grad():  # signed zeros outside the mask must keep their sign bit too
+        embed = student.model.embed_tokens.weight
+        embed[~mask["model.embed_tokens.weight"] & (torch.arange(len(embed)) < 3)[:, None]] = -0.0
     initial = {n: p.detach().clone() for n, p in student.named_parameters()}
     probe = GradientProbe({n: ~m for n, m in mask.items()})
     callback = GradientMaskCallback.from_file(tmp / "mask.safetensors", student)
@@ -66,7 +69,8 @@ def test_coordinates_outside_the_mask_are_bit_for_bit_unchanged(masked_run):
     moved_inside = total_inside = 0
     for name, param in student.named_parameters():
         inside = mask[name]
-        after, before = param.detach(), initial[name]
+        # Compare bits, not values: -0.0 == 0.0 would hide a sign flip.
+        after, before = param.detach().view(torch.int32), initial[name].view(torch.int32)
         assert torch.equal(after[~inside], before[~inside]), f"{name} moved outside the mask"
         moved_inside += int((after[inside] != before[inside]).sum())
         total_inside += int(inside.sum())

@@ -107,16 +107,19 @@ class GradientMaskCallback(TrainerCallback):
     Two mechanisms, because one is not enough with AdamW:
     - a tensor hook zeroes the gradient outside the mask as autograd produces it, before it
       is accumulated into `.grad`, so clipping's norm and the optimizer's moments never see it;
-    - after every optimizer step the coordinates outside the mask are written back from a
-      copy, since decoupled weight decay (and momentum from before) would still move them.
-    Memory: one bool per coordinate plus an fp32 copy of the frozen coordinates only.
+    - after every optimizer step the coordinates outside the mask are written back, since
+      decoupled weight decay would still move them.
+    Both are float multiply-adds with a 0/1 mask in the parameter's dtype: on CPU, boolean
+    masked_fill / masked_scatter over a scattered mask were 15-25x slower (branch-bound).
+    Memory: two extra tensors per parameter (the 0/1 mask and the start values outside it),
+    8 bytes per fp32 coordinate, half of AdamW's own state.
     """
 
     def __init__(self, mask: dict, model):
         # Checked here, when the trainer is wired, so a wrong mask fails before any step.
         self.mask = check_mask_matches_model(mask, model)
         self.model = model
-        self._frozen: list[tuple] = []  # (parameter, outside mask, initial values outside)
+        self._frozen: list[tuple] = []  # (parameter, 0/1 inside, start values outside else 0)
         self._hooks: list = []
 
     @classmethod
@@ -132,15 +135,17 @@ class GradientMaskCallback(TrainerCallback):
         params = dict(self.model.named_parameters())
         for name, inside in self.mask.items():
             param = params[name]
-            outside = ~inside.to(param.device)
-            self._frozen.append((param, outside, param.detach()[outside].clone()))
-            self._hooks.append(param.register_hook(
-                lambda grad, outside=outside: grad.masked_fill(outside, 0.0)))
+            inside = inside.to(param.device)
+            start_outside = torch.where(inside, 0.0, param.detach())
+            inside = inside.to(param.dtype)
+            self._frozen.append((param, inside, start_outside))
+            self._hooks.append(param.register_hook(lambda grad, inside=inside: grad * inside))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        # p * 1 + 0 keeps a coordinate inside; p * 0 + start restores one outside, exactly.
         with torch.no_grad():
-            for param, outside, initial in self._frozen:
-                param[outside] = initial
+            for param, inside, start_outside in self._frozen:
+                param.mul_(inside).add_(start_outside)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
