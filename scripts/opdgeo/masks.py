@@ -2,13 +2,12 @@
 
 A mask is a dict `tensor name -> BoolTensor` (True = the coordinate may move), keyed by the
 checkpoint's tensor names, which for causal LMs are the names of `model.named_parameters()`.
-Masks are read from checkpoints one tensor at a time, so a pair of large checkpoints never
-sits in memory at once. On disk a mask is a safetensors file of `numpy.packbits` rows (one
-bit per coordinate) with shapes and densities in its metadata, so densities can be read
-without unpacking anything.
+Masks are read from checkpoints one tensor at a time through `opdgeo.delta.io`, so a pair
+of large checkpoints never sits in memory at once. On disk a mask is a safetensors file of
+`numpy.packbits` rows (one bit per coordinate) with shapes and densities in its metadata, so
+densities can be read without unpacking anything.
 """
 
-import contextlib
 import csv
 import json
 import math
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from opdgeo.delta.io import Checkpoint, match_tensors
 from opdgeo.naming import canonical_name, classify
 
 FORMAT = "opdgeo-mask-v1"
@@ -31,64 +31,19 @@ Mask = dict[str, torch.Tensor]
 # ---------------------------------------------------------------- reading checkpoints
 
 
-def _tensor_files(checkpoint: str | Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for a folder (single file or sharded) or one file."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_file():
-        with safe_open(str(checkpoint), framework="pt") as f:
-            return dict.fromkeys(f.keys(), checkpoint)
-    index = checkpoint / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: checkpoint / file for name, file in weight_map.items()}
-    single = checkpoint / "model.safetensors"
-    if single.exists():
-        return _tensor_files(single)
-    raise FileNotFoundError(
-        f"{checkpoint}: no model.safetensors or model.safetensors.index.json; a mask is made "
-        "from safetensors checkpoints (save with safe_serialization)"
-    )
-
-
-@contextlib.contextmanager
-def _open_checkpoint(checkpoint: str | Path) -> Iterator[tuple[dict[str, Path], dict]]:
-    """The tensor -> file map and one open handle per shard, closed on exit."""
-    files = _tensor_files(checkpoint)
-    with contextlib.ExitStack() as stack:
-        handles = {
-            file: stack.enter_context(safe_open(str(file), framework="pt"))
-            for file in sorted(set(files.values()))
-        }
-        yield files, handles
-
-
 def checkpoint_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors headers only."""
-    with _open_checkpoint(checkpoint) as (files, handles):
-        return {name: tuple(handles[file].get_slice(name).get_shape())
-                for name, file in sorted(files.items())}
+    """Tensor name -> shape, from the checkpoint's headers only."""
+    ckpt = Checkpoint(checkpoint)
+    return {name: ckpt.shape(name) for name in ckpt.names()}
 
 
 def _deltas(source, trained) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, |W_trained - W_source|) in fp32, one tensor at a time."""
-    with _open_checkpoint(source) as (src_files, src), _open_checkpoint(trained) as (
-        trn_files, trn
-    ):
-        if set(src_files) != set(trn_files):
-            only_src = sorted(set(src_files) - set(trn_files))
-            only_trn = sorted(set(trn_files) - set(src_files))
-            raise ValueError(
-                f"checkpoints {source} and {trained} hold different tensors: only in the source "
-                f"{_some(only_src)}, only in the trained {_some(only_trn)}"
-            )
-        for name in sorted(src_files):
-            a = src[src_files[name]].get_tensor(name)
-            b = trn[trn_files[name]].get_tensor(name)
-            if a.shape != b.shape:
-                raise ValueError(f"tensor {name}: source shape {tuple(a.shape)} but trained "
-                                 f"shape {tuple(b.shape)} ({source} vs {trained})")
-            # Cast from the stored dtype (bf16) to fp32 before subtracting: exact for bf16.
-            yield name, (b.float() - a.float()).abs()
+    """Yield (source tensor name, |W_trained - W_source|) in fp32, one tensor at a time."""
+    src, trn = Checkpoint(source), Checkpoint(trained)
+    for pair in match_tensors(src, trn):  # raises, naming them, on missing or misshapen ones
+        a, b = src.load(pair.source_name), trn.load(pair.trained_name)
+        # Cast from the stored dtype (bf16) to fp32 before subtracting: exact for bf16.
+        yield pair.source_name, (b.float() - a.float()).abs()
 
 
 def _some(names: list[str], limit: int = 5) -> str:
