@@ -8,16 +8,15 @@ tensors.csv, layers.csv, modules.csv, blocks.csv, layer_module.csv, summary.json
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+
 from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, summary
-from opdgeo.delta.io import Checkpoint, TensorPair, match_tensors
+from opdgeo.delta.io import Checkpoint, TensorPair, match_tensors, write_atomically
 from opdgeo.delta.metrics import (
     HEADLINE_ATOL,
     HEADLINE_RATIO,
@@ -251,27 +250,11 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
               for key, v in result.items()}
-    _write_atomically(Path(out_dir), tensors, group_tables(tensors), result)
+    tables = {f"{name}.csv": table for name, table in group_tables(tensors).items()}
+    write_atomically(out_dir, {"tensors.csv": tensors, **tables,
+                               "summary.json": json.dumps(result, indent=2) + "\n",
+                               "summary.md": summary_markdown(result)})
     return result
-
-
-def _write_atomically(out_dir: Path, tensors: pd.DataFrame, tables: dict[str, pd.DataFrame],
-                      result: dict) -> None:
-    """Write every output into a temporary sibling folder, then rename it into place."""
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    try:
-        tensors.to_csv(temporary / "tensors.csv", index=False)
-        for table_name, table in tables.items():
-            table.to_csv(temporary / f"{table_name}.csv", index=False)
-        (temporary / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        (temporary / "summary.md").write_text(summary_markdown(result))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 SUMMARY_ROWS = (

@@ -1,3 +1,75 @@
-# PLACEHOLDER written by the pipeline engineer so `opdgeo` imports; replace whole file.
-def register(subparsers):
-    pass
+"""`analyze` and `overlap` subcommands; the `opdgeo` command adds them through `register`.
+
+Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --trained B --out D
+"""
+
+import argparse
+from pathlib import Path
+
+from opdgeo.delta.metrics import HEADLINE_ATOL
+
+HEADLINE_KEYS = ("relative_norm", "sparsity_atol_1e-5", "top16_energy_median",
+                 "principal_coverage_10pct", "low_magnitude_coverage_10pct")
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    from opdgeo.delta.analyze import analyze_checkpoints  # torch import only when used
+
+    result = analyze_checkpoints(args.source, args.trained, args.out, dtype=args.dtype,
+                                 device=args.device, exact_svd_max=args.exact_svd_max,
+                                 seed=args.seed, fp32_trained=args.fp32_trained,
+                                 nulls=not args.no_nulls)
+    print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)")
+    for key in HEADLINE_KEYS:
+        print(f"  {key}: {result.get(key)}")
+
+
+def run_overlap(args: argparse.Namespace) -> None:
+    from opdgeo.delta.overlap import overlap_runs
+
+    result = overlap_runs(args.source, args.trained_a, args.trained_b, args.out,
+                          atol=args.atol, dtype=args.dtype)
+    print(f"wrote {args.out}: coverage a->b {result['coverage_a_to_b']:.4f} "
+          f"(random {result['baseline_a_to_b']:.4f}), b->a {result['coverage_b_to_a']:.4f} "
+          f"(random {result['baseline_b_to_a']:.4f}), Jaccard {result['jaccard']:.4f}")
+
+
+def register(subparsers) -> None:
+    """Add `analyze` and `overlap` to an argparse subparsers object."""
+    analyze = subparsers.add_parser(
+        "analyze", help="every delta metric of two checkpoints (STUDY.md section 3)")
+    analyze.add_argument("--source", required=True, type=Path, help="source checkpoint folder")
+    analyze.add_argument("--trained", required=True, type=Path, help="trained checkpoint folder")
+    analyze.add_argument("--out", required=True, type=Path, help="output folder")
+    analyze.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                         help="cast both checkpoints to this before subtracting")
+    analyze.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    analyze.add_argument("--exact-svd-max", type=int, default=4096,
+                         help="largest min(m, n) decomposed exactly; above: randomized top-k")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the null models")
+    analyze.add_argument("--fp32-trained", type=Path, default=None,
+                         help="fp32 master weights of the trained run (exact rounding null)")
+    analyze.add_argument("--no-nulls", action="store_true",
+                         help="skip the isotropic and shuffle nulls (about a third of the time)")
+    analyze.set_defaults(handler=run_analyze)
+
+    overlap = subparsers.add_parser(
+        "overlap", help="update-mask overlap of two runs that share a source")
+    overlap.add_argument("--source", required=True, type=Path)
+    overlap.add_argument("--trained-a", required=True, type=Path)
+    overlap.add_argument("--trained-b", required=True, type=Path)
+    overlap.add_argument("--out", required=True, type=Path)
+    overlap.add_argument("--atol", type=float, default=HEADLINE_ATOL)
+    overlap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    overlap.set_defaults(handler=run_overlap)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="opdgeo-delta", description=__doc__)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ All of it reuses one `Decomposition` of W_src (and one of W_trained for the rota
 """
 
 import torch
+
 from opdgeo.delta.metrics import CHUNK, MASK_RATIOS, ratio_label
 from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
 

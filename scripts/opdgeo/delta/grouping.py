@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pandas as pd
+
 from opdgeo.delta.metrics import HEADLINE_ATOL, MASK_RATIOS, ratio_label, threshold_label
 
 KEY_COLUMNS = ("name", "layer", "module", "block", "shape")
@@ -36,43 +37,44 @@ def _coverage_weight(rows: pd.DataFrame, column: str) -> pd.Series:
     return rows["numel"] * (1 - rows[unchanged])
 
 
-def _weighted_mean(values: pd.Series, weights: pd.Series) -> float:
-    keep = values.notna() & (weights > 0)
-    total = weights[keep].sum()
-    return float((values[keep] * weights[keep]).sum() / total) if total > 0 else math.nan
+def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One summary row per group of tensors (keys [] -> one row for all)."""
+    frame = tensors.assign(_all=0)
+    by = [frame[k] for k in keys] if keys else [frame["_all"]]
+    grouped = frame.groupby(by, sort=True)
+    sums = grouped[["numel", "delta_energy", "source_energy"]].sum()
+    total_energy = frame["delta_energy"].sum()
+    out = pd.DataFrame({
+        "tensor_count": grouped.size(),
+        "numel": sums["numel"],
+        "delta_energy": sums["delta_energy"],
+        "source_energy": sums["source_energy"],
+        "energy_share": sums["delta_energy"] / total_energy if total_energy > 0 else math.nan,
+        "relative_norm": np.sqrt(sums["delta_energy"] / sums["source_energy"]),
+        "rms": np.sqrt(sums["delta_energy"] / sums["numel"]),
+        "linf": grouped["linf"].max(),
+    })
+    rest = [c for c in frame.columns if c not in out.columns and c not in KEY_COLUMNS
+            and c != "_all"]
+    weighted = [c for c in rest if "_coverage_" in c or c.startswith(_COUNT_WEIGHTED_PREFIXES)]
+    medians = [c for c in rest if c not in weighted]
+    weights = pd.DataFrame({c: _coverage_weight(frame, c) if "_coverage_" in c
+                            else frame["numel"] for c in weighted})
+    weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
+    numerators = (frame[weighted].fillna(0.0) * weights).groupby(by, sort=True).sum()
+    denominators = weights.groupby(by, sort=True).sum()
+    out[weighted] = numerators / denominators.where(denominators > 0)
+    out[medians] = grouped[medians].median()
+    out = add_enrichment(out)
+    if not keys:
+        return out.reset_index(drop=True)
+    return out.rename_axis(keys).reset_index()
 
 
-def aggregate(rows: pd.DataFrame, total_delta_energy: float) -> dict[str, float]:
-    """One summary row for a group of tensors."""
-    delta_energy, source_energy = rows["delta_energy"].sum(), rows["source_energy"].sum()
-    numel = rows["numel"].sum()
-    out = {
-        "tensor_count": len(rows),
-        "numel": int(numel),
-        "delta_energy": float(delta_energy),
-        "source_energy": float(source_energy),
-        "energy_share": float(delta_energy / total_delta_energy) if total_delta_energy > 0
-        else math.nan,
-        "relative_norm": math.sqrt(delta_energy / source_energy) if source_energy > 0
-        else math.nan,
-        "rms": math.sqrt(delta_energy / numel),
-        "linf": float(rows["linf"].max()),
-    }
-    for column in rows.columns:
-        if column in out or column in KEY_COLUMNS or column in ("numel", "relative_norm"):
-            continue
-        if "_coverage_" in column:
-            out[column] = _weighted_mean(rows[column], _coverage_weight(rows, column))
-        elif column.startswith(_COUNT_WEIGHTED_PREFIXES):
-            out[column] = _weighted_mean(rows[column], rows["numel"])
-        else:
-            out[column] = float(rows[column].median()) if rows[column].notna().any() \
-                else math.nan
-    return add_enrichment(out)
+def add_enrichment(values):
+    """enrichment = coverage / mask density (1 for a mask blind to the update).
 
-
-def add_enrichment(values: dict[str, float]) -> dict[str, float]:
-    """enrichment = coverage / mask density (1 for a mask blind to the update)."""
+    values: a per-tensor row (dict) or a table (DataFrame): columns behave alike."""
     for column, coverage in list(values.items()):
         if "_coverage_" not in column:
             continue
@@ -84,19 +86,13 @@ def add_enrichment(values: dict[str, float]) -> dict[str, float]:
 
 
 def group_tables(tensors: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    total = float(tensors["delta_energy"].sum())
-    tables = {}
-    for table_name, keys in GROUPINGS.items():
-        grouped = tensors.dropna(subset=keys).groupby(keys, sort=True)
-        rows = [dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-                | aggregate(group, total) for key, group in grouped]
-        tables[table_name] = pd.DataFrame(rows)
-    return tables
+    return {name: aggregate(tensors.dropna(subset=keys), keys)
+            for name, keys in GROUPINGS.items()}
 
 
 def summary(tensors: pd.DataFrame) -> dict:
     """The global summary: counted metrics under their own names, medians as `<name>_median`."""
-    overall = aggregate(tensors, float(tensors["delta_energy"].sum()))
+    overall = aggregate(tensors, []).iloc[0].to_dict()
     result: dict = {}
     for column, value in overall.items():
         is_median = not (

@@ -4,16 +4,21 @@ A checkpoint is a Hugging Face folder holding `model.safetensors`, sharded safet
 `model.safetensors.index.json`, or `pytorch_model*.bin` (read through a lazy mmap), or a
 single `.safetensors` file (the fp32 master weights a run keeps beside its bf16 checkpoint).
 Nothing is loaded until `load` asks for one tensor, so a pair of checkpoints never sits in
-memory at once.
+memory at once. Outputs are written all at once or not at all (`write_atomically`).
 """
 
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
-from opdgeo.naming import canonical_name
 from safetensors import safe_open
+
+from opdgeo.naming import canonical_name
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 LM_HEAD_SUFFIX = "lm_head.weight"
@@ -114,7 +119,9 @@ class TensorPair:
 
 
 def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
-    """Pair tensors by exact name, then by canonical name; raise on any mismatch."""
+    """Pair tensors by exact name, then by canonical name; raise on any mismatch.
+
+    Pairs come in natural order of their canonical names."""
     source_names, trained_names = source.names(), trained.names()
     trained_left = set(trained_names)
     matched: dict[str, str] = {}
@@ -148,4 +155,29 @@ def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
             )
         pairs.append(TensorPair(canonical_name(source_name), source_name, trained_name,
                                 source_shape))
-    return pairs
+    return sorted(pairs, key=lambda pair: _natural_key(pair.name))
+
+
+def _natural_key(name: str) -> list:
+    """layers.2 before layers.10: output rows in model order whatever the shard layout."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame]) -> None:
+    """Write every file into a temporary sibling folder, then rename it to out_dir, so a
+    crash leaves either the previous complete output or none. DataFrames become CSV."""
+    out_dir = Path(out_dir)
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        for file_name, content in files.items():
+            if isinstance(content, pd.DataFrame):
+                content.to_csv(temporary / file_name, index=False)
+            else:
+                (temporary / file_name).write_text(content)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temporary.rename(out_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

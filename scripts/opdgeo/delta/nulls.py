@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
 from opdgeo.delta.geometry import principal_magnitudes
 from opdgeo.delta.metrics import (
     HEADLINE_ATOL,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from opdgeo.delta.metrics import ratio_label, threshold_label
 
 SPECTRAL_TOPK = (1, 2, 4, 8, 16, 32, 64)

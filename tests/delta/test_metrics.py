@@ -1,0 +1,69 @@
+"""Coordinate metrics on constructed deltas: values computed, not typed in."""
+
+import torch
+
+from opdgeo.delta.metrics import (
+    HEADLINE_ATOL,
+    coordinate_energy_shares,
+    delta_and_stats,
+    magnitude_key,
+    rank_splits,
+)
+
+
+def test_known_coordinate_set_gives_exact_sparsity():
+    generator = torch.Generator().manual_seed(0)
+    source = (torch.randn(64, 48, generator=generator) * 0.02).bfloat16()
+    moved = torch.rand(source.shape, generator=generator) < 0.37
+    tiny = torch.rand(source.shape, generator=generator) < 0.1  # moved by < 1e-5: still sparse
+    trained = source.float() + 0.01 * moved
+    trained = torch.where(tiny & ~moved, trained + 2 ** -20, trained).float()
+    _, category, stats = delta_and_stats(source.float(), trained)
+    numel = source.numel()
+    expected_headline = (numel - moved.sum().item()) / numel
+    expected_exact_zero = (numel - (moved | tiny).sum().item()) / numel
+    row = stats.row()
+    assert row["sparsity_atol_1e-5"] == expected_headline
+    assert row["exact_zero_fraction"] == expected_exact_zero
+    assert row["sparsity_atol_1e-8"] == expected_exact_zero  # 2^-20 ~ 9.5e-7 > 1e-8
+    assert row["sparsity_atol_1e-6"] == expected_headline
+    assert torch.equal(category == 2, moved)
+    relative = (torch.linalg.vector_norm(trained - source.float())
+                / torch.linalg.vector_norm(source.float()))
+    assert abs(row["relative_norm"] - relative.item()) < 1e-6 * relative.item()
+
+
+def test_rank_splits_match_sorting_with_fractional_ties():
+    generator = torch.Generator().manual_seed(1)
+    values = (torch.randn(300, 70, generator=generator) * 0.02).bfloat16()  # many ties
+    labels = torch.randint(0, 3, values.shape, generator=generator)
+    magnitudes = values.float().abs().reshape(-1)
+    for dtype in (torch.bfloat16, torch.float32):
+        for count in (1, 77, values.numel() // 10, values.numel()):
+            (split,), _ = rank_splits(values.to(dtype), [count], labels=labels, n_labels=3)
+            threshold = magnitudes.sort().values[count - 1]
+            below, tied = magnitudes < threshold, magnitudes == threshold
+            share = (count - below.sum().double()) / tied.sum()
+            for label in range(3):
+                mine = labels.reshape(-1) == label
+                expected = (below & mine).sum() + share * (tied & mine).sum()
+                assert abs(float(split.sums[label]) - float(expected)) < 1e-6
+            membership = split.membership(magnitude_key(values.to(dtype).reshape(-1)))
+            assert abs(float(membership.sum()) - count) < 1e-3
+
+
+def test_coordinate_energy_share_of_a_spike():
+    delta = torch.zeros(100, 100)
+    delta[3, 4] = 10.0  # one coordinate holds almost everything
+    delta[5:, :] = 0.01
+    energy = float((delta**2).sum())
+    shares = coordinate_energy_shares(delta, energy)
+    top_ten = 100.0 + 9 * 0.01**2  # top 0.1% = 10 coordinates
+    assert abs(shares["coord_energy_top0.1pct"] - top_ten / energy) < 1e-6
+
+
+def test_headline_atol_is_the_update_threshold():
+    source = torch.zeros(4)
+    trained = torch.tensor([0.0, HEADLINE_ATOL / 2, HEADLINE_ATOL * 2, -1.0])
+    _, category, _ = delta_and_stats(source, trained)
+    assert category.tolist() == [0, 1, 2, 2]
