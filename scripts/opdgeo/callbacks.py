@@ -39,11 +39,6 @@ class CSVLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         loss = logs.get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss} at step {state.global_step}: training diverged. Lower the "
-                "learning rate or the gradient clipping norm (max_grad_norm) in the config."
-            )
         if loss is None:
             return
         now = time.perf_counter()
@@ -62,6 +57,27 @@ class CSVLogCallback(TrainerCallback):
             csv.writer(f).writerow(row)
         self._last_time, self._last_step = now, state.global_step
         self._last_tokens = state.num_input_tokens_seen
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Stop at the first NaN / inf loss or weight, before a checkpoint can be written."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self._fail(f"loss is {loss}", state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Checked every step: once a weight is NaN the next rollout fails inside generate().
+        if model is not None and not all(p.isfinite().all() for p in model.parameters()):
+            self._fail("a weight became NaN or inf", state.global_step)
+
+    @staticmethod
+    def _fail(what: str, step: int):
+        raise NonFiniteLossError(
+            f"{what} at step {step}: training diverged. Lower the learning rate or the "
+            "gradient clipping norm (max_grad_norm) in the config."
+        )
 
 
 class SnapshotCallback(TrainerCallback):

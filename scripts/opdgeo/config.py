@@ -3,7 +3,8 @@
 The schema (workflow/schemas/config.schema.yaml) checks shapes and types; this module checks
 what a schema cannot (references between sections) and expands the config into runs:
 
-    {pair}-opd-{teacher}-{optimizer}-s{seed}      on-policy distillation (optimizers: primary teacher)
+    {pair}-opd-{teacher}-{optimizer}-s{seed}      on-policy distillation (every optimizer
+                                                  on the primary teacher, the first on others)
     {pair}-sft-{optimizer}-s{seed}                offline distillation control (primary teacher)
     {pair}-grpo-{optimizer}-s{seed}               RLVR control
     {pair}-masked-{arm}-s{seed}                   subnetwork retraining from the source
@@ -92,7 +93,8 @@ def pair_training(config: dict, pair: str) -> dict:
 def check_references(config: dict):
     models = config["models"]
     for pair, spec in config["pairs"].items():
-        for role, key in [("student", spec["student"])] + [("teacher", t) for t in spec["teachers"]]:
+        roles = [("student", spec["student"])] + [("teacher", t) for t in spec["teachers"]]
+        for role, key in roles:
             if key not in models:
                 raise ConfigError(
                     f"pairs.{pair}.{role} is {key!r}, which is not a key of `models` "
@@ -165,7 +167,8 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
                 if other not in runs:
                     raise ConfigError(
                         f"pairs.{pair}.masked.arms: {arm!r} names run {arg!r}, but no run "
-                        f"{pair}-{arg}[-...] exists (runs: {sorted(r for r in runs if r.startswith(pair))})"
+                        f"{pair}-{arg}[-...] exists; runs of the pair: "
+                        f"{sorted(r for r in runs if r.startswith(pair))}"
                     )
             if head == "opd" and not arg:
                 mask = MaskSpec(f"{primary}.atol{atol:g}", pair, "atol", primary, atol)

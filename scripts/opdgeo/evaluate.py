@@ -39,7 +39,8 @@ def exact_match(model, tokenizer, examples: list[Example], digits: int, batch_si
     prompts = [e.prompt for e in examples]
     completions = generate(model, tokenizer, prompts, answer_length(digits) + 1, sample=False,
                            batch_size=batch_size)
-    return sum(score(c, e.answer) for c, e in zip(completions, examples, strict=True)) / len(examples)
+    hits = sum(score(c, e.answer) for c, e in zip(completions, examples, strict=True))
+    return hits / len(examples)
 
 
 def mean_at_k(model, tokenizer, examples: list[Example], digits: int, k: int, temperature: float,

@@ -9,13 +9,20 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-import torch
 import datasets
+import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from opdgeo.callbacks import CSVLogCallback, EarlyStopOnScoreCallback, SnapshotCallback
+from opdgeo.callbacks import (
+    CSVLogCallback,
+    EarlyStopOnScoreCallback,
+    GradientMaskCallback,
+    NonFiniteGuardCallback,
+    OptimizerStateCallback,
+    SnapshotCallback,
+)
 from opdgeo.config import RunSpec
 from opdgeo.evaluate import exact_match, generate
 from opdgeo.losses import TRL_BETA, OPDTrainer
@@ -113,7 +120,8 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer,
-                         callbacks=[CSVLogCallback(out_dir / "train_log.csv"), stopper])
+                         callbacks=[NonFiniteGuardCallback(),
+                                    CSVLogCallback(out_dir / "train_log.csv"), stopper])
     trainer.train()
     final = stopper.final
     if not train["require_min"] <= final <= train["require_max"]:
@@ -133,7 +141,7 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
 
 
 def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_dir: Path,
-              device: str, mask_path: Path | None = None, diagnostics_every: int = 10):
+              device: str, mask_path: Path | None = None):
     """Train one run from `source`; write final/, checkpoints/step-N/, train_log.csv."""
     out_dir = Path(out_dir)
     training = spec.training
@@ -160,11 +168,12 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     save = partial(save_checkpoint, tokenizer=student_tokenizer)
     callbacks = [
+        NonFiniteGuardCallback(),
         CSVLogCallback(out_dir / "train_log.csv"),
         SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
                          out_dir / "checkpoints"),
     ]
-    callbacks += _extra_callbacks(model, mask_path, out_dir, spec, diagnostics_every)
+    callbacks += _extra_callbacks(model, mask_path, out_dir, spec)
 
     if spec.kind in ("opd", "masked"):
         loss = training["loss"]
@@ -216,16 +225,10 @@ def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [score(c, a) for c, a in zip(completions, answer, strict=True)]
 
 
-def _extra_callbacks(model, mask_path, out_dir, spec, diagnostics_every):
-    """Gradient mask (masked runs) and AdamW state diagnostics (AdamW runs)."""
-    from opdgeo import callbacks as cb
-
-    extra = []
-    if mask_path is not None and hasattr(cb, "GradientMaskCallback"):
-        extra.append(cb.GradientMaskCallback.from_file(mask_path, model))
-    elif mask_path is not None:
-        raise NotImplementedError("masked training needs opdgeo.callbacks.GradientMaskCallback")
-    if spec.optimizer == "adamw" and hasattr(cb, "OptimizerStateCallback"):
-        extra.append(cb.OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name,
-                                               diagnostics_every))
+def _extra_callbacks(model, mask_path, out_dir, spec):
+    """Gradient mask (masked runs) and optimizer state diagnostics (every run; empty for SGD)."""
+    every = max(spec.training["steps"] // 20, 1)
+    extra = [OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name, every)]
+    if mask_path is not None:
+        extra.append(GradientMaskCallback.from_file(mask_path, model))
     return extra

@@ -258,8 +258,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
 
 
 SUMMARY_ROWS = (
-    ("relative norm ||dW|| / ||W_src||", "relative_norm"),
-    ("sparsity (|dW| <= 1e-5)", "sparsity_atol_1e-5"),
+    ("relative Frobenius norm of dW", "relative_norm"),
+    ("sparsity (abs dW <= 1e-5)", "sparsity_atol_1e-5"),
     ("exact zeros", "exact_zero_fraction"),
     ("top-16 spectral energy (median)", "top16_energy_median"),
     ("stable rank (median)", "stable_rank_median"),

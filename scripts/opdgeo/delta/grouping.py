@@ -102,7 +102,8 @@ def summary(tensors: pd.DataFrame) -> dict:
                           "energy_share", "relative_norm", "rms", "linf")
         )
         result[f"{column}_median" if is_median else column] = _plain(value)
-    result["num_params"] = result.pop("numel")
+    result["num_params"] = int(result.pop("numel"))
+    result["tensor_count"] = int(result["tensor_count"])
     result.pop("energy_share")
     result["numerical_rank_fraction_median"] = result.get(
         "numerical_rank_fraction_1e-5_median", math.nan)

@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine:
+#   make reproduce [CONFIG=config/smoke.yaml]   set up .venv, run the study, print where results are
+#   make test                                   set up .venv with test tools, run the test suite
+CONFIG ?= config/config.yaml
+CORES ?= 2
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: reproduce test report bench setup lint clean
+
+$(BIN)/.installed: envs/requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r envs/requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed envs/requirements-test.txt
+	$(BIN)/pip install --quiet -r envs/requirements-test.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+reproduce: $(BIN)/.installed
+	$(BIN)/snakemake --configfile $(CONFIG) --cores $(CORES)
+	@echo
+	@echo "Done. Results are in results/: tables/ (CSV, Markdown, LaTeX), figures/ (PNG, PDF),"
+	@echo "findings.md (which of the paper's findings hold here); 'make report' builds report.html."
+
+report: $(BIN)/.installed
+	$(BIN)/snakemake --configfile $(CONFIG) --cores $(CORES)
+	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
+	@echo "Report: results/report.html"
+
+test: $(BIN)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/bench_analysis.py
+	$(BIN)/python scripts/bench_masking.py
+
+lint: $(BIN)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

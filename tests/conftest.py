@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny checkpoints built in a temporary folder, once per session."""
+
+import pytest
+
+from opdgeo.models import build_model, character_tokenizer, save_checkpoint
+
+
+def tiny_checkpoint(path, seed, hidden=16, arch="qwen2", tokenizer=None):
+    tokenizer = tokenizer or character_tokenizer()
+    model = build_model(arch, tokenizer, seed, hidden_size=hidden, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2,
+                        intermediate_size=2 * hidden)
+    save_checkpoint(model, tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint():
+    """`make_checkpoint(path, seed, hidden=16, arch="qwen2", tokenizer=None)`."""
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A random student (source) and a wider random teacher sharing one tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    return tiny_checkpoint(root / "student", seed=0), tiny_checkpoint(root / "teacher", seed=1,
+                                                                       hidden=32)

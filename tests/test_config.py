@@ -1,0 +1,75 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from opdgeo.config import ConfigError, build_masks, build_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+CONFIGS = ["config/config.yaml", "config/smoke.yaml"]
+
+
+def load(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate_and_expand(name):
+    config = load(name)
+    runs = build_runs(config)
+    kinds = {spec.kind for spec in runs.values()}
+    assert {"opd", "sft", "grpo", "masked"} <= kinds
+    for mask in build_masks(config).values():
+        assert mask.run in runs
+
+
+def test_default_study_matches_its_design():
+    config = load("config/config.yaml")
+    runs = build_runs(config)
+    opd_teachers = {s.teacher for s in runs.values() if s.kind == "opd"}
+    assert len(opd_teachers) >= 2  # two teachers distil into one source
+    assert len({s.source for s in runs.values() if s.is_trained}) == 1
+    for key in opd_teachers | {s.source for s in runs.values()}:
+        build = config["models"][key]["build"]
+        head_dim = build["hidden_size"] // build["num_attention_heads"]
+        smallest = min(build["hidden_size"], build["intermediate_size"],
+                       build.get("num_key_value_heads", build["num_attention_heads"]) * head_dim)
+        assert smallest >= 128, key
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(trainig={}), "trainig"),  # a misspelt top-level key
+        (lambda c: c["training"].update(stpes=3), "stpes"),
+        (lambda c: c["training"].update(steps="many"), "many"),
+        (lambda c: c["training"].update(loss="kl"), "kl"),
+        (lambda c: c["models"]["student"]["build"].update(arch="gpt"), "gpt"),
+        (lambda c: c["training"]["optimizers"].update(adam={"learning_rate": 1}), "adam"),
+    ],
+)
+def test_schema_rejects_bad_configs(edit, message):
+    config = copy.deepcopy(load("config/smoke.yaml"))
+    edit(config)
+    with pytest.raises(WorkflowError, match=message):
+        validate(config, SCHEMA)
+
+
+def test_unknown_model_reference_names_the_fix():
+    config = load("config/smoke.yaml")
+    config["pairs"]["addition"]["teachers"] = ["teacher-a", "teacher-z"]
+    with pytest.raises(ConfigError, match="teacher-z.*not a key of `models`"):
+        build_runs(config)
+
+
+def test_bad_mask_arm_is_rejected():
+    config = load("config/smoke.yaml")
+    config["pairs"]["addition"]["masked"]["arms"] = ["run:nonexistent"]
+    with pytest.raises(ConfigError, match="nonexistent"):
+        build_runs(config)

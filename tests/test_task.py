@@ -1,0 +1,29 @@
+from opdgeo.task import answer_length, make_example, score, split_examples
+
+
+def test_answer_is_the_sum_with_digits_reversed():
+    example = make_example(123, 45, digits=3)
+    assert example.prompt == "123+045="
+    assert example.answer == str(123 + 45).zfill(4)[::-1]
+    assert len(example.answer) == answer_length(3)
+
+
+def test_splits_are_disjoint_and_seeded():
+    train = split_examples(2, 500, "train", seed=0)
+    held_out = split_examples(2, 200, "eval", seed=0)
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert split_examples(2, 50, "train", seed=3) == split_examples(2, 50, "train", seed=3)
+    assert split_examples(2, 50, "train", seed=3) != split_examples(2, 50, "train", seed=4)
+
+
+def test_every_answer_is_correct_arithmetic():
+    for example in split_examples(3, 100, "train", seed=1):
+        a, b = (int(x) for x in example.prompt.rstrip("=").split("+"))
+        assert int(example.answer[::-1]) == a + b
+
+
+def test_exact_match_scoring():
+    assert score("0861", "0861") == 1.0
+    assert score(" 0861 ", "0861") == 1.0
+    assert score("0862", "0861") == 0.0
+    assert score("08610", "0861") == 0.0

@@ -1,0 +1,66 @@
+import pytest
+from safetensors.torch import load_file
+
+from opdgeo.callbacks import NonFiniteLossError
+from opdgeo.config import RunSpec, pair_training
+from opdgeo.losses import LOSSES
+from opdgeo.models import character_tokenizer
+from opdgeo.train import train_run
+
+TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
+
+
+def spec(kind, loss="reverse_kl", lr=1e-3, optimizer="adamw", steps=4):
+    config = {
+        "training": {"steps": steps, "batch_size": 8, "save_every": 2, "prompts": 32, "loss": loss,
+                     "generations_per_prompt": 4,
+                     "optimizers": {optimizer: {"learning_rate": lr}}},
+        "pairs": {"p": {"student": "s", "teachers": ["t"]}},
+    }
+    return RunSpec(f"p-{kind}-{loss}", kind, "p", "s", "t", optimizer, 0,
+                   training=pair_training(config, "p"))
+
+
+def moved(source, final):
+    before, after = load_file(str(source / "model.safetensors")), load_file(
+        str(final / "model.safetensors"))
+    return sum(int((before[k] != after[k]).sum()) for k in before)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_opd_loss_trains_and_writes_a_run(tiny_pair, tmp_path, loss):
+    student, teacher = tiny_pair
+    train_run(spec("opd", loss), student, teacher, TASK, tmp_path / "run", "cpu")
+    run = tmp_path / "run"
+    assert moved(student, run / "final") > 0
+    assert (run / "checkpoints" / "step-2" / "model.safetensors").exists()
+    assert (run / "final_fp32.safetensors").exists()
+    log = (run / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss,grad_norm") and len(log) == 5
+
+
+@pytest.mark.parametrize("kind,optimizer", [("sft", "adamw"), ("grpo", "adamw"), ("opd", "sgd")])
+def test_controls_and_sgd_train(tiny_pair, tmp_path, kind, optimizer):
+    student, teacher = tiny_pair
+    lr = 1e-2 if optimizer == "sgd" else 1e-3
+    train_run(spec(kind, lr=lr, optimizer=optimizer), student, teacher, TASK, tmp_path / "r", "cpu")
+    assert (tmp_path / "r" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "r" / "optimizer_state.csv").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tiny_pair, tmp_path):
+    student, teacher = tiny_pair
+    run = spec("opd", lr=float("inf"), optimizer="sgd", steps=6)  # the first step yields NaN
+    with pytest.raises(NonFiniteLossError, match="Lower the learning rate"):
+        train_run(run, student, teacher, TASK, tmp_path / "r", "cpu")
+    assert not (tmp_path / "r" / "final").exists()
+
+
+def test_teacher_with_another_vocabulary_is_rejected_before_training(tiny_pair, tmp_path,
+                                                                     make_checkpoint):
+    student, _ = tiny_pair
+    teacher = make_checkpoint(tmp_path / "t", seed=3,
+                              tokenizer=character_tokenizer("0123456789+=-"))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        train_run(spec("opd"), student, teacher, TASK, tmp_path / "r", "cpu")
+    assert not (tmp_path / "r" / "final").exists()
