@@ -34,7 +34,7 @@ def test_every_opd_loss_trains_and_writes_a_run(tiny_pair, tmp_path, loss):
     run = tmp_path / "run"
     assert moved(student, run / "final") > 0
     assert (run / "checkpoints" / "step-2" / "model.safetensors").exists()
-    assert (run / "final_fp32.safetensors").exists()
+    assert (run / "fp32" / "model.safetensors").exists()
     log = (run / "train_log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss,grad_norm") and len(log) == 5
 

@@ -102,6 +102,12 @@ def cmd_collect(args):
     tables.write_table(frame, args.out)
 
 
+def cmd_mask_density(args):
+    from opdgeo.masks import write_density_csv
+
+    write_density_csv(args.mask, args.out, args.mask.name.removesuffix(".safetensors"))
+
+
 def cmd_runs(args):
     from opdgeo import tables
     from opdgeo.config import build_runs, run_table
@@ -120,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_train_model)
+    p.set_defaults(handler=cmd_train_model)
 
     p = sub.add_parser("train-run", help="train one run (OPD, control or masked) from its source")
     p.add_argument("--spec", type=_json, required=True, help="the run spec (opdgeo.config)")
@@ -131,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_train_run)
+    p.set_defaults(handler=cmd_train_run)
 
     p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
     p.add_argument("--spec", type=_json, required=True, help="the mask spec (opdgeo.config)")
     p.add_argument("--source", required=True)
     p.add_argument("--trained", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_make_mask)
+    p.set_defaults(handler=cmd_make_mask)
 
     p = sub.add_parser("evaluate", help="held-out exact match and mean@k of checkpoints")
     p.add_argument("--run", required=True)
@@ -150,19 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
     p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv"])
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--spec", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_collect)
+    p.set_defaults(handler=cmd_collect)
+
+    p = sub.add_parser("mask-density", help="per-tensor and global density of a mask")
+    p.add_argument("mask", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(handler=cmd_mask_density)
 
     p = sub.add_parser("runs", help="the table of runs (kind, pair, teacher, optimizer, ...)")
     p.add_argument("--spec", type=_json, required=True, help="the whole config")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_runs)
+    p.set_defaults(handler=cmd_runs)
 
     from opdgeo.delta import cli as delta_cli
 
@@ -173,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        args.handler(args)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"opdgeo {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from error

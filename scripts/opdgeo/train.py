@@ -142,7 +142,7 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
 
 def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_dir: Path,
               device: str, mask_path: Path | None = None):
-    """Train one run from `source`; write final/, checkpoints/step-N/, train_log.csv."""
+    """Train one run from `source`: final/, fp32/, checkpoints/step-N/, train_log.csv."""
     out_dir = Path(out_dir)
     training = spec.training
     opt = training["optimizers"][spec.optimizer]
@@ -215,7 +215,9 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         raise ValueError(f"run {spec.name}: kind {spec.kind!r} is not trained")
 
     trainer.train()
-    fp32 = out_dir / "final_fp32.safetensors" if training["keep_fp32"] else None
+    # fp32/ always exists (a declared output); it holds the master weights when kept.
+    (out_dir / "fp32").mkdir(exist_ok=True)
+    fp32 = out_dir / "fp32" / "model.safetensors" if training["keep_fp32"] else None
     save_checkpoint(model, student_tokenizer, out_dir / "final", fp32_weights=fp32)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 

@@ -2,9 +2,24 @@
 # intermediate checkpoint (trajectories), one overlap job per pair of runs on one source.
 
 
+def fp32_option(w):
+    """The exact rounding null needs the fp32 master weights of runs that kept them."""
+    spec = RUNS[w.run]
+    if spec.is_trained and spec.training["keep_fp32"]:
+        return f"--fp32-trained results/runs/{w.run}/fp32/model.safetensors"
+    return ""
+
+
+def analyze_inputs(w):
+    inputs = run_inputs(w.run)
+    if RUNS[w.run].is_trained:
+        inputs["fp32"] = f"results/runs/{w.run}/fp32"
+    return inputs
+
+
 rule analyze_final:
     input:
-        unpack(lambda w: run_inputs(w.run)),
+        unpack(analyze_inputs),
     output:
         summary="results/analysis/{run}/final/summary.json",
         tensors="results/analysis/{run}/final/tensors.csv",
@@ -13,6 +28,7 @@ rule analyze_final:
     params:
         source=lambda w: source_path(w.run),
         trained=lambda w: trained_path(w.run),
+        fp32=fp32_option,
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
         device=config["device"],
@@ -26,7 +42,7 @@ rule analyze_final:
         runtime=60,
     shell:
         "opdgeo analyze --source {params.source} --trained {params.trained}"
-        " --out results/analysis/{wildcards.run}/final --dtype {params.dtype}"
+        " --out results/analysis/{wildcards.run}/final --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
 
 

@@ -30,6 +30,7 @@ wildcard_constraints:
     b=RUN_PATTERN,
     model="|".join(BUILT_MODELS) or "NONE",
     step=r"\d+",
+    mask="|".join(map(re.escape, MASKS)) or "NONE",
 
 
 def as_arg(value):
@@ -107,4 +108,5 @@ def all_targets():
         "results/tables/optimizer_state.csv",
         "results/tables/training_log.csv",
         "results/tables/runs.csv",
+        "results/tables/masks.csv",
     ]

@@ -8,6 +8,8 @@ localrules:
     overlap_table,
     optimizer_state_table,
     training_log_table,
+    mask_density,
+    mask_table,
 
 
 rule runs_table:
@@ -81,3 +83,25 @@ rule training_log_table:
         "results/logs/tables/training_log.log",
     shell:
         "opdgeo collect run-csv {input} --out {output} > {log} 2>&1"
+
+
+rule mask_density:
+    input:
+        "results/masks/{mask}.safetensors",
+    output:
+        "results/masks/{mask}.density.csv",
+    log:
+        "results/logs/tables/mask_density/{mask}.log",
+    shell:
+        "opdgeo mask-density {input} --out {output} > {log} 2>&1"
+
+
+rule mask_table:
+    input:
+        expand("results/masks/{mask}.density.csv", mask=MASKS),
+    output:
+        "results/tables/masks.csv",
+    log:
+        "results/logs/tables/masks.log",
+    shell:
+        "opdgeo collect csv {input} --out {output} > {log} 2>&1"

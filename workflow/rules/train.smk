@@ -32,6 +32,7 @@ rule train_run:
         unpack(train_inputs),
     output:
         final=directory("results/runs/{run}/final"),
+        fp32=directory("results/runs/{run}/fp32"),
         checkpoints=directory("results/runs/{run}/checkpoints"),
         log_csv="results/runs/{run}/train_log.csv",
         optimizer_state="results/runs/{run}/optimizer_state.csv",
