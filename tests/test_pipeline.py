@@ -1,0 +1,102 @@
+"""The whole smoke DAG, end to end, in a temporary copy of the repository.
+
+Slow (minutes): it trains base models, runs, masks and masked runs, evaluates and analyses
+every checkpoint, and renders the tables and figures.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from opdgeo.config import build_masks, build_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir, *args, check=True):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--configfile", "config/smoke.yaml", "--cores", "2", *args],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {args} failed:\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def scheduled_jobs(dry_run_output: str) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    counts = {}
+    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", dry_run_output, re.S)
+    for line in (match.group(1).splitlines() if match else []):
+        rule, count = line.split()
+        counts[rule] = int(count)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, workdir / folder)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_smoke_dag_writes_every_output(smoke):
+    config = yaml.safe_load((smoke / "config" / "smoke.yaml").read_text())
+    config.setdefault("external", {})
+    runs = build_runs(config)
+    for name, spec in runs.items():
+        assert (smoke / f"results/analysis/{name}/final/summary.json").exists(), name
+        if spec.is_trained:
+            assert (smoke / f"results/runs/{name}/final/model.safetensors").exists(), name
+            for step in spec.checkpoint_steps():
+                assert (smoke / f"results/runs/{name}/checkpoints/step-{step}").is_dir()
+    for mask in build_masks(config):
+        assert (smoke / f"results/masks/{mask}.safetensors").exists()
+
+    evaluation = pd.read_csv(smoke / "results/tables/evaluation.csv")
+    assert set(evaluation["run"]) == set(runs) | set(config["models"])
+    assert set(evaluation["metric"]) == {"exact_match", f"mean@{config['evaluation']['k']}"}
+    steps = evaluation[evaluation["run"] == next(iter(runs))]["step"]
+    assert sorted(steps.unique()) == [10, 20]
+    assert evaluation["value"].between(0, 1).all()
+
+    delta = pd.read_csv(smoke / "results/tables/delta_global.csv")
+    assert set(delta["run"]) == set(runs)
+    assert {"relative_norm", "sparsity_atol_1e-5"} <= set(delta["metric"])
+
+
+@pytest.mark.slow
+def test_second_invocation_schedules_nothing(smoke):
+    dry = snakemake(smoke, "-n")
+    assert scheduled_jobs(dry.stdout) == {}, dry.stdout[-2000:]
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_plot_edit_reruns_only_figures_and_tables(smoke):
+    config_path = smoke / "config" / "smoke.yaml"
+    original = config_path.read_text()
+    config = yaml.safe_load(original)
+    config["plots"]["dpi"] = config["plots"].get("dpi", 100) + 1
+    config_path.write_text(yaml.safe_dump(config))
+    try:
+        jobs = scheduled_jobs(snakemake(smoke, "-n").stdout)
+    finally:
+        config_path.write_text(original)
+    assert jobs, "a plot edit should rerun the figures"
+    allowed = re.compile(r"^(all|fig.*|.*figure.*|.*table.*|findings.*|report.*)$")
+    assert all(allowed.match(rule) for rule in jobs), jobs
+    assert not {"train_model", "train_run", "evaluate_run", "analyze_final"} & set(jobs)
