@@ -8,6 +8,7 @@ what a schema cannot (references between sections) and expands the config into r
     {pair}-sft-{optimizer}-s{seed}                offline distillation control (primary teacher)
     {pair}-grpo-{optimizer}-s{seed}               RLVR control
     {pair}-masked-{arm}-s{seed}                   subnetwork retraining from the source
+    {pair}-sweep-{kind}-lr{lr}-n{steps}-s{seed}   matched-gain grid (OPD, SFT, GRPO)
     {name}                                        external run (two given checkpoints)
 """
 
@@ -52,6 +53,7 @@ class RunSpec:
     mask: str | None = None  # mask name (masked runs)
     trained: str | None = None  # checkpoint path (external runs)
     training: dict = field(default_factory=dict, compare=False, hash=False)
+    group: str = "main"  # main | sweep (the learning-rate x steps grid of matched methods)
 
     @property
     def is_trained(self) -> bool:
@@ -137,10 +139,32 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
                     name, "masked", pair, spec["student"], primary_teacher, primary_opt,
                     mask.seed, mask=mask.name, training=training,
                 )
+        runs.update(sweep_runs(config, pair, training))
     for name, ext in config.get("external", {}).items():
         if name in runs:
             raise ConfigError(f"external run {name!r} has the name of a trained run")
         runs[name] = RunSpec(name, "external", None, ext["source"], trained=ext["trained"])
+    return runs
+
+
+def sweep_runs(config: dict, pair: str, training: dict) -> dict[str, RunSpec]:
+    """The grid of `pairs.<pair>.sweep`: each method at each learning rate and step count,
+    with the primary teacher and optimizer and otherwise the pair's training settings."""
+    spec, sweep = config["pairs"][pair], config["pairs"][pair].get("sweep")
+    if not sweep:
+        return {}
+    opt = list(training["optimizers"])[0]
+    runs = {}
+    for kind in sweep.get("kinds", ["opd", "sft", "grpo"]):
+        for lr in sweep["learning_rates"]:
+            for steps in sweep.get("steps", [training["steps"]]):
+                for seed in training["seeds"]:
+                    grid = copy.deepcopy(training)
+                    grid["steps"], grid["save_every"] = steps, steps
+                    grid["optimizers"][opt]["learning_rate"] = lr
+                    name = f"{pair}-sweep-{kind}-lr{lr:g}-n{steps}-s{seed}"
+                    runs[name] = RunSpec(name, kind, pair, spec["student"], spec["teachers"][0],
+                                         opt, seed, training=grid, group="sweep")
     return runs
 
 
@@ -219,7 +243,7 @@ def run_table(runs: dict[str, RunSpec]):
             "run": spec.name, "kind": spec.kind, "pair": spec.pair, "source": spec.source,
             "teacher": spec.teacher, "optimizer": spec.optimizer, "seed": spec.seed,
             "mask": spec.mask, "learning_rate": opt.get("learning_rate"),
-            "steps": spec.training.get("steps"),
+            "steps": spec.training.get("steps"), "group": spec.group,
         })
     return pd.DataFrame(rows)
 

@@ -166,6 +166,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    (out_dir / "checkpoints").mkdir()  # a declared output, even when no snapshot is due
     save = partial(save_checkpoint, tokenizer=student_tokenizer)
     callbacks = [
         NonFiniteGuardCallback(),

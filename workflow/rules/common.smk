@@ -80,9 +80,10 @@ def final_steps(run):
 
 
 def overlap_pairs():
-    """Every pair of runs (masked retrains aside) that share a source checkpoint."""
+    """Every pair of main runs (masked retrains aside) that share a source checkpoint."""
     by_source = {}
-    for name in (r for r, spec in RUNS.items() if spec.kind != "masked"):
+    main = (r for r, spec in RUNS.items() if spec.kind != "masked" and spec.group == "main")
+    for name in main:
         by_source.setdefault(source_path(name), []).append(name)
     return [(a, b) for group in by_source.values() for i, a in enumerate(group)
             for b in group[i + 1 :]]
@@ -93,7 +94,8 @@ def analysis_targets():
     if config["analysis"]["trajectory"]:
         targets += [
             f"results/analysis/{run}/step-{step}/summary.json"
-            for run in TRAINED for step in RUNS[run].checkpoint_steps()
+            for run in TRAINED if RUNS[run].group == "main"
+            for step in RUNS[run].checkpoint_steps()
         ]
     targets += [f"results/overlap/{a}__{b}/overlap.json" for a, b in overlap_pairs()]
     return targets
