@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 from bench_masking import tiny_models, tiny_opd_trainer
+from transformers import TrainerCallback
+
 from opdgeo.callbacks import GradientMaskCallback, OptimizerStateCallback
 from opdgeo.masks import random_mask_with_density, save_mask
-from transformers import TrainerCallback
 
 STEPS = 5
 CLIP = 0.05  # below the tiny model's gradient norms, so clipping acts on every step

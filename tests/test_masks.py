@@ -5,6 +5,9 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from opdgeo.masks import (
     check_mask_matches_model,
     checkpoint_shapes,
@@ -18,8 +21,6 @@ from opdgeo.masks import (
     write_density_csv,
 )
 from opdgeo.models import build_model, character_tokenizer, save_checkpoint
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 SHAPES = {"a.weight": (7, 3), "b.weight": (13,), "c.bias": (1,), "d.weight": (4, 5, 2)}
 
