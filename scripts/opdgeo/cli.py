@@ -64,7 +64,7 @@ def cmd_make_mask(args):
 
 def cmd_evaluate(args):
     from opdgeo.evaluate import evaluate_checkpoints
-    from opdgeo.task import split_examples
+    from opdgeo.task import make_task
     from opdgeo.train import resolve_device
 
     _threads(args.threads)
@@ -72,10 +72,9 @@ def cmd_evaluate(args):
     if args.checkpoints:
         for folder in sorted(Path(args.checkpoints).glob("step-*")):
             checkpoints[int(folder.name.removeprefix("step-"))] = folder
-    task, evaluation = args.task, args.spec
-    examples = split_examples(task["digits"], task["eval_prompts"], "eval", task["seed"])
-    table = evaluate_checkpoints(checkpoints, args.run, examples, task["digits"],
-                                 evaluation["k"], evaluation["temperature"], task["seed"],
+    task, evaluation = make_task(args.task), args.spec
+    table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
+                                 evaluation["temperature"], task.seed,
                                  resolve_device(args.device), evaluation["batch_size"])
     _write_csv_atomic(table, args.out)
 
@@ -97,6 +96,8 @@ def cmd_collect(args):
         frame = tables.collect_overlaps(args.files)
     elif args.kind == "csv":
         frame = tables.concat_csvs(args.files)
+    elif args.kind == "analysis-csv":  # results/analysis/{run}/final/*.csv
+        frame = tables.concat_csvs(args.files, run_from_folder=True, run_level=2)
     else:  # per-run CSVs in results/runs/{run}/
         frame = tables.concat_csvs(args.files, run_from_folder=True)
     tables.write_table(frame, args.out)
@@ -113,6 +114,48 @@ def cmd_runs(args):
     from opdgeo.config import build_runs, run_table
 
     tables.write_table(run_table(build_runs(args.spec)), args.out)
+
+
+def _tidy_inputs(args):
+    """The tidy tables under --tables and the run info the renderers share."""
+    from opdgeo.tidy import load_tables, run_info
+
+    tables = load_tables(args.tables)
+    plots = args.plots or {}
+    return tables, run_info(tables["runs"], args.external, plots.get("labels")), plots
+
+
+def cmd_figure(args):
+    from opdgeo.figures import render
+
+    tables, info, plots = _tidy_inputs(args)
+    for path in render(args.name, tables, info, plots, args.out):
+        print(f"wrote {path}")
+
+
+def cmd_paper_tables(args):
+    from opdgeo.paper_tables import build_tables, write_paper_table
+
+    tables, info, plots = _tidy_inputs(args)
+    for name, frame in build_tables(tables, info, plots).items():
+        write_paper_table(frame, args.out / f"{name}.csv")
+        print(f"wrote {args.out / name}.{{csv,md,tex}} ({len(frame)} rows)")
+
+
+def cmd_findings(args):
+    from opdgeo.findings import findings_table, write_findings
+
+    tables, info, plots = _tidy_inputs(args)
+    table = findings_table(tables, info, plots)
+    write_findings(table, args.out)
+    print(table["verdict"].value_counts().to_string() if len(table) else "no findings rows")
+
+
+def _render_arguments(p):
+    p.add_argument("--tables", type=Path, required=True, help="folder of the tidy tables")
+    p.add_argument("--plots", type=_json, default={}, help="config['plots']")
+    p.add_argument("--external", type=_json, default={}, help="external run -> declared kind")
+    p.add_argument("--out", type=Path, required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
-    p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv"])
+    p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv", "analysis-csv"])
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--spec", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)
@@ -174,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", type=_json, required=True, help="the whole config")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")
+    p.add_argument("name", help="figure name (opdgeo.figures.FIGURES)")
+    _render_arguments(p)
+    p.set_defaults(handler=cmd_figure)
+
+    p = sub.add_parser("paper-tables", help="the paper's tables as CSV, Markdown and LaTeX")
+    _render_arguments(p)
+    p.set_defaults(handler=cmd_paper_tables)
+
+    p = sub.add_parser("findings", help="F1-F8 as verdicts with numbers (out.md, out.csv)")
+    _render_arguments(p)
+    p.set_defaults(handler=cmd_findings)
 
     from opdgeo.delta import cli as delta_cli
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opdgeo.task import Example, answer_length, score
+from opdgeo.task import Example
 
 
 @torch.no_grad()
@@ -35,36 +35,36 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sampl
     return completions
 
 
-def exact_match(model, tokenizer, examples: list[Example], digits: int, batch_size: int = 256):
-    prompts = [e.prompt for e in examples]
-    completions = generate(model, tokenizer, prompts, answer_length(digits) + 1, sample=False,
-                           batch_size=batch_size)
-    hits = sum(score(c, e.answer) for c, e in zip(completions, examples, strict=True))
+def exact_match(model, tokenizer, examples: list[Example], task, batch_size: int = 256):
+    completions = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens,
+                           sample=False, batch_size=batch_size)
+    hits = sum(task.score(c, e.answer) for c, e in zip(completions, examples, strict=True))
     return hits / len(examples)
 
 
-def mean_at_k(model, tokenizer, examples: list[Example], digits: int, k: int, temperature: float,
+def mean_at_k(model, tokenizer, examples: list[Example], task, k: int, temperature: float,
               seed: int, batch_size: int = 256) -> float:
     """Mean exact match over k sampled completions per prompt (seeded)."""
     torch.manual_seed(seed)
     prompts = [e.prompt for e in examples for _ in range(k)]
     answers = [e.answer for e in examples for _ in range(k)]
-    completions = generate(model, tokenizer, prompts, answer_length(digits) + 1, sample=True,
+    completions = generate(model, tokenizer, prompts, task.max_new_tokens, sample=True,
                            temperature=temperature, batch_size=batch_size)
-    return sum(score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
+    return sum(task.score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
 
 
-def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, examples: list[Example],
-                         digits: int, k: int, temperature: float, seed: int, device: str,
+def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
+                         temperature: float, seed: int, device: str,
                          batch_size: int = 256) -> pd.DataFrame:
     """Tidy scores (run, step, metric, value) of every checkpoint of one run."""
     from opdgeo.models import load_model, load_tokenizer
 
+    examples = task.eval_examples()
     rows = []
     for step, path in sorted(checkpoints.items()):
         model, tokenizer = load_model(path, device), load_tokenizer(path)
-        em = exact_match(model, tokenizer, examples, digits, batch_size)
-        mk = mean_at_k(model, tokenizer, examples, digits, k, temperature, seed, batch_size)
+        em = exact_match(model, tokenizer, examples, task, batch_size)
+        mk = mean_at_k(model, tokenizer, examples, task, k, temperature, seed, batch_size)
         rows += [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
         print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f}", flush=True)
     return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])

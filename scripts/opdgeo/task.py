@@ -47,3 +47,33 @@ def answer_length(digits: int) -> int:
 def score(completion: str, answer: str) -> float:
     """Exact match of the completion (special tokens stripped) with the answer."""
     return float(completion.strip() == answer)
+
+
+class AdditionTask:
+    """The task as the trainers and the evaluation see it; other tasks offer the same four."""
+
+    def __init__(self, kind: str = "addition", digits: int = 3, eval_prompts: int = 256,
+                 seed: int = 0):
+        self.digits, self.eval_prompts, self.seed = digits, eval_prompts, seed
+        self.max_new_tokens = answer_length(digits) + 1  # the answer and end-of-sequence
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        return split_examples(self.digits, n, "train", seed)
+
+    def eval_examples(self) -> list[Example]:
+        return split_examples(self.digits, self.eval_prompts, "eval", self.seed)
+
+    @staticmethod
+    def score(completion: str, answer: str) -> float:
+        return score(completion, answer)
+
+
+TASKS = {"addition": AdditionTask}
+
+
+def make_task(config: dict):
+    """The task of a config's `task:` section."""
+    kind = config.get("kind", "addition")
+    if kind not in TASKS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {sorted(TASKS)}")
+    return TASKS[kind](**config)

@@ -34,7 +34,7 @@ from opdgeo.models import (
     load_tokenizer,
     save_checkpoint,
 )
-from opdgeo.task import answer_length, score, split_examples
+from opdgeo.task import make_task
 
 # Per-example progress bars of dataset preprocessing drown the training progress in the logs.
 datasets.disable_progress_bars()
@@ -99,17 +99,17 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     tokenizer = character_tokenizer()
     dims = {k: v for k, v in build.items() if k != "arch"}
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
-    digits = task["digits"]
+    task = make_task(task)
     n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
-    train_examples = split_examples(digits, n_train, "train", train["seed"])
-    eval_examples = split_examples(digits, task["eval_prompts"], "eval", task["seed"])
+    train_examples = task.train_examples(n_train, train["seed"])
+    eval_examples = task.eval_examples()
     dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
                                  for e in train_examples])
     out_dir.mkdir(parents=True, exist_ok=True)
     scores_log = out_dir / "scores.csv"
     scores_log.write_text("step,exact_match\n")
     stopper = EarlyStopOnScoreCallback(
-        lambda m: exact_match(m, tokenizer, eval_examples, digits),
+        lambda m: exact_match(m, tokenizer, eval_examples, task),
         train["eval_every"], train["stop_at"], scores_log,
     )
     args = _trainer_args(
@@ -155,11 +155,10 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, source, teacher)
         teacher_model = load_model(teacher, device)
 
-    digits = task["digits"]
-    rng = random.Random(f"{spec.name}")
-    prompts = split_examples(digits, training["prompts"], "train", spec.seed)
-    rng.shuffle(prompts)
-    completion_tokens = answer_length(digits) + 1
+    task = make_task(task)
+    prompts = task.train_examples(training["prompts"], spec.seed)
+    random.Random(spec.name).shuffle(prompts)
+    completion_tokens = task.max_new_tokens
     common = dict(steps=training["steps"], batch_size=training["batch_size"],
                   optimizer=spec.optimizer, opt=opt, seed=spec.seed, device=device,
                   training=training)
@@ -209,7 +208,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
             max_completion_length=completion_tokens, temperature=training["temperature"],
             beta=0.0, top_k=0, top_p=1.0,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=args,
+        trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(task),
+                              args=args,
                               train_dataset=dataset, processing_class=student_tokenizer,
                               callbacks=callbacks)
     else:
@@ -223,9 +223,13 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
 
-def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
-    """RLVR reward: 1 when the completion is exactly the answer."""
-    return [score(c, a) for c, a in zip(completions, answer, strict=True)]
+def verifier_reward(task):
+    """RLVR reward: the task's verifier (1 when the completion is exactly the answer)."""
+
+    def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
+        return [task.score(c, a) for c, a in zip(completions, answer, strict=True)]
+
+    return exact_match_reward
 
 
 def _extra_callbacks(model, mask_path, out_dir, spec):
