@@ -52,13 +52,15 @@ def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_a", "run_b", "metric", "value"])
 
 
-def concat_csvs(paths: list[Path], run_from_folder: bool = False) -> pd.DataFrame:
-    """Concatenate per-run CSVs; with `run_from_folder`, add the run from `.../{run}/file.csv`."""
+def concat_csvs(paths: list[Path], run_from_folder: bool = False,
+                run_level: int = 1) -> pd.DataFrame:
+    """Concatenate per-run CSVs; with `run_from_folder`, add the run from the folder
+    `run_level` levels up: 1 for `.../{run}/file.csv`, 2 for `.../{run}/final/file.csv`."""
     frames = []
     for path in map(Path, paths):
         frame = pd.read_csv(path)
         if run_from_folder:
-            frame.insert(0, "run", path.parent.name)
+            frame.insert(0, "run", path.parents[run_level - 1].name)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

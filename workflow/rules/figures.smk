@@ -1,5 +1,110 @@
 # Figures, paper tables, findings and the report's captions: rendered from tidy tables only.
+# Every rule here takes the plot settings it uses as params, so editing config["plots"]
+# reruns these rules and nothing upstream. All run locally (also under the SLURM profile).
+
+PLOTS = config["plots"]
+# Which tidy tables (results/tables/{name}.csv) each figure reads, besides runs.csv.
+FIGURE_TABLES = {
+    "fig1_overview": ["delta_global"],
+    "fig2_layer_module": ["layer_module"],
+    "fig3_interventions": ["evaluation", "masks"],
+    "trajectory": ["trajectory"],
+    "optimizer_state": ["optimizer_state"],
+    "appendix_sparsity_thresholds": ["delta_global"],
+    "appendix_module_metrics": ["tensors"],
+    "gain_vs_sparsity": ["evaluation", "delta_global"],
+}
+PAPER_TABLES = [
+    "table_global_delta",
+    "table_module_energy",
+    "table_mask_overlap",
+    "table_interventions",
+    "table_evaluation_summary",
+]
+PAPER_TABLE_INPUTS = ["runs", "delta_global", "overlap", "evaluation", "masks"]
+FINDINGS_INPUTS = ["runs", "delta_global", "evaluation", "layer_module", "tensors"]
+# Declared kinds of external runs (Fig 1 groups them with OPD / SFT / GRPO by this).
+EXTERNAL_KINDS = as_arg({n: e.get("kind", "other") for n, e in config.get("external", {}).items()})
+# Settings the tables and findings use (labels, score metric, paper matching); the others
+# (style, dpi, formats, ...) only touch figures.
+TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") if k in PLOTS})
+
+
+def tidy(names):
+    return [f"results/tables/{name}.csv" for name in names]
+
+
+def figure_outputs(name):
+    """One file per format; the PNG (else the first format) goes into the HTML report."""
+    formats = PLOTS["formats"]
+    shown = "png" if "png" in formats else formats[0]
+    paths = [f"results/figures/{name}.{fmt}" for fmt in formats]
+    # (a line may not start with `report`: the Snakefile parser reads it as the directive)
+    return [in_report(p, name, "Figures") if p.endswith(shown) else p for p in paths]
+
+
+def in_report(path, name, category):
+    return report(path, caption=f"../report/{name}.rst", category=category)
+
+
+for _figure, _tables in FIGURE_TABLES.items():
+
+    rule:
+        name:
+            f"figure_{_figure}"
+        localrule: True
+        input:
+            tidy(["runs"] + _tables),
+        output:
+            figure_outputs(_figure),
+        params:
+            name=_figure,
+            plots=as_arg(PLOTS),
+            external=EXTERNAL_KINDS,
+        log:
+            f"results/logs/figures/{_figure}.log",
+        shell:
+            "opdgeo figure {params.name} --tables results/tables --plots {params.plots}"
+            " --external {params.external} --out results/figures/{params.name} > {log} 2>&1"
+
+
+rule paper_tables:
+    localrule: True
+    input:
+        tidy(PAPER_TABLE_INPUTS),
+    output:
+        [in_report(f"results/tables/{name}.csv", name, "Tables") for name in PAPER_TABLES],
+        [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES for fmt in ("md", "tex")],
+    params:
+        plots=TABLE_PLOTS,
+        external=EXTERNAL_KINDS,
+    log:
+        "results/logs/figures/paper_tables.log",
+    shell:
+        "opdgeo paper-tables --tables results/tables --plots {params.plots}"
+        " --external {params.external} --out results/tables > {log} 2>&1"
+
+
+rule findings:
+    localrule: True
+    input:
+        tidy(FINDINGS_INPUTS),
+    output:
+        csv=in_report("results/findings.csv", "findings", "Findings"),
+        md="results/findings.md",
+    params:
+        plots=TABLE_PLOTS,
+        external=EXTERNAL_KINDS,
+    log:
+        "results/logs/figures/findings.log",
+    shell:
+        "opdgeo findings --tables results/tables --plots {params.plots}"
+        " --external {params.external} --out results/findings > {log} 2>&1"
 
 
 def figure_targets():
-    return []
+    targets = [f"results/figures/{name}.{fmt}" for name in FIGURE_TABLES
+               for fmt in PLOTS["formats"]]
+    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES
+                for fmt in ("csv", "md", "tex")]
+    return targets + ["results/findings.csv", "results/findings.md"]

@@ -10,6 +10,7 @@ localrules:
     training_log_table,
     mask_density,
     mask_table,
+    analysis_tables,
 
 
 rule runs_table:
@@ -105,3 +106,17 @@ rule mask_table:
         "results/logs/tables/masks.log",
     shell:
         "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+
+
+rule analysis_tables:
+    input:
+        layer_module=expand("results/analysis/{run}/final/layer_module.csv", run=RUNS),
+        tensors=expand("results/analysis/{run}/final/tensors.csv", run=RUNS),
+    output:
+        layer_module="results/tables/layer_module.csv",
+        tensors="results/tables/tensors.csv",
+    log:
+        "results/logs/tables/analysis.log",
+    shell:
+        "(opdgeo collect analysis-csv {input.layer_module} --out {output.layer_module}"
+        " && opdgeo collect analysis-csv {input.tensors} --out {output.tensors}) > {log} 2>&1"

@@ -1,0 +1,562 @@
+"""Every figure of the study, from tidy tables only (never checkpoints).
+
+Each `fig_*` function takes the tidy frames it needs, the run info (tidy.run_info) and the
+plot settings (config["plots"], passed by the rule as JSON), and writes one file per format
+beside `out` (a path without suffix). Inputs a config may lack (no masked runs, no SGD run,
+no AdamW state) give a panel with a note instead of an error, so a small config still
+renders every figure.
+"""
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from opdgeo.tidy import (  # noqa: E402
+    METHOD_ORDER,
+    OPTIMIZER_LABELS,
+    curves,
+    main_runs,
+    mask_density,
+    masked_arm,
+    primary_opd_runs,
+    score_metric,
+    wide,
+)
+
+DEFAULTS = {"style": "whitegrid", "context": "paper", "dpi": 150, "formats": ["png", "pdf"],
+            "fig2_run": "", "palette": "colorblind", "labels": {}, "metric": ""}
+FIGURES = ("fig1_overview", "fig2_layer_module", "fig3_interventions", "trajectory",
+           "optimizer_state", "appendix_sparsity_thresholds", "appendix_module_metrics",
+           "gain_vs_sparsity")
+# Delta metrics compared across methods (Fig 1, appendix): runs of these kinds, not masked
+# retrains (those are interventions, shown in Fig 3).
+DELTA_KINDS = ("opd", "sft", "grpo", "external")
+ISOTROPIC_PROJECTION_10PCT = 0.01  # ratio^2 at 10%: the asymptotic isotropic baseline
+PAPER_M1_COSINE_MEAN, PAPER_M2_CV_MEAN = 0.28, 4.85  # STUDY.md section 4, AdamW diagnostics
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def settings(plots: dict | None) -> dict:
+    return {**DEFAULTS, **(plots or {})}
+
+
+def apply_style(plots: dict):
+    # font_scale 1.2 on top of the context: "paper" alone is too small in a browser report
+    sns.set_theme(style=plots["style"], context=plots["context"], palette=plots["palette"],
+                  font_scale=1.2)
+    plt.rcParams.update({"figure.constrained_layout.use": True, "legend.frameon": False,
+                         "savefig.bbox": "tight"})
+
+
+def save(fig, out: Path, plots: dict) -> list[Path]:
+    """One file per format (written beside, then renamed: no half-written figure)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in plots["formats"]:
+        path = out.with_suffix("." + fmt)
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, format=fmt, dpi=plots["dpi"])
+        tmp.replace(path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def note(ax, text: str):
+    """An empty panel that says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True,
+            fontsize="small", color="0.35")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def log_axis(ax, axis: str = "x"):
+    """Log scale with plain-number labels at 1-2-5 (or decades over a wide range): matplotlib's
+    default labels minor ticks too, and they collide on a narrow panel."""
+    getattr(ax, f"set_{axis}scale")("log")
+    low, high = getattr(ax, f"get_{axis}lim")()
+    subs = (1.0,) if high / max(low, 1e-300) > 300 else (1.0, 2.0, 5.0)
+    target = getattr(ax, f"{axis}axis")
+    target.set_major_locator(mticker.LogLocator(subs=subs))
+    target.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(mticker.NullFormatter())
+
+
+def group_colors(info: pd.DataFrame, plots: dict) -> dict[str, tuple]:
+    """Run group -> colour, in method order, so a group keeps its colour in every figure."""
+    groups = info.sort_values(["method_rank", "series"])["series"].unique()
+    colors = sns.color_palette(plots["palette"], max(len(groups), 1))
+    return dict(zip(groups, colors, strict=False))
+
+
+def _labels(info: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(info["series"], info["label"], strict=False))
+
+
+def mean_band(frame: pd.DataFrame, x: str, y: str = "value") -> pd.DataFrame:
+    """Mean and standard deviation over seeds at each x (sd 0 with a single seed)."""
+    stats = frame.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
+    stats["std"] = stats["std"].fillna(0.0)
+    return stats
+
+
+def draw_lines(ax, data: pd.DataFrame, x: str, colors: dict, labels: dict, scale: float = 1.0,
+               key: str = "series"):
+    """One line per `key` value: mean over seeds with a +-1 sd band where seeds > 1. Markers
+    differ too, so neighbouring colours of the palette stay apart."""
+    for i, (group, frame) in enumerate(data.groupby(key, sort=False, observed=True)):
+        stats = mean_band(frame, x)
+        color = colors.get(group)
+        ax.plot(stats[x], stats["mean"] * scale, marker=MARKERS[i % len(MARKERS)], ms=5,
+                color=color,
+                label=labels.get(group, group))
+        if (stats["count"] > 1).any():
+            ax.fill_between(stats[x], (stats["mean"] - stats["std"]) * scale,
+                            (stats["mean"] + stats["std"]) * scale, color=color, alpha=0.2,
+                            lw=0)
+
+
+def _delta_runs(info: pd.DataFrame) -> pd.DataFrame:
+    return info[info["kind"].isin(DELTA_KINDS)].sort_values(["method_rank", "series"])
+
+
+# ------------------------------------------------------------------------------ Fig 1
+
+FIG1_PANELS = (
+    ("relative_norm", "relative norm ‖ΔW‖/‖W_src‖ (%, log)", True),
+    ("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)", False),
+    ("top16_energy_median", "top-16 spectral energy (%, median)", False),
+)
+
+
+def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
+    """Offline distillation vs RLVR vs OPD: scale, sparsity, spectrum, mask coverage."""
+    runs = _delta_runs(info)
+    values = wide(delta)
+    runs = runs[runs["run"].isin(values.index)]
+    groups = list(dict.fromkeys(runs["series"]))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 1.6 + 0.55 * max(len(groups), 2)),
+                             sharey=True)
+    if not groups:
+        for ax in axes:
+            note(ax, "no analysed runs")
+        return save(fig, out, plots)
+    colors = group_colors(info, plots)
+    y = {g: i for i, g in enumerate(groups)}
+    method_of = dict(zip(runs["series"], runs["method_label"], strict=False))
+
+    def dots(ax, metric, offset=0.0, marker="o", label=None, filled=True):
+        for group, frame in runs.groupby("series"):
+            v = values.loc[frame["run"], metric].dropna() * 100 if metric in values else []
+            if len(v) == 0:
+                continue
+            color = colors[group]
+            ax.errorbar(v.mean(), y[group] + offset, xerr=v.std() if len(v) > 1 else None,
+                        fmt=marker, ms=8, color=color, mfc=color if filled else "white",
+                        capsize=3, label=label if group == groups[0] else None)
+            if len(v) > 1:  # the seeds themselves, small
+                ax.plot(v, [y[group] + offset] * len(v), "|", color=color, ms=10)
+
+    for ax, (metric, xlabel, log) in zip(axes, FIG1_PANELS, strict=False):
+        dots(ax, metric)
+        ax.set_xlabel(xlabel)
+        if log:
+            log_axis(ax)
+        if metric not in values:
+            note(ax, f"{metric} not in delta_global.csv")
+    ax = axes[3]
+    dots(ax, "principal_coverage_10pct", -0.15, "o", "principal mask (top 10%)")
+    dots(ax, "low_magnitude_coverage_10pct", 0.15, "s", "low-magnitude mask (bottom 10%)",
+         filled=False)
+    ax.axvline(10, ls="--", color="0.4", lw=1, label="random mask (10%)")
+    ax.set_xlabel("share of updated coordinates in mask (%)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small")
+    axes[0].set_yticks(range(len(groups)))
+    axes[0].set_yticklabels([f"{_labels(runs)[g]}\n({method_of[g]})" for g in groups])
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="y", visible=False)
+    fig.suptitle("Final delta ΔW = W_trained − W_source per run "
+                 "(marker: mean over seeds; bar: ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+# ------------------------------------------------------------------------------ Fig 2
+
+MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "norm")
+ANNOTATE_MAX_CELLS = 200  # beyond this the numbers in the cells become unreadable
+
+
+def fig2_run(info: pd.DataFrame, plots: dict) -> str | None:
+    """plots.fig2_run, or the first OPD run (the primary run of the first pair)."""
+    if plots.get("fig2_run"):
+        return plots["fig2_run"]
+    opd = info[info["method"] == "opd"]
+    return opd["run"].iloc[0] if len(opd) else None
+
+
+def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
+    """Layer x module heat maps of sparsity and relative movement for one OPD run."""
+    run = fig2_run(info, plots)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = layer_module[layer_module["run"] == run] if not layer_module.empty else layer_module
+    if rows.empty:
+        for ax in axes:
+            note(ax, f"no layer x module table for run {run!r}")
+        return save(fig, out, plots)
+    modules = [m for m in MODULE_ORDER if m in set(rows["module"])]
+    modules += sorted(set(rows["module"]) - set(modules))
+    panels = (("sparsity_atol_1e-5", "unchanged coordinates |ΔW| ≤ 1e-5 (%)", "viridis", ".0f"),
+              ("relative_norm", "relative movement ‖ΔW‖/‖W_src‖ (%)", "magma", ".2g"))
+    for ax, (metric, title, cmap, fmt) in zip(axes, panels, strict=True):
+        grid = rows.pivot_table(index="layer", columns="module", values=metric)
+        grid = grid.reindex(columns=modules) * 100
+        annotate = grid.size <= ANNOTATE_MAX_CELLS
+        sns.heatmap(grid, ax=ax, cmap=cmap, annot=annotate, fmt=fmt,
+                    annot_kws={"fontsize": "x-small"},
+                    cbar_kws={"label": title.split(" (")[-1].rstrip(")")})
+        ax.set_title(title)
+        ax.set_xlabel("module")
+        ax.set_ylabel("layer")
+    fig.suptitle(f"Where the update lands, by layer and module: {run}")
+    return save(fig, out, plots)
+
+
+# ------------------------------------------------------------------------------ Fig 3
+
+def _arm_label(arm: str, density: float) -> str:
+    head, _, arg = arm.partition("-")
+    names = {"opd": "OPD mask", "random": "random mask", "run": f"{arg} run's mask",
+             "top": f"top-{arg} |ΔW| mask"}
+    label = names.get(head, arm)
+    if head == "random" and arg:
+        label = f"random mask ({arg} density)"
+    return label + (f", density {density:.1%}" if not math.isnan(density) else "")
+
+
+def _score_axis(ax, metric: str):
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"held-out {metric} (%)")
+
+
+def fig3_interventions(evaluation: pd.DataFrame, masks: pd.DataFrame, info: pd.DataFrame,
+                       plots: dict, out: Path):
+    """Left: masked retraining from the source; right: AdamW against SGD. One row per pair."""
+    metric = score_metric(evaluation, plots.get("metric", ""))
+    pairs = list(dict.fromkeys(info["pair"].dropna()))
+    fig, axes = plt.subplots(max(len(pairs), 1), 2, figsize=(14, 4.8 * max(len(pairs), 1)),
+                             squeeze=False)
+    if metric is None or not pairs:
+        for ax in axes.flat:
+            note(ax, "no evaluations of trained runs")
+        return save(fig, out, plots)
+    scores = curves(evaluation, info, metric)
+    primary = primary_opd_runs(info)
+    for (left, right), pair in zip(axes, pairs, strict=False):
+        _masked_panel(left, scores, masks, info[info["pair"] == pair],
+                      primary[primary["pair"] == pair], plots)
+        _optimizer_panel(right, scores, info[info["pair"] == pair],
+                         primary[primary["pair"] == pair], plots)
+        for ax in (left, right):
+            _score_axis(ax, metric)
+        left.set_title(f"{pair}: subnetwork-masked retraining")
+        right.set_title(f"{pair}: optimizer ablation (primary teacher)")
+    fig.suptitle("Held-out score over training (step 0: the source model; "
+                 "line: mean over seeds, band: ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+def _masked_panel(ax, scores, masks, pair_info, primary, plots):
+    masked = pair_info[pair_info["kind"] == "masked"]
+    if masked.empty:
+        note(ax, "no masked runs in this config (pairs.<pair>.masked.arms)")
+        return
+    arms = {row.run: masked_arm(row.run, row.pair) for row in masked.itertuples()}
+    density = {arm: mask_density(masks, mask) for arm, mask in
+               zip(arms.values(), masked["mask"], strict=True)}
+    arms |= {run: "full" for run in primary["run"]}
+    data = scores[scores["run"].isin(arms)].assign(arm=lambda f: f["run"].map(arms))
+    order = ["full"] + list(dict.fromkeys(a for a in arms.values() if a != "full"))
+    colors = dict(zip(order, sns.color_palette(plots["palette"], len(order)), strict=False))
+    labels = {"full": "full OPD (no mask)"} | {
+        arm: _arm_label(arm, density.get(arm, math.nan)) for arm in order[1:]}
+    data = data.assign(arm=pd.Categorical(data["arm"], order))
+    draw_lines(ax, data.sort_values(["arm", "step"]), "step", colors, labels, 100, key="arm")
+    ax.legend(fontsize="small")
+
+
+def _optimizer_panel(ax, scores, pair_info, primary, plots):
+    teacher = primary["teacher"].iloc[0] if len(primary) else None
+    opd = pair_info[(pair_info["kind"] == "opd") & (pair_info["teacher"] == teacher)]
+    if opd.empty:
+        note(ax, "no OPD run")
+        return
+    labels = {row.series: f"{OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)} "
+              f"(lr {row.learning_rate:g})" for row in opd.itertuples()}
+    colors = dict(zip(labels, sns.color_palette(plots["palette"], len(labels)), strict=False))
+    data = scores.merge(opd[["run", "series"]], on="run")
+    draw_lines(ax, data.sort_values("step"), "step", colors, labels, 100)
+    if opd["optimizer"].nunique() < 2:
+        ax.text(0.02, 0.02, "only one optimizer in this config (training.optimizers)",
+                transform=ax.transAxes, fontsize="small", color="0.35")
+    ax.legend(fontsize="small")
+
+
+# ------------------------------------------------------------------------- trajectory
+
+TRAJECTORY_PANELS = (
+    ("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)"),
+    ("numerical_rank_fraction_median", "numerical rank / min(m, n) (%, median)"),
+    ("principal_projection_10pct_median", "principal projection at 10% (%, median)"),
+)
+
+
+def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
+    """Sparsity, numerical rank and principal projection of ΔW over training steps."""
+    runs = info[info["kind"].isin(("opd", "sft", "grpo"))]
+    data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    if data.empty:
+        for ax in axes:
+            note(ax, "no trajectory (analysis.trajectory off, or no trained runs)")
+        return save(fig, out, plots)
+    data = data.merge(runs[["run", "series", "method_rank"]], on="run")
+    data = data.sort_values(["method_rank", "series", "step"])
+    colors, labels = group_colors(info, plots), _labels(info)
+    for ax, (metric, ylabel) in zip(axes, TRAJECTORY_PANELS, strict=True):
+        draw_lines(ax, data[data["metric"] == metric], "step", colors, labels, 100)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+    axes[2].axhline(ISOTROPIC_PROJECTION_10PCT * 100, ls="--", color="0.4", lw=1,
+                    label="isotropic update (1%)")
+    handles, names = axes[2].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
+               fontsize="small")
+    fig.suptitle("Delta ΔW over training (line: mean over seeds, band: ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+# -------------------------------------------------------------------- optimizer state
+
+def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
+    """AdamW diagnostics over steps: first-moment cosine between logged steps and the
+    coefficient of variation of the second moment, over all parameters."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    data = state[state["block"] == "all"] if not state.empty else state
+    if data.empty:
+        for ax in axes:
+            note(ax, "no AdamW state logged (no AdamW run)")
+        return save(fig, out, plots)
+    data = data.merge(info[["run", "series", "method_rank"]], on="run")
+    data = data.sort_values(["method_rank", "series", "step"])
+    colors, labels = group_colors(info, plots), _labels(info)
+    panels = (("m1_cosine", "cos(m_t, m_previous logged step)", PAPER_M1_COSINE_MEAN),
+              ("m2_cv", "std / mean of v_t over coordinates", PAPER_M2_CV_MEAN))
+    for ax, (metric, ylabel, paper) in zip(axes, panels, strict=True):
+        draw_lines(ax, data[data["metric"] == metric], "step", colors, labels)
+        ax.axhline(paper, ls=":", color="0.3", lw=1.2, label=f"paper, mean over run ({paper})")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel + " (unitless)")
+    axes[0].set_title("first moment: step-to-step alignment")
+    axes[1].set_title("second moment: spread of per-coordinate scales")
+    legend = {}
+    for ax in axes:  # run lines once, and both paper references
+        legend |= dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    names, handles = list(legend), list(legend.values())
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3),
+               fontsize="small")
+    return save(fig, out, plots)
+
+
+# --------------------------------------------------------------------------- appendix
+
+def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots: dict,
+                                 out: Path):
+    """Sparsity at every absolute threshold eps and relative threshold tau * RMS(W_src)."""
+    runs = _delta_runs(info)
+    data = delta[delta["run"].isin(runs["run"])] if not delta.empty else delta
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    panels = (("sparsity_atol_", "absolute threshold ε on |ΔW|"),
+              ("sparsity_rel_", "relative threshold τ (|ΔW| ≤ τ · RMS(W_src))"))
+    colors, labels = group_colors(info, plots), _labels(info)
+    for ax, (prefix, xlabel) in zip(axes, panels, strict=True):
+        rows = data[data["metric"].str.startswith(prefix)] if not data.empty else data
+        if rows.empty:
+            note(ax, f"no {prefix}* metrics")
+            continue
+        rows = rows.assign(threshold=rows["metric"].str.removeprefix(prefix).astype(float))
+        rows = rows.merge(runs[["run", "series", "method_rank"]], on="run")
+        rows = rows.sort_values(["method_rank", "series", "threshold"])
+        draw_lines(ax, rows, "threshold", colors, labels, 100)
+        log_axis(ax)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("coordinates at or below threshold (%)")
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
+                   fontsize="small")
+    fig.suptitle("Sparsity of the final ΔW at every threshold (mean over seeds, ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+MODULE_METRICS = (
+    ("relative_norm", "relative norm (%)", 100),
+    ("sparsity_atol_1e-5", "unchanged |ΔW| ≤ 1e-5 (%)", 100),
+    ("top16_energy", "top-16 spectral energy (%)", 100),
+    ("stable_rank", "stable rank (unitless)", 1),
+    ("numerical_rank_fraction_1e-5", "numerical rank / min(m, n) (%)", 100),
+    ("principal_projection_10pct", "principal projection 10% (%)", 100),
+    ("subspace_rotation_10pct", "top-10% subspace rotation (mean sin)", 1),
+    ("low_magnitude_coverage_10pct", "low-magnitude coverage 10% (%)", 100),
+)
+
+
+def module_table(tensors: pd.DataFrame) -> pd.DataFrame:
+    """Per run and module, the analysis's own aggregation (energies add, coordinate
+    fractions weighted by count, matrix metrics as medians): opdgeo.delta.grouping."""
+    from opdgeo.delta.grouping import aggregate  # imports torch: only when this is drawn
+
+    frames = [aggregate(rows.drop(columns="run"), ["module"]).assign(run=run)
+              for run, rows in tensors.groupby("run", sort=False)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def appendix_module_metrics(tensors: pd.DataFrame, info: pd.DataFrame, plots: dict,
+                            out: Path):
+    """Spectral and geometry metrics per module type, one bar per run group."""
+    runs = _delta_runs(info)
+    tensors = tensors[tensors["run"].isin(runs["run"])] if not tensors.empty else tensors
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    if tensors.empty:
+        for ax in axes.flat:
+            note(ax, "no per-tensor analysis table")
+        return save(fig, out, plots)
+    table = module_table(tensors).merge(runs[["run", "series", "label"]], on="run")
+    modules = [m for m in MODULE_ORDER if m in set(table["module"])]
+    modules += sorted(set(table["module"]) - set(modules))
+    colors, labels = group_colors(info, plots), _labels(info)
+    groups = list(dict.fromkeys(runs["series"]))
+    groups = [g for g in groups if g in set(table["series"])]
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(modules))
+    for ax, (metric, ylabel, scale) in zip(axes.flat, MODULE_METRICS, strict=True):
+        if metric not in table:
+            note(ax, f"{metric} not in tensors.csv")
+            continue
+        for i, group in enumerate(groups):
+            stats = table[table["series"] == group].groupby("module")[metric].agg(["mean", "std"])
+            stats = stats.reindex(modules) * scale
+            ax.bar(x + (i - (len(groups) - 1) / 2) * width, stats["mean"], width,
+                   yerr=stats["std"].fillna(0), color=colors[group], label=labels[group],
+                   capsize=2)
+        ax.set_xticks(x, modules, rotation=45 if len(modules) > 8 else 0)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("module")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5),
+               fontsize="small")
+    fig.suptitle("Per-module metrics of the final ΔW (bar: mean over seeds, whisker: ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+# ------------------------------------------------------------------ matched-gain sweep
+
+def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.DataFrame,
+                        metric: str) -> pd.DataFrame:
+    """Per run of the sweep grid (and the main OPD / SFT / GRPO runs of the primary teacher
+    and optimizer, which are grid points too): gain = final score - source score, with the
+    final delta's sparsity and relative norm."""
+    primary = primary_opd_runs(info)
+    teacher = dict(zip(primary["pair"], primary["teacher"], strict=True))
+    optimizer = dict(zip(primary["pair"], primary["optimizer"], strict=True))
+    matched = (info["kind"].isin(("opd", "sft", "grpo"))
+               & (info["teacher"] == info["pair"].map(teacher))
+               & (info["optimizer"] == info["pair"].map(optimizer)))
+    runs = info[info["sweep"] | (matched & ~info["sweep"])]
+    if runs.empty or metric is None or delta.empty:
+        return pd.DataFrame()
+    scores = curves(evaluation, runs, metric)
+    values = wide(delta)
+    rows = []
+    for row in runs.itertuples():
+        curve = scores[scores["run"] == row.run].sort_values("step")
+        if row.run not in values.index or len(curve) < 2 or curve["step"].iloc[0] != 0:
+            continue
+        rows.append({"run": row.run, "method": row.method, "method_label": row.method_label,
+                     "cell": f"lr {row.learning_rate:g}, {row.steps:g} steps",
+                     "gain": curve["value"].iloc[-1] - curve["value"].iloc[0],
+                     "sparsity_atol_1e-5": values.loc[row.run].get("sparsity_atol_1e-5"),
+                     "relative_norm": values.loc[row.run].get("relative_norm")})
+    return pd.DataFrame(rows)
+
+
+def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.DataFrame,
+                     plots: dict, out: Path):
+    """At equal gain, does OPD move fewer coordinates? One curve per method over the
+    learning-rate x steps grid (issue 10, item 4)."""
+    metric = score_metric(evaluation, plots.get("metric", ""))
+    points = matched_gain_points(evaluation, delta, info, metric)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    if points.empty or not info["sweep"].any():
+        for ax in axes:
+            note(ax, "no matched-gain sweep in this config (pairs.<pair>.sweep)")
+        return save(fig, out, plots)
+    colors = dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
+                      strict=False))
+    panels = (("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)", False),
+              ("relative_norm", "relative norm ‖ΔW‖/‖W_src‖ (%, log)", True))
+    for ax, (x, xlabel, log) in zip(axes, panels, strict=True):
+        for i, (method, frame) in enumerate(points.groupby("method", sort=False)):
+            cells = frame.groupby("cell").agg(x=(x, "mean"), gain=("gain", "mean"),
+                                              gain_sd=("gain", "std")).sort_values("x")
+            ax.errorbar(cells["x"] * 100, cells["gain"] * 100,
+                        yerr=cells["gain_sd"].fillna(0) * 100, marker=MARKERS[i % len(MARKERS)],
+                        capsize=3, color=colors.get(method), label=frame["method_label"].iloc[0])
+        if log:
+            log_axis(ax)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"gain in held-out {metric} over the source (points)")
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Matched-gain comparison: one point per learning rate x steps "
+                 "(mean over seeds, ±1 s.d.)")
+    return save(fig, out, plots)
+
+
+def render(name: str, tables: dict[str, pd.DataFrame], info: pd.DataFrame, plots: dict,
+           out: Path) -> list[Path]:
+    """Draw figure `name` (one of FIGURES) from the loaded tidy tables."""
+    plots = settings(plots)
+    apply_style(plots)
+    everything, info = info, main_runs(info)  # the sweep grid appears in its own figure only
+    calls = {
+        "gain_vs_sparsity": lambda: gain_vs_sparsity(tables["evaluation"],
+                                                     tables["delta_global"], everything, plots,
+                                                     out),
+        "fig1_overview": lambda: fig1_overview(tables["delta_global"], info, plots, out),
+        "fig2_layer_module": lambda: fig2_layer_module(tables["layer_module"], info, plots,
+                                                       out),
+        "fig3_interventions": lambda: fig3_interventions(tables["evaluation"], tables["masks"],
+                                                         info, plots, out),
+        "trajectory": lambda: trajectory(tables["trajectory"], info, plots, out),
+        "optimizer_state": lambda: optimizer_state(tables["optimizer_state"], info, plots, out),
+        "appendix_sparsity_thresholds": lambda: appendix_sparsity_thresholds(
+            tables["delta_global"], info, plots, out),
+        "appendix_module_metrics": lambda: appendix_module_metrics(tables["tensors"], info,
+                                                                   plots, out),
+    }
+    if name not in calls:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    return calls[name]()

@@ -1,0 +1,285 @@
+"""The paper's tables from our tidy tables, each as CSV, Markdown and LaTeX.
+
+Our numbers sit beside the paper's where one of our runs corresponds to one of its runs
+(columns prefixed `paper_`); the paper's values are references quoted in STUDY.md, never
+inputs to a computation.
+"""
+
+from pathlib import Path
+
+import pandas as pd
+
+from opdgeo.tables import write_table
+from opdgeo.tidy import (
+    OPTIMIZER_LABELS,
+    curve_stats,
+    curves,
+    main_runs,
+    mask_density,
+    masked_arm,
+    primary_opd_runs,
+    score_metric,
+    wide,
+)
+
+# STUDY.md section 5: the paper's global delta table, in % except the stable rank.
+PAPER_GLOBAL_COLUMNS = ("relative_norm", "sparsity", "top16_energy", "stable_rank",
+                        "principal_coverage", "low_magnitude_coverage")
+PAPER_GLOBAL = {
+    "Qwen-Math offline distill": (11.936, 3.06, 8.57, 82.74, 9.95, 10.10),
+    "DeepScaleR RLVR": (0.073, 77.89, 19.62, 16.07, 5.29, 31.26),
+    "DS-Qwen OPD": (0.047, 82.58, 26.92, 9.97, 4.81, 38.04),
+    "DS-Qwen OPD (JustRL teacher)": (0.108, 70.43, 40.94, 7.25, 5.46, 23.04),
+    "MiniCPM OPD": (0.069, 81.65, 26.81, 12.32, 5.39, 39.42),
+    "Qwen2.5-VL OPD": (0.142, 66.72, 30.52, 12.58, 5.23, 24.99),
+    "Qwen3-1.7B OPD": (0.045, 79.03, 19.69, 20.31, 4.45, 34.69),
+    "Qwen3 OPSD": (0.036, 89.50, 26.19, 7.77, 4.39, 48.57),
+}
+# Module energy share (%), FFN / attention / embedding / lm_head / other (None: not reported).
+PAPER_ENERGY_COLUMNS = ("ffn", "attention", "embedding", "lm_head", "other")
+PAPER_ENERGY = {
+    "DeepScaleR RLVR": (83.9, 11.4, 2.1, 2.6, 0.0),
+    "DS-Qwen OPD": (85.9, 11.1, 0.6, 2.5, 0.0),
+    "MiniCPM OPD": (65.1, 21.0, 4.7, 9.2, 0.0),
+    "Qwen2.5-VL OPD": (81.4, 10.5, 3.5, None, 4.6),
+    "Qwen3-1.7B OPD": (69.7, 27.0, 3.3, None, 0.0),
+    "Qwen3 OPSD": (62.3, 37.4, 0.3, None, 0.0),
+}
+# Interventions (AIME mean@16, %), DS-Qwen: arm -> (peak, late average); None: not reported.
+PAPER_MASKED = {"full": (35.52, 34.27), "opd": (35.10, 34.73), "run-grpo": (34.69, None),
+                "random": (32.92, None)}
+PAPER_MASK_DENSITY = {"opd": 17.5, "run-grpo": 22.1, "random": 17.5}
+PAPER_OPTIMIZER = {"adamw": (43.02, 42.40), "sgd": (39.06, 37.92)}  # (peak, final)
+
+# Our global delta columns, in the order of the paper's table; (key, label, scale to %).
+GLOBAL_COLUMNS = (
+    ("relative_norm", "rel. norm %", 100),
+    ("sparsity_atol_1e-5", "sparsity@1e-5 %", 100),
+    ("top16_energy_median", "top-16 energy %", 100),
+    ("stable_rank_median", "stable rank", 1),
+    ("principal_coverage_10pct", "principal cov. 10% %", 100),
+    ("low_magnitude_coverage_10pct", "low-mag cov. 10% %", 100),
+)
+# Null columns, where the analysis computed them (issue 10): beside the observed ones.
+NULL_COLUMNS = (
+    ("exact_null_sparsity_atol_1e-5", "sparsity, exact rounding null %", 100),
+    ("shuffle_null_top16_energy_median", "top-16, shuffle null %", 100),
+    ("rounding_null_principal_coverage_10pct", "principal cov., rounding null %", 100),
+    ("isotropic_null_principal_projection_10pct_median",
+     "principal proj. 10%, isotropic null %", 100),
+    ("principal_projection_10pct_median", "principal proj. 10% %", 100),
+    ("rounding_null_low_magnitude_coverage_10pct", "low-mag cov., rounding null %", 100),
+    ("exact_null_low_magnitude_coverage_10pct", "low-mag cov., exact rounding null %", 100),
+)
+TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
+               "table_interventions", "table_evaluation_summary")
+
+
+def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, str]:
+    """Run -> the paper's run it corresponds to. By default: SFT -> offline distillation,
+    GRPO -> DeepScaleR RLVR, OPD on the primary teacher and optimizer -> DS-Qwen OPD, OPD on
+    another teacher -> DS-Qwen OPD (JustRL teacher), external runs by their declared kind.
+    `overrides` (plots.paper_match) maps a run or run group to a paper row ("" for none)."""
+    overrides = overrides or {}
+    primary = primary_opd_runs(info)
+    primary_teacher = dict(zip(primary["pair"], primary["teacher"], strict=True))
+    primary_optimizer = dict(zip(primary["pair"], primary["optimizer"], strict=True))
+    match = {}
+    for row in info.itertuples():
+        paper = None
+        if row.method == "sft":
+            paper = "Qwen-Math offline distill"
+        elif row.method == "grpo":
+            paper = "DeepScaleR RLVR"
+        elif row.kind == "external" and row.method == "opd":
+            paper = "DS-Qwen OPD"
+        elif row.kind == "opd" and row.optimizer == primary_optimizer.get(row.pair):
+            paper = "DS-Qwen OPD" if row.teacher == primary_teacher.get(row.pair) \
+                else "DS-Qwen OPD (JustRL teacher)"
+        paper = overrides.get(row.run, overrides.get(row.series, paper))
+        if paper:
+            match[row.run] = paper
+    return match
+
+
+def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame,
+                       match: dict[str, str]) -> pd.DataFrame:
+    """Per run: the paper's six columns (ours), the nulls we have, and the paper's values."""
+    values = wide(delta)
+    rows = []
+    for row in info.itertuples():
+        if row.run not in values.index:
+            continue
+        ours = values.loc[row.run]
+        out = {"run": row.run, "method": row.method_label}
+        for key, label, scale in GLOBAL_COLUMNS + NULL_COLUMNS:
+            if key in ours.index and pd.notna(ours[key]):
+                out[label] = ours[key] * scale
+        paper = match.get(row.run)
+        out["paper run"] = paper or ""
+        for (_, label, _), value in zip(GLOBAL_COLUMNS, PAPER_GLOBAL.get(paper, ()),
+                                        strict=False):
+            out[f"paper: {label}"] = value
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame,
+                        match: dict[str, str]) -> pd.DataFrame:
+    """Per run: block energy share in % (every block present), the paper's beside it."""
+    values = wide(delta)
+    prefix = "block_energy_share/"
+    blocks = [c for c in values.columns if c.startswith(prefix)]
+    ordered = [f"{prefix}{b}" for b in PAPER_ENERGY_COLUMNS if f"{prefix}{b}" in blocks]
+    ordered += sorted(set(blocks) - set(ordered))
+    rows = []
+    for row in info.itertuples():
+        if row.run not in values.index:
+            continue
+        out = {"run": row.run, "method": row.method_label}
+        out |= {f"{c.removeprefix(prefix)} %": values.loc[row.run, c] * 100 for c in ordered}
+        paper = match.get(row.run)
+        out["paper run"] = paper if paper in PAPER_ENERGY else ""
+        for block, value in zip(PAPER_ENERGY_COLUMNS, PAPER_ENERGY.get(paper, ()), strict=False):
+            out[f"paper: {block} %"] = value
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def mask_overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
+    """Both directions of every pair: observed one-sided coverage vs its random baseline."""
+    if overlap.empty:
+        return pd.DataFrame(columns=["run a", "run b", "coverage a->b %", "random baseline %",
+                                     "enrichment", "jaccard", "jaccard baseline"])
+    glob = overlap[~overlap["metric"].str.contains("/")]
+    values = glob.pivot_table(index=["run_a", "run_b"], columns="metric", values="value")
+    rows = []
+    for (a, b), v in values.iterrows():
+        for src, dst, fwd in ((a, b, "a_to_b"), (b, a, "b_to_a")):
+            rows.append({
+                "run a": src, "run b": dst,
+                "coverage a->b %": v[f"coverage_{fwd}"] * 100,
+                "random baseline %": v[f"baseline_{fwd}"] * 100,
+                "enrichment": v[f"coverage_{fwd}"] / v[f"baseline_{fwd}"]
+                if v[f"baseline_{fwd}"] > 0 else float("nan"),
+                "jaccard": v["jaccard"], "jaccard baseline": v["jaccard_baseline"],
+            })
+    return pd.DataFrame(rows)
+
+
+def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.DataFrame,
+                      metric: str) -> pd.DataFrame:
+    """One row per run of an intervention: masked retraining (arm `full` = the primary OPD
+    run) and the optimizer ablation (OPD runs on the primary teacher), with curve stats."""
+    if evaluation.empty or metric is None:
+        return pd.DataFrame()
+    scores = curves(evaluation, info, metric)
+    primary = primary_opd_runs(info)
+    teachers = dict(zip(primary["pair"], primary["teacher"], strict=True))
+    rows = []
+
+    def add(run, experiment, arm, density, source_run):
+        stats = curve_stats(scores[scores["run"] == run])
+        if stats["evaluations"] == 0:
+            return
+        source = scores[(scores["run"] == run) & (scores["step"] == 0)]["value"]
+        rows.append({"experiment": experiment, "pair": source_run.pair, "arm": arm,
+                     "seed": source_run.seed, "run": run, "mask density %": density * 100,
+                     "source": source.iloc[0] if len(source) else float("nan"), **stats})
+
+    for row in info[info["kind"] == "masked"].itertuples():
+        add(row.run, "masked retraining", masked_arm(row.run, row.pair),
+            mask_density(masks, row.mask), row)
+    for row in primary.itertuples():
+        if (info["kind"] == "masked").any():
+            add(row.run, "masked retraining", "full", 1.0, row)
+    opd = info[(info["kind"] == "opd") & (info["teacher"] == info["pair"].map(teachers))]
+    if opd["optimizer"].nunique() > 1:
+        for row in opd.itertuples():
+            label = OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)
+            add(row.run, "optimizer ablation", f"{label} (lr {row.learning_rate:g})", 1.0, row)
+    return pd.DataFrame(rows)
+
+
+def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds per (experiment, pair, arm); scores in %; the paper's beside them."""
+    if rows.empty:
+        return pd.DataFrame(columns=["experiment", "pair", "arm", "seeds", "mask density %",
+                                     "peak %", "final %", "late average %"])
+    grouped = rows.groupby(["experiment", "pair", "arm"], sort=False)
+    table = grouped[["mask density %", "source", "peak", "final", "late_average"]].mean()
+    table.insert(0, "seeds", grouped.size())
+    for column in ("source", "peak", "final", "late_average"):
+        table[column] *= 100
+    table = table.rename(columns={"source": "source %", "peak": "peak %", "final": "final %",
+                                  "late_average": "late average %"}).reset_index()
+    peaks, lates, densities = [], [], []
+    for row in table.itertuples():
+        key = row.arm if row.experiment == "masked retraining" else \
+            next((k for k, v in OPTIMIZER_LABELS.items() if row.arm.startswith(v)), None)
+        if row.experiment == "masked retraining":
+            peak, late = PAPER_MASKED.get(key, (None, None))
+            densities.append(PAPER_MASK_DENSITY.get(key))
+        else:
+            peak, late = PAPER_OPTIMIZER.get(key, (None, None))  # the paper gives the final
+            densities.append(None)
+        peaks.append(peak)
+        lates.append(late)
+    table["paper: peak %"] = peaks
+    table["paper: late average (masked) / final (optimizer) %"] = lates
+    table["paper: mask density %"] = densities
+    return table
+
+
+def evaluation_summary(info: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFrame:
+    """Per run and metric: source, peak, final, late average and gain (final - source), in %;
+    base models (teachers, the student) with their single score."""
+    if evaluation.empty:
+        return pd.DataFrame()
+    rows = []
+    for metric in evaluation["metric"].unique():
+        scores = curves(evaluation, info, metric)
+        for row in info.itertuples():
+            curve = scores[scores["run"] == row.run]
+            if curve.empty:
+                continue
+            stats = curve_stats(curve)
+            source = curve[curve["step"] == 0]["value"]
+            source = source.iloc[0] if len(source) else float("nan")
+            rows.append({"run": row.run, "method": row.method_label, "metric": metric,
+                         "source %": source * 100, "peak %": stats["peak"] * 100,
+                         "final %": stats["final"] * 100,
+                         "late average %": stats["late_average"] * 100,
+                         "gain %": (stats["final"] - source) * 100})
+        base = evaluation[(evaluation["metric"] == metric) & ~evaluation["run"].isin(info["run"])]
+        for model, value in base.groupby("run")["value"].last().items():
+            rows.append({"run": model, "method": "base model", "metric": metric,
+                         "final %": value * 100})
+    return pd.DataFrame(rows)
+
+
+def write_paper_table(frame: pd.DataFrame, out: Path):
+    """CSV at full precision; Markdown and LaTeX rounded to 4 significant digits."""
+    write_table(frame, out, ("csv",))
+    rounded = frame.copy()
+    for column in rounded.select_dtypes("number").columns:
+        rounded[column] = rounded[column].map(lambda v: float(f"{v:.4g}") if pd.notna(v) else v)
+    # empty cells, not "nan", where a value does not exist (a paper column without a match)
+    rounded = rounded.astype(object).where(rounded.notna(), "")
+    write_table(rounded, out, ("md", "tex"))
+
+
+def build_tables(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
+                 plots: dict) -> dict[str, pd.DataFrame]:
+    """Every paper table; the sweep grid appears in the evaluation summary only."""
+    everything, info = info, main_runs(info)
+    match = paper_match(info, plots.get("paper_match"))
+    metric = score_metric(tables["evaluation"], plots.get("metric", ""))
+    return {
+        "table_global_delta": global_delta_table(info, tables["delta_global"], match),
+        "table_module_energy": module_energy_table(info, tables["delta_global"], match),
+        "table_mask_overlap": mask_overlap_table(tables["overlap"]),
+        "table_interventions": interventions_table(
+            intervention_rows(info, tables["evaluation"], tables["masks"], metric)),
+        "table_evaluation_summary": evaluation_summary(everything, tables["evaluation"]),
+    }

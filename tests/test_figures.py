@@ -1,0 +1,169 @@
+"""Figures and paper tables from small synthetic tidy tables (no DAG, no checkpoints)."""
+
+import math
+
+import pandas as pd
+import pytest
+import tidy_fixtures as tf
+
+from opdgeo import figures, paper_tables, tables
+from opdgeo.cli import main
+from opdgeo.tidy import curve_stats, load_tables, main_runs, run_info
+
+PLOTS = {"formats": ["png", "pdf"], "dpi": 50}
+
+
+def info_of(frames, external=None):
+    return run_info(frames["runs"], external or {})
+
+
+@pytest.fixture(scope="module")
+def full():
+    """Two seeds, both optimizers, masked arms, an external OPD run and a sweep grid."""
+    return tf.tables(tf.config(seeds=(0, 1), external=True, sweep=True))
+
+
+@pytest.mark.parametrize("name", figures.FIGURES)
+def test_every_figure_renders(full, tmp_path, name):
+    # every format once (Fig 1), PNG only for the others: PDF output is slow to write
+    plots = PLOTS if name == "fig1_overview" else {**PLOTS, "formats": ["png"]}
+    paths = figures.render(name, full, info_of(full, {"ext-opd": "opd"}), plots, tmp_path / name)
+    assert [p.suffix for p in paths] == ["." + fmt for fmt in plots["formats"]]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_missing_optional_inputs_render_with_notes(tmp_path):
+    """No SGD run, no masked runs, no external runs, no sweep, no AdamW state, no trajectory,
+    no per-layer tables: every figure still renders (a panel says what is missing)."""
+    frames = tf.tables(tf.config(optimizers=("adamw",), arms=()))
+    for name in ("optimizer_state", "trajectory", "layer_module", "tensors"):
+        frames[name] = pd.DataFrame()
+    for name in figures.FIGURES:
+        paths = figures.render(name, frames, info_of(frames), {"formats": ["png"], "dpi": 40},
+                               tmp_path / name)
+        assert paths[0].exists(), name
+
+
+def test_only_runs_table_renders_everything(tmp_path):
+    frames = {name: pd.DataFrame() for name in tf.tables()}
+    frames["runs"] = tf.tables()["runs"]
+    info = info_of(frames)
+    for name in figures.FIGURES:
+        assert figures.render(name, frames, info, {"formats": ["png"], "dpi": 40},
+                              tmp_path / name)[0].exists()
+    built = paper_tables.build_tables(frames, info, {})
+    assert set(built) == set(paper_tables.TABLE_NAMES)
+
+
+def test_late_average_is_the_mean_of_the_last_quarter():
+    # 8 evaluations after the source score: the last quarter is the last 2
+    values = [0.10, 0.20, 0.30, 0.50, 0.40, 0.60, 0.55, 0.45]
+    curve = pd.DataFrame({"step": [0] + [10 * (i + 1) for i in range(8)],
+                          "value": [0.9] + values})  # the source (step 0) is not an evaluation
+    stats = curve_stats(curve)
+    assert stats["late_average"] == pytest.approx((0.55 + 0.45) / 2)
+    assert stats["peak"] == pytest.approx(0.60)
+    assert stats["final"] == pytest.approx(0.45)
+    # 5 evaluations: ceil(5 / 4) = 2 last ones
+    assert curve_stats(curve.iloc[:6])["late_average"] == pytest.approx((0.40 + 0.50) / 2)
+
+
+def test_interventions_table_is_computed_from_the_curves():
+    frames = tf.tables(tf.config(optimizers=("adamw",), arms=("opd",)))
+    run, full = "addition-masked-opd-s0", "addition-opd-teacher-a-adamw-s0"
+    curve = {10: 0.30, 20: 0.50, 30: 0.40, 40: 0.44}
+    evaluation = frames["evaluation"]
+    evaluation = evaluation[~evaluation["run"].isin([run])]
+    evaluation = pd.concat([evaluation, pd.DataFrame(
+        [(run, s, "mean@2", v) for s, v in curve.items()], columns=evaluation.columns)])
+    masks = pd.DataFrame([(frames["runs"].set_index("run").loc[run, "mask"], "all", "all",
+                           0.175)], columns=["mask", "tensor", "block", "density"])
+    info = info_of(frames)
+    rows = paper_tables.intervention_rows(info, evaluation, masks, "mean@2")
+    table = paper_tables.interventions_table(rows).set_index("arm")
+    assert table.loc["opd", "late average %"] == pytest.approx(44.0)  # last quarter: step 40
+    assert table.loc["opd", "peak %"] == pytest.approx(50.0)
+    assert table.loc["opd", "mask density %"] == pytest.approx(17.5)
+    assert table.loc["opd", "source %"] == pytest.approx(18.0)  # the student's mean@2
+    assert table.loc["opd", "paper: peak %"] == pytest.approx(35.10)
+    assert "full" in table.index and rows.set_index("arm").loc["full", "run"] == full
+    assert "optimizer ablation" not in set(table["experiment"])  # one optimizer only
+
+
+def test_global_delta_table_puts_the_paper_beside_matching_runs(full):
+    info = main_runs(info_of(full, {"ext-opd": "opd"}))
+    match = paper_tables.paper_match(info)
+    table = paper_tables.global_delta_table(info, full["delta_global"], match).set_index("run")
+    delta = full["delta_global"].set_index(["run", "metric"])["value"]
+    primary = "addition-opd-teacher-a-adamw-s0"
+    assert table.loc[primary, "rel. norm %"] == pytest.approx(
+        100 * delta[(primary, "relative_norm")])
+    assert table.loc[primary, "paper run"] == "DS-Qwen OPD"
+    assert table.loc[primary, "paper: sparsity@1e-5 %"] == pytest.approx(82.58)
+    assert table.loc["addition-opd-teacher-b-adamw-s0", "paper run"] == \
+        "DS-Qwen OPD (JustRL teacher)"
+    assert table.loc["addition-sft-adamw-s0", "paper run"] == "Qwen-Math offline distill"
+    assert table.loc["addition-opd-teacher-a-sgd-s0", "paper run"] == ""  # no paper row
+    assert table.loc["ext-opd", "paper run"] == "DS-Qwen OPD"
+    assert not any(r.startswith("addition-sweep") for r in table.index)
+    override = paper_tables.paper_match(info, {"addition-opd-teacher-a-adamw": ""})
+    assert primary not in override
+
+
+def test_mask_overlap_table_both_directions():
+    overlap = pd.DataFrame(
+        [("a", "b", m, v) for m, v in (("coverage_a_to_b", 0.6), ("baseline_a_to_b", 0.2),
+                                        ("coverage_b_to_a", 0.3), ("baseline_b_to_a", 0.1),
+                                        ("jaccard", 0.25), ("jaccard_baseline", 0.07),
+                                        ("blocks/ffn/jaccard", 0.9))],
+        columns=["run_a", "run_b", "metric", "value"])
+    table = paper_tables.mask_overlap_table(overlap).set_index(["run a", "run b"])
+    assert table.loc[("a", "b"), "coverage a->b %"] == pytest.approx(60)
+    assert table.loc[("a", "b"), "enrichment"] == pytest.approx(3.0)
+    assert table.loc[("b", "a"), "random baseline %"] == pytest.approx(10)
+    assert table.loc[("b", "a"), "jaccard"] == pytest.approx(0.25)  # global, not per block
+
+
+def test_cli_writes_tables_and_figures(full, tmp_path):
+    folder = tf.write(tmp_path / "tables", full)
+    main(["paper-tables", "--tables", str(folder), "--out", str(tmp_path / "out"),
+          "--external", '{"ext-opd": "opd"}'])
+    for name in paper_tables.TABLE_NAMES:
+        for fmt in ("csv", "md", "tex"):
+            assert (tmp_path / "out" / f"{name}.{fmt}").stat().st_size > 0, (name, fmt)
+    summary = pd.read_csv(tmp_path / "out" / "table_evaluation_summary.csv")
+    row = summary[(summary["run"] == "addition-opd-teacher-a-adamw-s0")
+                  & (summary["metric"] == "exact_match")].iloc[0]
+    assert row["gain %"] == pytest.approx(row["final %"] - row["source %"])
+    assert "nan" not in (tmp_path / "out" / "table_global_delta.md").read_text()
+    main(["figure", "fig1_overview", "--tables", str(folder), "--plots",
+          '{"formats": ["png"], "dpi": 40}', "--out", str(tmp_path / "fig" / "fig1")])
+    assert (tmp_path / "fig" / "fig1.png").exists()
+
+
+def test_missing_table_files_read_as_empty(tmp_path):
+    loaded = load_tables(tmp_path)
+    assert loaded["overlap"].empty
+    (tmp_path / "masks.csv").write_text("")
+    assert loaded["masks"].empty
+    with pytest.raises(KeyError):
+        loaded["nonsense"]
+
+
+def test_collect_analysis_csvs_takes_the_run_two_levels_up(tmp_path):
+    for run in ("r1", "r2"):
+        folder = tmp_path / run / "final"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"layer": [0], "module": ["q"], "relative_norm": [0.1]}).to_csv(
+            folder / "layer_module.csv", index=False)
+    frame = tables.concat_csvs(sorted(tmp_path.glob("*/final/layer_module.csv")),
+                               run_from_folder=True, run_level=2)
+    assert list(frame["run"]) == ["r1", "r2"]
+
+
+def test_fig2_run_setting_and_default(full):
+    info = info_of(full)
+    assert figures.fig2_run(info, {}) == "addition-opd-teacher-a-adamw-s0"
+    assert figures.fig2_run(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
+        "addition-grpo-adamw-s1"
+    assert not math.isnan(figures.module_table(full["tensors"])["stable_rank"].iloc[0])

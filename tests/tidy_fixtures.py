@@ -1,0 +1,155 @@
+"""Small synthetic tidy tables shaped like the smoke DAG's (runs from the real run naming),
+for the figure, paper-table and findings tests: no DAG, no checkpoints."""
+
+import copy
+
+import numpy as np
+import pandas as pd
+
+from opdgeo.config import build_masks, build_runs, run_table
+
+CONFIG = {
+    "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
+               "student": {"path": "s"}},
+    "training": {"steps": 40, "save_every": 10,
+                 "optimizers": {"adamw": {"learning_rate": 1e-4},
+                                "sgd": {"learning_rate": 1e-2}}},
+    "pairs": {"addition": {"student": "student", "teachers": ["teacher-a", "teacher-b"],
+                           "masked": {"arms": ["opd", "random", "run:grpo"]}}},
+}
+# Per kind: (relative norm, sparsity, top-16, low-magnitude coverage) the synthetic runs get.
+KIND_VALUES = {"opd": (0.002, 0.80, 0.40, 0.35), "sft": (0.02, 0.30, 0.20, 0.12),
+               "grpo": (0.003, 0.75, 0.30, 0.30), "masked": (0.002, 0.85, 0.40, 0.36),
+               "external": (0.004, 0.70, 0.35, 0.30)}
+MODULES = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
+           "gate": "ffn", "up": "ffn", "down": "ffn"}
+
+
+def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:grpo"),
+           external=False, sweep=False) -> dict:
+    cfg = copy.deepcopy(CONFIG)
+    cfg["training"]["seeds"] = list(seeds)
+    cfg["training"]["optimizers"] = {k: v for k, v in cfg["training"]["optimizers"].items()
+                                     if k in optimizers}
+    cfg["pairs"]["addition"]["masked"]["arms"] = list(arms)
+    if sweep:
+        cfg["pairs"]["addition"]["sweep"] = {"learning_rates": [1e-5, 1e-3],
+                                             "kinds": ["opd", "sft"]}
+    if external:
+        cfg["external"] = {"ext-opd": {"source": "x", "trained": "y", "kind": "opd"}}
+    return cfg
+
+
+def _summary(kind: str, rng) -> dict[str, float]:
+    norm, sparsity, top16, low = KIND_VALUES[kind]
+    jitter = lambda v: v * (1 + 0.05 * rng.standard_normal())  # noqa: E731
+    values = {
+        "relative_norm": jitter(norm), "sparsity_atol_1e-5": jitter(sparsity),
+        "exact_zero_fraction": jitter(sparsity) * 0.99,
+        "top16_energy_median": jitter(top16), "stable_rank_median": jitter(8.0),
+        "numerical_rank_fraction_median": 0.98, "numerical_rank_fraction_1e-5_median": 0.98,
+        "principal_projection_10pct_median": jitter(0.006),
+        "isotropic_null_principal_projection_10pct_median": 0.011,
+        "principal_coverage_10pct": jitter(0.07),
+        "rounding_null_principal_coverage_10pct": 0.07,
+        "low_magnitude_coverage_10pct": jitter(low),
+        "rounding_null_low_magnitude_coverage_10pct": low * 0.98,
+        "exact_null_low_magnitude_coverage_10pct": low * 0.99,
+        "exact_null_sparsity_atol_1e-5": sparsity * 0.995,
+        "shuffle_null_top16_energy_median": 0.25,
+        "shuffle_null_numerical_rank_fraction_1e-5_median": 1.0,
+        "block_energy_share/ffn": 0.6, "block_energy_share/attention": 0.3,
+        "block_energy_share/embedding": 0.07, "block_energy_share/norm": 0.03,
+    }
+    for i, eps in enumerate(("1e-8", "1e-7", "1e-6", "1e-5", "1e-4")):
+        values[f"sparsity_atol_{eps}"] = min(1.0, sparsity * (0.9 + 0.03 * i))
+    for i, tau in enumerate(("1e-4", "1e-3", "1e-2")):
+        values[f"sparsity_rel_{tau}"] = min(1.0, sparsity * (0.95 + 0.04 * i))
+    return values
+
+
+def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Every tidy table the renderers read, for the runs of `cfg`."""
+    cfg = cfg or config()
+    rng = np.random.default_rng(seed)
+    runs = build_runs(cfg)
+    info = run_table(runs)
+    steps = cfg["training"]["steps"]
+    evaluation, delta, trajectory, optimizer, layer_module, tensors = [], [], [], [], [], []
+    for model, score in (("teacher-a", 0.95), ("teacher-b", 0.93), ("student", 0.20)):
+        evaluation += [(model, 0, "exact_match", score), (model, 0, "mean@2", score - 0.02)]
+    for name, spec in runs.items():
+        final = steps if spec.is_trained else np.nan
+        # sweep cells: a larger learning rate moves more coordinates and gains more
+        lr_factor = 1.0
+        if spec.group == "sweep":
+            lr = spec.training["optimizers"][spec.optimizer]["learning_rate"]
+            lr_factor = 0.5 if lr > 1e-4 else 1.1
+        for metric, value in _summary(spec.kind, rng).items():
+            delta.append((name, final, metric,
+                          value * lr_factor if metric.startswith("sparsity") else value))
+        if not spec.is_trained:
+            continue
+        for step in range(10, spec.training["steps"] + 1, 10):
+            score = 0.2 + 0.5 * (1 - np.exp(-step / 15)) / lr_factor \
+                + 0.02 * rng.standard_normal()
+            score -= 0.1 if spec.optimizer == "sgd" or "random" in name else 0
+            evaluation += [(name, step, "exact_match", score), (name, step, "mean@2", score)]
+            for metric, value in _summary(spec.kind, rng).items():
+                trajectory.append((name, step, metric, value * (0.5 + step / (2 * steps))))
+            if spec.optimizer == "adamw":
+                for block in ("all", "ffn", "attention"):
+                    optimizer += [(name, step, block, "m2_cv", 4 + rng.random())]
+                    if step > 10:
+                        optimizer += [(name, step, block, "m1_cosine", 0.9 - step / 50)]
+    for name, spec in runs.items():
+        for layer in range(2):
+            for module, block in MODULES.items():
+                sparsity = KIND_VALUES[spec.kind][1] + 0.05 * rng.standard_normal()
+                layer_module.append({"run": name, "layer": layer, "module": module,
+                                     "sparsity_atol_1e-5": sparsity,
+                                     "relative_norm": 0.002 * (1 + layer + rng.random())})
+                numel = 64 * 128 if block == "ffn" else 64 * 64
+                tensors.append({
+                    "run": name, "name": f"model.layers.{layer}.{module}.weight",
+                    "layer": layer, "module": module, "block": block,
+                    "shape": "128x64" if block == "ffn" else "64x64", "numel": numel,
+                    "delta_energy": 1e-6 * (3 if block == "ffn" else 1),
+                    "source_energy": 1.0, "linf": 1e-3, "sparsity_atol_1e-5": sparsity,
+                    "exact_zero_fraction": sparsity * 0.99, "top16_energy": 0.4,
+                    "stable_rank": 8 + rng.random(), "numerical_rank_fraction_1e-5": 0.97,
+                    "principal_projection_10pct": 0.006, "subspace_rotation_10pct": 0.01,
+                    "low_magnitude_coverage_10pct": 0.3,
+                })
+    masks = [(m.name, "all", "all", 0.2 if m.method == "atol" else 0.21)
+             for m in build_masks(cfg).values()]
+    primary = next(n for n, s in runs.items() if s.kind == "opd")
+    others = [n for n, s in runs.items() if s.kind in ("sft", "grpo")]
+    overlap = []
+    for other in others:
+        for metric, value in (("coverage_a_to_b", 0.5), ("baseline_a_to_b", 0.25),
+                              ("coverage_b_to_a", 0.4), ("baseline_b_to_a", 0.2),
+                              ("jaccard", 0.3), ("jaccard_baseline", 0.1),
+                              ("blocks/ffn/jaccard", 0.31)):
+            overlap.append((primary, other, metric, value))
+    tidy = ["run", "step", "metric", "value"]
+    return {
+        "runs": info,
+        "evaluation": pd.DataFrame(evaluation, columns=tidy),
+        "delta_global": pd.DataFrame(delta, columns=tidy),
+        "trajectory": pd.DataFrame(trajectory, columns=tidy),
+        "optimizer_state": pd.DataFrame(optimizer, columns=["run", "step", "block", "metric",
+                                                            "value"]),
+        "training_log": pd.DataFrame(),
+        "masks": pd.DataFrame(masks, columns=["mask", "tensor", "block", "density"]),
+        "overlap": pd.DataFrame(overlap, columns=["run_a", "run_b", "metric", "value"]),
+        "layer_module": pd.DataFrame(layer_module),
+        "tensors": pd.DataFrame(tensors),
+    }
+
+
+def write(folder, frames: dict[str, pd.DataFrame]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+    return folder
