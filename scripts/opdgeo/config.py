@@ -14,7 +14,7 @@ what a schema cannot (references between sections) and expands the config into r
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 TRAINING_DEFAULTS = {
     "steps": 200,
@@ -54,6 +54,7 @@ class RunSpec:
     trained: str | None = None  # checkpoint path (external runs)
     training: dict = field(default_factory=dict, compare=False, hash=False)
     group: str = "main"  # main | sweep (the learning-rate x steps grid of matched methods)
+    task: dict = field(default_factory=dict, compare=False, hash=False)  # see pair_task
 
     @property
     def is_trained(self) -> bool:
@@ -90,6 +91,26 @@ def pair_training(config: dict, pair: str) -> dict:
         name: {**OPTIMIZER_DEFAULTS, **settings} for name, settings in merged["optimizers"].items()
     }
     return merged
+
+
+def pair_task(config: dict, pair: str | None) -> dict:
+    """The global task with the pair's `task` keys replaced; a pair whose task is of another
+    kind shares no setting with the global one, so its own task replaces it whole."""
+    base = config.get("task", {})
+    override = config["pairs"][pair].get("task", {}) if pair else {}
+    kind = base.get("kind", "addition")
+    if override.get("kind", kind) != kind:
+        base = {}
+    return copy.deepcopy({**base, **override})
+
+
+def model_task(config: dict, model: str) -> dict:
+    """The task a base model is trained and evaluated on: that of the first pair it is the
+    student or a teacher of (the global task when no pair uses it)."""
+    for pair, spec in config["pairs"].items():
+        if model == spec["student"] or model in spec["teachers"]:
+            return pair_task(config, pair)
+    return pair_task(config, None)
 
 
 def check_references(config: dict):
@@ -140,10 +161,15 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
                     mask.seed, mask=mask.name, training=training,
                 )
         runs.update(sweep_runs(config, pair, training))
+        task = pair_task(config, pair)
+        for name, run in runs.items():
+            if run.pair == pair:
+                runs[name] = replace(run, task=task)
     for name, ext in config.get("external", {}).items():
         if name in runs:
             raise ConfigError(f"external run {name!r} has the name of a trained run")
-        runs[name] = RunSpec(name, "external", None, ext["source"], trained=ext["trained"])
+        runs[name] = RunSpec(name, "external", None, ext["source"], trained=ext["trained"],
+                             task=pair_task(config, None))
     return runs
 
 

@@ -5,19 +5,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from opdgeo.data import render_prompts
 from opdgeo.task import Example
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sample: bool,
              temperature: float = 1.0, batch_size: int = 256) -> list[str]:
-    """Completions of `prompts`, greedy or sampled, special tokens stripped."""
+    """Completions of `prompts` (text or chat messages), greedy or sampled, special tokens
+    stripped."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     completions = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+    texts, special_tokens = render_prompts(tokenizer, prompts)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=special_tokens)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(
             **batch,

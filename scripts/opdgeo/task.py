@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
+    prompt: str | list  # text, or chat messages [{"role", "content"}] (opdgeo.data)
     answer: str
 
 
@@ -68,11 +68,17 @@ class AdditionTask:
         return score(completion, answer)
 
 
-TASKS = {"addition": AdditionTask}
+def _math_task(**config):
+    from opdgeo.data import MathTask  # imports `datasets` and math-verify only when used
+
+    return MathTask(**config)
+
+
+TASKS = {"addition": AdditionTask, "math": _math_task}
 
 
 def make_task(config: dict):
-    """The task of a config's `task:` section."""
+    """The task of a config's `task:` section (a pair's: see opdgeo.config.pair_task)."""
     kind = config.get("kind", "addition")
     if kind not in TASKS:
         raise ValueError(f"unknown task kind {kind!r}; known: {sorted(TASKS)}")

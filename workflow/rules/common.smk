@@ -8,7 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
-from opdgeo.config import ConfigError, build_masks, build_runs, pair_training  # noqa: E402
+from opdgeo.config import (  # noqa: E402
+    ConfigError,
+    build_masks,
+    build_runs,
+    model_task,
+    pair_training,
+)
 
 try:
     RUNS = build_runs(config)
@@ -36,6 +42,16 @@ wildcard_constraints:
 def as_arg(value):
     """A config value as one shell-quoted JSON argument (Snakemake tracks it as a param)."""
     return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+def task_of_run(run):
+    """The run's task (the global one, overridden by its pair's) as a shell argument."""
+    return as_arg(RUNS[run].task)
+
+
+def task_of_model(key):
+    """The task of the first pair that uses a base model, as a shell argument."""
+    return as_arg(model_task(config, key))
 
 
 def model_path(key):

@@ -9,7 +9,7 @@ rule evaluate_model:
         "results/eval/models/{model}.csv",
     params:
         checkpoint=lambda w: model_path(w.model),
-        task=as_arg(config["task"]),
+        task=lambda w: task_of_model(w.model),
         spec=as_arg(config["evaluation"]),
         device=config["device"],
     log:
@@ -35,7 +35,7 @@ rule evaluate_run:
         "results/eval/runs/{run}.csv",
     params:
         step=lambda w: final_steps(w.run),
-        task=as_arg(config["task"]),
+        task=lambda w: task_of_run(w.run),
         spec=as_arg(config["evaluation"]),
         device=config["device"],
     log:

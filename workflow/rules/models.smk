@@ -9,7 +9,7 @@ rule train_model:
         log_csv="results/models/{model}/train_log.csv",
     params:
         spec=lambda w: as_arg(config["models"][w.model]),
-        task=as_arg(config["task"]),
+        task=lambda w: task_of_model(w.model),
         device=config["device"],
     log:
         "results/logs/train_model/{model}.log",

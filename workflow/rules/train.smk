@@ -24,7 +24,17 @@ def train_options(w):
 
 def run_spec_arg(w):
     spec = RUNS[w.run]
-    return as_arg({k: getattr(spec, k) for k in spec.__dataclass_fields__})
+    # The task travels as --task (per run: the pair's task).
+    return as_arg({k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "task"})
+
+
+def launcher(wildcards, resources):
+    """`opdgeo`, or one process per GPU through `accelerate launch` when the job has several
+    (e.g. --set-resources train_run:gpu=4, or set-resources in the SLURM profile)."""
+    gpus = int(resources.gpu)
+    if gpus > 1:
+        return f"accelerate launch --multi_gpu --num_processes {gpus} -m opdgeo.cli"
+    return "opdgeo"
 
 
 rule train_run:
@@ -39,7 +49,8 @@ rule train_run:
     params:
         spec=run_spec_arg,
         options=train_options,
-        task=as_arg(config["task"]),
+        task=lambda w: task_of_run(w.run),
+        launcher=launcher,
         device=config["device"],
     log:
         "results/logs/train_run/{run}.log",
@@ -51,6 +62,6 @@ rule train_run:
         runtime=240,
         gpu=GPU,
     shell:
-        "opdgeo train-run --spec {params.spec} {params.options} --task {params.task}"
+        "{params.launcher} train-run --spec {params.spec} {params.options} --task {params.task}"
         " --out results/runs/{wildcards.run} --device {params.device} --threads {threads}"
         " > {log} 2>&1"

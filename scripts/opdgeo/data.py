@@ -1,0 +1,153 @@
+"""Real data sets through `datasets`: math prompts for training, benchmarks for evaluation.
+
+The `math` task of the paper: DAPO-Math-17K prompts for training, AIME24 + AIME25 for
+evaluation (mean@k), answers checked by math-verify. Every data set is named by a spec
+
+    {path, name?, split?, prompt?, answer?, template?}
+
+where `path` is a Hugging Face id or a local data file / folder (tests write tiny files in
+the real schema and read them through this same code). With HF_HUB_OFFLINE=1 `datasets`
+reads hub ids from the local cache; nothing here special-cases it.
+
+Prompts are chat messages ([{"role": "user", "content": ...}]): a column that already holds
+messages (DAPO) is kept as it is, a string column (AIME `problem`) becomes one user message
+through `template`. Models with a chat template see them through it (TRL applies it when
+training; `render_prompts` when evaluating); models without one see the text alone.
+"""
+
+import random
+from functools import cache
+from pathlib import Path
+
+import datasets
+
+from opdgeo.task import Example
+
+# Builders of `datasets` for local data files, by suffix.
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(spec: dict) -> datasets.Dataset:
+    """One split of a data set from a hub id, a local data file or a local folder."""
+    path, split = spec["path"], spec.get("split", "train")
+    local = Path(path)
+    if local.is_file():
+        builder = _FILE_BUILDERS.get(local.suffix)
+        if builder is None:
+            raise ValueError(f"{path}: unknown data file type; use one of {sorted(_FILE_BUILDERS)}")
+        # A single local file has a single split, which `datasets` calls "train".
+        return datasets.load_dataset(builder, data_files=str(local), split="train")
+    return datasets.load_dataset(path, spec.get("name"), split=split)
+
+
+def _field(row: dict, dotted: str):
+    """`reward_model.ground_truth` -> row["reward_model"]["ground_truth"]."""
+    value = row
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def load_examples(spec: dict) -> list[Example]:
+    """Prompts (chat messages) and reference answers of a data set, duplicates dropped.
+
+    The hub copy of DAPO-Math-17k repeats each of its ~17k prompts 100 times; an epoch (and a
+    benchmark) is over distinct prompts, so repeats are dropped, keeping the first.
+    """
+    rows = load_rows(spec)
+    prompt_key, answer_key = spec.get("prompt", "prompt"), spec.get("answer", "answer")
+    template = spec.get("template", "{problem}")
+    for key in (prompt_key, answer_key.split(".")[0]):
+        if key not in rows.column_names:
+            raise ValueError(f"{spec['path']}: no column {key!r}; columns: {rows.column_names}")
+    examples, seen = [], set()
+    for row in rows:
+        prompt = row[prompt_key]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": template.format(problem=prompt)}]
+        else:
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        key = tuple((m["role"], m["content"]) for m in prompt)
+        if key not in seen:
+            seen.add(key)
+            examples.append(Example(prompt, str(_field(row, answer_key)).strip()))
+    return examples
+
+
+# ---------------------------------------------------------------- answers
+
+
+def score(completion: str, answer: str) -> float:
+    """1 when math-verify finds the reference answer in the completion (last boxed value,
+    `Answer: ...`, or last expression), else 0."""
+    from math_verify import parse, verify
+
+    gold = parse(answer) or parse(f"${answer}$")
+    predicted = parse(completion)
+    return float(bool(gold) and bool(predicted) and verify(gold, predicted))
+
+
+# ---------------------------------------------------------------- prompts for a model
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def model_prompt(tokenizer, prompt):
+    """A task prompt in the form a trainer takes: chat messages when the model has a chat
+    template (TRL applies it), else plain text (the messages' contents, one per line)."""
+    if isinstance(prompt, str) or has_chat_template(tokenizer):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
+def render_prompts(tokenizer, prompts: list) -> tuple[list[str], bool]:
+    """Prompts as text to tokenize, and whether the tokenizer should add special tokens
+    (not after a chat template, which writes its own)."""
+    prompts = [model_prompt(tokenizer, p) for p in prompts]
+    if not prompts or isinstance(prompts[0], str):
+        return prompts, True
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return texts, False
+
+
+# ---------------------------------------------------------------- the task
+
+
+@cache
+def _cached_examples(spec_items: tuple) -> tuple[Example, ...]:
+    # Frozen key: one process reads a data set once, however many times it asks.
+    spec = {k: v for k, v in spec_items}
+    return tuple(load_examples(spec))
+
+
+def _examples(spec: dict) -> list[Example]:
+    return list(_cached_examples(tuple(sorted(spec.items()))))
+
+
+class MathTask:
+    """Math word problems with verifiable answers (task kind `math`)."""
+
+    def __init__(self, kind: str = "math", train: dict | None = None, eval: dict | None = None,
+                 max_new_tokens: int = 8192, seed: int = 0):
+        if train is None or not eval:
+            raise ValueError("task kind math needs `train` (a data set) and `eval` "
+                             "(benchmark name -> data set)")
+        self.train_spec, self.eval_specs = train, eval
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        """`n` distinct training prompts in a seeded order (all of them when fewer exist)."""
+        examples = _examples(self.train_spec)
+        random.Random(seed).shuffle(examples)
+        return examples[:n]
+
+    def eval_examples(self) -> list[Example]:
+        """Every benchmark's problems, in config order (AIME24 then AIME25)."""
+        return [e for spec in self.eval_specs.values() for e in _examples(spec)]
+
+    @staticmethod
+    def score(completion: str, answer: str) -> float:
+        return score(completion, answer)

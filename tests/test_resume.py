@@ -1,0 +1,108 @@
+"""A training job killed after a checkpoint continues from it, to the same final weights.
+
+OPD generates its own rollouts, so the resumed run only matches the uninterrupted one when
+the Trainer restores the optimizer, the data order and the RNG state of the checkpoint.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opdgeo.callbacks import NonFiniteGuardCallback
+from opdgeo.config import RunSpec, pair_training
+from opdgeo.train import train_run
+
+TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
+
+
+def opd_spec(steps=6):
+    config = {
+        "training": {"steps": steps, "batch_size": 8, "save_every": 2, "prompts": 32,
+                     "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+        "pairs": {"p": {"student": "s", "teachers": ["t"]}},
+    }
+    return RunSpec("p-opd-t-adamw-s0", "opd", "p", "s", "t", "adamw", 0,
+                   training=pair_training(config, "p"))
+
+
+class Killed(Exception):
+    pass
+
+
+def fp32_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "fp32" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = fp32_weights(a), fp32_weights(b)
+    assert wa.keys() == wb.keys()
+    differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differing, f"tensors differ after resume: {differing}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pair, tmp_path_factory):
+    student, teacher = tiny_pair
+    out = tmp_path_factory.mktemp("resume") / "straight"
+    train_run(opd_spec(), student, teacher, TASK, out, "cpu")
+    return out
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
+        tiny_pair, uninterrupted, tmp_path, monkeypatch):
+    student, teacher = tiny_pair
+    run = tmp_path / "run"
+    original = NonFiniteGuardCallback.on_step_end
+
+    def die_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise Killed
+        return original(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(NonFiniteGuardCallback, "on_step_end", die_at_step_3)
+        with pytest.raises(Killed):
+            train_run(opd_spec(), student, teacher, TASK, run, "cpu")
+    assert (run / "trainer" / "checkpoint-2").is_dir() and not (run / "final").exists()
+    assert (run / "trainer" / "snapshots" / "step-2").is_dir()
+
+    train_run(opd_spec(), student, teacher, TASK, run, "cpu")
+    assert_same_weights(run, uninterrupted)
+    # The log starts where the checkpoint was; the snapshots of both attempts are kept.
+    assert (run / "train_log.csv").read_text().splitlines()[1].startswith("3,")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (run / "trainer").exists()
+
+
+def test_sigkilled_cli_job_resumes(tiny_pair, uninterrupted, tmp_path):
+    """The real thing: the `opdgeo train-run` process killed with SIGKILL, then rerun."""
+    import json
+
+    student, teacher = tiny_pair
+    run = tmp_path / "run"
+    spec = opd_spec()
+    command = [sys.executable, "-m", "opdgeo.cli", "train-run",
+               "--spec", json.dumps({k: getattr(spec, k) for k in spec.__dataclass_fields__}),
+               "--source", str(student), "--teacher", str(teacher), "--task", json.dumps(TASK),
+               "--out", str(run), "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "scripts")}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "trainer" / "checkpoint-2").is_dir():
+        assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    if (run / "final").exists():
+        pytest.skip("the job finished before it could be killed")
+
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    assert_same_weights(run, uninterrupted)
