@@ -4,7 +4,6 @@ import torch
 
 from opdgeo.delta.metrics import (
     HEADLINE_ATOL,
-    coordinate_energy_shares,
     delta_and_stats,
     magnitude_key,
     rank_splits,
@@ -56,10 +55,14 @@ def test_coordinate_energy_share_of_a_spike():
     delta = torch.zeros(100, 100)
     delta[3, 4] = 10.0  # one coordinate holds almost everything
     delta[5:, :] = 0.01
-    energy = float((delta**2).sum())
-    shares = coordinate_energy_shares(delta, energy)
-    top_ten = 100.0 + 9 * 0.01**2  # top 0.1% = 10 coordinates
-    assert abs(shares["coord_energy_top0.1pct"] - top_ten / energy) < 1e-6
+    delta[5, :50] = 0.02  # the top 1% = 100 coordinates: the spike, 50 at 0.02, 49 at 0.01
+    _, _, stats = delta_and_stats(torch.zeros(100, 100), delta)
+    energy = float((delta.double() ** 2).sum())
+    row = stats.row()
+    top_ten = 100.0 + 9 * 0.02**2  # top 0.1% = 10 coordinates
+    assert abs(row["coord_energy_top0.1pct"] - top_ten / energy) < 1e-6
+    top_hundred = 100.0 + 50 * 0.02**2 + 49 * 0.01**2
+    assert abs(row["coord_energy_top1pct"] - top_hundred / energy) < 1e-6
 
 
 def test_headline_atol_is_the_update_threshold():

@@ -40,7 +40,7 @@ def test_decomposition_matches_svd_in_both_orientations():
         matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         ours = decompose(tall_rows(matrix), top=6, exact_svd_max=4096)
         left, values, right_t = torch.linalg.svd(matrix.double(), full_matrices=False)
-        torch.testing.assert_close(ours.values, values, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours.values[:6], values[:6], rtol=1e-5, atol=0)  # float32
         # singular vectors up to sign: compare the rank-6 reconstructions
         reconstruction = ours.left * ours.values[:6].float() @ ours.right.T
         expected = (left[:, :6] * values[:6] @ right_t[:6]).float()

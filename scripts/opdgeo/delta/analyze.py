@@ -22,12 +22,9 @@ from opdgeo.delta.metrics import (
     HEADLINE_RATIO,
     MASK_RATIOS,
     N_CATEGORIES,
-    RankSplit,
-    chunk_slices,
-    coordinate_energy_shares,
     covered_by_atol,
     delta_and_stats,
-    magnitude_key,
+    mask_counts,
     rank_splits,
     ratio_label,
     threshold_label,
@@ -95,7 +92,7 @@ def analyze_tensor(pair: TensorPair, source: torch.Tensor, trained: torch.Tensor
            "numel": source.numel()}
     delta, category, stats = delta_and_stats(source, trained)
     del trained
-    row |= stats.row() | coordinate_energy_shares(delta, stats.delta_energy)
+    row |= stats.row()
     generator = tensor_generator(pair.name, seed, source.device)
     exact_null = trained_fp32 is not None
     labels, n_labels = category, N_CATEGORIES
@@ -152,48 +149,26 @@ def analyze_tensor(pair: TensorPair, source: torch.Tensor, trained: torch.Tensor
                 isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
     del delta, delta_rows
 
-    # Principal masks: top-ratio coordinates of |U_k S_k V_k^T|.
-    matrix_shape = (source.shape[0], numel // source.shape[0])
-    for ratio, low_split in zip(MASK_RATIOS, low_splits, strict=True):
-        label = ratio_label(ratio)
-        magnitudes = principal_magnitudes(source_decomposition, rank_count(ratio, short_side),
-                                          matrix_shape)
-        weights = [rounding_null.coordinate_weights(source)] if ratio == HEADLINE_RATIO else []
-        # the top-ratio set is the complement of the (numel - count) smallest
-        (rest,), high = rank_splits(magnitudes, [numel - round(ratio * numel)], labels=labels,
-                                    n_labels=n_labels, weights=weights)
-        top = high.sum(dim=1) - rest.sums
-        covered, null_covered = _by_atol(top, exact_null)
-        row |= _coverage_columns("principal", label, covered, updated)
-        if ratio != HEADLINE_RATIO:
-            continue
-        row[f"rounding_null_principal_coverage_{label}"] = _share(
-            float(top[n_labels]), float(high[n_labels].sum()))
-        if exact_null:
-            row |= _coverage_columns("exact_null_principal", label, null_covered, null_updated)
-        union_covered, density = _union_counts(magnitudes, rest, source, low_split, labels,
-                                               n_labels)
-        row[f"combined_density_{label}"] = density / numel
-        row |= _coverage_columns("combined", label, _by_atol(union_covered, exact_null)[0],
-                                 updated)
+    # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
+    # each cost a rank-k product and two passes over the matrix).
+    label = ratio_label(HEADLINE_RATIO)
+    magnitudes = principal_magnitudes(source_decomposition,
+                                      rank_count(HEADLINE_RATIO, short_side),
+                                      (source.shape[0], numel // source.shape[0]))
+    # the top-ratio set is the complement of the (numel - count) smallest
+    (rest,), high = rank_splits(magnitudes, [numel - round(HEADLINE_RATIO * numel)],
+                                labels=labels, n_labels=n_labels)
+    covered, null_covered = _by_atol(high.sum(dim=1) - rest.sums, exact_null)
+    row |= _coverage_columns("principal", label, covered, updated)
+    if exact_null:
+        row |= _coverage_columns("exact_null_principal", label, null_covered, null_updated)
+    counts = mask_counts(magnitudes, rest, source, low_splits[headline], labels, n_labels)
+    row[f"rounding_null_principal_coverage_{label}"] = _share(
+        rounding_null.expected_changed_in(counts.principal_by_exponent),
+        rounding_null.expected_changed)
+    row[f"combined_density_{label}"] = float(counts.union.sum()) / numel
+    row |= _coverage_columns("combined", label, _by_atol(counts.union, exact_null)[0], updated)
     return add_enrichment(row)
-
-
-def _union_counts(magnitudes: torch.Tensor, principal_rest: RankSplit, source: torch.Tensor,
-                  low_split: RankSplit, labels: torch.Tensor, n_labels: int):
-    """Per-label count of the union of the principal and low-magnitude masks, and its size.
-
-    Ties at either threshold count with their fractional membership (independently).
-    """
-    flat_magnitudes, flat_source = magnitudes.reshape(-1), source.reshape(-1)
-    flat_labels = labels.reshape(-1)
-    sums = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
-    for sl in chunk_slices(flat_source.numel()):
-        principal = 1 - principal_rest.membership(magnitude_key(flat_magnitudes[sl]))
-        low = low_split.membership(magnitude_key(flat_source[sl]))
-        union = (principal + low - principal * low).double()
-        sums += torch.bincount(flat_labels[sl].long(), weights=union, minlength=n_labels)
-    return sums, float(sums.sum())
 
 
 def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:

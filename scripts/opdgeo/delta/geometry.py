@@ -19,18 +19,17 @@ def principal_projection(delta: TallRows, source: Decomposition) -> dict[str, fl
     """
     long_vectors, short_vectors = (source.right, source.left) if delta.transposed \
         else (source.left, source.right)
-    long_vectors, short_vectors = long_vectors.double(), short_vectors.double()
     energy = 0.0
-    long_part = torch.zeros(long_vectors.shape[1], delta.shape[1], dtype=torch.float64,
+    long_part = torch.zeros(long_vectors.shape[1], delta.shape[1],
                             device=long_vectors.device)  # L^T A
     short_norms = torch.zeros(short_vectors.shape[1], dtype=torch.float64,
                               device=long_vectors.device)  # column norms^2 of A R
     for start, chunk in delta.chunks():
-        energy += float((chunk**2).sum())
+        energy += float((chunk * chunk).sum(dtype=torch.float64))
         long_part.addmm_(long_vectors[start:start + len(chunk)].T, chunk)
-        short_norms += ((chunk @ short_vectors) ** 2).sum(dim=0)
-    joint_part = long_part @ short_vectors
-    long_cumulative = (long_part**2).sum(dim=1).cumsum(0)
+        short_norms += ((chunk @ short_vectors) ** 2).sum(dim=0, dtype=torch.float64)
+    joint_part = (long_part @ short_vectors).double()
+    long_cumulative = (long_part.double() ** 2).sum(dim=1).cumsum(0)
     short_cumulative = short_norms.cumsum(0)
     left_cumulative, right_cumulative = (short_cumulative, long_cumulative) if delta.transposed \
         else (long_cumulative, short_cumulative)

@@ -98,7 +98,7 @@ def rank_splits(values: torch.Tensor, counts: list[int], labels: torch.Tensor | 
         hist = torch.zeros(n_sums, n_bins, dtype=torch.float64, device=device)
         for sl in chunk_slices(flat.numel()):
             key = magnitude_key(flat[sl])
-            chunk_labels = flat_labels[sl].long() if flat_labels is not None else None
+            chunk_labels = flat_labels[sl] if flat_labels is not None else None
             chunk_weights = [w(sl) for w in weights]
             if select_bin is None:
                 bins = key >> 16
@@ -109,9 +109,10 @@ def rank_splits(values: torch.Tensor, counts: list[int], labels: torch.Tensor | 
                 chunk_weights = [w[inside] for w in chunk_weights]
             if chunk_labels is None:
                 hist[0] += torch.bincount(bins, minlength=n_bins)
-            else:
-                joint = torch.bincount(bins + n_bins * chunk_labels, minlength=n_bins * n_labels)
-                hist[:n_labels] += joint.view(n_labels, n_bins)
+            else:  # one int32 bincount over (label, bin) pairs: int64 would double the traffic
+                joint = bins + chunk_labels.to(torch.int32) * n_bins
+                hist[:n_labels] += torch.bincount(joint, minlength=n_bins * n_labels).view(
+                    n_labels, n_bins)
             for j, weight in enumerate(chunk_weights):
                 hist[n_labels + j] += torch.bincount(bins, weights=weight.double(),
                                                      minlength=n_bins)
@@ -129,7 +130,12 @@ def rank_splits(values: torch.Tensor, counts: list[int], labels: torch.Tensor | 
         high_bin = int(torch.searchsorted(high_cumulative, float(count)))
         below_high = float(high_cumulative[high_bin - 1]) if high_bin > 0 else 0.0
         if high_bin not in low_cache:
-            low_cache[high_bin] = histograms(high_bin)
+            if values.dtype == torch.bfloat16:  # the high bits are the whole value
+                low_cache[high_bin] = torch.zeros(n_sums, LOW_BINS, dtype=torch.float64,
+                                                  device=device)
+                low_cache[high_bin][:, 0] = high[:, high_bin]
+            else:
+                low_cache[high_bin] = histograms(high_bin)
         low = low_cache[high_bin]
         low_cumulative = low[:n_labels].sum(dim=0).cumsum(0)
         low_bin = int(torch.searchsorted(low_cumulative, float(count) - below_high))
@@ -152,6 +158,28 @@ class CoordinateStats:
     abs_sum: float
     linf: float
     at_most: dict[str, int]  # column name -> count of coordinates with |dW| <= threshold
+    magnitude_counts: torch.Tensor  # coordinates per high-bits bin of |dW|
+    magnitude_energy: torch.Tensor  # sum of dW^2 per high-bits bin of |dW|
+
+    def coordinate_energy_shares(self) -> dict[str, float]:
+        """Share of ||dW||^2 held by the top 0.1 / 1 / 5% coordinates by |dW|.
+
+        From the |dW| histogram: the bin holding the k-th largest value contributes its energy
+        pro rata; its values agree to 2^-7 relative, so the error is below 2^-6 of that
+        bin's energy (a second pass for exactness would cost as much as the statistics)."""
+        counts = self.magnitude_counts.flip(0)  # largest magnitudes first
+        energies = self.magnitude_energy.flip(0)
+        count_cumulative, energy_cumulative = counts.cumsum(0), energies.cumsum(0)
+        shares = {}
+        for fraction in COORD_ENERGY_FRACTIONS:
+            k = max(1, round(fraction * self.numel))
+            threshold_bin = int(torch.searchsorted(count_cumulative, float(k)))
+            above = float(count_cumulative[threshold_bin - 1]) if threshold_bin else 0.0
+            energy = float(energy_cumulative[threshold_bin - 1]) if threshold_bin else 0.0
+            energy += (k - above) / float(counts[threshold_bin]) * float(energies[threshold_bin])
+            shares[f"coord_energy_top{ratio_label(fraction)}"] = \
+                energy / self.delta_energy if self.delta_energy > 0 else float("nan")
+        return shares
 
     def row(self) -> dict[str, float]:
         numel = self.numel
@@ -164,6 +192,7 @@ class CoordinateStats:
             "delta_energy": self.delta_energy,
             "source_energy": self.source_energy,
             **{name: count / numel for name, count in self.at_most.items()},
+            **self.coordinate_energy_shares(),
         }
 
 
@@ -189,6 +218,8 @@ def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
     flat_delta, flat_category = delta.view(-1), category.view(-1)
     flat_source, flat_trained = source.reshape(-1), trained.reshape(-1)
     bucket_counts = torch.zeros(len(boundaries) + 1, dtype=torch.int64, device=source.device)
+    magnitude_counts = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
+    magnitude_energy = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
     energy = abs_sum = linf = 0.0
     for sl in chunk_slices(numel):
         chunk = flat_trained[sl].float() - flat_source[sl].float()
@@ -197,25 +228,60 @@ def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
         flat_category[sl] = categories(magnitude)
         buckets = torch.bucketize(magnitude, boundaries, out_int32=True)
         bucket_counts += torch.bincount(buckets, minlength=len(boundaries) + 1)
-        energy += float(torch.dot(chunk, chunk))
+        squares = chunk * chunk
+        high_bins = magnitude.view(torch.int32) >> 16  # magnitudes are non-negative
+        magnitude_counts += torch.bincount(high_bins, minlength=HIGH_BINS)
+        magnitude_energy += torch.bincount(high_bins, weights=squares, minlength=HIGH_BINS)
+        energy += float(squares.sum(dtype=torch.float64))
         abs_sum += float(magnitude.sum())
         linf = max(linf, float(magnitude.max()))
     at_or_below = bucket_counts.cumsum(0).tolist()
     # bucket i holds boundaries[i-1] < |dW| <= boundaries[i], so cumsum[i] counts |dW| <= b[i]
     at_most = {name: at_or_below[boundary_list.index(value)]
                for name, value in thresholds.items()}
-    return delta, category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most)
+    return delta, category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most,
+                                            magnitude_counts, magnitude_energy)
 
 
-def coordinate_energy_shares(delta: torch.Tensor, delta_energy: float) -> dict[str, float]:
-    """Share of ||dW||^2 held by the top 0.1 / 1 / 5% coordinates by |dW|."""
-    numel = delta.numel()
-    flat = delta.reshape(-1)
-    counts = [numel - max(1, round(f * numel)) for f in COORD_ENERGY_FRACTIONS]
-    splits, high = rank_splits(delta, counts, weights=[lambda sl: flat[sl] ** 2])
-    shares = {}
-    for fraction, split in zip(COORD_ENERGY_FRACTIONS, splits, strict=True):
-        top_energy = float(high[1].sum() - split.sums[1])
-        shares[f"coord_energy_top{ratio_label(fraction)}"] = (
-            top_energy / delta_energy if delta_energy > 0 else float("nan"))
-    return shares
+@dataclass
+class MaskCounts:
+    """What one pass over a matrix counts once the mask thresholds are known."""
+
+    union: torch.Tensor  # (n_labels,) members of principal OR low-magnitude mask per label
+    principal_by_exponent: torch.Tensor  # (256,) principal-mask members per exponent of |W_src|
+
+
+def mask_counts(principal: torch.Tensor, principal_rest: RankSplit, source: torch.Tensor,
+                low: RankSplit, labels: torch.Tensor, n_labels: int) -> MaskCounts:
+    """Count the union of the principal mask (the complement of `principal_rest`, the
+    smallest |U_k S_k V_k^T|) and the low-magnitude mask `low`, and the principal mask's
+    members by exponent of |W_src| (which the rounding null weighs).
+
+    Coordinates strictly inside a mask are counted as integers; the few tied at a threshold
+    with their fractional membership, the two masks' tie-breaks independent.
+    """
+    flat_principal, flat_source = principal.reshape(-1), source.reshape(-1)
+    flat_labels = labels.reshape(-1)
+    union = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
+    by_exponent = torch.zeros(256, dtype=torch.float64, device=source.device)
+    principal_tie_share = 1 - principal_rest.tie_fraction  # ties in the top set
+    for sl in chunk_slices(flat_source.numel()):
+        principal_key = magnitude_key(flat_principal[sl])
+        source_key = magnitude_key(flat_source[sl])
+        chunk_labels, exponent = flat_labels[sl], source_key >> 23
+        in_principal = principal_key > principal_rest.key
+        principal_tie = principal_key == principal_rest.key
+        in_low, low_tie = source_key < low.key, source_key == low.key
+        inside = in_principal | in_low
+        union += torch.bincount(chunk_labels[inside], minlength=n_labels)
+        by_exponent += torch.bincount(exponent[in_principal], minlength=256)
+        tied = ((principal_tie | low_tie) & ~inside).nonzero().squeeze(1)
+        if len(tied):
+            share_principal = principal_tie[tied] * principal_tie_share
+            share_low = low_tie[tied] * low.tie_fraction
+            weight = (share_principal + share_low - share_principal * share_low).double()
+            union += torch.bincount(chunk_labels[tied], weights=weight, minlength=n_labels)
+        principal_tied = principal_tie.nonzero().squeeze(1)
+        by_exponent += principal_tie_share * torch.bincount(exponent[principal_tied],
+                                                            minlength=256)
+    return MaskCounts(union, by_exponent)

@@ -28,12 +28,13 @@ from opdgeo.delta.metrics import (
     HIGH_BINS,
     RankSplit,
     categories,
-    magnitude_key,
+    mask_counts,
     rank_splits,
 )
 from opdgeo.delta.spectrum import TallRows, decompose, rank_count, tall_rows
 
 DISTRIBUTIONS = ("half_normal", "constant")
+EXPONENTS = 256  # float32 / bf16 exponent field
 BISECTION_STEPS = 64
 
 
@@ -42,9 +43,14 @@ def tensor_generator(name: str, seed: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
+def exponent_counts(bin_counts: torch.Tensor) -> torch.Tensor:
+    """Coordinates per exponent of |w| from counts per high-bits bin (7 mantissa bits each)."""
+    return bin_counts.reshape(EXPONENTS, -1).sum(dim=1)
+
+
 def change_thresholds(atol: float) -> torch.Tensor:
-    """Per high-bits bin of |w|: the smallest |u| that moves bf16(w + u) more than atol."""
-    exponent = torch.arange(HIGH_BINS, dtype=torch.float64) // 128  # bf16: 7 mantissa bits
+    """Per exponent of |w|: the smallest |u| that moves bf16(w + u) by more than atol."""
+    exponent = torch.arange(EXPONENTS, dtype=torch.float64)
     spacing = torch.exp2(exponent.clamp(min=1) - 134)  # 2^(E - 127 - 7); subnormals as E = 1
     return spacing * (torch.floor(atol / spacing) + 0.5)
 
@@ -60,16 +66,15 @@ def change_probability(thresholds: torch.Tensor, scale: float, distribution: str
 
 @dataclass
 class RoundingNull:
-    """The fitted parametric null of one tensor: its scale and P(change) per |w| bin."""
+    """The fitted parametric null of one tensor: its scale and P(change) per exponent of |w|."""
 
     scale: float
-    probability: torch.Tensor  # (HIGH_BINS,) float64
+    probability: torch.Tensor  # (EXPONENTS,) float64, CPU
     expected_changed: float
 
-    def coordinate_weights(self, source: torch.Tensor):
-        """A `rank_splits` weight: P(change) of every coordinate of a source chunk."""
-        flat, table = source.reshape(-1), self.probability.to(source.device)
-        return lambda sl: table[magnitude_key(flat[sl]) >> 16]
+    def expected_changed_in(self, counts_by_exponent: torch.Tensor) -> float:
+        """Expected changed coordinates in a set, given its coordinates per exponent."""
+        return float((counts_by_exponent.double().cpu() * self.probability).sum())
 
     def expected_in_smallest(self, bin_counts: torch.Tensor, split: RankSplit) -> float:
         """Expected changed coordinates inside a smallest-|w| set, from the |w| histogram.
@@ -80,10 +85,11 @@ class RoundingNull:
         if split.count == 0:
             return 0.0
         threshold_bin = split.key >> 16
-        probability = self.probability.to(bin_counts.device)
-        below = float((bin_counts[:threshold_bin] * probability[:threshold_bin]).sum())
-        members_in_bin = split.count - float(bin_counts[:threshold_bin].sum())
-        return below + members_in_bin * float(probability[threshold_bin])
+        counts = bin_counts.double().cpu()
+        per_bin = self.probability.repeat_interleave(HIGH_BINS // EXPONENTS)
+        below = float((counts[:threshold_bin] * per_bin[:threshold_bin]).sum())
+        members_in_bin = split.count - float(counts[:threshold_bin].sum())
+        return below + members_in_bin * float(per_bin[threshold_bin])
 
 
 def fit_rounding_null(bin_counts: torch.Tensor, changed: float, atol: float = HEADLINE_ATOL,
@@ -92,7 +98,7 @@ def fit_rounding_null(bin_counts: torch.Tensor, changed: float, atol: float = HE
 
     bin_counts: coordinates per high-bits bin of |w| (from `rank_splits`).
     """
-    counts = bin_counts.double().cpu()
+    counts = exponent_counts(bin_counts.double().cpu())
     thresholds = change_thresholds(atol)
     occupied = counts > 0
     counts, occupied_thresholds = counts[occupied], thresholds[occupied]
@@ -169,9 +175,9 @@ def rounding_null_on_gaussian(sparsity: float, std: float, shape: tuple[int, int
     low_magnitude = null.expected_in_smallest(bin_counts, splits[0]) / null.expected_changed
     k = rank_count(ratio, min(shape))
     magnitudes = principal_magnitudes(decompose(tall_rows(weight), k, min(shape)), k, shape)
-    principal_splits, principal_high = rank_splits(
-        magnitudes, [numel - round(ratio * numel)], weights=[null.coordinate_weights(weight)])
-    expected_total = float(principal_high[1].sum())
-    principal = (expected_total - float(principal_splits[0].sums[1])) / expected_total
+    (rest,), _ = rank_splits(magnitudes, [numel - round(ratio * numel)])
+    one_label = torch.zeros(shape, dtype=torch.uint8, device=device)
+    counts = mask_counts(magnitudes, rest, weight, splits[0], one_label, 1)
+    principal = null.expected_changed_in(counts.principal_by_exponent) / null.expected_changed
     return {"scale": null.scale, "low_magnitude_coverage": low_magnitude,
             "principal_coverage": principal}

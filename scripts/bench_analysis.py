@@ -1,0 +1,159 @@
+"""Benchmark `opdgeo analyze` on a synthetic bf16 pair shaped like Qwen2.5-0.5B.
+
+Builds the pair on local disk (24 layers, hidden 896, intermediate 4864, 14 heads / 2 KV
+heads of dim 64, vocab 151936, tied embeddings; source ~ N(0, 0.02^2), a sparse low-rank
+update), then times in fresh processes, each with its own peak RSS:
+- the full analysis (every metric and null), and the analysis without the isotropic and
+  shuffle nulls;
+- the SVD floor: torch.linalg.svd of every source matrix plus torch.linalg.svdvals of every
+  delta, the least any exact spectral analysis of the pair must do.
+Target on 2 cores: <= 90 s and <= 2 GB peak RSS.
+
+    PYTHONPATH=scripts python scripts/bench_analysis.py [--layers 24] [--threads 2]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 896, 4864, 14, 2, 64, 151936
+SOURCE_STD = 0.02
+UPDATE_RANK, UPDATE_DENSITY, UPDATE_SCALE = 8, 0.2, 3e-4
+
+
+def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
+    prefix = f"model.layers.{layer}."
+    return {
+        prefix + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+        prefix + "self_attn.q_proj.bias": (HEADS * HEAD_DIM,),
+        prefix + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+        prefix + "self_attn.k_proj.bias": (KV_HEADS * HEAD_DIM,),
+        prefix + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+        prefix + "self_attn.v_proj.bias": (KV_HEADS * HEAD_DIM,),
+        prefix + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+        prefix + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+        prefix + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        prefix + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        prefix + "input_layernorm.weight": (HIDDEN,),
+        prefix + "post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def tensor_pair(shape: tuple[int, ...], generator: torch.Generator):
+    """A source tensor and its trained copy: a sparse low-rank update, rounded to bf16."""
+    source = (torch.randn(shape, generator=generator) * SOURCE_STD).bfloat16()
+    if len(shape) == 1:
+        update = torch.randn(shape, generator=generator) * UPDATE_SCALE
+    else:
+        left = torch.randn(shape[0], UPDATE_RANK, generator=generator)
+        right = torch.randn(UPDATE_RANK, shape[1], generator=generator)
+        update = (left @ right) * (UPDATE_SCALE / UPDATE_RANK**0.5)
+    update *= torch.rand(shape, generator=generator) < UPDATE_DENSITY
+    return source, (source.float() + update).bfloat16()
+
+
+def build_pair(root: Path, layers: int, seed: int = 0) -> None:
+    """Write source/ and trained/ as one safetensors shard per layer (bounded memory)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": HIDDEN,
+              "intermediate_size": INTERMEDIATE, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "num_hidden_layers": layers,
+              "vocab_size": VOCAB, "tie_word_embeddings": True}
+    shards = [{"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}]
+    shards += [layer_shapes(layer) for layer in range(layers)]
+    weight_map = {}
+    for folder in ("source", "trained"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "config.json").write_text(json.dumps(config))
+    for index, shapes in enumerate(shards):
+        file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        pairs = {name: tensor_pair(shape, generator) for name, shape in shapes.items()}
+        save_file({n: p[0] for n, p in pairs.items()}, root / "source" / file_name)
+        save_file({n: p[1] for n, p in pairs.items()}, root / "trained" / file_name)
+        weight_map |= {name: file_name for name in shapes}
+    for folder in ("source", "trained"):
+        index_file = root / folder / "model.safetensors.index.json"
+        index_file.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def svd_floor(root: Path) -> None:
+    """svd of every source matrix + svdvals of every delta, plain torch calls."""
+    index = json.loads((root / "source" / "model.safetensors.index.json").read_text())
+    for name, file_name in index["weight_map"].items():
+        with safe_open(root / "source" / file_name, "pt") as source_file, \
+                safe_open(root / "trained" / file_name, "pt") as trained_file:
+            source = source_file.get_tensor(name).float()
+            if source.dim() < 2:
+                continue
+            delta = trained_file.get_tensor(name).float() - source
+        torch.linalg.svd(source, full_matrices=False)
+        torch.linalg.svdvals(delta)
+
+
+def child(task: str, root: Path, threads: int) -> None:
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    if task == "floor":
+        svd_floor(root)
+    else:
+        from opdgeo.delta.analyze import analyze_checkpoints
+
+        analyze_checkpoints(root / "source", root / "trained", root / f"out-{task}",
+                            device="cpu", nulls=task == "full")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_gb": peak_gb}))
+
+
+def measure(task: str, root: Path, threads: int) -> dict:
+    """Run one task in a fresh process; it reports its wall time and peak RSS."""
+    output = subprocess.run([sys.executable, __file__, "--child", task, "--root", str(root),
+                             "--threads", str(threads)], check=True, capture_output=True,
+                            text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent)})
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", default="issue3,full,floor",
+                        help="comma list of: issue3 (no nulls), full, floor")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.root, args.threads)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_analysis_") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        build_pair(root, args.layers)
+        print(f"built the pair ({args.layers} layers) in {time.perf_counter() - started:.0f} s; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+              f"{args.threads} torch threads")
+        results = {task: measure(task, root, args.threads) for task in args.tasks.split(",")}
+    labels = {"issue3": "analysis without isotropic/shuffle nulls",
+              "full": "full analysis (all metrics and nulls)",
+              "floor": "SVD floor (svd of sources + svdvals of deltas)"}
+    for task, result in results.items():
+        print(f"{labels[task]:48s} {result['seconds']:7.1f} s   "
+              f"peak RSS {result['peak_rss_gb']:.2f} GB")
+    if "floor" in results:
+        for task in ("issue3", "full"):
+            if task in results:
+                ratio = results[task]["seconds"] / results["floor"]["seconds"]
+                print(f"{task} / floor: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
