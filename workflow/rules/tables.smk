@@ -17,7 +17,8 @@ rule runs_table:
     output:
         "results/tables/runs.csv",
     params:
-        config=as_arg({k: v for k, v in config.items() if k != "plots"}),
+        # A function: Snakemake would read braces in a string param (task templates) as wildcards.
+        config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}),
     log:
         "results/logs/tables/runs.log",
     shell:

@@ -29,7 +29,7 @@ class Checkpoint:
     """Tensor names, shapes and lazy loading for one checkpoint folder or file."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = local_checkpoint(path)
         self._file_of: dict[str, Path] = {}  # safetensors: tensor name -> file
         self._bin_tensors: dict[str, torch.Tensor] = {}  # .bin: mmap-backed tensors
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -96,6 +96,17 @@ class Checkpoint:
             head, embed = self._bin_tensors[name], self._bin_tensors[embedding]
             return head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
         return False
+
+
+def local_checkpoint(path: str | Path) -> Path:
+    """A folder or file on disk as it is; a Hugging Face id (`org/name`, not on disk) as its
+    folder in the hub cache, downloaded if needed (with HF_HUB_OFFLINE=1, the cache only)."""
+    local = Path(path)
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
 
 
 def _ties_embeddings(path: Path) -> bool:

@@ -1,0 +1,109 @@
+"""config/paper.yaml: the paper's pairs as runs, its DAG resolved offline, per-pair tasks,
+and hub ids read from a warm cache with HF_HUB_OFFLINE=1 (all without hub or GPU)."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from opdgeo.config import build_runs, model_task, pair_task
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+
+
+@pytest.fixture(scope="module")
+def paper():
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+def test_paper_pairs_become_the_papers_runs(paper):
+    runs = build_runs(paper)
+    trained = {name for name, spec in runs.items() if spec.is_trained}
+    assert trained == {
+        "dsqwen-opd-deepscaler-adamw-s0", "dsqwen-opd-deepscaler-sgd-s0",
+        "dsqwen-opd-justrl-adamw-s0", "qwen3-opd-qwen3-4b-base-grpo-adamw-s0",
+        "dsqwen-masked-opd-s0", "dsqwen-masked-random-s0",
+    }
+    external = {name: spec for name, spec in runs.items() if not spec.is_trained}
+    assert set(external) == {"qwen-math-offline-distill", "deepscaler-rlvr", "justrl-rlvr",
+                             "minicpm-opd"}
+    assert external["deepscaler-rlvr"].source == paper["models"]["ds-qwen"]["path"]
+
+    opd = runs["dsqwen-opd-deepscaler-adamw-s0"]
+    training = opd.training
+    assert training["optimizers"]["adamw"]["learning_rate"] == 1e-6
+    assert runs["dsqwen-opd-deepscaler-sgd-s0"].training["optimizers"]["sgd"][
+        "learning_rate"] == 1e-2
+    assert training["generations_per_prompt"] == 4 and training["save_every"] == 10
+    assert training["bf16"] == "on" and training["gradient_checkpointing"]
+    # One epoch: every prompt with all its rollouts, once.
+    epoch = training["prompts"] * training["generations_per_prompt"] / training["batch_size"]
+    assert training["steps"] == pytest.approx(epoch, abs=1)
+    assert training["batch_size"] % training["micro_batch_size"] == 0
+    assert opd.task["kind"] == "math" and set(opd.task["eval"]) == {"aime24", "aime25"}
+    assert paper["evaluation"]["k"] == 16
+
+
+def test_paper_dag_resolves_offline(tmp_path):
+    """`snakemake -n` with hub ids for every model: ids are no files, so nothing waits on them."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "--configfile", "config/paper.yaml", "--cores", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train_run" in result.stdout and "analyze_final" in result.stdout
+    # The default config's tiny models are not merged into the paper's study.
+    assert "train_model" not in result.stdout
+
+
+def test_pair_task_overrides_the_global_one(paper):
+    config = copy.deepcopy(paper)
+    config["pairs"]["qwen3"]["task"] = {"max_new_tokens": 4096}
+    config["pairs"]["toy"] = {"student": "ds-qwen", "teachers": ["deepscaler"],
+                              "task": {"kind": "addition", "digits": 2}}
+    qwen3 = pair_task(config, "qwen3")
+    assert qwen3["max_new_tokens"] == 4096 and qwen3["train"] == paper["task"]["train"]
+    assert pair_task(config, "toy") == {"kind": "addition", "digits": 2}  # another kind: whole
+    assert pair_task(config, "dsqwen") == paper["task"]
+    runs = build_runs(config)
+    assert runs["qwen3-opd-qwen3-4b-base-grpo-adamw-s0"].task["max_new_tokens"] == 4096
+    assert runs["toy-opd-deepscaler-adamw-s0"].task["kind"] == "addition"
+    assert model_task(config, "qwen3-1.7b-base")["max_new_tokens"] == 4096
+    validate(config, SCHEMA)
+
+
+def test_hub_ids_load_from_a_warm_cache_offline(tmp_path, make_checkpoint):
+    """A hub id resolves through the local cache with HF_HUB_OFFLINE=1, for training
+    (from_pretrained) and for the delta analysis (opdgeo.delta.io) alike."""
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    make_checkpoint(snapshot, seed=0)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    script = textwrap.dedent("""
+        from opdgeo.delta.io import Checkpoint
+        from opdgeo.models import load_model, load_tokenizer
+        model, tokenizer = load_model("org/tiny"), load_tokenizer("org/tiny")
+        names = Checkpoint("org/tiny").names()
+        assert len(names) == len(dict(model.named_parameters())), names
+        print("ok", len(tokenizer))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(ROOT / "scripts")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
