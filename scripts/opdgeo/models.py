@@ -24,12 +24,15 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TASK_CHARACTERS = "0123456789+="
 
 # Architectures a tiny model can be built from; each maps to a transformers config class.
+# MiniCPM3 (multi-head latent attention, muP scaling) is the MiniCPM transformers supports
+# natively; other MiniCPM releases load with trust_remote_code only.
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
+    "minicpm3": "MiniCPM3ForCausalLM",
 }
-_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}
+_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "minicpm3": "minicpm3"}
 
 
 def character_tokenizer(characters: str = TASK_CHARACTERS) -> PreTrainedTokenizerFast:
