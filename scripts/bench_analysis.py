@@ -49,6 +49,11 @@ def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+# Threads that sleep instead of spinning while they wait: on a shared machine spinning
+# OpenMP threads slow LAPACK calls several-fold, which would measure the neighbours.
+CHILD_ENVIRONMENT = {"PYTHONPATH": str(Path(__file__).parent), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def tensor_pair(shape: tuple[int, ...], generator: torch.Generator):
     """A source tensor and its trained copy: a sparse low-rank update, rounded to bf16."""
     source = (torch.randn(shape, generator=generator) * SOURCE_STD).bfloat16()
@@ -118,7 +123,7 @@ def measure(task: str, root: Path, threads: int) -> dict:
     """Run one task in a fresh process; it reports its wall time and peak RSS."""
     output = subprocess.run([sys.executable, __file__, "--child", task, "--root", str(root),
                              "--threads", str(threads)], check=True, capture_output=True,
-                            text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent)})
+                            text=True, env=os.environ | CHILD_ENVIRONMENT)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 

@@ -19,7 +19,7 @@ RANK_TOLERANCES = (1e-6, 1e-5, 1e-4)  # numerical rank counts s > tol * s_1
 HEADLINE_RANK_TOLERANCE = 1e-5
 RANDOMIZED_OVERSAMPLING = 10
 RANDOMIZED_POWER_ITERATIONS = 4
-CHUNK_ELEMENTS = 1 << 24  # float64 chunk of rows: 128 MB
+CHUNK_ELEMENTS = 1 << 24  # rows per chunk: 64 MB of float32
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,14 +35,14 @@ def rank_count(ratio: float, short_side: int) -> int:
 class TallRows:
     """A matrix read tall, in row chunks: `rows(start, stop)` returns those rows (float32)."""
 
-    rows: Callable[[int, int], torch.Tensor]
+    rows: Callable[[int, int], torch.Tensor]  # float32
     shape: tuple[int, int]  # (long, short)
     transposed: bool  # the tall matrix is the original's transpose
 
-    def chunks(self, dtype: torch.dtype = torch.float32):
+    def chunks(self):
         step = max(1, CHUNK_ELEMENTS // self.shape[1])
         for start in range(0, self.shape[0], step):
-            yield start, self.rows(start, min(start + step, self.shape[0])).to(dtype)
+            yield start, self.rows(start, min(start + step, self.shape[0]))
 
     def whole(self) -> torch.Tensor:
         return self.rows(0, self.shape[0]).float()
@@ -61,10 +61,10 @@ def tall_rows(*parts: torch.Tensor) -> TallRows:
     return TallRows(rows, tuple(matrices[0].shape), transposed)
 
 
-def gram(matrix: TallRows, dtype: torch.dtype) -> torch.Tensor:
-    """Short-side Gram matrix A^T A, accumulated over row chunks."""
+def gram(matrix: TallRows) -> torch.Tensor:
+    """Short-side Gram matrix A^T A (float32), accumulated over row chunks."""
     total = None
-    for _, chunk in matrix.chunks(dtype):
+    for _, chunk in matrix.chunks():
         total = chunk.T @ chunk if total is None else total.addmm_(chunk.T, chunk)
     return total
 
@@ -72,10 +72,10 @@ def gram(matrix: TallRows, dtype: torch.dtype) -> torch.Tensor:
 def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, bool]:
     """Descending singular values (float64, CPU) and whether they are all of them.
 
-    Exact in float64 (numerical rank at 1e-6 * s_1 sits at float32's noise floor): a direct
-    SVD when the matrix fits one chunk, else the eigenvalues of the float64 Gram matrix,
-    which needs no copy of the matrix and resolves s_i down to ~1e-7 s_1. Above
-    `exact_svd_max`: the randomized top values, enough for every top-k statistic.
+    In float64 when the matrix fits one chunk (numerical rank at 1e-6 * s_1 sits near
+    float32's noise floor of ~5e-7 s_1); larger matrices (embeddings) in float32, since a
+    float64 copy would double the peak memory. Above `exact_svd_max`: the randomized top
+    values, enough for every top-k statistic.
     """
     long, short = delta.shape
     if short > exact_svd_max:
@@ -83,10 +83,8 @@ def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, 
         _, values, _ = torch.svd_lowrank(delta.whole(), q=wanted + RANDOMIZED_OVERSAMPLING,
                                          niter=RANDOMIZED_POWER_ITERATIONS)
         return values[:wanted].double().cpu(), False
-    if long * short <= CHUNK_ELEMENTS:
-        return torch.linalg.svdvals(delta.rows(0, long).to(torch.float64)).cpu(), True
-    eigenvalues = torch.linalg.eigvalsh(gram(delta, torch.float64))
-    return eigenvalues.flip(0).clamp(min=0).sqrt().cpu(), True
+    dtype = torch.float64 if long * short <= CHUNK_ELEMENTS else torch.float32
+    return torch.linalg.svdvals(delta.rows(0, long).to(dtype)).double().cpu(), True
 
 
 def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: float,
@@ -146,7 +144,7 @@ def decompose(matrix: TallRows, top: int, exact_svd_max: int) -> Decomposition:
     to ~1e-6 relative. Above `exact_svd_max`: randomized top-k SVD.
     """
     if matrix.shape[1] <= exact_svd_max:
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram(matrix, torch.float32))
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram(matrix))
         values = eigenvalues.flip(0).clamp(min=0).sqrt()
         short_vectors = eigenvectors.flip(1)[:, :top]
         inverse = 1 / values[:top].clamp(min=torch.finfo(torch.float32).tiny)
