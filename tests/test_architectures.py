@@ -57,3 +57,27 @@ def test_one_opd_step_and_the_analysis(arch, gpu_settings, tmp_path):
     assert summary  # the analysis read every tensor of the architecture
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
     assert len(log) == 2 and log[1].startswith("1,")
+
+
+def test_micro_batches_split_the_batch_over_processes(monkeypatch):
+    from opdgeo.train import _micro_batches
+
+    assert _micro_batches(128, 8) == (8, 16)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what `accelerate launch --num_processes 4` sets
+    assert _micro_batches(128, 8) == (8, 4)
+    assert _micro_batches(128, None) == (32, 1)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _micro_batches(128, 48)
+
+
+def test_use_vllm_without_vllm_is_a_clear_error():
+    from opdgeo.train import _generation_backend
+
+    assert _generation_backend({"use_vllm": False}) == {}
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="use_vllm: false"):
+            _generation_backend({"use_vllm": True})
+    else:
+        assert _generation_backend({"use_vllm": True})["use_vllm"]

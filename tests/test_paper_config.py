@@ -70,6 +70,16 @@ def test_paper_dag_resolves_offline(tmp_path):
     # The default config's tiny models are not merged into the paper's study.
     assert "train_model" not in result.stdout
 
+    # A training job given several GPUs runs one process per GPU through accelerate.
+    target = "results/runs/dsqwen-opd-deepscaler-adamw-s0/final"
+    result = subprocess.run(
+        [str(BIN / "snakemake"), target, "-n", "-p", "--configfile", "config/paper.yaml",
+         "--cores", "2", "--set-resources", "train_run:gpu=4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert "accelerate launch --multi_gpu --num_processes 4 -m opdgeo.cli train-run" in (
+        result.stdout), result.stdout[-3000:] + result.stderr[-3000:]
+
 
 def test_pair_task_overrides_the_global_one(paper):
     config = copy.deepcopy(paper)
