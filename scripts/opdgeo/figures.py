@@ -8,6 +8,7 @@ renders every figure.
 """
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -246,8 +247,14 @@ def _arm_label(arm: str, density: float) -> str:
     return label + (f", density {density:.1%}" if not math.isnan(density) else "")
 
 
-def _score_axis(ax, metric: str):
+def step_axis(ax):
+    """Training steps are integers: no 2.5-step ticks."""
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+
+
+def _score_axis(ax, metric: str):
+    step_axis(ax)
     ax.set_ylabel(f"held-out {metric} (%)")
 
 
@@ -337,8 +344,9 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     colors, labels = group_colors(info, plots), _labels(info)
     for ax, (metric, ylabel) in zip(axes, TRAJECTORY_PANELS, strict=True):
         draw_lines(ax, data[data["metric"] == metric], "step", colors, labels, 100)
-        ax.set_xlabel("training step")
+        step_axis(ax)
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)  # shares of 100%: a zero baseline keeps changes in proportion
     axes[2].axhline(ISOTROPIC_PROJECTION_10PCT * 100, ls="--", color="0.4", lw=1,
                     label="isotropic update (1%)")
     handles, names = axes[2].get_legend_handles_labels()
@@ -367,7 +375,7 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
     for ax, (metric, ylabel, paper) in zip(axes, panels, strict=True):
         draw_lines(ax, data[data["metric"] == metric], "step", colors, labels)
         ax.axhline(paper, ls=":", color="0.3", lw=1.2, label=f"paper, mean over run ({paper})")
-        ax.set_xlabel("training step")
+        step_axis(ax)
         ax.set_ylabel(ylabel + " (unitless)")
     axes[0].set_title("first moment: step-to-step alignment")
     axes[1].set_title("second moment: spread of per-coordinate scales")
@@ -428,8 +436,12 @@ def module_table(tensors: pd.DataFrame) -> pd.DataFrame:
     fractions weighted by count, matrix metrics as medians): opdgeo.delta.grouping."""
     from opdgeo.delta.grouping import aggregate  # imports torch: only when this is drawn
 
-    frames = [aggregate(rows.drop(columns="run"), ["module"]).assign(run=run)
-              for run, rows in tensors.groupby("run", sort=False)]
+    with warnings.catch_warnings():
+        # aggregate() adds ~100 columns one by one; pandas warns about fragmentation, which
+        # costs nothing at this size
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        frames = [aggregate(rows.drop(columns="run"), ["module"]).assign(run=run)
+                  for run, rows in tensors.groupby("run", sort=False)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -461,7 +473,8 @@ def appendix_module_metrics(tensors: pd.DataFrame, info: pd.DataFrame, plots: di
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, stats["mean"], width,
                    yerr=stats["std"].fillna(0), color=colors[group], label=labels[group],
                    capsize=2)
-        ax.set_xticks(x, modules, rotation=45 if len(modules) > 8 else 0)
+        ax.set_xticks(x, modules, rotation=45 if len(modules) > 8 else 0,
+                      ha="right" if len(modules) > 8 else "center", rotation_mode="anchor")
         ax.set_ylabel(ylabel)
         ax.set_xlabel("module")
     handles, names = axes.flat[0].get_legend_handles_labels()

@@ -60,7 +60,9 @@ def concat_csvs(paths: list[Path], run_from_folder: bool = False,
     for path in map(Path, paths):
         frame = pd.read_csv(path)
         if run_from_folder:
-            frame.insert(0, "run", path.parents[run_level - 1].name)
+            # (concat, not insert: a wide per-tensor CSV reads as a fragmented frame)
+            run = pd.DataFrame({"run": [path.parents[run_level - 1].name] * len(frame)})
+            frame = pd.concat([run, frame], axis=1)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -72,7 +74,9 @@ def write_table(frame: pd.DataFrame, out: Path, formats=("csv",)):
     writers = {
         "csv": lambda p: frame.to_csv(p, index=False),
         "md": lambda p: p.write_text(frame.to_markdown(index=False) + "\n"),
-        "tex": lambda p: p.write_text(frame.to_latex(index=False, float_format="%.4g")),
+        # escape: column names like "sparsity %" and run names with "_" are LaTeX syntax
+        "tex": lambda p: p.write_text(frame.to_latex(index=False, float_format="%.4g",
+                                                     escape=True)),
     }
     for fmt in formats:
         path = out.with_suffix("." + fmt)
