@@ -29,14 +29,14 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int 
     return folder
 
 
-def small_model(seed: int = 0, hidden: int = 24, layers: int = 2) -> dict[str, torch.Tensor]:
+def small_model(seed: int = 0, hidden: int = 16, layers: int = 2) -> dict[str, torch.Tensor]:
     """A Qwen2-shaped bf16 state dict: attention, FFN, norms, embedding."""
     generator = torch.Generator().manual_seed(seed)
 
     def gaussian(*shape):
         return (torch.randn(shape, generator=generator) * 0.02).bfloat16()
 
-    tensors = {"model.embed_tokens.weight": gaussian(50, hidden),
+    tensors = {"model.embed_tokens.weight": gaussian(40, hidden),
                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
     for layer in range(layers):
         prefix = f"model.layers.{layer}."

@@ -10,7 +10,7 @@ from opdgeo.delta.io import Checkpoint, match_tensors
 
 
 def test_sharded_and_single_file_give_identical_results(tmp_path):
-    source, trained = small_model(), perturbed(small_model())
+    source, trained = small_model(layers=1), perturbed(small_model(layers=1))
     save_checkpoint(tmp_path / "source", source)
     save_checkpoint(tmp_path / "trained", trained)
     save_checkpoint(tmp_path / "source_sharded", source, shards=3)

@@ -9,6 +9,7 @@ tensors.csv, layers.csv, modules.csv, blocks.csv, layer_module.csv, summary.json
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -62,70 +63,88 @@ def _suffix(atol: float) -> str:
     return "" if atol == HEADLINE_ATOL else f"_atol_{threshold_label(atol)}"
 
 
-def _by_atol(label_sums: torch.Tensor, exact_null: bool):
-    """Per-label sums -> (observed, exact-null or None) sums over each atol's update mask.
-
-    With the exact null the labels are observed + N_CATEGORIES * null categories.
-    """
-    if not exact_null:
-        return covered_by_atol(label_sums[:N_CATEGORIES]), None
-    joint = label_sums[: N_CATEGORIES**2].view(N_CATEGORIES, N_CATEGORIES)  # (null, observed)
-    return covered_by_atol(joint.sum(0)), covered_by_atol(joint.sum(1))
-
-
 def _share(part: float, whole: float) -> float:
     return part / whole if whole > 0 else math.nan
 
 
-def _coverage_columns(prefix: str, label: str, covered, updated) -> dict[str, float]:
-    return {f"{prefix}_coverage_{label}{_suffix(atol)}": _share(covered[atol], updated[atol])
-            for atol in updated}
+@dataclass
+class Updates:
+    """The update category of every coordinate, joint with the exact rounding null's when
+    fp32 weights are known (label = observed + N_CATEGORIES * null), and the update counts."""
+
+    labels: torch.Tensor
+    exact_null: bool
+    counts: dict[float, float] = field(default_factory=dict)  # atol -> updated coordinates
+    null_counts: dict[float, float] | None = None
+
+    @property
+    def n_labels(self) -> int:
+        return N_CATEGORIES**2 if self.exact_null else N_CATEGORIES
+
+    def by_atol(self, label_sums: torch.Tensor):
+        """Per-label sums -> (observed, exact-null or None) sums over each atol's update mask."""
+        if not self.exact_null:
+            return covered_by_atol(label_sums[:N_CATEGORIES]), None
+        joint = label_sums[: N_CATEGORIES**2].view(N_CATEGORIES, N_CATEGORIES)  # (null, obs)
+        return covered_by_atol(joint.sum(0)), covered_by_atol(joint.sum(1))
+
+    def coverage(self, mask: str, label: str, label_sums: torch.Tensor) -> dict[str, float]:
+        """Coverage columns of one mask: observed, and the exact null's when present."""
+        covered, null_covered = self.by_atol(label_sums)
+        columns = {f"{mask}_coverage_{label}{_suffix(atol)}": _share(covered[atol], count)
+                   for atol, count in self.counts.items()}
+        if self.exact_null and mask != "combined":
+            columns |= {f"exact_null_{mask}_coverage_{label}{_suffix(atol)}":
+                        _share(null_covered[atol], count)
+                        for atol, count in self.null_counts.items()}
+        return columns
 
 
-def analyze_tensor(pair: TensorPair, source: torch.Tensor, trained: torch.Tensor,
-                   trained_fp32: torch.Tensor | None, exact_svd_max: int, seed: int,
-                   nulls: bool) -> dict:
-    """Every per-tensor metric of one pair (source and trained in the analysis dtype)."""
+def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd_max: int,
+                   seed: int, nulls: bool) -> dict:
+    """Every per-tensor metric of one pair.
+
+    tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32". They
+    are popped and dropped as soon as they are used, so a caller that keeps no other
+    reference holds at most about four copies of the largest tensor at once.
+    """
+    source = tensors.pop("source")
     group = classify(pair.name)
+    numel = source.numel()
     row = {"name": pair.name, "layer": group.layer, "module": group.module,
-           "block": group.block, "shape": "x".join(map(str, pair.shape)),
-           "numel": source.numel()}
-    delta, category, stats = delta_and_stats(source, trained)
-    del trained
+           "block": group.block, "shape": "x".join(map(str, pair.shape)), "numel": numel}
+    delta, category, stats = delta_and_stats(source, tensors.pop("trained"))
     row |= stats.row()
     generator = tensor_generator(pair.name, seed, source.device)
-    exact_null = trained_fp32 is not None
-    labels, n_labels = category, N_CATEGORIES
-    if exact_null:
-        null_category = exact_rounding_null_categories(source, trained_fp32, generator)
-        labels, n_labels = category + N_CATEGORIES * null_category, N_CATEGORIES**2
-        del null_category
-    numel = source.numel()
+    updates = Updates(category, exact_null="trained_fp32" in tensors)
+    if updates.exact_null:
+        null_category = exact_rounding_null_categories(source, tensors.pop("trained_fp32"),
+                                                       generator)
+        updates.labels = category + N_CATEGORIES * null_category
+    del category
 
     # Low-magnitude masks (every tensor) and the parametric rounding null fitted on them.
     low_splits, low_high = rank_splits(source, [round(r * numel) for r in MASK_RATIOS],
-                                       labels=labels, n_labels=n_labels)
-    updated, null_updated = _by_atol(low_high.sum(dim=1), exact_null)
+                                       labels=updates.labels, n_labels=updates.n_labels)
+    updates.counts, updates.null_counts = updates.by_atol(low_high.sum(dim=1))
     for ratio, split in zip(MASK_RATIOS, low_splits, strict=True):
-        covered, null_covered = _by_atol(split.sums, exact_null)
-        row |= _coverage_columns("low_magnitude", ratio_label(ratio), covered, updated)
-        if exact_null and ratio == HEADLINE_RATIO:
-            row |= _coverage_columns("exact_null_low_magnitude", ratio_label(ratio),
-                                     null_covered, null_updated)
-    if exact_null:
-        for atol, count in null_updated.items():
+        columns = updates.coverage("low_magnitude", ratio_label(ratio), split.sums)
+        row |= {k: v for k, v in columns.items()
+                if ratio == HEADLINE_RATIO or not k.startswith("exact_null_")}
+    if updates.exact_null:
+        for atol, count in updates.null_counts.items():
             row[f"exact_null_sparsity_atol_{threshold_label(atol)}"] = 1 - count / numel
-    bin_counts = low_high[:n_labels].sum(dim=0)
-    rounding_null = fit_rounding_null(bin_counts, updated[HEADLINE_ATOL])
-    headline = MASK_RATIOS.index(HEADLINE_RATIO)
+    bin_counts = low_high[: updates.n_labels].sum(dim=0)
+    rounding_null = fit_rounding_null(bin_counts, updates.counts[HEADLINE_ATOL])
+    low_split = low_splits[MASK_RATIOS.index(HEADLINE_RATIO)]
+    label = ratio_label(HEADLINE_RATIO)
     row["rounding_null_scale"] = rounding_null.scale
-    row[f"rounding_null_low_magnitude_coverage_{ratio_label(HEADLINE_RATIO)}"] = _share(
-        rounding_null.expected_in_smallest(bin_counts, low_splits[headline]),
-        rounding_null.expected_changed)
+    row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
+        rounding_null.expected_in_smallest(bin_counts, low_split), rounding_null.expected_changed)
     if source.dim() < 2:
         return add_enrichment(row)
 
-    # Spectrum of the delta, geometry against one decomposition of the source.
+    # Spectrum of the delta; geometry against one decomposition of the source.
     delta_rows = tall_rows(delta)
     short_side = delta_rows.shape[1]
     values, complete = singular_values(delta_rows, exact_svd_max)
@@ -137,37 +156,35 @@ def analyze_tensor(pair: TensorPair, source: torch.Tensor, trained: torch.Tensor
                                       rank_count(HEADLINE_RATIO, short_side), exact_svd_max)
     row |= rotation_and_drift(source_decomposition, trained_decomposition, short_side)
     if nulls:
-        shuffled_values, shuffled_complete = singular_values(
-            shuffled_rows(delta, delta_rows, generator), exact_svd_max)
-        shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
-                                            shuffled_complete)
-        row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)
-                for key in SHUFFLE_NULL_KEYS}
         isotropic = principal_projection(isotropic_rows(delta_rows, generator),
                                          source_decomposition)
         row |= {f"isotropic_null_principal_projection_{ratio_label(r)}":
                 isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
-    del delta, delta_rows
 
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
-    label = ratio_label(HEADLINE_RATIO)
     magnitudes = principal_magnitudes(source_decomposition,
                                       rank_count(HEADLINE_RATIO, short_side),
                                       (source.shape[0], numel // source.shape[0]))
     # the top-ratio set is the complement of the (numel - count) smallest
     (rest,), high = rank_splits(magnitudes, [numel - round(HEADLINE_RATIO * numel)],
-                                labels=labels, n_labels=n_labels)
-    covered, null_covered = _by_atol(high.sum(dim=1) - rest.sums, exact_null)
-    row |= _coverage_columns("principal", label, covered, updated)
-    if exact_null:
-        row |= _coverage_columns("exact_null_principal", label, null_covered, null_updated)
-    counts = mask_counts(magnitudes, rest, source, low_splits[headline], labels, n_labels)
+                                labels=updates.labels, n_labels=updates.n_labels)
+    row |= updates.coverage("principal", label, high.sum(dim=1) - rest.sums)
+    counts = mask_counts(magnitudes, rest, source, low_split, updates.labels, updates.n_labels)
     row[f"rounding_null_principal_coverage_{label}"] = _share(
         rounding_null.expected_changed_in(counts.principal_by_exponent),
         rounding_null.expected_changed)
     row[f"combined_density_{label}"] = float(counts.union.sum()) / numel
-    row |= _coverage_columns("combined", label, _by_atol(counts.union, exact_null)[0], updated)
+    row |= updates.coverage("combined", label, counts.union)
+    if nulls:  # last, with everything else released: it needs two more copies of the delta
+        del source, magnitudes, updates, delta_rows
+        shuffled = shuffled_rows(delta, generator)
+        del delta
+        shuffled_values, shuffled_complete = singular_values(shuffled, exact_svd_max)
+        shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
+                                            shuffled_complete)
+        row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)
+                for key in SHUFFLE_NULL_KEYS}
     return add_enrichment(row)
 
 
@@ -201,14 +218,14 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     pairs = match_tensors(source_checkpoint, trained_checkpoint)
     rows = []
     for pair in pairs:
-        source_tensor = source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype])
-        trained_tensor = trained_checkpoint.load(pair.trained_name).to(torch_device,
-                                                                       DTYPES[dtype])
-        trained_fp32 = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair)) \
-            if fp32_checkpoint is not None else None
-        rows.append(analyze_tensor(pair, source_tensor, trained_tensor, trained_fp32,
-                                   exact_svd_max, seed, nulls))
-        del source_tensor, trained_tensor, trained_fp32
+        tensors = {
+            "source": source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype]),
+            "trained": trained_checkpoint.load(pair.trained_name).to(torch_device,
+                                                                     DTYPES[dtype]),
+        }
+        if fp32_checkpoint is not None:
+            tensors["trained_fp32"] = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair))
+        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls))
     tensors = pd.DataFrame(rows)
     tensors["layer"] = tensors["layer"].astype("Int64")
     result = summary(tensors)

@@ -132,15 +132,13 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
     return categories((rounded - base).abs()).view(source.shape)
 
 
-def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
-                  generator: torch.Generator) -> TallRows:
-    """The delta's entries permuted uniformly within the tensor, read in row chunks."""
+def shuffled_rows(delta: torch.Tensor, generator: torch.Generator) -> TallRows:
+    """The delta's entries permuted uniformly within the tensor (a new tensor: the
+    permutation, int32 to halve its memory, is dropped before the caller decomposes)."""
     flat = delta.reshape(-1)
     order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
-                           dtype=torch.int32)  # int32: half the memory of the default
-    short = delta_rows.shape[1]
-    return TallRows(lambda start, stop: flat[order[start * short:stop * short]].view(-1, short),
-                    delta_rows.shape, delta_rows.transposed)
+                           dtype=torch.int32)
+    return tall_rows(flat[order].view(delta.shape))
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:

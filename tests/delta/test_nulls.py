@@ -1,0 +1,124 @@
+"""Null models (issue 10) on constructed cases: values computed, not typed in."""
+
+import math
+
+import pytest
+import torch
+
+from opdgeo.delta.analyze import analyze_tensor
+from opdgeo.delta.io import TensorPair
+from opdgeo.delta.nulls import rounding_null_on_gaussian
+
+SHAPE = (192, 160)
+NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+def analyze(source, trained, trained_fp32=None, nulls=False) -> dict:
+    pair = TensorPair(NAME, NAME, NAME, tuple(source.shape))
+    tensors = {"source": source, "trained": trained}
+    if trained_fp32 is not None:
+        tensors["trained_fp32"] = trained_fp32
+    return analyze_tensor(pair, tensors, exact_svd_max=4096, seed=0, nulls=nulls)
+
+
+def gaussian_source(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(SHAPE, generator=generator) * 0.02).bfloat16()
+
+
+def half_normal_update(scale: float, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=generator) * scale
+
+
+def sampling_error(coverage: float, updates: float) -> float:
+    return math.sqrt(coverage * (1 - coverage) / updates)
+
+
+def test_rounded_half_normal_update_matches_the_parametric_null():
+    source = gaussian_source()
+    update = half_normal_update(4e-5)  # moves about half the coordinates by more than 1e-5
+    row = analyze(source, (source.float() + update).bfloat16())
+    updates = (1 - row["sparsity_atol_1e-5"]) * source.numel()
+    assert 0.2 < row["sparsity_atol_1e-5"] < 0.8
+    observed, null = row["low_magnitude_coverage_10pct"], \
+        row["rounding_null_low_magnitude_coverage_10pct"]
+    assert observed > 0.15  # rounding alone favours small weights...
+    assert abs(observed - null) < 4 * sampling_error(null, updates)  # ...as the null predicts
+    assert abs(row["principal_coverage_10pct"] - row["rounding_null_principal_coverage_10pct"]) \
+        < 4 * sampling_error(row["rounding_null_principal_coverage_10pct"], updates)
+    # the fitted scale recovers the update's
+    assert row["rounding_null_scale"] == pytest.approx(4e-5, rel=0.1)
+
+
+def test_update_on_the_largest_weights_has_coverage_zero_against_a_positive_null():
+    source = gaussian_source()
+    magnitudes = source.float().abs()
+    largest = magnitudes >= magnitudes.reshape(-1).quantile(0.7)
+    trained = (source.float() + 0.01 * torch.sign(source.float()) * largest).bfloat16()
+    row = analyze(source, trained)
+    assert row["low_magnitude_coverage_10pct"] == 0
+    assert row["rounding_null_low_magnitude_coverage_10pct"] > 0.1
+
+
+def test_one_binade_has_null_coverage_equal_to_the_mask_density():
+    generator = torch.Generator().manual_seed(2)
+    magnitude = (1 + 0.99 * torch.rand(SHAPE, generator=generator)) * 2**-6  # in [2^-6, 2^-5)
+    sign = torch.where(torch.rand(SHAPE, generator=generator) < 0.5, -1.0, 1.0)
+    source = (magnitude * sign).bfloat16()
+    update = half_normal_update(2e-5)
+    row = analyze(source, (source.float() + update).bfloat16())
+    assert row["rounding_null_low_magnitude_coverage_10pct"] == pytest.approx(0.1, abs=1e-12)
+    assert row["rounding_null_principal_coverage_10pct"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_exact_null_of_a_position_independent_update_matches_the_observed():
+    source = gaussian_source()
+    trained_fp32 = source.float() + half_normal_update(4e-5, seed=3)
+    row = analyze(source, trained_fp32.bfloat16(), trained_fp32=trained_fp32)
+    numel = source.numel()
+    observed_sparsity = row["sparsity_atol_1e-5"]
+    assert abs(row["exact_null_sparsity_atol_1e-5"] - observed_sparsity) < \
+        4 * math.sqrt(observed_sparsity * (1 - observed_sparsity) / numel)
+    updates = (1 - observed_sparsity) * numel
+    for mask in ("low_magnitude", "principal"):
+        observed, null = row[f"{mask}_coverage_10pct"], row[f"exact_null_{mask}_coverage_10pct"]
+        assert abs(observed - null) < 4 * math.sqrt(2) * sampling_error(observed, updates)
+
+
+def test_exact_null_breaks_an_update_tied_to_small_weights():
+    source = gaussian_source()
+    magnitudes = source.float().abs()
+    smallest = magnitudes <= magnitudes.reshape(-1).quantile(0.1)
+    trained_fp32 = source.float() + 1e-3 * smallest  # survives rounding, only small weights
+    row = analyze(source, trained_fp32.bfloat16(), trained_fp32=trained_fp32)
+    assert row["low_magnitude_coverage_10pct"] > 0.95
+    assert row["exact_null_low_magnitude_coverage_10pct"] < 0.3
+
+
+def test_isotropic_and_shuffle_nulls():
+    source = gaussian_source()
+    generator = torch.Generator().manual_seed(4)
+    isotropic = torch.randn(SHAPE, generator=generator) * 1e-3
+    row = analyze(source, source.float() + isotropic, nulls=True)
+    # an isotropic delta projects like its null, about ratio^2 (finite size adds a little)
+    assert row["principal_projection_10pct"] == pytest.approx(
+        row["isotropic_null_principal_projection_10pct"], rel=0.5)
+    assert 0.5 * 0.1**2 < row["isotropic_null_principal_projection_10pct"] < 2 * 0.1**2
+    low_rank = torch.randn(SHAPE[0], 2, generator=generator) @ torch.randn(2, SHAPE[1],
+                                                                           generator=generator)
+    row = analyze(source, source.float() + 1e-3 * low_rank, nulls=True)
+    assert row["top16_energy"] == pytest.approx(1, abs=1e-6)
+    assert row["shuffle_null_top16_energy"] < 0.5  # shuffling destroys the low rank
+    assert row["shuffle_null_numerical_rank_fraction_1e-5"] == 1
+
+
+def test_parametric_null_on_gaussian_weights():
+    sparse = rounding_null_on_gaussian(0.8, 0.02, (256, 256))
+    dense = rounding_null_on_gaussian(0.03, 0.02, (256, 256))
+    # the sparser the update, the more rounding alone concentrates it on small weights
+    assert sparse["low_magnitude_coverage"] > 0.25
+    assert dense["low_magnitude_coverage"] == pytest.approx(0.1, abs=0.01)
+    assert sparse["scale"] < dense["scale"]
+    # smaller weights (finer bf16 spacing) need a smaller update for the same sparsity
+    assert rounding_null_on_gaussian(0.8, 0.01, (256, 256))["scale"] < sparse["scale"]
