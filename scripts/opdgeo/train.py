@@ -53,8 +53,7 @@ def resolve_device(device: str) -> str:
 
 def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, optimizer: str,
                   opt: dict, seed: int, device: str, training: dict | None = None,
-                  resumable: bool = False, schedule: str = "constant", warmup_steps: int = 0,
-                  **extra):
+                  resumable: bool = False, **extra):
     """Settings every trainer shares: optimizer, clipping, precision, logging, and (resumable
     runs) the Trainer's own checkpoint every `save_every` steps in out_dir/trainer/."""
     training = training or {}
@@ -74,8 +73,8 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
         adam_beta2=opt.get("adam_beta2", 0.999),
         optim=optim,
         optim_args=optim_args,
-        lr_scheduler_type=schedule,
-        warmup_steps=warmup_steps,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
         max_grad_norm=training.get("max_grad_norm", 1.0),
         logging_steps=1,
         save_strategy="steps" if resumable else "no",
@@ -174,9 +173,6 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
         SFTConfig, out_dir, steps=train["max_steps"], batch_size=train["batch_size"],
         optimizer="adamw", opt={"learning_rate": train["learning_rate"], "adam_beta2": 0.99},
         seed=train["seed"], device=device, max_length=64, completion_only_loss=True,
-        # Warm-up and cosine decay: at a constant 1e-3 the tiny models' held-out score
-        # oscillated between 0 and 0.4 for hundreds of steps instead of settling.
-        schedule="cosine", warmup_steps=train["max_steps"] // 20,
         packing=False, eos_token=tokenizer.eos_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
