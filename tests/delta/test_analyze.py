@@ -51,13 +51,14 @@ def test_outputs_and_summary_keys(pair, tmp_path):
     assert set(layer_module["layer"]) == {0, 1}
 
 
-def test_bf16_analysis_equals_fp32_analysis_of_the_same_values(pair, tmp_path):
-    bf16 = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "bf16",
+def test_bf16_analysis_equals_fp32_analysis_of_the_same_values(tmp_path):
+    source, trained = small_model(layers=1), perturbed(small_model(layers=1))
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "trained", trained)
+    bf16 = analyze_checkpoints(tmp_path / "source", tmp_path / "trained", tmp_path / "bf16",
                                dtype="bf16", device="cpu", nulls=False)
-    fp32_source = {k: v.float() for k, v in small_model().items()}
-    fp32_trained = {k: v.float() for k, v in perturbed(small_model()).items()}
-    save_checkpoint(tmp_path / "source32", fp32_source)
-    save_checkpoint(tmp_path / "trained32", fp32_trained)
+    save_checkpoint(tmp_path / "source32", {k: v.float() for k, v in source.items()})
+    save_checkpoint(tmp_path / "trained32", {k: v.float() for k, v in trained.items()})
     fp32 = analyze_checkpoints(tmp_path / "source32", tmp_path / "trained32", tmp_path / "fp32",
                                dtype="fp32", device="cpu", nulls=False)
     ignore = {"dtype", "source", "trained", "seconds"}
@@ -85,7 +86,10 @@ def test_delta_on_the_smallest_source_coordinates_has_low_magnitude_coverage_one
     assert result["sparsity_atol_1e-5"] == pytest.approx(1 - smallest.float().mean().item())
 
 
-def test_failure_leaves_no_partial_output(pair, tmp_path, monkeypatch):
+def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
+    pair = tmp_path / "pair"
+    save_checkpoint(pair / "source", small_model(layers=1))
+    save_checkpoint(pair / "trained", perturbed(small_model(layers=1)))
     out = tmp_path / "out"
     analyze_checkpoints(pair / "source", pair / "trained", out, device="cpu", nulls=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -113,4 +117,4 @@ def test_failure_leaves_no_partial_output(pair, tmp_path, monkeypatch):
         analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "fresh", device="cpu",
                             nulls=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # previous output intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else, no temp dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pair"]  # no temp dirs

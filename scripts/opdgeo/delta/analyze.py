@@ -226,15 +226,15 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         if fp32_checkpoint is not None:
             tensors["trained_fp32"] = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair))
         rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls))
-    tensors = pd.DataFrame(rows)
-    tensors["layer"] = tensors["layer"].astype("Int64")
-    result = summary(tensors)
+    table = pd.DataFrame(rows)
+    table["layer"] = table["layer"].astype("Int64")
+    result = summary(table)
     result["rounding_null_sparsity_fit"] = {
         block: float(scale) for block, scale in
-        tensors.groupby("block")["rounding_null_scale"].median().items()}
+        table.groupby("block")["rounding_null_scale"].median().items()}
     result |= {
-        "dtype": dtype, "device": str(torch_device), "tensor_count": len(tensors),
-        "matrix_count": int(tensors["shape"].str.contains("x").sum()),
+        "dtype": dtype, "device": str(torch_device), "tensor_count": len(table),
+        "matrix_count": int(table["shape"].str.contains("x").sum()),
         "source": str(source), "trained": str(trained),
         "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
         "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
@@ -242,8 +242,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
               for key, v in result.items()}
-    tables = {f"{name}.csv": table for name, table in group_tables(tensors).items()}
-    write_atomically(out_dir, {"tensors.csv": tensors, **tables,
+    tables = {f"{name}.csv": table for name, table in group_tables(table).items()}
+    write_atomically(out_dir, {"tensors.csv": table, **tables,
                                "summary.json": json.dumps(result, indent=2) + "\n",
                                "summary.md": summary_markdown(result)})
     return result

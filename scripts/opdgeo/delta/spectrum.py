@@ -45,7 +45,7 @@ class TallRows:
             yield start, self.rows(start, min(start + step, self.shape[0]))
 
     def whole(self) -> torch.Tensor:
-        return self.rows(0, self.shape[0]).float()
+        return self.rows(0, self.shape[0])
 
 
 def tall_rows(*parts: torch.Tensor) -> TallRows:
@@ -56,7 +56,10 @@ def tall_rows(*parts: torch.Tensor) -> TallRows:
         matrices = [m.T for m in matrices]
 
     def rows(start: int, stop: int) -> torch.Tensor:
-        return sum(m[start:stop].float() for m in matrices)
+        total = matrices[0][start:stop].float()  # a view when already float32: no copy
+        for matrix in matrices[1:]:
+            total = total + matrix[start:stop].float()
+        return total
 
     return TallRows(rows, tuple(matrices[0].shape), transposed)
 
