@@ -7,7 +7,8 @@ import torch
 
 from opdgeo.delta.analyze import analyze_tensor
 from opdgeo.delta.io import TensorPair
-from opdgeo.delta.nulls import rounding_null_on_gaussian
+from opdgeo.delta.metrics import rank_splits
+from opdgeo.delta.nulls import exponent_counts, fit_rounding_null, rounding_null_on_gaussian
 
 SHAPE = (192, 160)
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -122,3 +123,17 @@ def test_parametric_null_on_gaussian_weights():
     assert sparse["scale"] < dense["scale"]
     # smaller weights (finer bf16 spacing) need a smaller update for the same sparsity
     assert rounding_null_on_gaussian(0.8, 0.01, (256, 256))["scale"] < sparse["scale"]
+
+
+def test_constant_magnitude_null_changes_whole_exponent_classes():
+    source = gaussian_source()
+    numel = source.numel()
+    (split,), high = rank_splits(source, [round(0.1 * numel)])
+    null = fit_rounding_null(high[0], 0.4 * numel, distribution="constant")
+    changes = null.probability[exponent_counts(high[0]) > 0]
+    # P(change) is 1 up to some exponent and 0 above it, the fewest classes that reach 40%
+    assert set(changes.tolist()) == {0.0, 1.0}
+    assert torch.equal(changes, changes.sort(descending=True).values)
+    assert 0.4 * numel <= null.expected_changed < 0.75 * numel
+    # the 10% smallest weights all change
+    assert null.expected_in_smallest(high[0], split) == split.count

@@ -31,6 +31,7 @@ from opdgeo.delta.metrics import (
     threshold_label,
 )
 from opdgeo.delta.nulls import (
+    DISTRIBUTIONS,
     exact_rounding_null_categories,
     fit_rounding_null,
     isotropic_rows,
@@ -101,7 +102,7 @@ class Updates:
 
 
 def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd_max: int,
-                   seed: int, nulls: bool) -> dict:
+                   seed: int, nulls: bool, rounding_null: str = "half_normal") -> dict:
     """Every per-tensor metric of one pair.
 
     tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32". They
@@ -135,7 +136,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
         for atol, count in updates.null_counts.items():
             row[f"exact_null_sparsity_atol_{threshold_label(atol)}"] = 1 - count / numel
     bin_counts = low_high[: updates.n_labels].sum(dim=0)
-    rounding_null = fit_rounding_null(bin_counts, updates.counts[HEADLINE_ATOL])
+    rounding_null = fit_rounding_null(bin_counts, updates.counts[HEADLINE_ATOL],
+                                      distribution=rounding_null)
     low_split = low_splits[MASK_RATIOS.index(HEADLINE_RATIO)]
     label = ratio_label(HEADLINE_RATIO)
     row["rounding_null_scale"] = rounding_null.scale
@@ -201,16 +203,19 @@ def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:
 def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path,
                         dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
                         seed: int = 0, fp32_trained: Path | None = None,
-                        nulls: bool = True) -> dict:
+                        nulls: bool = True, rounding_null: str = "half_normal") -> dict:
     """Analyse the delta trained - source tensor by tensor; write out_dir; return the summary.
 
     dtype: both checkpoints are cast to it before subtracting (statistics in float32).
     fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
     rounding null. nulls: also compute the isotropic and shuffle nulls (the parametric
-    rounding null is always computed: it is nearly free).
+    rounding null is always computed: it is nearly free). rounding_null: the parametric
+    null's update magnitudes, "half_normal" or "constant".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if rounding_null not in DISTRIBUTIONS:
+        raise ValueError(f"rounding_null must be one of {DISTRIBUTIONS}, got {rounding_null!r}")
     started = time.perf_counter()
     torch_device = resolve_device(device)
     source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)
@@ -225,7 +230,7 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         }
         if fp32_checkpoint is not None:
             tensors["trained_fp32"] = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair))
-        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls))
+        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls, rounding_null))
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     result = summary(table)
@@ -238,6 +243,7 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         "source": str(source), "trained": str(trained),
         "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
         "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
+        "rounding_null_distribution": rounding_null,
         "seconds": time.perf_counter() - started,
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)

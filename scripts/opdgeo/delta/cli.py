@@ -18,7 +18,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     result = analyze_checkpoints(args.source, args.trained, args.out, dtype=args.dtype,
                                  device=args.device, exact_svd_max=args.exact_svd_max,
                                  seed=args.seed, fp32_trained=args.fp32_trained,
-                                 nulls=not args.no_nulls)
+                                 nulls=not args.no_nulls, rounding_null=args.rounding_null)
     print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)")
     for key in HEADLINE_KEYS:
         print(f"  {key}: {result.get(key)}")
@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                          help="fp32 master weights of the trained run (exact rounding null)")
     analyze.add_argument("--no-nulls", action="store_true",
                          help="skip the isotropic and shuffle nulls (about a third of the time)")
+    analyze.add_argument("--rounding-null", choices=("half_normal", "constant"),
+                         default="half_normal",
+                         help="update magnitudes of the parametric rounding null")
     analyze.set_defaults(handler=run_analyze)
 
     overlap = subparsers.add_parser(
