@@ -34,7 +34,6 @@ class Checkpoint:
         self._bin_tensors: dict[str, torch.Tensor] = {}  # .bin: mmap-backed tensors
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._is_float: dict[str, bool] = {}
-        self._open: dict[Path, object] = {}
         if self.path.is_file():
             self._index_safetensors([self.path])
         elif (self.path / "model.safetensors.index.json").exists():
@@ -53,17 +52,12 @@ class Checkpoint:
 
     def _index_safetensors(self, files: list[Path]) -> None:
         for file in files:
-            handle = self._handle(file)
-            for name in handle.keys():
-                info = handle.get_slice(name)
-                self._file_of[name] = file
-                self._shapes[name] = tuple(info.get_shape())
-                self._is_float[name] = info.get_dtype() in _FLOAT_SAFETENSORS_DTYPES
-
-    def _handle(self, file: Path):
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._open[file]
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    info = handle.get_slice(name)
+                    self._file_of[name] = file
+                    self._shapes[name] = tuple(info.get_shape())
+                    self._is_float[name] = info.get_dtype() in _FLOAT_SAFETENSORS_DTYPES
 
     def names(self) -> list[str]:
         """Floating-point tensors, each stored tensor once (tied copies dropped)."""
@@ -81,7 +75,10 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         if self._bin_tensors:
             return self._bin_tensors[name]
-        return self._handle(self._file_of[name]).get_tensor(name)
+        # opened per tensor: a file kept open stays memory-mapped, and every page read
+        # through the map would count towards the process's resident memory
+        with safe_open(str(self._file_of[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
 
     def _is_tied_copy(self, name: str, names: list[str]) -> bool:
         """An output head that is the input embedding (by config, or by shared storage)."""

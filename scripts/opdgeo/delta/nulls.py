@@ -28,6 +28,7 @@ from opdgeo.delta.metrics import (
     HIGH_BINS,
     RankSplit,
     categories,
+    chunk_slices,
     mask_counts,
     rank_splits,
 )
@@ -133,12 +134,17 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
 
 
 def shuffled_rows(delta: torch.Tensor, generator: torch.Generator) -> TallRows:
-    """The delta's entries permuted uniformly within the tensor (a new tensor: the
-    permutation, int32 to halve its memory, is dropped before the caller decomposes)."""
+    """The delta's entries permuted uniformly within the tensor, as a new tensor.
+
+    The permutation is int32 and gathered in chunks (indexing converts indices to int64),
+    and is dropped before the caller decomposes."""
     flat = delta.reshape(-1)
     order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
                            dtype=torch.int32)
-    return tall_rows(flat[order].view(delta.shape))
+    shuffled = torch.empty_like(flat)
+    for sl in chunk_slices(flat.numel()):
+        shuffled[sl] = flat[order[sl]]
+    return tall_rows(shuffled.view(delta.shape))
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:

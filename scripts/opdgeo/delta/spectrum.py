@@ -39,10 +39,10 @@ class TallRows:
     shape: tuple[int, int]  # (long, short)
     transposed: bool  # the tall matrix is the original's transpose
 
-    def chunks(self):
+    def chunks(self, dtype: torch.dtype = torch.float32):
         step = max(1, CHUNK_ELEMENTS // self.shape[1])
         for start in range(0, self.shape[0], step):
-            yield start, self.rows(start, min(start + step, self.shape[0]))
+            yield start, self.rows(start, min(start + step, self.shape[0])).to(dtype)
 
     def whole(self) -> torch.Tensor:
         return self.rows(0, self.shape[0])
@@ -64,10 +64,10 @@ def tall_rows(*parts: torch.Tensor) -> TallRows:
     return TallRows(rows, tuple(matrices[0].shape), transposed)
 
 
-def gram(matrix: TallRows) -> torch.Tensor:
-    """Short-side Gram matrix A^T A (float32), accumulated over row chunks."""
+def gram(matrix: TallRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Short-side Gram matrix A^T A, accumulated over row chunks."""
     total = None
-    for _, chunk in matrix.chunks():
+    for _, chunk in matrix.chunks(dtype):
         total = chunk.T @ chunk if total is None else total.addmm_(chunk.T, chunk)
     return total
 
@@ -75,9 +75,10 @@ def gram(matrix: TallRows) -> torch.Tensor:
 def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, bool]:
     """Descending singular values (float64, CPU) and whether they are all of them.
 
-    In float64 when the matrix fits one chunk (numerical rank at 1e-6 * s_1 sits near
-    float32's noise floor of ~5e-7 s_1); larger matrices (embeddings) in float32, since a
-    float64 copy would double the peak memory. Above `exact_svd_max`: the randomized top
+    Float64, since numerical rank at 1e-6 * s_1 sits near float32's noise floor (~5e-7 s_1):
+    a direct SVD when the matrix fits one chunk; for larger ones (embeddings) the eigenvalues
+    of the float64 Gram matrix, accumulated over row chunks, since an SVD would copy the
+    matrix (resolves s_i down to ~1e-7 s_1). Above `exact_svd_max`: the randomized top
     values, enough for every top-k statistic.
     """
     long, short = delta.shape
@@ -86,8 +87,10 @@ def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, 
         _, values, _ = torch.svd_lowrank(delta.whole(), q=wanted + RANDOMIZED_OVERSAMPLING,
                                          niter=RANDOMIZED_POWER_ITERATIONS)
         return values[:wanted].double().cpu(), False
-    dtype = torch.float64 if long * short <= CHUNK_ELEMENTS else torch.float32
-    return torch.linalg.svdvals(delta.rows(0, long).to(dtype)).double().cpu(), True
+    if long * short <= CHUNK_ELEMENTS:
+        return torch.linalg.svdvals(delta.rows(0, long).to(torch.float64)).cpu(), True
+    eigenvalues = torch.linalg.eigvalsh(gram(delta, torch.float64))
+    return eigenvalues.flip(0).clamp(min=0).sqrt().cpu(), True
 
 
 def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: float,
