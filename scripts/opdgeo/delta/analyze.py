@@ -163,9 +163,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
         row |= {f"isotropic_null_principal_projection_{ratio_label(r)}":
                 isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
 
-    del delta_rows
     if not nulls:  # the shuffle null at the end is the delta's last use
-        del delta
+        del delta, delta_rows
 
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
@@ -184,9 +183,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     row |= updates.coverage("combined", label, counts.union)
     if nulls:  # last, with everything else released: it needs two more copies of the delta
         del source, magnitudes, updates
-        shuffled = shuffled_rows(delta, generator)
-        del delta
-        shuffled_values, shuffled_complete = singular_values(shuffled, exact_svd_max)
+        shuffled_values, shuffled_complete = singular_values(
+            shuffled_rows(delta, delta_rows, generator), exact_svd_max)
         shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
                                             shuffled_complete)
         row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)

@@ -54,14 +54,21 @@ def rotation_and_drift(source: Decomposition, trained: Decomposition,
     """Mean sine of the principal angles between the top-k left subspaces of W_src and
     W_trained, and the relative drift of their top-k singular values (k = 10%).
 
-    Sines come from the part of U_trained outside U_src (float64): stable for tiny angles,
-    where 1 - cos^2 would cancel.
+    Sines are the singular values of the part of U_trained outside U_src, from its k x k Gram
+    matrix in float64 accumulated over row chunks (an embedding's U is 150k rows): stable
+    for tiny angles, where 1 - cos^2 would cancel.
     """
     k = rank_count(ROTATION_RATIO, short_side)
-    source_left = source.left[:, :k].double()
-    trained_left = trained.left[:, :k].double()
-    outside = trained_left - source_left @ (source_left.T @ trained_left)
-    sines = torch.linalg.svdvals(outside).clamp(max=1.0)
+    source_left, trained_left = source.left[:, :k], trained.left[:, :k]
+    step = max(1, CHUNK // k)
+    row_chunks = [slice(start, start + step) for start in range(0, len(source_left), step)]
+    cosines = sum(source_left[rows].double().T @ trained_left[rows].double()
+                  for rows in row_chunks)
+    outside_gram = 0
+    for rows in row_chunks:
+        outside = trained_left[rows].double() - source_left[rows].double() @ cosines
+        outside_gram = outside_gram + outside.T @ outside
+    sines = torch.linalg.eigvalsh(outside_gram).clamp(min=0, max=1).sqrt()
     drift = torch.linalg.vector_norm(trained.values[:k] - source.values[:k])
     label = ratio_label(ROTATION_RATIO)
     return {

@@ -28,7 +28,6 @@ from opdgeo.delta.metrics import (
     HIGH_BINS,
     RankSplit,
     categories,
-    chunk_slices,
     mask_counts,
     rank_splits,
 )
@@ -133,18 +132,16 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
     return categories((rounded - base).abs()).view(source.shape)
 
 
-def shuffled_rows(delta: torch.Tensor, generator: torch.Generator) -> TallRows:
-    """The delta's entries permuted uniformly within the tensor, as a new tensor.
-
-    The permutation is int32 and gathered in chunks (indexing converts indices to int64),
-    and is dropped before the caller decomposes."""
+def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
+                  generator: torch.Generator) -> TallRows:
+    """The delta's entries permuted uniformly within the tensor, gathered row chunk by row
+    chunk, so the shuffled matrix is never held whole (the permutation is int32)."""
     flat = delta.reshape(-1)
     order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
                            dtype=torch.int32)
-    shuffled = torch.empty_like(flat)
-    for sl in chunk_slices(flat.numel()):
-        shuffled[sl] = flat[order[sl]]
-    return tall_rows(shuffled.view(delta.shape))
+    short = delta_rows.shape[1]
+    return TallRows(lambda start, stop: flat[order[start * short:stop * short]].view(-1, short),
+                    delta_rows.shape, delta_rows.transposed)
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:
