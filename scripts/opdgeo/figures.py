@@ -301,7 +301,8 @@ def _masked_panel(ax, scores, masks, pair_info, primary, plots):
         arm: _arm_label(arm, density.get(arm, math.nan)) for arm in order[1:]}
     data = data.assign(arm=pd.Categorical(data["arm"], order))
     draw_lines(ax, data.sort_values(["arm", "step"]), "step", colors, labels, 100, key="arm")
-    ax.legend(fontsize="small")
+    # Below the axes: with several arms an inside legend covers the curves.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
 
 def _optimizer_panel(ax, scores, pair_info, primary, plots):
