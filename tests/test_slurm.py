@@ -14,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import yaml
 
 # The cluster fixture; imported by name only, so pytest can rewrite its asserts.
 pytest_plugins = ["slurm_cluster"]
@@ -31,25 +35,31 @@ PROFILE_DIR = REPO / "slurm"
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 
+class Submission(NamedTuple):
+    rule: str
+    wildcards: str  # the job's wildcard values joined by "_" (the plugin's log folder)
+    slurm_id: str
+    job: str  # Snakemake's job id; a retried job keeps it, with a new SLURM id
+
+
 @dataclass
 class SnakemakeRun:
     returncode: int
     output: str
 
-    def submissions(self) -> list[tuple[str, str]]:
-        """(rule, SLURM job id) for every sbatch this run made, from Snakemake's log.
+    def submissions(self) -> list[Submission]:
+        """Every sbatch this run made, from Snakemake's log.
 
-        The plugin files each job's log under `.snakemake/slurm_logs/rule_<name>/`, which is
-        the one place its log line names the rule.
+        The plugin files each job's SLURM log under
+        `.snakemake/slurm_logs/rule_<rule>/<wildcard values>/<slurm id>.log`, the one place
+        its log line names the rule.
         """
         found = []
-        for _, slurm_id, log in SUBMITTED.findall(self.output):
-            rule = re.search(r"/(?:rule|group)_([^/]+)/", log)
-            found.append((rule.group(1) if rule else "?", slurm_id))
+        for job, slurm_id, log in SUBMITTED.findall(self.output):
+            where = re.search(r"/(?:rule|group)_([^/]+)/(?:(.+)/)?[^/]+\.log$", log)
+            rule, wildcards = where.groups(default="") if where else ("?", "")
+            found.append(Submission(rule, wildcards, slurm_id, job))
         return found
-
-    def submitted_rules(self) -> set[str]:
-        return {rule for rule, _ in self.submissions()}
 
 
 def link_profile(workdir: Path) -> None:
@@ -213,7 +223,7 @@ def test_two_rule_workflow_runs_through_profile(slurm_cluster, tmp_path):
     assert_ok(run)
 
     # Each rule ran as its own SLURM job, on the cluster, to completion.
-    subs = dict(run.submissions())
+    subs = {sub.rule: sub.slurm_id for sub in run.submissions()}
     assert set(subs) == {"a", "b"}, run.output[-4000:]
     a_line, b_line = (tmp_path / "b.txt").read_text().splitlines()
     assert a_line == subs["a"]
@@ -227,3 +237,303 @@ def test_two_rule_workflow_runs_through_profile(slurm_cluster, tmp_path):
     again = snakemake(tmp_path, env=slurm_cluster.env)
     assert_ok(again)
     assert again.submissions() == []
+
+
+SLOW_RULE = """
+rule all:
+    input: "parts"
+
+# Leaves one file per attempt at once, finishes 10 s later: a cancelled attempt's file
+# would survive beside the retry's unless Snakemake removed it.
+rule slow:
+    output: directory("parts")
+    threads: 1
+    shell: "mkdir -p {output}; touch {output}/$SLURM_JOB_ID.part; sleep 10; touch {output}/done"
+"""
+
+
+@pytest.mark.slurm
+def test_scancelled_job_is_retried_without_partial_output(slurm_cluster, tmp_path):
+    (tmp_path / "Snakefile").write_text(SLOW_RULE)
+    link_profile(tmp_path)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--profile", "slurm"],
+            cwd=tmp_path,
+            env=slurm_cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not list((tmp_path / "parts").glob("*.part")):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            cancelled = next((tmp_path / "parts").glob("*.part")).stem
+            slurm_cluster.run("scancel", cancelled)
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    run = SnakemakeRun(proc.returncode, log.read_text())
+    assert_ok(run)
+
+    first, retry = (sub.slurm_id for sub in run.submissions())
+    assert first == cancelled != retry
+    finished = slurm_cluster.finished_jobs()
+    assert finished[cancelled]["JobState"] == "CANCELLED"
+    assert finished[retry]["JobState"] == "COMPLETED"
+    # Only the retry's files: the cancelled attempt's part file is gone.
+    written = {p.name for p in (tmp_path / "parts").iterdir() if p.name[0] != "."}
+    assert written == {"done", f"{retry}.part"}  # (.snakemake_timestamp is Snakemake's)
+
+
+# --- The pipeline itself (smoke config) -----------------------------------------------------
+
+SMOKE = "config/smoke.yaml"
+SMOKE_TIMEOUT_S = 540  # the whole smoke DAG through SLURM, scancel and retry included
+JOB_HEADER = re.compile(r"^(local)?rule (\w+):$", re.M)
+# Where figure and table rules write; a plot-setting edit may rerun nothing else.
+PRESENTATION_OUTPUTS = ("results/figures/", "results/tables/")
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree as git sees it (tracked + untracked, minus ignored: no results/,
+    .venv/ or .snakemake/), so a test run never shares state with the real checkout."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    link_profile(dest)
+    return dest
+
+
+def workflow_env(repo_copy: Path, base: dict[str, str]) -> dict[str, str]:
+    """Jobs inherit this (sbatch --export=ALL): `opdgeo` on PATH, imported from the copy."""
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        **base,
+        "PATH": f"{venv_bin}{os.pathsep}{base.get('PATH', os.defpath)}",
+        "PYTHONPATH": str(repo_copy / "scripts"),
+    }
+
+
+def workflow_ready() -> bool:
+    return (REPO / "workflow" / "Snakefile").exists() and (REPO / SMOKE).exists()
+
+
+needs_workflow = pytest.mark.skipif(not workflow_ready(), reason="workflow/config not there yet")
+
+
+def jobs_run(output: str) -> list[tuple[str, bool, list[str]]]:
+    """(rule, is_local, outputs) of every job a Snakemake run started, from its log."""
+    jobs = []
+    blocks = JOB_HEADER.split(output)
+    # split() yields [before, local, rule, body, local, rule, body, ...]
+    for local, rule, body in zip(blocks[1::3], blocks[2::3], blocks[3::3], strict=True):
+        match = re.search(r"^\s+output: (.*)$", body, re.M)
+        outputs = match.group(1).split(", ") if match else []
+        jobs.append((rule, bool(local), outputs))
+    return jobs
+
+
+@needs_workflow
+def test_training_job_of_the_real_workflow_asks_for_one_gpu(tmp_path):
+    """With `device: cuda` the pipeline's own training rule reaches sbatch as --gpus=1 on the
+    profile's GPU partition (fake SLURM commands; no GPU, no cluster)."""
+    repo = copy_repo(tmp_path / "repo")
+    record = tmp_path / "calls.jsonl"
+    fake_slurm_bin(tmp_path / "bin", record)
+    env = workflow_env(repo, dict(os.environ))
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    env.pop("SLURM_CONF", None)
+
+    result = snakemake(repo, "--configfile", SMOKE, "--config", "device=cuda", env=env)
+    assert result.returncode != 0
+    calls = recorded_sbatch_calls(record)
+    train = next((argv for rule, argv in calls.items() if rule.startswith("train_model")), None)
+    assert train is not None, result.output[-4000:]
+    assert "--gpus=1" in train
+    assert train[train.index("-p") + 1] == "gpu"
+
+
+@dataclass
+class Cancellation:
+    slurm_id: str
+    rule: str
+    wildcards: str
+    at: float  # time.time() of the scancel
+    partial: list[str]  # files the job had written when it was cancelled
+
+
+def squeue_jobs(cluster) -> list[tuple[str, str, str]]:
+    """(job id, state, comment) of every job slurmctld knows; the plugin's comment is
+    `rule_<rule>_wildcards_<wildcards>`."""
+    out = cluster.run("squeue", "-h", "--states=all", "-o", "%i|%T|%k", check=False).stdout
+    return [tuple(line.split("|", 2)) for line in out.splitlines() if line.count("|") == 2]
+
+
+def cancel_training_mid_run(
+    cluster, repo: Path, proc: subprocess.Popen, deadline: float
+) -> Cancellation | None:
+    """scancel the first train_run job caught with part of its output written.
+
+    Training jobs write checkpoints as they go, so "some files of the run exist, the job is
+    still RUNNING" is exactly the state in which a cancelled job leaves partial output.
+    """
+    tried: set[str] = set()
+    while proc.poll() is None and time.monotonic() < deadline:
+        for slurm_id, state, comment in squeue_jobs(cluster):
+            match = re.fullmatch(r"rule_train_run_wildcards_(.+)", comment)
+            if not match or state != "RUNNING" or slurm_id in tried:
+                continue
+            run_dir = repo / "results" / "runs" / match.group(1)
+            partial = sorted(str(p.relative_to(repo)) for p in run_dir.rglob("*") if p.is_file())
+            if not partial:
+                continue
+            tried.add(slurm_id)
+            cluster.run("scancel", slurm_id)
+            return Cancellation(slurm_id, "train_run", match.group(1), time.time(), partial)
+        time.sleep(0.2)
+    return None
+
+
+@pytest.fixture(scope="module")
+def smoke(slurm_cluster, tmp_path_factory):
+    """The smoke config through `snakemake --profile slurm`, one training job scancelled
+    mid-run. Returns the repo copy, the run's log, the cancellation and the environment."""
+    if not workflow_ready():
+        pytest.skip("workflow/config not there yet")
+    repo = copy_repo(tmp_path_factory.mktemp("smoke"))
+    env = workflow_env(repo, slurm_cluster.env)
+    log = repo / "snakemake-run1.log"
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", SMOKE],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = started + SMOKE_TIMEOUT_S
+        try:
+            cancelled = cancel_training_mid_run(slurm_cluster, repo, proc, deadline)
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # reported below, with the log
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # Snakemake cancels its SLURM jobs on SIGTERM
+                proc.wait(timeout=60)
+                pytest.fail(
+                    f"smoke run did not finish in {SMOKE_TIMEOUT_S} s:\n" + log.read_text()[-4000:]
+                )
+    run = SnakemakeRun(proc.returncode, log.read_text())
+    print(f"smoke run through SLURM: {time.monotonic() - started:.0f} s")
+    return repo, run, cancelled, env
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_smoke_runs_end_to_end_as_slurm_jobs(smoke, slurm_cluster):
+    repo, run, _, env = smoke
+    assert_ok(run)
+
+    # Every output of the DAG exists (Snakemake's own inventory of it).
+    summary = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", SMOKE, "--summary", "--cores", "1"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    outputs = [line.split("\t")[0] for line in summary.splitlines()[1:] if line.strip()]
+    assert outputs
+    missing = [f for f in outputs if not (repo / f).exists()]
+    assert not missing, missing
+
+    # Each job of a non-local rule went through sbatch and completed as a SLURM job; the
+    # local rules (tables, figures, report) ran in the Snakemake process and were not
+    # submitted.
+    jobs = jobs_run(run.output)
+    remote = [rule for rule, local, _ in jobs if not local]
+    local = {rule for rule, is_local, _ in jobs if is_local}
+    submitted = run.submissions()
+    assert remote and local
+    assert len({sub.job for sub in submitted}) == len(remote), "a job ran without sbatch"
+    assert {sub.rule for sub in submitted} == set(remote)
+    assert not local & {sub.rule for sub in submitted}
+    # SLURM's own records agree: every submission ran there and ended; the last attempt of
+    # every job completed (the earlier one of the cancelled job did not).
+    finished = slurm_cluster.finished_jobs()
+    last_attempt = {sub.job: sub.slurm_id for sub in submitted}
+    assert all(sub.slurm_id in finished for sub in submitted)
+    assert {finished[i]["JobState"] for i in last_attempt.values()} == {"COMPLETED"}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancelled_job_is_rerun_and_leaves_no_partial_output(smoke, slurm_cluster):
+    repo, run, cancelled, _ = smoke
+    assert_ok(run)
+    assert cancelled is not None, "no training job was caught mid-run to cancel"
+
+    assert slurm_cluster.finished_jobs()[cancelled.slurm_id]["JobState"] == "CANCELLED"
+    # The same Snakemake job was submitted again under a new SLURM id, and that completed.
+    attempts = [
+        sub
+        for sub in run.submissions()
+        if (sub.rule, sub.wildcards) == (cancelled.rule, cancelled.wildcards)
+    ]
+    assert [sub.slurm_id for sub in attempts][:1] == [cancelled.slurm_id]
+    assert len(attempts) == 2 and attempts[0].job == attempts[1].job
+    assert slurm_cluster.finished_jobs()[attempts[1].slurm_id]["JobState"] == "COMPLETED"
+    # Every file of that run comes from the successful attempt: nothing the cancelled one
+    # wrote (cancelled.partial, at least) survived.
+    run_dir = repo / "results" / "runs" / cancelled.wildcards
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files
+    stale = [str(p) for p in files if p.stat().st_mtime < cancelled.at]
+    assert not stale, f"files from the cancelled attempt survived: {stale}"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_second_invocation_submits_nothing(smoke):
+    repo, run, _, env = smoke
+    assert_ok(run)
+    again = snakemake(repo, "--configfile", SMOKE, env=env)
+    assert_ok(again)
+    assert again.submissions() == []
+    assert jobs_run(again.output) == []
+    assert "Nothing to be done" in again.output
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_plot_edit_reruns_only_figures_and_tables(smoke):
+    repo, run, _, env = smoke
+    assert_ok(run)
+    # A plot setting (smoke.yaml `plots: {dpi: ...}`) is only a param of the figure rules.
+    config_file = repo / SMOKE
+    config = yaml.safe_load(config_file.read_text())
+    config["plots"]["dpi"] += 1
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    edited = snakemake(repo, "--configfile", SMOKE, env=env)
+    assert_ok(edited)
+    jobs = [job for job in jobs_run(edited.output) if job[0] != "all"]
+    assert jobs, "the dpi edit invalidated nothing"
+    for rule, _, outputs in jobs:
+        assert outputs and all(o.startswith(PRESENTATION_OUTPUTS) for o in outputs), rule
+    assert {sub.rule for sub in edited.submissions()} <= {rule for rule, _, _ in jobs}
