@@ -8,7 +8,7 @@ what a schema cannot (references between sections) and expands the config into r
     {pair}-sft-{optimizer}-s{seed}                offline distillation control (primary teacher)
     {pair}-grpo-{optimizer}-s{seed}               RLVR control
     {pair}-masked-{arm}-s{seed}                   subnetwork retraining from the source
-    {pair}-sweep-{kind}-lr{lr}-n{steps}-s{seed}   matched-gain grid (OPD, SFT, GRPO)
+    {pair}-sweep-{kind}-{opt}-lr{lr}-n{steps}-s{seed}   learning-rate x steps grid
     {name}                                        external run (two given checkpoints)
 """
 
@@ -174,23 +174,32 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
 
 
 def sweep_runs(config: dict, pair: str, training: dict) -> dict[str, RunSpec]:
-    """The grid of `pairs.<pair>.sweep`: each method at each learning rate and step count,
-    with the primary teacher and optimizer and otherwise the pair's training settings."""
+    """The grid of `pairs.<pair>.sweep`: each method at each optimizer, learning rate and
+    step count, with the primary teacher and otherwise the pair's training settings.
+
+    `learning_rates` is a list (for the primary optimizer) or a mapping optimizer -> list, so
+    that SGD gets its own range (its useful learning rates are orders of magnitude above
+    AdamW's)."""
     spec, sweep = config["pairs"][pair], config["pairs"][pair].get("sweep")
     if not sweep:
         return {}
-    opt = list(training["optimizers"])[0]
+    rates = sweep["learning_rates"]
+    if not isinstance(rates, dict):
+        rates = {list(training["optimizers"])[0]: rates}
     runs = {}
     for kind in sweep.get("kinds", ["opd", "sft", "grpo"]):
-        for lr in sweep["learning_rates"]:
-            for steps in sweep.get("steps", [training["steps"]]):
-                for seed in training["seeds"]:
-                    grid = copy.deepcopy(training)
-                    grid["steps"], grid["save_every"] = steps, steps
-                    grid["optimizers"][opt]["learning_rate"] = lr
-                    name = f"{pair}-sweep-{kind}-lr{lr:g}-n{steps}-s{seed}"
-                    runs[name] = RunSpec(name, kind, pair, spec["student"], spec["teachers"][0],
-                                         opt, seed, training=grid, group="sweep")
+        for opt, learning_rates in rates.items():
+            for lr in learning_rates:
+                for steps in sweep.get("steps", [training["steps"]]):
+                    for seed in training["seeds"]:
+                        grid = copy.deepcopy(training)
+                        grid["steps"], grid["save_every"] = steps, steps
+                        settings = grid["optimizers"].get(opt, OPTIMIZER_DEFAULTS)
+                        grid["optimizers"] = {opt: {**settings, "learning_rate": lr}}
+                        name = f"{pair}-sweep-{kind}-{opt}-lr{lr:g}-n{steps}-s{seed}"
+                        runs[name] = RunSpec(name, kind, pair, spec["student"],
+                                             spec["teachers"][0], opt, seed, training=grid,
+                                             group="sweep")
     return runs
 
 
