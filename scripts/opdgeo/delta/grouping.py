@@ -63,8 +63,9 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
     numerators = (frame[weighted].fillna(0.0) * weights).groupby(by, sort=True).sum()
     denominators = weights.groupby(by, sort=True).sum()
-    out[weighted] = numerators / denominators.where(denominators > 0)
-    out[medians] = grouped[medians].median()
+    # one concat, not ~100 column insertions (which fragment the frame)
+    out = pd.concat([out, numerators / denominators.where(denominators > 0),
+                     grouped[medians].median()], axis=1)
     out = add_enrichment(out)
     if not keys:
         return out.reset_index(drop=True)
@@ -75,14 +76,17 @@ def add_enrichment(values):
     """enrichment = coverage / mask density (1 for a mask blind to the update).
 
     values: a per-tensor row (dict) or a table (DataFrame): columns behave alike."""
-    for column, coverage in list(values.items()):
+    enrichment = {}
+    for column, coverage in values.items():
         if "_coverage_" not in column:
             continue
         ratio = next(r for r in MASK_RATIOS if f"_{ratio_label(r)}" in column)
         density = values.get(f"combined_density_{ratio_label(ratio)}", math.nan) \
             if column.startswith("combined_") else ratio
-        values[column.replace("_coverage_", "_enrichment_")] = coverage / density
-    return values
+        enrichment[column.replace("_coverage_", "_enrichment_")] = coverage / density
+    if isinstance(values, pd.DataFrame):
+        return pd.concat([values, pd.DataFrame(enrichment, index=values.index)], axis=1)
+    return values | enrichment
 
 
 def group_tables(tensors: pd.DataFrame) -> dict[str, pd.DataFrame]:
