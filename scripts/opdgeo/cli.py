@@ -158,6 +158,13 @@ def _render_arguments(p):
     p.add_argument("--out", type=Path, required=True)
 
 
+def _job_options(parser):
+    """Options every model-running job takes: where to write, which device, how many threads."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdgeo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,9 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--spec", type=_json, required=True, help="models.<name> from the config")
     p.add_argument("--task", type=_json, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    _job_options(p)
     p.set_defaults(handler=cmd_train_model)
 
     p = sub.add_parser("train-run", help="train one run (OPD, control or masked) from its source")
@@ -177,9 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher")
     p.add_argument("--mask", type=Path)
     p.add_argument("--task", type=_json, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    _job_options(p)
     p.set_defaults(handler=cmd_train_run)
 
     p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
@@ -196,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", help="folder of step-N checkpoints")
     p.add_argument("--task", type=_json, required=True)
     p.add_argument("--spec", type=_json, required=True, help="the evaluation settings")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    _job_options(p)
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
