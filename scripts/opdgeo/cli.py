@@ -24,7 +24,8 @@ def _threads(n: int):
 
 
 def cmd_train_model(args):
-    from opdgeo.train import resolve_device, train_base
+    from opdgeo.device import resolve_device
+    from opdgeo.train import train_base
 
     _threads(args.threads)
     train_base(args.name, args.spec, args.task, args.out, resolve_device(args.device))
@@ -32,7 +33,8 @@ def cmd_train_model(args):
 
 def cmd_train_run(args):
     from opdgeo.config import RunSpec
-    from opdgeo.train import resolve_device, train_run
+    from opdgeo.device import resolve_device
+    from opdgeo.train import train_run
 
     _threads(args.threads)
     spec = RunSpec(**args.spec)
@@ -63,9 +65,9 @@ def cmd_make_mask(args):
 
 
 def cmd_evaluate(args):
+    from opdgeo.device import resolve_device
     from opdgeo.evaluate import evaluate_checkpoints
     from opdgeo.task import make_task
-    from opdgeo.train import resolve_device
 
     _threads(args.threads)
     checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}

@@ -19,16 +19,16 @@ import random
 from functools import cache
 from pathlib import Path
 
-import datasets
-
 from opdgeo.task import Example
 
 # Builders of `datasets` for local data files, by suffix.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(spec: dict) -> datasets.Dataset:
+def load_rows(spec: dict):
     """One split of a data set from a hub id, a local data file or a local folder."""
+    import datasets  # seconds to import: only math tasks pay for it
+
     path, split = spec["path"], spec.get("split", "train")
     local = Path(path)
     if local.is_file():

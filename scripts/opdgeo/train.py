@@ -43,14 +43,6 @@ from opdgeo.task import Example, make_task
 datasets.disable_progress_bars()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device cuda, but no GPU is visible: use auto or cpu")
-    return device
-
-
 def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, optimizer: str,
                   opt: dict, seed: int, device: str, training: dict | None = None,
                   resumable: bool = False, **extra):
@@ -158,7 +150,8 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
     task = make_task(task)
     n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
-    train_examples = task.train_examples(n_train, train["seed"])
+    pool = task.train_examples(train.get("examples") or n_train, train["seed"])
+    train_examples = (pool * (n_train // len(pool) + 1))[:n_train]
     eval_examples = task.eval_examples()
     dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
                                  for e in train_examples])
