@@ -150,8 +150,7 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
     task = make_task(task)
     n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
-    pool = task.train_examples(train.get("examples") or n_train, train["seed"])
-    train_examples = (pool * (n_train // len(pool) + 1))[:n_train]
+    train_examples = task.train_examples(n_train, train["seed"])
     eval_examples = task.eval_examples()
     dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
                                  for e in train_examples])
