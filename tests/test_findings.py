@@ -147,6 +147,15 @@ def test_f5_reports_sgd_winning_as_a_failure(frames):
     assert (row["observed"], row["claim_baseline"]) == (pytest.approx(0.4), pytest.approx(0.5))
 
 
+def test_controls_match_the_optimizer(frames):
+    # The controls are trained with the primary optimizer (AdamW here): the SGD OPD run has
+    # no matched SFT control, and is not compared with AdamW's.
+    assert check(frames, "F1")["sft_control"] == pytest.approx(
+        check(frames, "F1")["claim_baseline"] / findings.F1_MAX_NORM_RATIO)
+    sgd = check(frames, "F1", run="addition-opd-teacher-a-sgd-s0")
+    assert sgd["verdict"] == findings.NOT_TESTED and "no SFT control" in sgd["note"]
+
+
 def test_sweep_and_masked_runs_get_no_delta_findings():
     frames = tf.tables(tf.config(sweep=True))
     table = findings.findings_table(frames, run_info(frames["runs"]), {})

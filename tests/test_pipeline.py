@@ -66,6 +66,10 @@ def test_smoke_dag_writes_every_output(smoke):
     for mask in build_masks(config):
         assert (smoke / f"results/masks/{mask}.safetensors").exists()
 
+    # The runs table lists the runs as the DAG made them, primary optimizer first (its JSON
+    # argument once sorted the optimizers and made AdamW primary in the table only).
+    assert list(pd.read_csv(smoke / "results/tables/runs.csv")["run"]) == list(runs)
+
     evaluation = pd.read_csv(smoke / "results/tables/evaluation.csv")
     assert set(evaluation["run"]) == set(runs) | set(config["models"])
     assert set(evaluation["metric"]) == {"exact_match", f"mean@{config['evaluation']['k']}"}

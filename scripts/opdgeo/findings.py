@@ -118,12 +118,13 @@ class Context:
         self.scores = curves(tables["evaluation"], info, self.metric) if self.metric else None
 
     def control(self, run: str, kind: str) -> str | None:
-        """The matched control of a run: same pair and seed, the given kind."""
+        """The matched control of a run: same pair, seed and optimizer, the given kind."""
         row = self.info[self.info["run"] == run].iloc[0]
         if not isinstance(row["pair"], str):
             return None
-        found = self.info[(self.info["pair"] == row["pair"]) & (self.info["seed"] == row["seed"])
-                          & (self.info["kind"] == kind)]
+        info = main_runs(self.info)
+        found = info[(info["pair"] == row["pair"]) & (info["seed"] == row["seed"])
+                     & (info["optimizer"] == row["optimizer"]) & (info["kind"] == kind)]
         return found["run"].iloc[0] if len(found) else None
 
     def paper(self, run: str, column: str) -> float:

@@ -40,8 +40,10 @@ wildcard_constraints:
 
 
 def as_arg(value):
-    """A config value as one shell-quoted JSON argument (Snakemake tracks it as a param)."""
-    return shlex.quote(json.dumps(value, sort_keys=True))
+    """A config value as one shell-quoted JSON argument (Snakemake tracks it as a param).
+
+    Keys keep the config's order: the first optimizer and teacher are the primary ones."""
+    return shlex.quote(json.dumps(value))
 
 
 def task_of_run(run):
