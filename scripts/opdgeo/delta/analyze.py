@@ -142,7 +142,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     label = ratio_label(HEADLINE_RATIO)
     row["rounding_null_scale"] = rounding_null.scale
     row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
-        rounding_null.expected_in_smallest(bin_counts, low_split), rounding_null.expected_changed)
+        rounding_null.expected_in_smallest(bin_counts, low_split.count),
+        rounding_null.expected_changed)
     if source.dim() < 2:
         return add_enrichment(row)
 
