@@ -29,6 +29,7 @@ from opdgeo.delta.metrics import (
     HEADLINE_RATIO,
     HIGH_BINS,
     categories,
+    chunk_slices,
     mask_counts,
     rank_splits,
 )
@@ -158,14 +159,26 @@ def pooled_rounding_null(bin_counts: list[torch.Tensor], sparsity: float,
 
 def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Tensor,
                                    generator: torch.Generator) -> torch.Tensor:
-    """Update categories after the tensor's fp32 update is shuffled and rounded to bf16."""
-    base = source.bfloat16().float().reshape(-1)
-    update = trained_fp32.to(source.device, torch.float32).reshape(-1) - base
-    order = torch.randperm(update.numel(), generator=generator, device=source.device)
-    signs = torch.randint(0, 2, (update.numel(),), generator=generator, device=source.device)
-    shuffled = update.abs()[order] * (2 * signs - 1)
-    rounded = (base + shuffled).bfloat16().float()
-    return categories((rounded - base).abs()).view(source.shape)
+    """Update categories after the tensor's fp32 update is shuffled and rounded to bf16.
+
+    Chunk by chunk: the update |trained_fp32 - bf16(source)| is gathered at the permuted
+    positions, never held whole; the permutation is int32 and the signs are drawn per chunk
+    (on CPU the same draws, so the same null, as one int64 permutation and one sign draw).
+    """
+    flat_source = source.reshape(-1)
+    flat_trained = trained_fp32.to(source.device).reshape(-1)
+    numel = flat_source.numel()
+    order = torch.randperm(numel, generator=generator, device=source.device, dtype=torch.int32)
+    out = torch.empty(numel, dtype=torch.uint8, device=source.device)
+    for sl in chunk_slices(numel):
+        picked = order[sl]
+        update = flat_trained[picked].float() - flat_source[picked].bfloat16().float()
+        signs = torch.randint(0, 2, update.shape, generator=generator, device=source.device,
+                              dtype=torch.uint8)
+        base = flat_source[sl].bfloat16().float()
+        rounded = (base + update.abs_() * (2 * signs.float() - 1)).bfloat16().float()
+        out[sl] = categories((rounded - base).abs_())
+    return out.view(source.shape)
 
 
 def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
