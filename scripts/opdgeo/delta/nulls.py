@@ -164,6 +164,8 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
     Chunk by chunk: the update |trained_fp32 - bf16(source)| is gathered at the permuted
     positions, never held whole; the permutation is int32 and the signs are drawn per chunk
     (on CPU the same draws, so the same null, as one int64 permutation and one sign draw).
+    Gathers use `index_select`, which takes int32 indices as they are (`tensor[index]`
+    would copy them to int64 first).
     """
     flat_source = source.reshape(-1)
     flat_trained = trained_fp32.to(source.device).reshape(-1)
@@ -172,7 +174,8 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
     out = torch.empty(numel, dtype=torch.uint8, device=source.device)
     for sl in chunk_slices(numel):
         picked = order[sl]
-        update = flat_trained[picked].float() - flat_source[picked].bfloat16().float()
+        update = (torch.index_select(flat_trained, 0, picked).float()
+                  - torch.index_select(flat_source, 0, picked).bfloat16().float())
         signs = torch.randint(0, 2, update.shape, generator=generator, device=source.device,
                               dtype=torch.uint8)
         base = flat_source[sl].bfloat16().float()
@@ -189,8 +192,11 @@ def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
     order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
                            dtype=torch.int32)
     short = delta_rows.shape[1]
-    return TallRows(lambda start, stop: flat[order[start * short:stop * short]].view(-1, short),
-                    delta_rows.shape, delta_rows.transposed)
+
+    def rows(start: int, stop: int) -> torch.Tensor:  # index_select: no int64 index copy
+        return torch.index_select(flat, 0, order[start * short:stop * short]).view(-1, short)
+
+    return TallRows(rows, delta_rows.shape, delta_rows.transposed)
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:
