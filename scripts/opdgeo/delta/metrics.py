@@ -240,7 +240,7 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor
     at_most = {name: at_or_below[boundary_list.index(value)]
                for name, value in thresholds.items()}
     return category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most,
-                                            magnitude_counts, magnitude_energy)
+                                     magnitude_counts, magnitude_energy)
 
 
 def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
