@@ -139,6 +139,14 @@ def cmd_paper_tables(args):
         print(f"wrote {args.out / name}.{{csv,md,tex}} ({len(frame)} rows)")
 
 
+def cmd_paper_null(args):
+    from opdgeo.paper_tables import PAPER_NULL_TABLE, paper_rounding_null_table, write_paper_table
+
+    frame = paper_rounding_null_table(args.std)
+    write_paper_table(frame, args.out / f"{PAPER_NULL_TABLE}.csv")
+    print(f"wrote {args.out / PAPER_NULL_TABLE}.{{csv,md,tex}} ({len(frame)} rows)")
+
+
 def cmd_findings(args):
     from opdgeo.findings import findings_table, write_findings
 
@@ -221,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("paper-tables", help="the paper's tables as CSV, Markdown and LaTeX")
     _render_arguments(p)
     p.set_defaults(handler=cmd_paper_tables)
+
+    p = sub.add_parser("paper-null",
+                       help="the rounding null on the paper's own sparsities, as a paper table")
+    p.add_argument("--std", type=float, nargs="+", default=[0.02],
+                   help="std of the Gaussian weights, one row per run and std")
+    p.add_argument("--out", type=Path, required=True, help="folder of the paper tables")
+    p.set_defaults(handler=cmd_paper_null)
 
     p = sub.add_parser("findings", help="F1-F8 as verdicts with numbers (out.md, out.csv)")
     _render_arguments(p)

@@ -68,6 +68,20 @@ def build_model(arch: str, tokenizer, seed: int, **dims) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a model from the keys of its Hugging Face config.json
+    (`architectures`, `model_type` and the sizes), built on the meta device: no weights, no
+    memory, no hub. Tied weights appear once, as in a checkpoint."""
+    import transformers
+
+    numbers = dict(config)
+    model_class = getattr(transformers, numbers.pop("architectures")[0])
+    hf_config = AutoConfig.for_model(numbers.pop("model_type"), **numbers)
+    with torch.device("meta"):
+        model = model_class._from_config(hf_config)
+    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+
+
 def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """Load a checkpoint with fp32 master weights, whatever dtype it was saved in."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

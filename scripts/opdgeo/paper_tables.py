@@ -5,6 +5,8 @@ Our numbers sit beside the paper's where one of our runs corresponds to one of i
 inputs to a computation.
 """
 
+import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +52,49 @@ PAPER_MASKED = {"full": (35.52, 34.27), "opd": (35.10, 34.73), "run-grpo": (34.6
                 "random": (32.92, None)}
 PAPER_MASK_DENSITY = {"opd": 17.5, "run-grpo": 22.1, "random": 17.5}
 PAPER_OPTIMIZER = {"adamw": (43.02, 42.40), "sgd": (39.06, 37.92)}  # (peak, final)
+
+# The source checkpoint of each run of the paper's global table (STUDY.md section 2), and the
+# keys of each source's Hugging Face config.json that fix its tensor shapes.
+PAPER_SOURCES = {
+    "Qwen-Math offline distill": "Qwen2.5-Math-1.5B",
+    "DeepScaleR RLVR": "DeepSeek-R1-Distill-Qwen-1.5B",
+    "DS-Qwen OPD": "DeepSeek-R1-Distill-Qwen-1.5B",
+    "DS-Qwen OPD (JustRL teacher)": "DeepSeek-R1-Distill-Qwen-1.5B",
+    "MiniCPM OPD": "MiniCPM5-1B-SFT",
+    "Qwen2.5-VL OPD": "Qwen2.5-VL-3B-Instruct",
+    "Qwen3-1.7B OPD": "Qwen3-1.7B-Base",
+    "Qwen3 OPSD": "Qwen3-4B",
+}
+_QWEN25_15B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+               "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+               "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936}
+_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 128,
+          "num_key_value_heads": 8, "vocab_size": 151936, "tie_word_embeddings": True}
+PAPER_ARCHITECTURES = {
+    "Qwen2.5-Math-1.5B": _QWEN25_15B | {"tie_word_embeddings": True},
+    "DeepSeek-R1-Distill-Qwen-1.5B": _QWEN25_15B | {"tie_word_embeddings": False},
+    # CHECK: MiniCPM5-1B-SFT's config could not be looked up (no hub access); MiniCPM-1B's
+    # (a Llama-shaped model) stands in.
+    "MiniCPM5-1B-SFT": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                        "hidden_size": 1536, "intermediate_size": 3840,
+                        "num_hidden_layers": 52, "num_attention_heads": 24,
+                        "num_key_value_heads": 8, "vocab_size": 73440,
+                        "tie_word_embeddings": True},
+    "Qwen2.5-VL-3B-Instruct": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "tie_word_embeddings": True,
+        "text_config": {"hidden_size": 2048, "intermediate_size": 11008,
+                        "num_hidden_layers": 36, "num_attention_heads": 16,
+                        "num_key_value_heads": 2, "vocab_size": 151936},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "out_hidden_size": 2048, "patch_size": 14,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2}},
+    "Qwen3-1.7B-Base": _QWEN3 | {"hidden_size": 2048, "intermediate_size": 6144,
+                                 "num_hidden_layers": 28, "num_attention_heads": 16},
+    "Qwen3-4B": _QWEN3 | {"hidden_size": 2560, "intermediate_size": 9728,
+                          "num_hidden_layers": 36, "num_attention_heads": 32},
+}
+PAPER_NULL_TABLE = "table_paper_rounding_null"
 
 # Our global delta columns, in the order of the paper's table; (key, label, scale to %).
 GLOBAL_COLUMNS = (
@@ -255,6 +300,40 @@ def evaluation_summary(info: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataF
         for model, value in base.groupby("run")["value"].last().items():
             rows.append({"run": model, "method": "base model", "metric": metric,
                          "final %": value * 100})
+    return pd.DataFrame(rows)
+
+
+def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
+    """The parametric rounding null applied to the paper's own sparsities (issue 10): per
+    paper run and weight std, every tensor of its source model's shapes is N(0, std^2) in
+    bf16, one update scale is fitted so that the expected sparsity at 1e-5 is the reported
+    one, and the null's low-magnitude coverage at 10% stands beside the reported coverage.
+
+    Computed in closed form (`gaussian_bin_counts`), not sampled. One std for every tensor
+    gives every tensor one histogram up to its size, so tensors of one size enter summed and
+    the null depends on std and sparsity, not on the shapes.
+    """
+    from opdgeo.delta.nulls import gaussian_bin_counts, pooled_rounding_null
+    from opdgeo.models import parameter_shapes
+
+    column = {name: PAPER_GLOBAL_COLUMNS.index(name)
+              for name in ("sparsity", "low_magnitude_coverage")}
+    rows = []
+    for run, model in PAPER_SOURCES.items():
+        sizes = Counter(math.prod(shape)
+                        for shape in parameter_shapes(PAPER_ARCHITECTURES[model]).values())
+        sparsity = PAPER_GLOBAL[run][column["sparsity"]]
+        reported = PAPER_GLOBAL[run][column["low_magnitude_coverage"]]
+        for std in stds:
+            null = pooled_rounding_null(
+                [gaussian_bin_counts(std, size * n) for size, n in sizes.items()], sparsity / 100)
+            coverage = null["low_magnitude_coverage"] * 100
+            rows.append({"paper run": run, "source model": model,
+                         "parameters": sum(size * n for size, n in sizes.items()),
+                         "weight std": std, "reported sparsity %": sparsity,
+                         "null low-mag cov. %": coverage, "reported low-mag cov. %": reported,
+                         "reported - null (pt)": reported - coverage,
+                         "null update scale": null["scale"]})
     return pd.DataFrame(rows)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from opdgeo.delta.metrics import (
     HEADLINE_ATOL,
-    delta_and_stats,
+    delta_stats,
     magnitude_key,
     rank_splits,
 )
@@ -17,7 +17,7 @@ def test_known_coordinate_set_gives_exact_sparsity():
     tiny = torch.rand(source.shape, generator=generator) < 0.1  # moved by < 1e-5: still sparse
     trained = source.float() + 0.01 * moved
     trained = torch.where(tiny & ~moved, trained + 2 ** -20, trained).float()
-    _, category, stats = delta_and_stats(source.float(), trained)
+    category, stats = delta_stats(source.float(), trained)
     numel = source.numel()
     expected_headline = (numel - moved.sum().item()) / numel
     expected_exact_zero = (numel - (moved | tiny).sum().item()) / numel
@@ -56,7 +56,7 @@ def test_coordinate_energy_share_of_a_spike():
     delta[3, 4] = 10.0  # one coordinate holds almost everything
     delta[5:, :] = 0.01
     delta[5, :50] = 0.02  # the top 1% = 100 coordinates: the spike, 50 at 0.02, 49 at 0.01
-    _, _, stats = delta_and_stats(torch.zeros(100, 100), delta)
+    _, stats = delta_stats(torch.zeros(100, 100), delta)
     energy = float((delta.double() ** 2).sum())
     row = stats.row()
     top_ten = 100.0 + 9 * 0.02**2  # top 0.1% = 10 coordinates
@@ -68,5 +68,5 @@ def test_coordinate_energy_share_of_a_spike():
 def test_headline_atol_is_the_update_threshold():
     source = torch.zeros(4)
     trained = torch.tensor([0.0, HEADLINE_ATOL / 2, HEADLINE_ATOL * 2, -1.0])
-    _, category, _ = delta_and_stats(source, trained)
+    category, _ = delta_stats(source, trained)
     assert category.tolist() == [0, 1, 2, 2]

@@ -8,7 +8,13 @@ import torch
 from opdgeo.delta.analyze import analyze_tensor
 from opdgeo.delta.io import TensorPair
 from opdgeo.delta.metrics import rank_splits
-from opdgeo.delta.nulls import exponent_counts, fit_rounding_null, rounding_null_on_gaussian
+from opdgeo.delta.nulls import (
+    exponent_counts,
+    fit_rounding_null,
+    gaussian_bin_counts,
+    pooled_rounding_null,
+    rounding_null_on_gaussian,
+)
 
 SHAPE = (192, 160)
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -136,4 +142,42 @@ def test_constant_magnitude_null_changes_whole_exponent_classes():
     assert torch.equal(changes, changes.sort(descending=True).values)
     assert 0.4 * numel <= null.expected_changed < 0.75 * numel
     # the 10% smallest weights all change
-    assert null.expected_in_smallest(high[0], split) == split.count
+    assert null.expected_in_smallest(high[0], split.count) == split.count
+
+
+def test_closed_form_gaussian_null_matches_the_sampled_one():
+    closed = pooled_rounding_null([gaussian_bin_counts(0.02)], 0.8)["low_magnitude_coverage"]
+    sampled = rounding_null_on_gaussian(0.8, 0.02, (1024, 1024))["low_magnitude_coverage"]
+    assert closed == pytest.approx(sampled, abs=0.003)
+    histogram = gaussian_bin_counts(0.02, 1e6)
+    assert float(histogram.sum()) == pytest.approx(1e6)
+    # half the weights lie within 0.6745 std of zero
+    below = histogram[:int(torch.tensor(0.6745 * 0.02).bfloat16().view(torch.int16)) + 1].sum()
+    assert float(below) == pytest.approx(5e5, rel=0.01)
+
+
+def test_pooled_null_on_one_binade_is_the_mask_density():
+    counts = torch.zeros(1 << 15, dtype=torch.float64)
+    first = int(torch.tensor(2.0**-6).bfloat16().view(torch.int16))
+    counts[first:first + 128] = 1000.0  # every bf16 value in [2^-6, 2^-5)
+    for sparsity in (0.1, 0.5, 0.9):
+        null = pooled_rounding_null([counts, 3 * counts], sparsity)
+        assert null["low_magnitude_coverage"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_pooled_null_does_not_depend_on_how_one_distribution_is_split():
+    whole = pooled_rounding_null([gaussian_bin_counts(0.02, 4e6)], 0.8)
+    parts = pooled_rounding_null([gaussian_bin_counts(0.02, n) for n in (1e6, 2.5e6, 5e5)], 0.8)
+    assert parts == pytest.approx(whole, rel=1e-9)
+
+
+@pytest.mark.parametrize(("sparsity", "std", "coverage", "tolerance"), [
+    (0.826, 0.02, 0.332, 0.005),  # issue 10's probe on sampled weights: DS-Qwen OPD
+    (0.031, 0.02, 0.103, 0.002),  # offline distillation: dense, so about the mask density
+    (0.895, 0.02, 0.398, 0.005),  # OPSD
+    (0.667, 0.01, 0.20, 0.03),  # "with std 0.01 the null falls to 18-22%"
+    (0.895, 0.01, 0.20, 0.03),
+])
+def test_pooled_null_reproduces_the_issue_probe(sparsity, std, coverage, tolerance):
+    null = pooled_rounding_null([gaussian_bin_counts(std)], sparsity)
+    assert null["low_magnitude_coverage"] == pytest.approx(coverage, abs=tolerance)

@@ -2,6 +2,8 @@
 # Every rule here takes the plot settings it uses as params, so editing config["plots"]
 # reruns these rules and nothing upstream. All run locally (also under the SLURM profile).
 
+from opdgeo.paper_tables import PAPER_NULL_TABLE
+
 PLOTS = config["plots"]
 # Which tidy tables (results/tables/{name}.csv) each figure reads, besides runs.csv.
 FIGURE_TABLES = {
@@ -89,6 +91,19 @@ rule paper_tables:
         " --external {params.external} --out results/tables > {log} 2>&1"
 
 
+rule paper_rounding_null:
+    localrule: True
+    output:
+        in_report(f"results/tables/{PAPER_NULL_TABLE}.csv", PAPER_NULL_TABLE, "Tables"),
+        [f"results/tables/{PAPER_NULL_TABLE}.{fmt}" for fmt in ("md", "tex")],
+    params:
+        stds=config["analysis"]["paper_null_std"],
+    log:
+        "results/logs/figures/paper_rounding_null.log",
+    shell:
+        "opdgeo paper-null --std {params.stds} --out results/tables > {log} 2>&1"
+
+
 rule findings:
     localrule: True
     input:
@@ -111,6 +126,6 @@ rule findings:
 def figure_targets():
     targets = [f"results/figures/{name}.{fmt}" for name in FIGURE_TABLES
                for fmt in PLOTS["formats"]]
-    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES
+    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES + [PAPER_NULL_TABLE]
                 for fmt in ("csv", "md", "tex")]
     return targets + ["results/findings.csv", "results/findings.md"]

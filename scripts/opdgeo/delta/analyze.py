@@ -24,7 +24,8 @@ from opdgeo.delta.metrics import (
     MASK_RATIOS,
     N_CATEGORIES,
     covered_by_atol,
-    delta_and_stats,
+    delta_stats,
+    delta_tensor,
     mask_counts,
     rank_splits,
     ratio_label,
@@ -102,21 +103,23 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
 
     tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32". They
     are popped and dropped as soon as they are used, so a caller that keeps no other
-    reference holds at most about four copies of the largest tensor at once.
+    reference holds, besides them, about one float32 copy of the largest tensor at once (the
+    principal magnitudes, or a null's int32 permutation) and its uint8 labels. The delta is
+    held whole only by the shuffle null, at the end, in place of the source and trained
+    tensors; its other readers compute trained - source chunk by chunk.
     """
-    source = tensors.pop("source")
+    source, trained = tensors.pop("source"), tensors.pop("trained")
     group = classify(pair.name)
     numel = source.numel()
     row = {"name": pair.name, "layer": group.layer, "module": group.module,
            "block": group.block, "shape": "x".join(map(str, pair.shape)), "numel": numel}
-    delta, category, stats = delta_and_stats(source, tensors.pop("trained"))
+    category, stats = delta_stats(source, trained)
     row |= stats.row()
     generator = tensor_generator(pair.name, seed, source.device)
     updates = Updates(category, exact_null="trained_fp32" in tensors)
     if updates.exact_null:
-        null_category = exact_rounding_null_categories(source, tensors.pop("trained_fp32"),
-                                                       generator)
-        updates.labels = category + N_CATEGORIES * null_category
+        joint = exact_rounding_null_categories(source, tensors.pop("trained_fp32"), generator)
+        updates.labels = joint.mul_(N_CATEGORIES).add_(category)  # in place: no third copy
     del category
 
     # Low-magnitude masks (every tensor) and the parametric rounding null fitted on them.
@@ -137,21 +140,23 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     label = ratio_label(HEADLINE_RATIO)
     row["rounding_null_scale"] = rounding_null.scale
     row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
-        rounding_null.expected_in_smallest(bin_counts, low_split), rounding_null.expected_changed)
+        rounding_null.expected_in_smallest(bin_counts, low_split.count),
+        rounding_null.expected_changed)
     if source.dim() < 2:
         return add_enrichment(row)
 
     # Spectrum of the delta; geometry against one decomposition of the source.
-    delta_rows = tall_rows(delta)
+    delta_rows = tall_rows(trained, minus=source)
     short_side = delta_rows.shape[1]
     values, complete = singular_values(delta_rows, exact_svd_max)
     row |= spectrum_metrics(values, short_side, stats.delta_energy, complete)
     source_decomposition = decompose(tall_rows(source), rank_count(max(MASK_RATIOS), short_side),
                                      exact_svd_max)
     row |= principal_projection(delta_rows, source_decomposition)
-    trained_decomposition = decompose(tall_rows(source, delta),
-                                      rank_count(HEADLINE_RATIO, short_side), exact_svd_max)
+    trained_decomposition = decompose(tall_rows(trained), rank_count(HEADLINE_RATIO, short_side),
+                                      exact_svd_max)
     row |= rotation_and_drift(source_decomposition, trained_decomposition, short_side)
+    del trained_decomposition
     if nulls:
         isotropic = principal_projection(isotropic_rows(delta_rows, generator),
                                          source_decomposition)
@@ -159,13 +164,14 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
                 isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
 
     if not nulls:  # the shuffle null at the end is the delta's last use
-        del delta, delta_rows
+        del trained, delta_rows
 
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
     magnitudes = principal_magnitudes(source_decomposition,
                                       rank_count(HEADLINE_RATIO, short_side),
                                       (source.shape[0], numel // source.shape[0]))
+    del source_decomposition
     # the top-ratio set is the complement of the (numel - count) smallest
     (rest,), high = rank_splits(magnitudes, [numel - round(HEADLINE_RATIO * numel)],
                                 labels=updates.labels, n_labels=updates.n_labels)
@@ -176,10 +182,12 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
         rounding_null.expected_changed)
     row[f"combined_density_{label}"] = float(counts.union.sum()) / numel
     row |= updates.coverage("combined", label, counts.union)
-    if nulls:  # last, with everything else released: it needs two more copies of the delta
-        del source, magnitudes, updates
+    if nulls:  # last, with the rest released: it needs the delta whole and a permutation
+        del magnitudes, updates, delta_rows
+        delta = delta_tensor(source, trained)
+        del source, trained
         shuffled_values, shuffled_complete = singular_values(
-            shuffled_rows(delta, delta_rows, generator), exact_svd_max)
+            shuffled_rows(delta, tall_rows(delta), generator), exact_svd_max)
         shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
                                             shuffled_complete)
         row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)

@@ -204,17 +204,19 @@ def sparsity_thresholds(source_rms: float) -> dict[str, float]:
     return thresholds
 
 
-def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, CoordinateStats]:
-    """dW in float32, the update category of every coordinate, and the scale/sparsity sums."""
+def delta_stats(source: torch.Tensor, trained: torch.Tensor
+                ) -> tuple[torch.Tensor, CoordinateStats]:
+    """The update category of every coordinate of dW = trained - source, and the
+    scale/sparsity sums. dW itself is computed chunk by chunk and not kept: its later readers
+    subtract as they read (`spectrum.tall_rows(trained, minus=source)`); in bf16 the two
+    tensors hold the bytes of one float32 dW, and the source is held anyway."""
     numel = source.numel()
     source_energy = float(torch.linalg.vector_norm(source, dtype=torch.float32).double() ** 2)
     thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
     boundary_list = sorted(set(thresholds.values()))
     boundaries = torch.tensor(boundary_list, device=source.device)
-    delta = torch.empty(source.shape, dtype=torch.float32, device=source.device)
     category = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
-    flat_delta, flat_category = delta.view(-1), category.view(-1)
+    flat_category = category.view(-1)
     flat_source, flat_trained = source.reshape(-1), trained.reshape(-1)
     bucket_counts = torch.zeros(len(boundaries) + 1, dtype=torch.int64, device=source.device)
     magnitude_counts = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
@@ -222,7 +224,6 @@ def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
     energy = abs_sum = linf = 0.0
     for sl in chunk_slices(numel):
         chunk = flat_trained[sl].float() - flat_source[sl].float()
-        flat_delta[sl] = chunk
         magnitude = chunk.abs()
         flat_category[sl] = categories(magnitude)
         buckets = torch.bucketize(magnitude, boundaries, out_int32=True)
@@ -238,8 +239,18 @@ def delta_and_stats(source: torch.Tensor, trained: torch.Tensor
     # bucket i holds boundaries[i-1] < |dW| <= boundaries[i], so cumsum[i] counts |dW| <= b[i]
     at_most = {name: at_or_below[boundary_list.index(value)]
                for name, value in thresholds.items()}
-    return delta, category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most,
-                                            magnitude_counts, magnitude_energy)
+    return category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most,
+                                     magnitude_counts, magnitude_energy)
+
+
+def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """dW = trained - source in float32, whole, filled chunk by chunk (no whole temporaries):
+    for the one reader that needs random access to it, the shuffle null."""
+    delta = torch.empty(source.shape, dtype=torch.float32, device=source.device)
+    flat_delta, flat_source, flat_trained = delta.view(-1), source.reshape(-1), trained.reshape(-1)
+    for sl in chunk_slices(delta.numel()):
+        flat_delta[sl] = flat_trained[sl].float() - flat_source[sl].float()
+    return delta
 
 
 @dataclass

@@ -9,6 +9,8 @@ parametric null is a sum over those bins.
 - parametric: u independent of w, |u| half-normal (or constant) with the scale fitted so the
   expected number of changed coordinates equals the observed; its expected low-magnitude and
   principal coverage follow in closed form.
+- on a paper's table (only the global sparsity known): one scale fitted over every tensor
+  of the model, on Gaussian weights whose bf16 histogram is computed in closed form.
 - exact (fp32 master weights known): the tensor's own fp32 update magnitudes permuted over
   coordinates with random signs, added to the bf16 source and rounded to bf16.
 Isotropic null: a Gaussian delta of the tensor's shape through the same projection code.
@@ -26,8 +28,8 @@ from opdgeo.delta.metrics import (
     HEADLINE_ATOL,
     HEADLINE_RATIO,
     HIGH_BINS,
-    RankSplit,
     categories,
+    chunk_slices,
     mask_counts,
     rank_splits,
 )
@@ -35,6 +37,7 @@ from opdgeo.delta.spectrum import TallRows, decompose, rank_count, tall_rows
 
 DISTRIBUTIONS = ("half_normal", "constant")
 EXPONENTS = 256  # float32 / bf16 exponent field
+BF16_FINITE = 0x7F80  # non-negative bf16 bit patterns below +inf
 BISECTION_STEPS = 64
 
 
@@ -76,19 +79,21 @@ class RoundingNull:
         """Expected changed coordinates in a set, given its coordinates per exponent."""
         return float((counts_by_exponent.double().cpu() * self.probability).sum())
 
-    def expected_in_smallest(self, bin_counts: torch.Tensor, split: RankSplit) -> float:
-        """Expected changed coordinates inside a smallest-|w| set, from the |w| histogram.
+    def expected_in_smallest(self, bin_counts: torch.Tensor, count: float) -> float:
+        """Expected changed coordinates among the `count` smallest |w|, from the |w| histogram.
 
-        All coordinates of one high bin share one probability, so the partial bin at the
-        threshold contributes (its members) * (its probability).
+        The bin holding the count-th smallest is the one `rank_splits` finds from the same
+        histogram. All coordinates of one high bin share one probability, so the partial bin
+        at the threshold contributes (its members) * (its probability).
         """
-        if split.count == 0:
+        if count <= 0:
             return 0.0
-        threshold_bin = split.key >> 16
         counts = bin_counts.double().cpu()
+        cumulative = counts.cumsum(0)
+        threshold_bin = int(torch.searchsorted(cumulative, float(count)))
         per_bin = self.probability.repeat_interleave(HIGH_BINS // EXPONENTS)
         below = float((counts[:threshold_bin] * per_bin[:threshold_bin]).sum())
-        members_in_bin = split.count - float(counts[:threshold_bin].sum())
+        members_in_bin = count - (float(cumulative[threshold_bin - 1]) if threshold_bin else 0.0)
         return below + members_in_bin * float(per_bin[threshold_bin])
 
 
@@ -120,16 +125,63 @@ def fit_rounding_null(bin_counts: torch.Tensor, changed: float, atol: float = HE
     return RoundingNull(scale, probability, expected(scale))
 
 
+def gaussian_bin_counts(std: float, numel: float = 1.0) -> torch.Tensor:
+    """Expected coordinates per high-bits bin of |w| for `numel` weights N(0, std^2) rounded
+    to bf16: the histogram `rank_splits` counts on a sampled tensor, in closed form. The bins
+    of a bf16 magnitude are its values, and a value takes every |w| that rounds to it, up to
+    the midpoints with its neighbours."""
+    values = torch.arange(BF16_FINITE, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = values.double()
+    upper = torch.cat([(values[1:] + values[:-1]) / 2, torch.tensor([math.inf])])
+    at_most = torch.special.erf(upper / (std * math.sqrt(2)))  # P(|w| <= upper)
+    counts = torch.zeros(HIGH_BINS, dtype=torch.float64)
+    counts[:BF16_FINITE] = numel * torch.diff(at_most, prepend=at_most.new_zeros(1))
+    return counts
+
+
+def pooled_rounding_null(bin_counts: list[torch.Tensor], sparsity: float,
+                         atol: float = HEADLINE_ATOL, ratio: float = HEADLINE_RATIO,
+                         distribution: str = "half_normal") -> dict[str, float]:
+    """The parametric null of a model known only by its global sparsity (a paper's table):
+    one update scale fitted so that the expected changed coordinates of all tensors together
+    match, and the low-magnitude mask taken inside each tensor, as the analysis does.
+
+    bin_counts: the |w| histogram of each tensor (tensors with one histogram up to their
+    size may come as one, their sum: their masks' thresholds fall in the same place).
+    """
+    total = sum(counts.double().cpu() for counts in bin_counts)
+    numel = float(total.sum())
+    null = fit_rounding_null(total, (1 - sparsity) * numel, atol, distribution)
+    in_smallest = sum(null.expected_in_smallest(counts, ratio * float(counts.sum()))
+                      for counts in bin_counts)
+    return {"scale": null.scale, "low_magnitude_coverage": in_smallest / null.expected_changed}
+
+
 def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Tensor,
                                    generator: torch.Generator) -> torch.Tensor:
-    """Update categories after the tensor's fp32 update is shuffled and rounded to bf16."""
-    base = source.bfloat16().float().reshape(-1)
-    update = trained_fp32.to(source.device, torch.float32).reshape(-1) - base
-    order = torch.randperm(update.numel(), generator=generator, device=source.device)
-    signs = torch.randint(0, 2, (update.numel(),), generator=generator, device=source.device)
-    shuffled = update.abs()[order] * (2 * signs - 1)
-    rounded = (base + shuffled).bfloat16().float()
-    return categories((rounded - base).abs()).view(source.shape)
+    """Update categories after the tensor's fp32 update is shuffled and rounded to bf16.
+
+    Chunk by chunk: the update |trained_fp32 - bf16(source)| is gathered at the permuted
+    positions, never held whole; the permutation is int32 and the signs are drawn per chunk
+    (on CPU the same draws, so the same null, as one int64 permutation and one sign draw).
+    Gathers use `index_select`, which takes int32 indices as they are (`tensor[index]`
+    would copy them to int64 first).
+    """
+    flat_source = source.reshape(-1)
+    flat_trained = trained_fp32.to(source.device).reshape(-1)
+    numel = flat_source.numel()
+    order = torch.randperm(numel, generator=generator, device=source.device, dtype=torch.int32)
+    out = torch.empty(numel, dtype=torch.uint8, device=source.device)
+    for sl in chunk_slices(numel):
+        picked = order[sl]
+        update = (torch.index_select(flat_trained, 0, picked).float()
+                  - torch.index_select(flat_source, 0, picked).bfloat16().float())
+        signs = torch.randint(0, 2, update.shape, generator=generator, device=source.device,
+                              dtype=torch.uint8)
+        base = flat_source[sl].bfloat16().float()
+        rounded = (base + update.abs_() * (2 * signs.float() - 1)).bfloat16().float()
+        out[sl] = categories((rounded - base).abs_())
+    return out.view(source.shape)
 
 
 def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
@@ -140,8 +192,11 @@ def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
     order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
                            dtype=torch.int32)
     short = delta_rows.shape[1]
-    return TallRows(lambda start, stop: flat[order[start * short:stop * short]].view(-1, short),
-                    delta_rows.shape, delta_rows.transposed)
+
+    def rows(start: int, stop: int) -> torch.Tensor:  # index_select: no int64 index copy
+        return torch.index_select(flat, 0, order[start * short:stop * short]).view(-1, short)
+
+    return TallRows(rows, delta_rows.shape, delta_rows.transposed)
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:
@@ -173,7 +228,7 @@ def rounding_null_on_gaussian(sparsity: float, std: float, shape: tuple[int, int
     splits, high = rank_splits(weight, [round(ratio * numel)])
     bin_counts = high[0]
     null = fit_rounding_null(bin_counts, (1 - sparsity) * numel, atol, distribution)
-    low_magnitude = null.expected_in_smallest(bin_counts, splits[0]) / null.expected_changed
+    low_magnitude = null.expected_in_smallest(bin_counts, splits[0].count) / null.expected_changed
     k = rank_count(ratio, min(shape))
     magnitudes = principal_magnitudes(decompose(tall_rows(weight), k, min(shape)), k, shape)
     (rest,), _ = rank_splits(magnitudes, [numel - round(ratio * numel)])

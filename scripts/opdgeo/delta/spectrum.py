@@ -48,20 +48,21 @@ class TallRows:
         return self.rows(0, self.shape[0])
 
 
-def tall_rows(*parts: torch.Tensor) -> TallRows:
-    """The sum of same-shaped tensors (W_src + dW = W_trained), read tall in chunks."""
-    matrices = [as_matrix(p) for p in parts]
-    transposed = matrices[0].shape[0] < matrices[0].shape[1]
+def tall_rows(tensor: torch.Tensor, minus: torch.Tensor | None = None) -> TallRows:
+    """A tensor read tall in chunks; with `minus`, the difference tensor - minus
+    (W_trained - W_src = dW) subtracted chunk by chunk, so it is never held whole."""
+    matrix = as_matrix(tensor)
+    subtrahend = as_matrix(minus) if minus is not None else None
+    transposed = matrix.shape[0] < matrix.shape[1]
     if transposed:
-        matrices = [m.T for m in matrices]
+        matrix = matrix.T
+        subtrahend = subtrahend.T if subtrahend is not None else None
 
     def rows(start: int, stop: int) -> torch.Tensor:
-        total = matrices[0][start:stop].float()  # a view when already float32: no copy
-        for matrix in matrices[1:]:
-            total = total + matrix[start:stop].float()
-        return total
+        chunk = matrix[start:stop].float()  # a view when already float32: no copy
+        return chunk if subtrahend is None else chunk - subtrahend[start:stop].float()
 
-    return TallRows(rows, tuple(matrices[0].shape), transposed)
+    return TallRows(rows, tuple(matrix.shape), transposed)
 
 
 def gram(matrix: TallRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
