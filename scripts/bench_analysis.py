@@ -119,7 +119,17 @@ def child(task: str, root: Path, threads: int) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": time.perf_counter() - started,
                       "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                      "peak_rss_gb": usage.ru_maxrss / 2**20}))  # Linux: KiB
+                      "peak_rss_gb": peak_rss_kib() / 2**20}))
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across fork and exec, so a child forked from the parent that built the 2 GB pair would
+    report the parent's size whatever it did itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
 def measure(task: str, root: Path, threads: int) -> dict:
