@@ -102,10 +102,16 @@ def model_prompt(tokenizer, prompt):
     return "\n".join(m["content"] for m in prompt)
 
 
-def render_prompts(tokenizer, prompts: list) -> tuple[list[str], bool]:
+def render_prompts(tokenizer, prompts: list, images: list | None = None
+                   ) -> tuple[list[str], bool]:
     """Prompts as text to tokenize, and whether the tokenizer should add special tokens
-    (not after a chat template, which writes its own)."""
+    (not after a chat template, which writes its own). With `images` (one per prompt), each
+    prompt gets an image placeholder as TRL's trainers place it; the processor expands it."""
     prompts = [model_prompt(tokenizer, p) for p in prompts]
+    if images:
+        from trl.data_utils import prepare_multimodal_messages
+
+        prompts = [prepare_multimodal_messages(p, images=[None]) for p in prompts]
     if not prompts or isinstance(prompts[0], str):
         return prompts, True
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)

@@ -30,12 +30,15 @@ from opdgeo.data import model_prompt
 from opdgeo.evaluate import exact_match, generate
 from opdgeo.losses import TRL_BETA, OPDTrainer
 from opdgeo.models import (
+    VISION_ARCHITECTURES,
     build_model,
     character_tokenizer,
     check_same_vocabulary,
+    image_text_processor,
     load_model,
     load_tokenizer,
     save_checkpoint,
+    text_tokenizer,
 )
 from opdgeo.task import Example, make_task
 
@@ -153,15 +156,16 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     out_dir = Path(out_dir)
     build, train = spec["build"], spec["train"]
     set_seed(train["seed"])
-    tokenizer = character_tokenizer()
+    vision = build["arch"] in VISION_ARCHITECTURES
+    tokenizer = image_text_processor() if vision else character_tokenizer()
     dims = {k: v for k, v in build.items() if k != "arch"}
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
     task = make_task(task)
     n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
     train_examples = task.train_examples(n_train, train["seed"])
     eval_examples = task.eval_examples()
-    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
-                                 for e in train_examples])
+    check_images(train_examples, vision, name)
+    dataset = Dataset.from_list([sft_row(e, e.answer) for e in train_examples])
     out_dir.mkdir(parents=True, exist_ok=True)
     scores_log = out_dir / "scores.csv"
     scores_log.write_text("step,exact_match\n")
@@ -173,7 +177,7 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
         SFTConfig, out_dir, steps=train["max_steps"], batch_size=train["batch_size"],
         optimizer="adamw", opt={"learning_rate": train["learning_rate"], "adam_beta2": 0.99},
         seed=train["seed"], device=device, max_length=64, completion_only_loss=True,
-        packing=False, eos_token=tokenizer.eos_token,
+        packing=False, eos_token=text_tokenizer(tokenizer).eos_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer,
@@ -192,6 +196,34 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     (out_dir / "score.json").write_text(json.dumps(
         {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+def sft_row(example: Example, completion: str) -> dict:
+    """A prompt-completion row for SFTTrainer; with an image, the completion is an assistant
+    message (TRL's vision-language collator renders both through the chat template, which
+    ends an assistant turn with end-of-sequence)."""
+    if example.image is None:
+        return {"prompt": example.prompt, "completion": completion}
+    return {"prompt": example.prompt, "image": example.image,
+            "completion": [{"role": "assistant", "content": completion}]}
+
+
+def prompt_row(example: Example, **extra) -> dict:
+    """A prompt-only row for DistillationTrainer and GRPOTrainer (which pass `image` on)."""
+    image = {"image": example.image} if example.image is not None else {}
+    return {"prompt": example.prompt, **image, **extra}
+
+
+def check_images(examples: list[Example], vision: bool, model: str):
+    """A task with images needs a vision-language model, and the reverse."""
+    has_images = bool(examples) and examples[0].image is not None
+    if has_images != vision:
+        raise ValueError(
+            f"{model}: the task's prompts {'come' if has_images else 'do not come'} with "
+            f"images, but the model {'is not' if has_images else 'is'} a vision-language "
+            f"model. Pair image tasks (kind squares, or a data set with `image`) with "
+            f"architectures {VISION_ARCHITECTURES}, text tasks with language models."
+        )
 
 
 # ---------------------------------------------------------------- runs
