@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from opdgeo.callbacks import (
 )
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt
-from opdgeo.evaluate import exact_match, generate
+from opdgeo.evaluate import exact_match, generate, images_of
 from opdgeo.losses import TRL_BETA, OPDTrainer
 from opdgeo.models import (
     VISION_ARCHITECTURES,
@@ -273,7 +274,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                              snapshots),
         ]
     callbacks += _extra_callbacks(model, mask_path, out_dir, spec, main_process)
-    prompts = [Example(model_prompt(student_tokenizer, e.prompt), e.answer) for e in prompts]
+    check_images(prompts, hasattr(student_tokenizer, "image_processor"), source)
+    prompts = [replace(e, prompt=model_prompt(student_tokenizer, e.prompt)) for e in prompts]
 
     if spec.kind in ("opd", "masked"):
         loss = training["loss"]
@@ -286,7 +288,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
         # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
         n = training["generations_per_prompt"]
-        dataset = Dataset.from_list([{"prompt": e.prompt} for e in prompts for _ in range(n)])
+        dataset = Dataset.from_list([prompt_row(e) for e in prompts for _ in range(n)])
         trainer = OPDTrainer(model=model, teacher_model=teacher_model, args=args,
                              train_dataset=dataset, processing_class=student_tokenizer,
                              callbacks=callbacks, loss=loss, topk=training["topk"])
@@ -296,16 +298,16 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         torch.manual_seed(spec.seed)
         completions = generate(teacher_model, teacher_tokenizer, [e.prompt for e in chosen],
                                completion_tokens, sample=True,
-                               temperature=training["temperature"])
-        dataset = Dataset.from_list([{"prompt": e.prompt, "completion": c}
+                               temperature=training["temperature"], images=images_of(chosen))
+        dataset = Dataset.from_list([sft_row(e, c)
                                      for e, c in zip(chosen, completions, strict=True)])
         args = _trainer_args(SFTConfig, out_dir, **common, max_length=64,
                              completion_only_loss=True, packing=False,
-                             eos_token=student_tokenizer.eos_token)
+                             eos_token=text_tokenizer(student_tokenizer).eos_token)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=student_tokenizer, callbacks=callbacks)
     elif spec.kind == "grpo":
-        dataset = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in prompts])
+        dataset = Dataset.from_list([prompt_row(e, answer=e.answer) for e in prompts])
         args = _trainer_args(
             GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],
             max_completion_length=completion_tokens, temperature=training["temperature"],
@@ -336,7 +338,9 @@ def verifier_reward(task):
     """RLVR reward: the task's verifier (1 when the completion is exactly the answer)."""
 
     def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
-        return [task.score(c, a) for c, a in zip(completions, answer, strict=True)]
+        # Conversational prompts (a chat template) get completions as assistant messages.
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [task.score(c, a) for c, a in zip(texts, answer, strict=True)]
 
     return exact_match_reward
 
