@@ -162,7 +162,8 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     dims = {k: v for k, v in build.items() if k != "arch"}
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
     task = make_task(task)
-    n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
+    # Epochs cycle; pictures cost time to draw and to store, so image tasks cycle sooner.
+    n_train = min(train["max_steps"] * train["batch_size"], 4_096 if vision else 20_000)
     train_examples = task.train_examples(n_train, train["seed"])
     eval_examples = task.eval_examples()
     check_images(train_examples, vision, name)
