@@ -149,8 +149,13 @@ def _math_task(**config):
 
 
 TASKS = {"addition": AdditionTask, "math": _math_task, "squares": SquaresTask}
-# Tasks whose prompts come with an image: their pairs are vision-language models.
-IMAGE_TASKS = ("squares",)
+
+
+def has_images(config: dict) -> bool:
+    """Whether a task's prompts come with images (its pair is then a vision-language pair):
+    the squares task, or data sets that name an image column."""
+    datasets = [config.get("train") or {}, *(config.get("eval") or {}).values()]
+    return config.get("kind") == "squares" or any("image" in spec for spec in datasets)
 
 
 def make_task(config: dict):
