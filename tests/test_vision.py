@@ -90,8 +90,8 @@ def load_tokenizer_dir(path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_bf16_vl_checkpoint_reloads_with_its_processor(tmp_path, make_vl_checkpoint, arch):
-    path = make_vl_checkpoint(tmp_path / "ckpt", seed=0, arch=arch)
+def test_bf16_vl_checkpoint_reloads_with_its_processor(tmp_path, make_checkpoint, arch):
+    path = make_checkpoint(tmp_path / "ckpt", seed=0, arch=arch)
     stored = load_file(str(path / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in stored.values())
     assert any(n.startswith("visual.merger.") for n in stored)
@@ -176,10 +176,10 @@ def test_masked_vl_run_keeps_coordinates_outside_the_mask(tiny_vl_pair, tmp_path
 
 
 def test_teacher_with_another_processor_is_rejected_before_training(tiny_vl_pair, tmp_path,
-                                                                     make_vl_checkpoint):
+                                                                     make_checkpoint):
     student, _ = tiny_vl_pair
     other = image_text_processor(max_pixels=28 * 28 * 4)
-    teacher = make_vl_checkpoint(tmp_path / "t", seed=3, processor=other)
+    teacher = make_checkpoint(tmp_path / "t", seed=3, arch="qwen2_vl", tokenizer=other)
     with pytest.raises(ValueError, match="different processors"):
         train_run(run_spec("opd"), student, teacher, TASK, tmp_path / "r", "cpu")
     assert not (tmp_path / "r" / "final").exists()
