@@ -154,7 +154,10 @@ def _vision_language_config(arch: str, tokenizer, text: dict, vision: dict):
 
 
 def is_vision_language(path: str | Path) -> bool:
-    """Whether a checkpoint (folder or hub id) has a vision tower."""
+    """Whether a checkpoint (folder or hub id) has a vision tower; a folder without a model
+    config (a tokenizer alone) has none."""
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        return False
     return hasattr(AutoConfig.from_pretrained(str(path)), "vision_config")
 
 
