@@ -1,4 +1,4 @@
-from opdgeo.task import answer_length, make_example, score, split_examples
+from opdgeo.task import answer_length, is_held_out, make_example, score, split_examples
 
 
 def test_answer_is_the_sum_with_digits_reversed():
@@ -14,6 +14,17 @@ def test_splits_are_disjoint_and_seeded():
     assert not {e.prompt for e in train} & {e.prompt for e in held_out}
     assert split_examples(2, 50, "train", seed=3) == split_examples(2, 50, "train", seed=3)
     assert split_examples(2, 50, "train", seed=3) != split_examples(2, 50, "train", seed=4)
+
+
+def test_held_out_answers_look_like_training_answers():
+    # A linear hash put every held-out sum ending in 0 (answers starting with "0"), a set
+    # no training answer resembled: held-out scores then measured something else.
+    def first_digits(split):
+        return {e.answer[0] for e in split_examples(2, 500, split, seed=0)}
+
+    assert first_digits("eval") == first_digits("train") == set("0123456789")
+    held_out = sum(is_held_out(a, b) for a in range(100) for b in range(100))
+    assert 800 < held_out < 1200
 
 
 def test_every_answer_is_correct_arithmetic():

@@ -24,7 +24,8 @@ def _threads(n: int):
 
 
 def cmd_train_model(args):
-    from opdgeo.train import resolve_device, train_base
+    from opdgeo.device import resolve_device
+    from opdgeo.train import train_base
 
     _threads(args.threads)
     train_base(args.name, args.spec, args.task, args.out, resolve_device(args.device))
@@ -32,7 +33,8 @@ def cmd_train_model(args):
 
 def cmd_train_run(args):
     from opdgeo.config import RunSpec
-    from opdgeo.train import resolve_device, train_run
+    from opdgeo.device import resolve_device
+    from opdgeo.train import train_run
 
     _threads(args.threads)
     spec = RunSpec(**args.spec)
@@ -58,14 +60,15 @@ def cmd_make_mask(args):
     else:
         raise SystemExit(f"unknown mask method {method!r}")
     masks.save_mask(mask, args.out)
+    masks.write_density_csv(mask, args.densities, args.out.name.removesuffix(".safetensors"))
     density, _ = masks.mask_densities(mask)
     print(f"mask {args.out}: global density {density:.4f}")
 
 
 def cmd_evaluate(args):
+    from opdgeo.device import resolve_device
     from opdgeo.evaluate import evaluate_checkpoints
     from opdgeo.task import make_task
-    from opdgeo.train import resolve_device
 
     _threads(args.threads)
     checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}
@@ -101,12 +104,6 @@ def cmd_collect(args):
     else:  # per-run CSVs in results/runs/{run}/
         frame = tables.concat_csvs(args.files, run_from_folder=True)
     tables.write_table(frame, args.out)
-
-
-def cmd_mask_density(args):
-    from opdgeo.masks import write_density_csv
-
-    write_density_csv(args.mask, args.out, args.mask.name.removesuffix(".safetensors"))
 
 
 def cmd_runs(args):
@@ -190,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     p.add_argument("--trained", required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--densities", type=Path, required=True,
+                   help="tidy CSV of the mask's global and per-tensor densities")
     p.set_defaults(handler=cmd_make_mask)
 
     p = sub.add_parser("evaluate", help="held-out exact match and mean@k of checkpoints")
@@ -208,11 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_collect)
-
-    p = sub.add_parser("mask-density", help="per-tensor and global density of a mask")
-    p.add_argument("mask", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(handler=cmd_mask_density)
 
     p = sub.add_parser("runs", help="the table of runs (kind, pair, teacher, optimizer, ...)")
     p.add_argument("--spec", type=_json, required=True, help="the whole config")

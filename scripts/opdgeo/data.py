@@ -19,16 +19,16 @@ import random
 from functools import cache
 from pathlib import Path
 
-import datasets
-
 from opdgeo.task import Example
 
 # Builders of `datasets` for local data files, by suffix.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(spec: dict) -> datasets.Dataset:
+def load_rows(spec: dict):
     """One split of a data set from a hub id, a local data file or a local folder."""
+    import datasets  # seconds to import: only math tasks pay for it
+
     path, split = spec["path"], spec.get("split", "train")
     local = Path(path)
     if local.is_file():
@@ -81,9 +81,11 @@ def load_examples(spec: dict) -> list[Example]:
     return examples
 
 
-def _undecoded_images(rows: datasets.Dataset, key: str) -> datasets.Dataset:
+def _undecoded_images(rows, key: str):
     """`datasets` decodes an Image column itself, failing deep inside iteration on a bad
     image; keep the bytes instead and decode them in `_decode_image`, which names the row."""
+    import datasets
+
     feature = rows.features[key]
     if isinstance(feature, datasets.Image):
         return rows.cast_column(key, datasets.Image(decode=False))

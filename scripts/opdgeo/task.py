@@ -5,6 +5,7 @@ left-to-right model can carry as it goes. Every prompt and every answer of one t
 same length, so batches need no padding and exact match is a string comparison.
 """
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,9 @@ def split_examples(digits: int, n: int, split: str, seed: int) -> list[Example]:
     """`n` examples of one split; train and eval prompts never overlap.
 
     Splits are disjoint by construction: a pair (a, b) belongs to `eval` when its hash
-    bucket says so, so every seed draws from the same held-out set.
+    bucket says so, so every seed draws from the same held-out set. The hash is a digest, not
+    a linear form in a and b: `(7919a + 104729b) % 10` would select exactly the pairs whose
+    sum ends in 0, a held-out set no training answer resembles.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -37,9 +40,14 @@ def split_examples(digits: int, n: int, split: str, seed: int) -> list[Example]:
     examples = []
     while len(examples) < n:
         a, b = rng.randrange(high), rng.randrange(high)
-        if ((a * 7919 + b * 104729) % 10 == 0) == want_eval:
+        if is_held_out(a, b) == want_eval:
             examples.append(make_example(a, b, digits))
     return examples
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """One pair in ten, by a digest of the pair: independent of its digits and its sum."""
+    return hashlib.blake2b(f"{a}+{b}".encode(), digest_size=8).digest()[0] % 10 == 0
 
 
 def answer_length(digits: int) -> int:

@@ -47,14 +47,6 @@ from opdgeo.task import Example, make_task
 datasets.disable_progress_bars()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device cuda, but no GPU is visible: use auto or cpu")
-    return device
-
-
 def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, optimizer: str,
                   opt: dict, seed: int, device: str, training: dict | None = None,
                   resumable: bool = False, **extra):

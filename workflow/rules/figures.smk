@@ -63,6 +63,8 @@ for _figure, _tables in FIGURE_TABLES.items():
             external=EXTERNAL_KINDS,
         log:
             f"results/logs/figures/{_figure}.log",
+        benchmark:
+            f"results/benchmarks/figures/{_figure}.tsv"
         shell:
             "opdgeo figure {params.name} --tables results/tables --plots {params.plots}"
             " --external {params.external} --out results/figures/{params.name} > {log} 2>&1"
@@ -80,6 +82,8 @@ rule paper_tables:
         external=EXTERNAL_KINDS,
     log:
         "results/logs/figures/paper_tables.log",
+    benchmark:
+        "results/benchmarks/figures/paper_tables.tsv"
     shell:
         "opdgeo paper-tables --tables results/tables --plots {params.plots}"
         " --external {params.external} --out results/tables > {log} 2>&1"
@@ -97,6 +101,8 @@ rule findings:
         external=EXTERNAL_KINDS,
     log:
         "results/logs/figures/findings.log",
+    benchmark:
+        "results/benchmarks/figures/findings.tsv"
     shell:
         "opdgeo findings --tables results/tables --plots {params.plots}"
         " --external {params.external} --out results/findings > {log} 2>&1"

@@ -14,7 +14,8 @@ rule make_mask:
     input:
         unpack(mask_inputs),
     output:
-        "results/masks/{mask}.safetensors",
+        mask="results/masks/{mask}.safetensors",
+        densities="results/masks/{mask}.density.csv",
     params:
         spec=lambda w: as_arg(mask_spec(w.mask).__dict__),
         source=lambda w: source_path(mask_spec(w.mask).run),
@@ -29,4 +30,5 @@ rule make_mask:
         runtime=30,
     shell:
         "opdgeo make-mask --spec {params.spec} --source {params.source}"
-        " --trained {params.trained} --out {output} > {log} 2>&1"
+        " --trained {params.trained} --out {output.mask} --densities {output.densities}"
+        " > {log} 2>&1"

@@ -8,7 +8,6 @@ localrules:
     overlap_table,
     optimizer_state_table,
     training_log_table,
-    mask_density,
     mask_table,
     analysis_tables,
 
@@ -21,6 +20,8 @@ rule runs_table:
         config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}),
     log:
         "results/logs/tables/runs.log",
+    benchmark:
+        "results/benchmarks/tables/runs.tsv"
     shell:
         "opdgeo runs --spec {params.config} --out {output} > {log} 2>&1"
 
@@ -33,6 +34,8 @@ rule evaluation_table:
         "results/tables/evaluation.csv",
     log:
         "results/logs/tables/evaluation.log",
+    benchmark:
+        "results/benchmarks/tables/evaluation.tsv"
     shell:
         "opdgeo collect csv {input} --out {output} > {log} 2>&1"
 
@@ -48,6 +51,8 @@ rule delta_tables:
         steps=as_arg({run: final_steps(run) for run in TRAINED}),
     log:
         "results/logs/tables/delta.log",
+    benchmark:
+        "results/benchmarks/tables/delta.tsv"
     shell:
         "(opdgeo collect summaries {input.final} --spec {params.steps} --out {output.final}"
         " && opdgeo collect summaries {input.final} {input.steps} --spec {params.steps}"
@@ -61,6 +66,8 @@ rule overlap_table:
         "results/tables/overlap.csv",
     log:
         "results/logs/tables/overlap.log",
+    benchmark:
+        "results/benchmarks/tables/overlap.tsv"
     shell:
         "opdgeo collect overlaps {input} --out {output} > {log} 2>&1"
 
@@ -72,6 +79,8 @@ rule optimizer_state_table:
         "results/tables/optimizer_state.csv",
     log:
         "results/logs/tables/optimizer_state.log",
+    benchmark:
+        "results/benchmarks/tables/optimizer_state.tsv"
     shell:
         "opdgeo collect csv {input} --out {output} > {log} 2>&1"
 
@@ -83,19 +92,10 @@ rule training_log_table:
         "results/tables/training_log.csv",
     log:
         "results/logs/tables/training_log.log",
+    benchmark:
+        "results/benchmarks/tables/training_log.tsv"
     shell:
         "opdgeo collect run-csv {input} --out {output} > {log} 2>&1"
-
-
-rule mask_density:
-    input:
-        "results/masks/{mask}.safetensors",
-    output:
-        "results/masks/{mask}.density.csv",
-    log:
-        "results/logs/tables/mask_density/{mask}.log",
-    shell:
-        "opdgeo mask-density {input} --out {output} > {log} 2>&1"
 
 
 rule mask_table:
@@ -105,6 +105,8 @@ rule mask_table:
         "results/tables/masks.csv",
     log:
         "results/logs/tables/masks.log",
+    benchmark:
+        "results/benchmarks/tables/masks.tsv"
     shell:
         "opdgeo collect csv {input} --out {output} > {log} 2>&1"
 
@@ -118,6 +120,8 @@ rule analysis_tables:
         tensors="results/tables/tensors.csv",
     log:
         "results/logs/tables/analysis.log",
+    benchmark:
+        "results/benchmarks/tables/analysis.tsv"
     shell:
         "(opdgeo collect analysis-csv {input.layer_module} --out {output.layer_module}"
         " && opdgeo collect analysis-csv {input.tensors} --out {output.tensors}) > {log} 2>&1"

@@ -46,17 +46,12 @@ from opdgeo.delta.spectrum import (
     spectrum_metrics,
     tall_rows,
 )
+from opdgeo.device import resolve_device
 from opdgeo.naming import canonical_name, classify
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHUFFLE_NULL_KEYS = ("top16_energy", "stable_rank",
                      f"numerical_rank_fraction_{threshold_label(HEADLINE_RANK_TOLERANCE)}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _suffix(atol: float) -> str:
@@ -219,7 +214,7 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     if rounding_null not in DISTRIBUTIONS:
         raise ValueError(f"rounding_null must be one of {DISTRIBUTIONS}, got {rounding_null!r}")
     started = time.perf_counter()
-    torch_device = resolve_device(device)
+    torch_device = torch.device(resolve_device(device))
     source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)
     fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
     pairs = match_tensors(source_checkpoint, trained_checkpoint)
