@@ -188,9 +188,7 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
     images, both models must also see the same pixels (one image processor setting)."""
     student_images = getattr(student_tokenizer, "image_processor", None)
     teacher_images = getattr(teacher_tokenizer, "image_processor", None)
-    if (student_images is None) != (teacher_images is None) or (
-        student_images is not None and student_images.to_dict() != teacher_images.to_dict()
-    ):
+    if _pixel_settings(student_images) != _pixel_settings(teacher_images):
         raise ValueError(
             f"teacher {teacher} and student {student} have different processors (image "
             f"processor {_describe(teacher_images)} vs {_describe(student_images)}): on-policy "
@@ -204,6 +202,15 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
             f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens): on-policy "
             "distillation needs one shared tokenizer. Pick a teacher of the student's family."
         )
+
+
+def _pixel_settings(image_processor) -> dict | None:
+    """What decides the pixels and image tokens a model sees; not the class that computes
+    them (a fast and a slow image processor of one checkpoint agree)."""
+    if image_processor is None:
+        return None
+    return {k: v for k, v in image_processor.to_dict().items()
+            if not k.startswith("_") and k not in ("image_processor_type", "processor_class")}
 
 
 def _describe(image_processor) -> str:
