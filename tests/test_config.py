@@ -7,6 +7,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from opdgeo.config import ConfigError, build_masks, build_runs
+from opdgeo.models import VISION_ARCHITECTURES
+from opdgeo.task import has_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -31,7 +33,7 @@ def test_shipped_configs_validate_and_expand(name):
 
 def test_default_study_matches_its_design():
     config = load("config/config.yaml")
-    runs = build_runs(config)
+    runs = {n: s for n, s in build_runs(config).items() if s.pair == "addition"}
     opd_teachers = {s.teacher for s in runs.values() if s.kind == "opd"}
     assert len(opd_teachers) >= 2  # two teachers distil into one source
     assert len({s.source for s in runs.values() if s.is_trained}) == 1
@@ -43,6 +45,28 @@ def test_default_study_matches_its_design():
         assert smallest >= 128, key
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_have_a_vision_language_pair(name):
+    config = load(name)
+    runs = build_runs(config)
+    vl = [s for s in runs.values() if s.is_trained and has_images(s.task)]
+    assert {s.kind for s in vl} >= {"opd", "grpo", "masked"}
+    for key in {s.source for s in vl} | {s.teacher for s in vl}:
+        assert config["models"][key]["build"]["arch"] in VISION_ARCHITECTURES, key
+    masks = build_masks(config)
+    arms = {masks[s.mask].run for s in vl if s.kind == "masked"}
+    assert any("-grpo-" in run for run in arms)  # the RLVR control's mask
+
+
+def test_mask_of_an_external_run_on_the_same_source():
+    config = load("config/smoke.yaml")
+    config["external"] = {"addition-rl": {"source": "x", "trained": "y"}}
+    config["pairs"]["addition"]["masked"]["arms"] = ["run:rl", "random:rl"]
+    runs, masks = build_runs(config), build_masks(config)
+    assert masks[runs["addition-masked-run-rl-s0"].mask].run == "addition-rl"
+    assert masks[runs["addition-masked-random-rl-s0"].mask].method == "random_like"
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -51,6 +75,7 @@ def test_default_study_matches_its_design():
         (lambda c: c["training"].update(steps="many"), "many"),
         (lambda c: c["training"].update(loss="kl"), "kl"),
         (lambda c: c["models"]["student"]["build"].update(arch="gpt"), "gpt"),
+        (lambda c: c["pairs"]["squares"]["task"].update(grid=5), "5"),
         (lambda c: c["training"]["optimizers"].update(adam={"learning_rate": 1}), "adam"),
     ],
 )

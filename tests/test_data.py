@@ -134,3 +134,94 @@ def test_one_opd_step_and_evaluation_on_the_math_task(files, tmp_path, make_chec
                                  k=2, temperature=1.0, seed=0, device="cpu")
     assert set(table["metric"]) == {"exact_match", "mean@2"}
     assert table["value"].between(0, 1).all()
+
+
+# ---------------------------------------------------------------- Geo3K (vision-language)
+
+
+def png(size, colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def geo3k_rows(bad_row=None):
+    """Rows of hiyouga/geometry3k: `images` (a list of one figure), `problem` with an
+    `<image>` placeholder, `answer`."""
+    rows = [{"images": [{"bytes": png((60 + 10 * i, 40), (20 * i, 90, 200)), "path": None}],
+             "problem": f"<image>Find x if 2x = {2 * (i + 3)}.", "answer": str(i + 3)}
+            for i in range(4)]
+    if bad_row is not None:
+        rows[bad_row]["images"] = [{"bytes": b"this is not an image", "path": None}]
+    return rows
+
+
+def geo3k_spec(path):
+    return {"path": str(path), "prompt": "problem", "answer": "answer", "image": "images",
+            "template": "{problem} Put the final answer in \\boxed{{}}."}
+
+
+def write_hub_style(rows, path):
+    """As the hub serves it: a parquet file whose `images` column is a list of Image."""
+    import datasets
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.parametrize("hub_style", [False, True])
+def test_geo3k_rows_load_with_their_images(tmp_path, hub_style):
+    path = tmp_path / "geo3k.parquet"
+    if hub_style:
+        write_hub_style(geo3k_rows(), path)
+    else:
+        pd.DataFrame(geo3k_rows()).to_parquet(path)
+    examples = load_examples(geo3k_spec(path))
+    assert len(examples) == 4
+    first = examples[0]
+    assert first.prompt == [{"role": "user",
+                             "content": "Find x if 2x = 6. Put the final answer in \\boxed{}."}]
+    assert first.image.mode == "RGB" and first.image.size == (60, 40)
+    assert first.image.getpixel((0, 0)) == (0, 90, 200)
+    assert first.answer == "3"
+    assert score("so x = \\boxed{3}", first.answer) == 1.0
+    assert score("\\boxed{4}", first.answer) == 0.0
+
+
+@pytest.mark.parametrize("hub_style", [False, True])
+def test_undecodable_image_stops_with_the_row_named(tmp_path, hub_style):
+    path = tmp_path / "geo3k.parquet"
+    if hub_style:
+        write_hub_style(geo3k_rows(bad_row=2), path)
+    else:
+        pd.DataFrame(geo3k_rows(bad_row=2)).to_parquet(path)
+    with pytest.raises(ValueError, match=r"row 2: cannot decode the image"):
+        load_examples(geo3k_spec(path))
+
+
+def test_geo3k_task_trains_and_evaluates_a_vl_pair(tmp_path, make_checkpoint):
+    """One OPD step with Geo3K figures of any size, then greedy and sampled evaluation."""
+    path = tmp_path / "geo3k.parquet"
+    pd.DataFrame(geo3k_rows()).to_parquet(path)
+    student = make_checkpoint(tmp_path / "student", seed=0, arch="qwen2_vl")
+    teacher = make_checkpoint(tmp_path / "teacher", seed=1, hidden=32, arch="qwen2_vl")
+    task = {"kind": "math", "seed": 0, "max_new_tokens": 4, "train": geo3k_spec(path),
+            "eval": {"geo3k": geo3k_spec(path)}}
+    assert make_task(task).train_examples(2, seed=0)[0].image is not None
+    config = {"training": {"steps": 1, "batch_size": 2, "save_every": 1, "prompts": 4,
+                           "generations_per_prompt": 1, "loss": "forward_kl_topk", "topk": 4,
+                           "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+              "pairs": {"g": {"student": "s", "teachers": ["t"]}}}
+    spec = RunSpec("g-opd-t-adamw-s0", "opd", "g", "s", "t", "adamw", 0,
+                   training=pair_training(config, "g"))
+    train_run(spec, student, teacher, task, tmp_path / "run", "cpu")
+    table = evaluate_checkpoints({1: tmp_path / "run" / "final"}, spec.name, make_task(task),
+                                 k=2, temperature=1.0, seed=0, device="cpu")
+    assert set(table["metric"]) == {"exact_match", "mean@2"}

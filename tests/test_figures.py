@@ -19,8 +19,9 @@ def info_of(frames, external=None):
 
 @pytest.fixture(scope="module")
 def full():
-    """Two seeds, both optimizers, masked arms, an external OPD run and a sweep grid."""
-    return tf.tables(tf.config(seeds=(0, 1), external=True, sweep=True))
+    """Two seeds, both optimizers, masked arms, an external OPD run, a sweep grid, and a
+    vision-language pair beside the language one."""
+    return tf.tables(tf.config(seeds=(0, 1), external=True, sweep=True, vision=True))
 
 
 @pytest.mark.parametrize("name", figures.FIGURES)
@@ -134,6 +135,38 @@ def test_paper_rounding_null_table_from_the_papers_numbers(tmp_path):
             sparse.loc[(run, 0.02), "null low-mag cov. %"]
 
 
+def test_vision_language_runs_get_their_paper_rows_and_vision_columns(full):
+    info = main_runs(info_of(full, {"ext-opd": "opd"}))
+    assert set(info.loc[info["pair"] == "squares", "modality"]) == {"vision-language"}
+    assert set(info.loc[info["pair"] == "addition", "modality"]) == {"language"}
+    match = paper_tables.paper_match(info)
+    assert match["squares-opd-vl-teacher-adamw-s0"] == "Qwen2.5-VL OPD"
+    assert "squares-grpo-adamw-s0" not in match  # the paper has no VL GRPO row
+    energy = paper_tables.module_energy_table(info, full["delta_global"], match).set_index("run")
+    vl = "squares-opd-vl-teacher-adamw-s0"
+    assert energy.loc[vl, "vision %"] == pytest.approx(10.0)
+    assert energy.loc[vl, "projector %"] == pytest.approx(5.0)
+    assert energy.loc[vl, "paper: ffn %"] == pytest.approx(81.4)
+    assert pd.isna(energy.loc["addition-opd-teacher-a-adamw-s0", "vision %"])
+    delta = paper_tables.global_delta_table(info, full["delta_global"], match).set_index("run")
+    assert delta.loc[vl, "paper: sparsity@1e-5 %"] == pytest.approx(66.72)
+
+
+def test_vision_language_interventions_use_the_papers_vl_numbers(full):
+    info = info_of(full, {"ext-opd": "opd"})
+    rows = paper_tables.intervention_rows(info, full["evaluation"], full["masks"], "mean@2")
+    table = paper_tables.interventions_table(rows)
+    vl = table[(table["pair"] == "squares")
+               & (table["experiment"] == "masked retraining")].set_index("arm")
+    assert set(vl.index) == {"full", "opd", "random", "run-grpo", "random-grpo"}
+    assert vl.loc["random-grpo", "paper: peak %"] == pytest.approx(47.40)
+    assert vl.loc["run-grpo", "paper: peak %"] == pytest.approx(49.98)
+    assert vl.loc["full", "paper: peak %"] == pytest.approx(55.72)
+    language = table[(table["pair"] == "addition")
+                     & (table["experiment"] == "masked retraining")].set_index("arm")
+    assert language.loc["opd", "paper: peak %"] == pytest.approx(35.10)
+
+
 def test_mask_overlap_table_both_directions():
     overlap = pd.DataFrame(
         [("a", "b", m, v) for m, v in (("coverage_a_to_b", 0.6), ("baseline_a_to_b", 0.2),
@@ -185,9 +218,11 @@ def test_collect_analysis_csvs_takes_the_run_two_levels_up(tmp_path):
     assert list(frame["run"]) == ["r1", "r2"]
 
 
-def test_fig2_run_setting_and_default(full):
+def test_fig2_runs_setting_and_default(full):
     info = info_of(full)
-    assert figures.fig2_run(info, {}) == "addition-opd-teacher-a-adamw-s0"
-    assert figures.fig2_run(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
-        "addition-grpo-adamw-s1"
+    # One OPD run per modality: the language pair's and the vision-language pair's primary.
+    assert figures.fig2_runs(info, {}) == ["addition-opd-teacher-a-adamw-s0",
+                                           "squares-opd-vl-teacher-adamw-s0"]
+    assert figures.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
+        ["addition-grpo-adamw-s1"]
     assert not math.isnan(figures.module_table(full["tensors"])["stable_rank"].iloc[0])

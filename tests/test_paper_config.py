@@ -13,7 +13,8 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from opdgeo.config import build_runs, model_task, pair_task
+from opdgeo.config import build_masks, build_runs, model_task, pair_task, run_table
+from opdgeo.task import has_images
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,10 +35,13 @@ def test_paper_pairs_become_the_papers_runs(paper):
         "dsqwen-opd-deepscaler-adamw-s0", "dsqwen-opd-deepscaler-sgd-s0",
         "dsqwen-opd-justrl-adamw-s0", "qwen3-opd-qwen3-4b-base-grpo-adamw-s0",
         "dsqwen-masked-opd-s0", "dsqwen-masked-random-s0",
+        "qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0", "qwen25vl-masked-opd-s0",
+        "qwen25vl-masked-random-s0", "qwen25vl-masked-run-grpo-s0",
+        "qwen25vl-masked-random-grpo-s0",
     }
     external = {name: spec for name, spec in runs.items() if not spec.is_trained}
     assert set(external) == {"qwen-math-offline-distill", "deepscaler-rlvr", "justrl-rlvr",
-                             "minicpm-opd"}
+                             "minicpm-opd", "qwen25vl-grpo"}
     assert external["deepscaler-rlvr"].source == paper["models"]["ds-qwen"]["path"]
 
     opd = runs["dsqwen-opd-deepscaler-adamw-s0"]
@@ -79,6 +83,31 @@ def test_paper_dag_resolves_offline(tmp_path):
     )
     assert "accelerate launch --multi_gpu --num_processes 4 -m opdgeo.cli train-run" in (
         result.stdout), result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_vision_language_pair_is_the_papers_qwen25vl_run(paper):
+    runs, masks = build_runs(paper), build_masks(paper)
+    opd = runs["qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0"]
+    assert paper["models"][opd.source]["path"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    training = opd.training
+    assert training["generations_per_prompt"] == 1
+    assert training["loss"] == "forward_kl_topk" and training["topk"] == 32
+    # 10 epochs of Geo3K's training problems, one rollout each.
+    assert training["steps"] == pytest.approx(10 * training["prompts"] / training["batch_size"],
+                                              abs=1)
+    assert has_images(opd.task) and opd.task["train"]["image"] == "images"
+    assert opd.task["train"]["path"] == "hiyouga/geometry3k"
+    assert set(opd.task["eval"]) == {"geo3k"}
+    # The paper's VL masked arms; the GRPO mask comes from the external reference run.
+    grpo = runs["qwen25vl-grpo"]
+    assert grpo.source == paper["models"][opd.source]["path"]
+    assert masks[runs["qwen25vl-masked-run-grpo-s0"].mask].run == "qwen25vl-grpo"
+    random_grpo = masks[runs["qwen25vl-masked-random-grpo-s0"].mask]
+    assert (random_grpo.method, random_grpo.run) == ("random_like", "qwen25vl-grpo")
+    assert paper["plots"]["paper_match"]["qwen25vl-grpo"] == ""  # no VL row in the paper
+    table = run_table(runs).set_index("run")
+    assert table.loc[opd.name, "modality"] == "vision-language"
+    assert table.loc["dsqwen-opd-deepscaler-adamw-s0", "modality"] == "language"
 
 
 def test_pair_task_overrides_the_global_one(paper):

@@ -26,7 +26,7 @@ MODULES = {"q": "attention", "k": "attention", "v": "attention", "o": "attention
 
 
 def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:grpo"),
-           external=False, sweep=False) -> dict:
+           external=False, sweep=False, vision=False) -> dict:
     cfg = copy.deepcopy(CONFIG)
     cfg["training"]["seeds"] = list(seeds)
     cfg["training"]["optimizers"] = {k: v for k, v in cfg["training"]["optimizers"].items()
@@ -37,6 +37,11 @@ def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:
                                              "kinds": ["opd", "sft"]}
     if external:
         cfg["external"] = {"ext-opd": {"source": "x", "trained": "y", "kind": "opd"}}
+    if vision:  # a vision-language pair beside the language one, with the paper's VL arms
+        cfg["models"] |= {"vl-teacher": {"path": "vt"}, "vl-student": {"path": "vs"}}
+        cfg["pairs"]["squares"] = {
+            "student": "vl-student", "teachers": ["vl-teacher"], "task": {"kind": "squares"},
+            "masked": {"arms": ["opd", "random", "run:grpo", "random:grpo"]}}
     return cfg
 
 
@@ -85,7 +90,11 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
         if spec.group == "sweep":
             lr = spec.training["optimizers"][spec.optimizer]["learning_rate"]
             lr_factor = 0.5 if lr > 1e-4 else 1.1
-        for metric, value in _summary(spec.kind, rng).items():
+        summary = _summary(spec.kind, rng)
+        if spec.pair == "squares":  # the vision tower and its projector move too
+            summary |= {"block_energy_share/ffn": 0.45, "block_energy_share/vision": 0.1,
+                        "block_energy_share/projector": 0.05}
+        for metric, value in summary.items():
             delta.append((name, final, metric,
                           value * lr_factor if metric.startswith("sparsity") else value))
         if not spec.is_trained:
@@ -103,8 +112,9 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                     if step > 10:
                         optimizer += [(name, step, block, "m1_cosine", 0.9 - step / 50)]
     for name, spec in runs.items():
+        modules = MODULES | ({"vision": "vision"} if spec.pair == "squares" else {})
         for layer in range(2):
-            for module, block in MODULES.items():
+            for module, block in modules.items():
                 sparsity = KIND_VALUES[spec.kind][1] + 0.05 * rng.standard_normal()
                 layer_module.append({"run": name, "layer": layer, "module": module,
                                      "sparsity_atol_1e-5": sparsity,

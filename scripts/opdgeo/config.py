@@ -16,6 +16,8 @@ import copy
 import re
 from dataclasses import dataclass, field, replace
 
+from opdgeo.task import has_images
+
 TRAINING_DEFAULTS = {
     "steps": 200,
     "batch_size": 32,
@@ -134,6 +136,9 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
     """Every run of the study, by name, in a stable order."""
     check_references(config)
     runs: dict[str, RunSpec] = {}
+    external = {name: RunSpec(name, "external", None, ext["source"], trained=ext["trained"],
+                              task=pair_task(config, None))
+                for name, ext in config.get("external", {}).items()}
     for pair, spec in config["pairs"].items():
         training = pair_training(config, pair)
         optimizers = list(training["optimizers"])
@@ -153,7 +158,8 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
                     name, control, pair, spec["student"], primary_teacher, primary_opt, seed,
                     training=training,
                 )
-        for arm, masks in masked_arms(config, pair, runs).items():
+        # A mask may come from an external run on the same source (the paper's VL GRPO run).
+        for arm, masks in masked_arms(config, pair, {**runs, **external}).items():
             for mask in masks:
                 name = f"{pair}-masked-{arm}-s{mask.seed}"
                 runs[name] = RunSpec(
@@ -165,11 +171,10 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
         for name, run in runs.items():
             if run.pair == pair:
                 runs[name] = replace(run, task=task)
-    for name, ext in config.get("external", {}).items():
+    for name, run in external.items():
         if name in runs:
             raise ConfigError(f"external run {name!r} has the name of a trained run")
-        runs[name] = RunSpec(name, "external", None, ext["source"], trained=ext["trained"],
-                             task=pair_task(config, None))
+        runs[name] = run
     return runs
 
 
@@ -279,6 +284,7 @@ def run_table(runs: dict[str, RunSpec]):
             "teacher": spec.teacher, "optimizer": spec.optimizer, "seed": spec.seed,
             "mask": spec.mask, "learning_rate": opt.get("learning_rate"),
             "steps": spec.training.get("steps"), "group": spec.group,
+            "modality": "vision-language" if has_images(spec.task) else "language",
         })
     return pd.DataFrame(rows)
 

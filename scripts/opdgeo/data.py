@@ -56,22 +56,70 @@ def load_examples(spec: dict) -> list[Example]:
     """
     rows = load_rows(spec)
     prompt_key, answer_key = spec.get("prompt", "prompt"), spec.get("answer", "answer")
-    template = spec.get("template", "{problem}")
-    for key in (prompt_key, answer_key.split(".")[0]):
-        if key not in rows.column_names:
+    template, image_key = spec.get("template", "{problem}"), spec.get("image")
+    for key in (prompt_key, answer_key.split(".")[0], image_key):
+        if key is not None and key not in rows.column_names:
             raise ValueError(f"{spec['path']}: no column {key!r}; columns: {rows.column_names}")
+    if image_key:
+        rows = _undecoded_images(rows, image_key)
     examples, seen = [], set()
-    for row in rows:
+    for i, row in enumerate(rows):
         prompt = row[prompt_key]
         if isinstance(prompt, str):
+            if image_key:  # the trainers place the image themselves (Geo3K writes "<image>")
+                prompt = prompt.replace("<image>", "").strip()
             prompt = [{"role": "user", "content": template.format(problem=prompt)}]
         else:
             prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
         key = tuple((m["role"], m["content"]) for m in prompt)
+        image = _decode_image(row[image_key], f"{spec['path']} row {i}") if image_key else None
+        if image is not None:
+            key += (image.tobytes(),)  # one question about two figures is two examples
         if key not in seen:
             seen.add(key)
-            examples.append(Example(prompt, str(_field(row, answer_key)).strip()))
+            examples.append(Example(prompt, str(_field(row, answer_key)).strip(), image))
     return examples
+
+
+def _undecoded_images(rows, key: str):
+    """`datasets` decodes an Image column itself, failing deep inside iteration on a bad
+    image; keep the bytes instead and decode them in `_decode_image`, which names the row."""
+    import datasets
+
+    feature = rows.features[key]
+    if isinstance(feature, datasets.Image):
+        return rows.cast_column(key, datasets.Image(decode=False))
+    if isinstance(getattr(feature, "feature", None), datasets.Image):
+        return rows.cast_column(key, datasets.List(datasets.Image(decode=False)))
+    return rows
+
+
+def _decode_image(value, where: str):
+    """A prompt's image as an RGB PIL image (a list holds it first: Geo3K's `images`).
+
+    Decoded when the data set is read, so that an unreadable image stops the run before any
+    model is trained, naming the row."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"{where}: the image column holds no image")
+        value = value[0]
+    try:
+        if isinstance(value, dict):  # `datasets`' undecoded form: {"bytes", "path"}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, bytes):
+            value = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            value = Image.open(value)
+        if not isinstance(value, Image.Image):
+            raise TypeError(f"an image column holds {type(value).__name__}")
+        return value.convert("RGB")
+    except (OSError, UnidentifiedImageError, TypeError) as error:
+        raise ValueError(f"{where}: cannot decode the image ({error}); fix or drop the row "
+                         "before training") from error
 
 
 # ---------------------------------------------------------------- answers
@@ -102,10 +150,16 @@ def model_prompt(tokenizer, prompt):
     return "\n".join(m["content"] for m in prompt)
 
 
-def render_prompts(tokenizer, prompts: list) -> tuple[list[str], bool]:
+def render_prompts(tokenizer, prompts: list, images: list | None = None
+                   ) -> tuple[list[str], bool]:
     """Prompts as text to tokenize, and whether the tokenizer should add special tokens
-    (not after a chat template, which writes its own)."""
+    (not after a chat template, which writes its own). With `images` (one per prompt), each
+    prompt gets an image placeholder as TRL's trainers place it; the processor expands it."""
     prompts = [model_prompt(tokenizer, p) for p in prompts]
+    if images:
+        from trl.data_utils import prepare_multimodal_messages
+
+        prompts = [prepare_multimodal_messages(p, images=[None]) for p in prompts]
     if not prompts or isinstance(prompts[0], str):
         return prompts, True
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)

@@ -6,22 +6,25 @@ import pandas as pd
 import torch
 
 from opdgeo.data import render_prompts
+from opdgeo.models import text_tokenizer
 from opdgeo.task import Example
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sample: bool,
-             temperature: float = 1.0, batch_size: int = 256) -> list[str]:
+             temperature: float = 1.0, batch_size: int = 256, images: list | None = None
+             ) -> list[str]:
     """Completions of `prompts` (text or chat messages), greedy or sampled, special tokens
-    stripped."""
+    stripped. With `images` (one per prompt), `tokenizer` is the model's processor."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     completions = []
-    texts, special_tokens = render_prompts(tokenizer, prompts)
+    texts, special_tokens = render_prompts(tokenizer, prompts, images)
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=special_tokens)
+        pictures = {"images": images[start : start + batch_size]} if images else {}
+        batch = tokenizer(text=texts[start : start + batch_size], return_tensors="pt",
+                          padding=True, add_special_tokens=special_tokens, **pictures)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(
             **batch,
@@ -30,8 +33,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sampl
             temperature=temperature if sample else None,
             top_k=0 if sample else None,
             top_p=1.0 if sample else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=text_tokenizer(tokenizer).pad_token_id,
+            eos_token_id=text_tokenizer(tokenizer).eos_token_id,
         )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -39,9 +42,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sampl
     return completions
 
 
+def images_of(examples: list[Example]) -> list | None:
+    """The examples' images, or None for a text-only task."""
+    return [e.image for e in examples] if examples and examples[0].image is not None else None
+
+
 def exact_match(model, tokenizer, examples: list[Example], task, batch_size: int = 256):
     completions = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens,
-                           sample=False, batch_size=batch_size)
+                           sample=False, batch_size=batch_size, images=images_of(examples))
     hits = sum(task.score(c, e.answer) for c, e in zip(completions, examples, strict=True))
     return hits / len(examples)
 
@@ -52,8 +60,10 @@ def mean_at_k(model, tokenizer, examples: list[Example], task, k: int, temperatu
     torch.manual_seed(seed)
     prompts = [e.prompt for e in examples for _ in range(k)]
     answers = [e.answer for e in examples for _ in range(k)]
+    images = images_of(examples)
+    images = [image for image in images for _ in range(k)] if images else None
     completions = generate(model, tokenizer, prompts, task.max_new_tokens, sample=True,
-                           temperature=temperature, batch_size=batch_size)
+                           temperature=temperature, batch_size=batch_size, images=images)
     return sum(task.score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
 
 

@@ -200,38 +200,43 @@ MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "norm")
 ANNOTATE_MAX_CELLS = 200  # beyond this the numbers in the cells become unreadable
 
 
-def fig2_run(info: pd.DataFrame, plots: dict) -> str | None:
-    """plots.fig2_run, or the first OPD run (the primary run of the first pair)."""
+def fig2_runs(info: pd.DataFrame, plots: dict) -> list[str]:
+    """plots.fig2_run, or the first OPD run of each modality (the primary run of the first
+    language pair, and of the first vision-language pair, whose vision tower and projector
+    get columns of their own)."""
     if plots.get("fig2_run"):
-        return plots["fig2_run"]
+        return [plots["fig2_run"]]
     opd = info[info["method"] == "opd"]
-    return opd["run"].iloc[0] if len(opd) else None
+    return list(opd.groupby("modality", sort=False)["run"].first())
 
 
 def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
-    """Layer x module heat maps of sparsity and relative movement for one OPD run."""
-    run = fig2_run(info, plots)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    rows = layer_module[layer_module["run"] == run] if not layer_module.empty else layer_module
-    if rows.empty:
-        for ax in axes:
-            note(ax, f"no layer x module table for run {run!r}")
-        return save(fig, out, plots)
-    modules = [m for m in MODULE_ORDER if m in set(rows["module"])]
-    modules += sorted(set(rows["module"]) - set(modules))
+    """Layer x module heat maps of sparsity and relative movement, one row per OPD run."""
+    runs = fig2_runs(info, plots) or [None]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(13, 5 * len(runs)), squeeze=False)
     panels = (("sparsity_atol_1e-5", "unchanged coordinates |ΔW| ≤ 1e-5 (%)", "viridis", ".0f"),
               ("relative_norm", "relative movement ‖ΔW‖/‖W_src‖ (%)", "magma", ".2g"))
-    for ax, (metric, title, cmap, fmt) in zip(axes, panels, strict=True):
-        grid = rows.pivot_table(index="layer", columns="module", values=metric)
-        grid = grid.reindex(columns=modules) * 100
-        annotate = grid.size <= ANNOTATE_MAX_CELLS
-        sns.heatmap(grid, ax=ax, cmap=cmap, annot=annotate, fmt=fmt,
-                    annot_kws={"fontsize": "x-small"},
-                    cbar_kws={"label": title.split(" (")[-1].rstrip(")")})
-        ax.set_title(title)
-        ax.set_xlabel("module")
-        ax.set_ylabel("layer")
-    fig.suptitle(f"Where the update lands, by layer and module: {run}")
+    for run, row_axes in zip(runs, axes, strict=True):
+        rows = layer_module[layer_module["run"] == run] if not layer_module.empty \
+            else layer_module
+        if rows.empty:
+            for ax in row_axes:
+                note(ax, f"no layer x module table for run {run!r}")
+            continue
+        modules = [m for m in MODULE_ORDER if m in set(rows["module"])]
+        modules += sorted(set(rows["module"]) - set(modules))
+        for ax, (metric, title, cmap, fmt) in zip(row_axes, panels, strict=True):
+            grid = rows.pivot_table(index="layer", columns="module", values=metric)
+            grid = grid.reindex(columns=modules) * 100
+            annotate = grid.size <= ANNOTATE_MAX_CELLS
+            sns.heatmap(grid, ax=ax, cmap=cmap, annot=annotate, fmt=fmt,
+                        annot_kws={"fontsize": "x-small"},
+                        cbar_kws={"label": title.split(" (")[-1].rstrip(")")})
+            ax.set_title(f"{run}: {title}" if len(runs) > 1 else title)
+            ax.set_xlabel("module")
+            ax.set_ylabel("layer")
+    fig.suptitle("Where the update lands, by layer and module"
+                 + (f": {runs[0]}" if len(runs) == 1 else ""))
     return save(fig, out, plots)
 
 

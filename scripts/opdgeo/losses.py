@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from trl import DistillationTrainer
 
 TRL_BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}
+# Image inputs that DistillationTrainer keeps beside the token ids of a vision-language batch;
+# both models' forwards need them (the image tokens are placeholders for the vision tower).
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",
+                "mm_token_type_ids", "token_type_ids")
 LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled_k1", "forward_kl_topk")
 
 
@@ -62,6 +66,7 @@ class OPDTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         k = inputs["completion_ids"].size(1)
+        images = {key: inputs[key] for key in IMAGE_INPUTS if key in inputs}
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=k + 1).logits
+                       logits_to_keep=k + 1, **images).logits
         return logits[:, :-1].float()  # position t predicts completion token t

@@ -51,6 +51,9 @@ PAPER_ENERGY = {
 PAPER_MASKED = {"full": (35.52, 34.27), "opd": (35.10, 34.73), "run-grpo": (34.69, None),
                 "random": (32.92, None)}
 PAPER_MASK_DENSITY = {"opd": 17.5, "run-grpo": 22.1, "random": 17.5}
+# The vision-language appendix (Qwen2.5-VL-3B, Geo3K accuracy, peak only; no densities given).
+PAPER_MASKED_VL = {"full": (55.72, None), "opd": (54.24, None), "random": (52.30, None),
+                   "run-grpo": (49.98, None), "random-grpo": (47.40, None)}
 PAPER_OPTIMIZER = {"adamw": (43.02, 42.40), "sgd": (39.06, 37.92)}  # (peak, final)
 
 # The source checkpoint of each run of the paper's global table (STUDY.md section 2), and the
@@ -124,7 +127,9 @@ def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, 
     """Run -> the paper's run it corresponds to. By default: SFT -> offline distillation,
     GRPO -> DeepScaleR RLVR, OPD on the primary teacher and optimizer -> DS-Qwen OPD, OPD on
     another teacher -> DS-Qwen OPD (JustRL teacher), external runs by their declared kind.
-    `overrides` (plots.paper_match) maps a run or run group to a paper row ("" for none)."""
+    Vision-language pairs: the primary OPD run -> Qwen2.5-VL OPD, the others none (the paper
+    has no other vision-language row). `overrides` (plots.paper_match) maps a run or run group
+    to a paper row ("" for none)."""
     overrides = overrides or {}
     primary = primary_opd_runs(info)
     primary_teacher = dict(zip(primary["pair"], primary["teacher"], strict=True))
@@ -132,7 +137,11 @@ def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, 
     match = {}
     for row in info.itertuples():
         paper = None
-        if row.method == "sft":
+        if row.modality == "vision-language":
+            primary_run = row.kind == "opd" and row.optimizer == primary_optimizer.get(row.pair)
+            paper = "Qwen2.5-VL OPD" if primary_run and \
+                row.teacher == primary_teacher.get(row.pair) else None
+        elif row.method == "sft":
             paper = "Qwen-Math offline distill"
         elif row.method == "grpo":
             paper = "DeepScaleR RLVR"
@@ -229,6 +238,7 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
             return
         source = scores[(scores["run"] == run) & (scores["step"] == 0)]["value"]
         rows.append({"experiment": experiment, "pair": source_run.pair, "arm": arm,
+                     "modality": source_run.modality,
                      "seed": source_run.seed, "run": run, "mask density %": density * 100,
                      "source": source.iloc[0] if len(source) else float("nan"), **stats})
 
@@ -258,11 +268,15 @@ def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
         table[column] *= 100
     table = table.rename(columns={"source": "source %", "peak": "peak %", "final": "final %",
                                   "late_average": "late average %"}).reset_index()
+    vision_pairs = set(rows.loc[rows["modality"] == "vision-language", "pair"])
     peaks, lates, densities = [], [], []
     for row in table.itertuples():
         key = row.arm if row.experiment == "masked retraining" else \
             next((k for k, v in OPTIMIZER_LABELS.items() if row.arm.startswith(v)), None)
-        if row.experiment == "masked retraining":
+        if row.experiment == "masked retraining" and row.pair in vision_pairs:
+            peak, late = PAPER_MASKED_VL.get(key, (None, None))
+            densities.append(None)
+        elif row.experiment == "masked retraining":
             peak, late = PAPER_MASKED.get(key, (None, None))
             densities.append(PAPER_MASK_DENSITY.get(key))
         else:

@@ -8,12 +8,14 @@ same length, so batches need no padding and exact match is a string comparison.
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str | list  # text, or chat messages [{"role", "content"}] (opdgeo.data)
     answer: str
+    image: Any = None  # a PIL image the prompt is about (vision-language tasks)
 
 
 def make_example(a: int, b: int, digits: int) -> Example:
@@ -76,13 +78,92 @@ class AdditionTask:
         return score(completion, answer)
 
 
+class SquaresTask:
+    """A picture of squares of one colour on a grid, and a question about it (task kind
+    `squares`, vision-language): the prompt `0=` asks for their colour (an index from 1), `1=`
+    for how many there are; the answer is one digit.
+
+    Cells are 28 pixels, one merged 2 x 2 group of Qwen2-VL's 14-pixel patches, so every
+    language-side image token sees exactly one cell (tiny vision towers learn fast then).
+    Colours are jittered and pixels noised, so no two images are equal. The splits draw from
+    differently seeded streams: evaluation images are new pictures, of layouts (which cells hold
+    a square, and their colour) that training also shows: a 2 x 2 grid has only 15 x colours
+    layouts, too few to hold some out (a count seen with no other colour is not learned).
+    """
+
+    CELL = 28
+    PALETTE = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40), (200, 60, 220),
+               (40, 210, 210), (240, 140, 30), (150, 150, 150), (120, 70, 20))
+    QUESTIONS = ("colour", "count")
+
+    def __init__(self, kind: str = "squares", grid: int = 2, colours: int = 4,
+                 eval_prompts: int = 256, seed: int = 0):
+        if grid * grid > 9 or not 1 <= colours <= len(self.PALETTE):
+            raise ValueError(f"squares task: grid {grid} (at most 3: counts are one digit) and "
+                             f"colours {colours} (1 to {len(self.PALETTE)})")
+        self.grid, self.colours, self.eval_prompts, self.seed = grid, colours, eval_prompts, seed
+        self.max_new_tokens = 2  # the digit and end-of-sequence
+
+    def _examples(self, n: int, split: str, seed: int) -> list[Example]:
+        import numpy as np
+
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        rng = random.Random(f"squares-{split}-{seed}")
+        noise = np.random.default_rng(rng.randrange(2**32))
+        cells = self.grid * self.grid
+        examples = []
+        while len(examples) < n:
+            colour = rng.randrange(1, self.colours + 1)
+            layout = tuple(colour * rng.randrange(2) for _ in range(cells))
+            if not any(layout):
+                continue
+            question = rng.randrange(len(self.QUESTIONS))
+            answer = colour if question == 0 else sum(map(bool, layout))
+            prompt = [{"role": "user", "content": f"{question}="}]
+            examples.append(Example(prompt, str(answer), self.draw(layout, noise)))
+        return examples
+
+    def draw(self, layout, noise):
+        """The picture of a layout: jittered colours and pixel noise from `noise`."""
+        import numpy as np
+        from PIL import Image
+
+        side = self.grid * self.CELL
+        pixels = noise.integers(0, 40, size=(side, side, 3)).astype(np.int16)
+        for i, colour in enumerate(layout):
+            if colour:
+                r, c = divmod(i, self.grid)
+                jitter = noise.integers(-30, 31, size=3)
+                block = pixels[r * self.CELL:(r + 1) * self.CELL, c * self.CELL:(c + 1) * self.CELL]
+                block += np.array(self.PALETTE[colour - 1]) + jitter - 20
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        return self._examples(n, "train", seed)
+
+    def eval_examples(self) -> list[Example]:
+        return self._examples(self.eval_prompts, "eval", self.seed)
+
+    @staticmethod
+    def score(completion: str, answer: str) -> float:
+        return score(completion, answer)
+
+
 def _math_task(**config):
     from opdgeo.data import MathTask  # imports `datasets` and math-verify only when used
 
     return MathTask(**config)
 
 
-TASKS = {"addition": AdditionTask, "math": _math_task}
+TASKS = {"addition": AdditionTask, "math": _math_task, "squares": SquaresTask}
+
+
+def has_images(config: dict) -> bool:
+    """Whether a task's prompts come with images (its pair is then a vision-language pair):
+    the squares task, or data sets that name an image column."""
+    datasets = [config.get("train") or {}, *(config.get("eval") or {}).values()]
+    return config.get("kind") == "squares" or any("image" in spec for spec in datasets)
 
 
 def make_task(config: dict):

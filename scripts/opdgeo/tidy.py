@@ -60,9 +60,12 @@ def run_info(runs: pd.DataFrame, external_kinds: dict | None = None,
     """runs.csv plus `series` (the run without its seed: seeds of a series are averaged),
     `method` (the kind; external runs take the kind declared in the config), `label`
     (display name, overridable per series, run or method through plots.labels) and `sweep`
-    (a run of the matched-gain grid, runs.csv group "sweep", not one of the main runs)."""
+    (a run of the matched-gain grid, runs.csv group "sweep", not one of the main runs);
+    `modality` (language or vision-language) comes from runs.csv."""
     external_kinds, labels = external_kinds or {}, labels or {}
     info = runs.copy()
+    if "modality" not in info:  # runs.csv written before vision-language pairs existed
+        info["modality"] = "language"
     info["sweep"] = info["group"].eq("sweep") if "group" in info else False
     info["series"] = info["run"].str.replace(_SEED, "", regex=True)
     info["method"] = [

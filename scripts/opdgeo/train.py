@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -27,15 +28,18 @@ from opdgeo.callbacks import (
 )
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt
-from opdgeo.evaluate import exact_match, generate
+from opdgeo.evaluate import exact_match, generate, images_of
 from opdgeo.losses import TRL_BETA, OPDTrainer
 from opdgeo.models import (
+    VISION_ARCHITECTURES,
     build_model,
     character_tokenizer,
     check_same_vocabulary,
+    image_text_processor,
     load_model,
     load_tokenizer,
     save_checkpoint,
+    text_tokenizer,
 )
 from opdgeo.task import Example, make_task
 
@@ -145,15 +149,17 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     out_dir = Path(out_dir)
     build, train = spec["build"], spec["train"]
     set_seed(train["seed"])
-    tokenizer = character_tokenizer()
+    vision = build["arch"] in VISION_ARCHITECTURES
+    tokenizer = image_text_processor() if vision else character_tokenizer()
     dims = {k: v for k, v in build.items() if k != "arch"}
     model = build_model(build["arch"], tokenizer, train["seed"], **dims).to(device)
     task = make_task(task)
-    n_train = min(train["max_steps"] * train["batch_size"], 20_000)  # epochs cycle
+    # Epochs cycle; pictures cost time to draw and to store, so image tasks cycle sooner.
+    n_train = min(train["max_steps"] * train["batch_size"], 4_096 if vision else 20_000)
     train_examples = task.train_examples(n_train, train["seed"])
     eval_examples = task.eval_examples()
-    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer}
-                                 for e in train_examples])
+    check_images(train_examples, vision, name)
+    dataset = Dataset.from_list([sft_row(e, e.answer) for e in train_examples])
     out_dir.mkdir(parents=True, exist_ok=True)
     scores_log = out_dir / "scores.csv"
     scores_log.write_text("step,exact_match\n")
@@ -165,7 +171,7 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
         SFTConfig, out_dir, steps=train["max_steps"], batch_size=train["batch_size"],
         optimizer="adamw", opt={"learning_rate": train["learning_rate"], "adam_beta2": 0.99},
         seed=train["seed"], device=device, max_length=64, completion_only_loss=True,
-        packing=False, eos_token=tokenizer.eos_token,
+        packing=False, eos_token=text_tokenizer(tokenizer).eos_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer,
@@ -184,6 +190,34 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     (out_dir / "score.json").write_text(json.dumps(
         {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+def sft_row(example: Example, completion: str) -> dict:
+    """A prompt-completion row for SFTTrainer; with an image, the completion is an assistant
+    message (TRL's vision-language collator renders both through the chat template, which
+    ends an assistant turn with end-of-sequence)."""
+    if example.image is None:
+        return {"prompt": example.prompt, "completion": completion}
+    return {"prompt": example.prompt, "image": example.image,
+            "completion": [{"role": "assistant", "content": completion}]}
+
+
+def prompt_row(example: Example, **extra) -> dict:
+    """A prompt-only row for DistillationTrainer and GRPOTrainer (which pass `image` on)."""
+    image = {"image": example.image} if example.image is not None else {}
+    return {"prompt": example.prompt, **image, **extra}
+
+
+def check_images(examples: list[Example], vision: bool, model: str):
+    """A task with images needs a vision-language model, and the reverse."""
+    has_images = bool(examples) and examples[0].image is not None
+    if has_images != vision:
+        raise ValueError(
+            f"{model}: the task's prompts {'come' if has_images else 'do not come'} with "
+            f"images, but the model {'is not' if has_images else 'is'} a vision-language "
+            f"model. Pair image tasks (kind squares, or a data set with `image`) with "
+            f"architectures {VISION_ARCHITECTURES}, text tasks with language models."
+        )
 
 
 # ---------------------------------------------------------------- runs
@@ -233,7 +267,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                              snapshots),
         ]
     callbacks += _extra_callbacks(model, mask_path, out_dir, spec, main_process)
-    prompts = [Example(model_prompt(student_tokenizer, e.prompt), e.answer) for e in prompts]
+    check_images(prompts, hasattr(student_tokenizer, "image_processor"), source)
+    prompts = [replace(e, prompt=model_prompt(student_tokenizer, e.prompt)) for e in prompts]
 
     if spec.kind in ("opd", "masked"):
         loss = training["loss"]
@@ -246,7 +281,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
         # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
         n = training["generations_per_prompt"]
-        dataset = Dataset.from_list([{"prompt": e.prompt} for e in prompts for _ in range(n)])
+        dataset = Dataset.from_list([prompt_row(e) for e in prompts for _ in range(n)])
         trainer = OPDTrainer(model=model, teacher_model=teacher_model, args=args,
                              train_dataset=dataset, processing_class=student_tokenizer,
                              callbacks=callbacks, loss=loss, topk=training["topk"])
@@ -256,16 +291,16 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         torch.manual_seed(spec.seed)
         completions = generate(teacher_model, teacher_tokenizer, [e.prompt for e in chosen],
                                completion_tokens, sample=True,
-                               temperature=training["temperature"])
-        dataset = Dataset.from_list([{"prompt": e.prompt, "completion": c}
+                               temperature=training["temperature"], images=images_of(chosen))
+        dataset = Dataset.from_list([sft_row(e, c)
                                      for e, c in zip(chosen, completions, strict=True)])
         args = _trainer_args(SFTConfig, out_dir, **common, max_length=64,
                              completion_only_loss=True, packing=False,
-                             eos_token=student_tokenizer.eos_token)
+                             eos_token=text_tokenizer(student_tokenizer).eos_token)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=student_tokenizer, callbacks=callbacks)
     elif spec.kind == "grpo":
-        dataset = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in prompts])
+        dataset = Dataset.from_list([prompt_row(e, answer=e.answer) for e in prompts])
         args = _trainer_args(
             GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],
             max_completion_length=completion_tokens, temperature=training["temperature"],
@@ -296,7 +331,9 @@ def verifier_reward(task):
     """RLVR reward: the task's verifier (1 when the completion is exactly the answer)."""
 
     def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
-        return [task.score(c, a) for c, a in zip(completions, answer, strict=True)]
+        # Conversational prompts (a chat template) get completions as assistant messages.
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [task.score(c, a) for c, a in zip(texts, answer, strict=True)]
 
     return exact_match_reward
 

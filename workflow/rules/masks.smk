@@ -6,8 +6,8 @@ def mask_spec(name):
 
 
 def mask_inputs(w):
-    spec = mask_spec(w.mask)
-    return {"source": model_inputs(RUNS[spec.run].source), "trained": trained_path(spec.run)}
+    # The run may be external (a given checkpoint pair on the pair's source).
+    return run_inputs(mask_spec(w.mask).run)
 
 
 rule make_mask:
@@ -18,7 +18,7 @@ rule make_mask:
         densities="results/masks/{mask}.density.csv",
     params:
         spec=lambda w: as_arg(mask_spec(w.mask).__dict__),
-        source=lambda w: model_path(RUNS[mask_spec(w.mask).run].source),
+        source=lambda w: source_path(mask_spec(w.mask).run),
         trained=lambda w: trained_path(mask_spec(w.mask).run),
     log:
         "results/logs/make_mask/{mask}.log",
