@@ -95,7 +95,7 @@ def test_plot_edit_reruns_only_figures_and_tables(smoke):
     original = config_path.read_text()
     config = yaml.safe_load(original)
     config["plots"]["dpi"] = config["plots"].get("dpi", 100) + 1
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # order: primary optimizer
     try:
         jobs = scheduled_jobs(snakemake(smoke, "-n").stdout)
     finally:

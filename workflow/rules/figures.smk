@@ -100,6 +100,8 @@ rule paper_rounding_null:
         stds=config["analysis"]["paper_null_std"],
     log:
         "results/logs/figures/paper_rounding_null.log",
+    benchmark:
+        "results/benchmarks/figures/paper_rounding_null.tsv"
     shell:
         "opdgeo paper-null --std {params.stds} --out results/tables > {log} 2>&1"
 
