@@ -226,3 +226,15 @@ def test_fig2_runs_setting_and_default(full):
     assert figures.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
         ["addition-grpo-adamw-s1"]
     assert not math.isnan(figures.module_table(full["tensors"])["stable_rank"].iloc[0])
+
+
+def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):
+    # One curve per pair, method and optimizer: every point knows its pair and optimizer,
+    # and every cell names its optimizer (AdamW and SGD cells at one lr never merge).
+    info = info_of(full, {"ext-opd": "opd"})
+    points = figures.matched_gain_points(full["evaluation"], full["delta_global"], info,
+                                         "mean@2")
+    assert set(points["pair"]) == {"addition"} and len(set(points["optimizer"])) >= 1
+    assert (points.apply(lambda p: p["cell"].startswith(p["optimizer"]), axis=1)).all()
+    per_cell = points.groupby(["pair", "method", "optimizer", "cell"])["run"].nunique()
+    assert per_cell.max() <= 2  # at most one run per seed (the fixture has two seeds)

@@ -514,7 +514,8 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
         if row.run not in values.index or len(curve) < 2 or curve["step"].iloc[0] != 0:
             continue
         rows.append({"run": row.run, "method": row.method, "method_label": row.method_label,
-                     "cell": f"lr {row.learning_rate:g}, {row.steps:g} steps",
+                     "pair": row.pair, "optimizer": row.optimizer,
+                     "cell": f"{row.optimizer} lr {row.learning_rate:g}, {row.steps:g} steps",
                      "gain": curve["value"].iloc[-1] - curve["value"].iloc[0],
                      "sparsity_atol_1e-5": values.loc[row.run].get("sparsity_atol_1e-5"),
                      "relative_norm": values.loc[row.run].get("relative_norm")})
@@ -536,13 +537,23 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
                       strict=False))
     panels = (("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)", False),
               ("relative_norm", "relative norm ‖ΔW‖/‖W_src‖ (%, log)", True))
+    # One curve per pair, method and optimizer (a curve through two optimizers' points, or two
+    # pairs', would zigzag between unrelated grids): colour = method, line = optimizer,
+    # marker = pair.
+    pairs = list(dict.fromkeys(points["pair"]))
+    optimizers = list(dict.fromkeys(points["optimizer"]))
+    curves_of = points.groupby(["pair", "method", "optimizer"], sort=False)
     for ax, (x, xlabel, log) in zip(axes, panels, strict=True):
-        for i, (method, frame) in enumerate(points.groupby("method", sort=False)):
+        for (pair, method, opt), frame in curves_of:
             cells = frame.groupby("cell").agg(x=(x, "mean"), gain=("gain", "mean"),
                                               gain_sd=("gain", "std")).sort_values("x")
+            label = f"{frame['method_label'].iloc[0]}, {OPTIMIZER_LABELS.get(opt, opt)}"
             ax.errorbar(cells["x"] * 100, cells["gain"] * 100,
-                        yerr=cells["gain_sd"].fillna(0) * 100, marker=MARKERS[i % len(MARKERS)],
-                        capsize=3, color=colors.get(method), label=frame["method_label"].iloc[0])
+                        yerr=cells["gain_sd"].fillna(0) * 100,
+                        marker=MARKERS[pairs.index(pair) % len(MARKERS)],
+                        linestyle=("-", "--", ":")[optimizers.index(opt) % 3], capsize=3,
+                        color=colors.get(method),
+                        label=f"{pair}: {label}" if len(pairs) > 1 else label)
         if log:
             log_axis(ax)
         ax.axhline(0, color="0.5", lw=0.8)
