@@ -70,7 +70,7 @@ def test_paper_dag_resolves_offline(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "train_run" in result.stdout and "analyze_final" in result.stdout
+    assert "train_run" in result.stdout and "analyze_run" in result.stdout
     # The default config's tiny models are not merged into the paper's study.
     assert "train_model" not in result.stdout
 

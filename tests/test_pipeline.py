@@ -103,4 +103,4 @@ def test_plot_edit_reruns_only_figures_and_tables(smoke):
     assert jobs, "a plot edit should rerun the figures"
     allowed = re.compile(r"^(all|fig.*|.*figure.*|.*table.*|findings.*|report.*)$")
     assert all(allowed.match(rule) for rule in jobs), jobs
-    assert not {"train_model", "train_run", "evaluate_run", "analyze_final"} & set(jobs)
+    assert not {"train_model", "train_run", "evaluate_run", "analyze_run"} & set(jobs)

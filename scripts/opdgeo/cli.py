@@ -68,13 +68,13 @@ def cmd_make_mask(args):
 def cmd_evaluate(args):
     from opdgeo.device import resolve_device
     from opdgeo.evaluate import evaluate_checkpoints
+    from opdgeo.tables import step_folders
     from opdgeo.task import make_task
 
     _threads(args.threads)
     checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}
     if args.checkpoints:
-        for folder in sorted(Path(args.checkpoints).glob("step-*")):
-            checkpoints[int(folder.name.removeprefix("step-"))] = folder
+        checkpoints |= step_folders(args.checkpoints)
     task, evaluation = make_task(args.task), args.spec
     table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
                                  evaluation["temperature"], task.seed,

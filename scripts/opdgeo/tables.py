@@ -17,6 +17,13 @@ def _step_of(folder: str, final_steps: dict[str, int], run: str):
     return int(folder.removeprefix("step-"))
 
 
+def step_folders(checkpoints: str | Path) -> dict[int, Path]:
+    """A run's intermediate checkpoints (`checkpoints/step-N`) by step, in step order."""
+    folders = {int(path.name.removeprefix("step-")): path
+               for path in Path(checkpoints).glob("step-*") if path.is_dir()}
+    return dict(sorted(folders.items()))
+
+
 def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a summary, nested keys joined with '/'."""
     flat = {}
@@ -32,20 +39,29 @@ def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
 
 
 def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.DataFrame:
-    """`results/analysis/{run}/{final|step-N}/summary.json` files -> tidy rows."""
-    rows = []
+    """Tidy rows from `results/analysis/{run}/final/summary.json` files (at the run's final
+    step) and `results/analysis/{run}/trajectory.csv` files (its intermediate checkpoints)."""
+    rows, trajectories = [], []
     for path in map(Path, paths):
+        if path.suffix == ".csv":
+            trajectories.append(path)
+            continue
         run, folder = path.parent.parent.name, path.parent.name
         step = _step_of(folder, final_steps, run)
         for metric, value in flatten(json.loads(path.read_text())).items():
             rows.append((run, step, metric, value))
-    return pd.DataFrame(rows, columns=TIDY)
+    frames = [pd.DataFrame(rows, columns=TIDY)]
+    if trajectories:
+        frames.append(concat_csvs(trajectories, run_from_folder=True)[TIDY])
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
-    """`results/overlap/{a}__{b}/overlap.json` files -> rows (a, b, metric, value)."""
+    """`{a}__{b}/overlap.json` files, or folders of them (`results/overlap/{group}`) -> rows
+    (a, b, metric, value)."""
     rows = []
-    for path in map(Path, paths):
+    files = (sorted(p.glob("*__*/overlap.json")) if p.is_dir() else [p] for p in map(Path, paths))
+    for path in (file for group in files for file in group):
         a, b = path.parent.name.split("__")
         for metric, value in flatten(json.loads(path.read_text())).items():
             rows.append((a, b, metric, value))

@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pandas as pd
+import pytest
 from delta_checkpoints import perturbed, save_checkpoint, small_model
 
 from opdgeo.delta import cli
@@ -33,3 +35,56 @@ def test_main_runs_analyze_and_overlap(tmp_path, capsys):
               "--out", str(tmp_path / "overlap")])
     assert (tmp_path / "overlap" / "overlap.json").exists()
     assert "Jaccard" in capsys.readouterr().out
+
+
+def test_analyze_writes_the_trajectory_of_every_intermediate_checkpoint(tmp_path):
+    source = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "run" / "final", perturbed(source, seed=3, scale=3e-3))
+    for step, scale in ((10, 1e-3), (20, 2e-3)):
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step}",
+                        perturbed(source, seed=3, scale=scale))
+    options = ["--source", str(tmp_path / "source"), "--device", "cpu", "--no-nulls"]
+    cli.main(["analyze", *options, "--trained", str(tmp_path / "run" / "final"),
+              "--out", str(tmp_path / "analysis" / "final"),
+              "--checkpoints", str(tmp_path / "run" / "checkpoints"),
+              "--trajectory", str(tmp_path / "analysis" / "trajectory.csv")])
+    trajectory = pd.read_csv(tmp_path / "analysis" / "trajectory.csv")
+    assert list(trajectory.columns) == ["step", "metric", "value"]
+    norms = trajectory[trajectory["metric"] == "relative_norm"].set_index("step")["value"]
+    assert list(norms.index) == [10, 20]
+    assert norms[10] < norms[20]  # the later checkpoint moved further from the source
+    # Each step's rows are the summary an analysis of that checkpoint alone writes.
+    cli.main(["analyze", *options, "--trained", str(tmp_path / "run" / "checkpoints" / "step-20"),
+              "--out", str(tmp_path / "alone")])
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert norms[20] == pytest.approx(alone["relative_norm"])
+
+    # A run without intermediate checkpoints gets a header-only trajectory.
+    cli.main(["analyze", *options, "--trained", str(tmp_path / "run" / "final"),
+              "--out", str(tmp_path / "other" / "final"),
+              "--trajectory", str(tmp_path / "other" / "trajectory.csv")])
+    assert pd.read_csv(tmp_path / "other" / "trajectory.csv").empty
+
+
+def test_overlap_of_every_pair_of_runs_in_one_call(tmp_path):
+    source = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", source)
+    runs = {name: tmp_path / name for name in ("x", "y", "z")}
+    for seed, path in enumerate(runs.values(), start=1):
+        save_checkpoint(path, perturbed(source, seed=seed))
+    cli.main(["overlap", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "group"),
+              "--runs", *(f"{name}={path}" for name, path in runs.items())])
+    written = sorted(p.name for p in (tmp_path / "group").iterdir())
+    assert written == ["x__y", "x__z", "y__z"]
+    cli.main(["overlap", "--source", str(tmp_path / "source"), "--trained-a", str(runs["x"]),
+              "--trained-b", str(runs["z"]), "--out", str(tmp_path / "two")])
+    assert (json.loads((tmp_path / "two" / "overlap.json").read_text())
+            == json.loads((tmp_path / "group" / "x__z" / "overlap.json").read_text()))
+
+
+def test_overlap_names_the_missing_runs(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: NAME=CHECKPOINT expected
+        cli.main(["overlap", "--source", "s", "--out", "o", "--runs", "no-equals-sign"])
+    with pytest.raises(ValueError, match="--trained-a and --trained-b, or --runs"):
+        cli.main(["overlap", "--source", "s", "--out", "o", "--trained-a", "a"])

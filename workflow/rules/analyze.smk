@@ -1,5 +1,5 @@
-# The delta analysis of STUDY.md section 3: one job per run (final checkpoint), one per
-# intermediate checkpoint (trajectories), one overlap job per pair of runs on one source.
+# The delta analysis of STUDY.md section 3: one job per run (its final checkpoint, and its
+# intermediate ones for the trajectory), one overlap job per group of runs on one source.
 
 
 def fp32_option(w):
@@ -10,14 +10,26 @@ def fp32_option(w):
     return ""
 
 
+def has_trajectory(run):
+    """Main trained runs are analysed at every intermediate checkpoint too (Fig 3's curves)."""
+    spec = RUNS[run]
+    return config["analysis"]["trajectory"] and spec.is_trained and spec.group == "main"
+
+
 def analyze_inputs(w):
     inputs = run_inputs(w.run)
     if RUNS[w.run].is_trained:
         inputs["fp32"] = f"results/runs/{w.run}/fp32"
+    if has_trajectory(w.run):
+        inputs["checkpoints"] = f"results/runs/{w.run}/checkpoints"
     return inputs
 
 
-rule analyze_final:
+def checkpoints_option(w):
+    return f"--checkpoints results/runs/{w.run}/checkpoints" if has_trajectory(w.run) else ""
+
+
+rule analyze_run:
     input:
         unpack(analyze_inputs),
     output:
@@ -25,17 +37,19 @@ rule analyze_final:
         tensors="results/analysis/{run}/final/tensors.csv",
         blocks="results/analysis/{run}/final/blocks.csv",
         layer_module="results/analysis/{run}/final/layer_module.csv",
+        trajectory="results/analysis/{run}/trajectory.csv",
     params:
         source=lambda w: source_path(w.run),
         trained=lambda w: trained_path(w.run),
         fp32=fp32_option,
+        checkpoints=checkpoints_option,
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
         device=config["device"],
     log:
-        "results/logs/analyze/{run}/final.log",
+        "results/logs/analyze/{run}.log",
     benchmark:
-        "results/benchmarks/analyze/{run}/final.tsv"
+        "results/benchmarks/analyze/{run}.tsv"
     threads: config["threads"]
     resources:
         mem_mb=8000,
@@ -43,54 +57,39 @@ rule analyze_final:
     shell:
         "opdgeo analyze --source {params.source} --trained {params.trained}"
         " --out results/analysis/{wildcards.run}/final --dtype {params.dtype} {params.fp32}"
-        " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
+        " --exact-svd-max {params.exact_svd_max} --device {params.device}"
+        " {params.checkpoints} --trajectory {output.trajectory} > {log} 2>&1"
 
 
-rule analyze_step:
-    input:
-        source=lambda w: model_inputs(RUNS[w.run].source),
-        checkpoints="results/runs/{run}/checkpoints",
-    output:
-        summary="results/analysis/{run}/step-{step}/summary.json",
-    params:
-        source=lambda w: source_path(w.run),
-        dtype=config["analysis"]["dtype"],
-        exact_svd_max=config["analysis"]["exact_svd_max"],
-        device=config["device"],
-    log:
-        "results/logs/analyze/{run}/step-{step}.log",
-    benchmark:
-        "results/benchmarks/analyze/{run}/step-{step}.tsv"
-    threads: config["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    shell:
-        "opdgeo analyze --source {params.source}"
-        " --trained {input.checkpoints}/step-{wildcards.step}"
-        " --out results/analysis/{wildcards.run}/step-{wildcards.step} --dtype {params.dtype}"
-        " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
+def overlap_inputs(w):
+    """The trained checkpoints of a group (external ones only where they are local files)."""
+    trained = (run_inputs(run)["trained"] for run in OVERLAP_GROUPS[w.group])
+    return [path for item in trained for path in ([item] if isinstance(item, str) else item)]
+
+
+def overlap_runs_option(w):
+    return " ".join(f"{run}={shlex.quote(trained_path(run))}" for run in OVERLAP_GROUPS[w.group])
 
 
 rule overlap:
     input:
-        a=lambda w: run_inputs(w.a)["trained"],
-        b=lambda w: run_inputs(w.b)["trained"],
+        overlap_inputs,
     output:
-        "results/overlap/{a}__{b}/overlap.json",
+        directory("results/overlap/{group}"),
+    wildcard_constraints:
+        group="|".join(map(re.escape, OVERLAP_GROUPS)) or "NONE",
     params:
-        source=lambda w: source_path(w.a),
-        a=lambda w: trained_path(w.a),
-        b=lambda w: trained_path(w.b),
+        source=lambda w: source_path(OVERLAP_GROUPS[w.group][0]),
+        runs=overlap_runs_option,
         atol=config["analysis"]["atol"],
     log:
-        "results/logs/overlap/{a}__{b}.log",
+        "results/logs/overlap/{group}.log",
     benchmark:
-        "results/benchmarks/overlap/{a}__{b}.tsv"
+        "results/benchmarks/overlap/{group}.tsv"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
     shell:
-        "opdgeo overlap --source {params.source} --trained-a {params.a} --trained-b {params.b}"
-        " --out results/overlap/{wildcards.a}__{wildcards.b} --atol {params.atol} > {log} 2>&1"
+        "opdgeo overlap --source {params.source} --runs {params.runs}"
+        " --out {output} --atol {params.atol} > {log} 2>&1"

@@ -97,26 +97,19 @@ def final_steps(run):
     return RUNS[run].training["steps"]
 
 
-def overlap_pairs():
-    """Every pair of main runs (masked retrains aside) that share a source checkpoint."""
+def overlap_groups():
+    """Main runs (masked retrains aside) by the source checkpoint they share: one overlap job
+    per group compares every pair in it. A group is named after its source (model key)."""
     by_source = {}
     main = (r for r, spec in RUNS.items() if spec.kind != "masked" and spec.group == "main")
     for name in main:
         by_source.setdefault(source_path(name), []).append(name)
-    return [(a, b) for group in by_source.values() for i, a in enumerate(group)
-            for b in group[i + 1 :]]
+    keys = {model_path(key): key for key in config["models"]}
+    return {re.sub(r"[^\w.-]+", "-", keys.get(source, source)).strip("-"): runs
+            for source, runs in by_source.items() if len(runs) > 1}
 
 
-def analysis_targets():
-    targets = [f"results/analysis/{run}/final/summary.json" for run in RUNS]
-    if config["analysis"]["trajectory"]:
-        targets += [
-            f"results/analysis/{run}/step-{step}/summary.json"
-            for run in TRAINED if RUNS[run].group == "main"
-            for step in RUNS[run].checkpoint_steps()
-        ]
-    targets += [f"results/overlap/{a}__{b}/overlap.json" for a, b in overlap_pairs()]
-    return targets
+OVERLAP_GROUPS = overlap_groups()
 
 
 def all_targets():

@@ -43,7 +43,7 @@ rule evaluation_table:
 rule delta_tables:
     input:
         final=expand("results/analysis/{run}/final/summary.json", run=RUNS),
-        steps=[t for t in analysis_targets() if "/step-" in t],
+        steps=expand("results/analysis/{run}/trajectory.csv", run=RUNS),
     output:
         final="results/tables/delta_global.csv",
         trajectory="results/tables/trajectory.csv",
@@ -61,7 +61,7 @@ rule delta_tables:
 
 rule overlap_table:
     input:
-        [f"results/overlap/{a}__{b}/overlap.json" for a, b in overlap_pairs()],
+        expand("results/overlap/{group}", group=OVERLAP_GROUPS),
     output:
         "results/tables/overlap.csv",
     log:

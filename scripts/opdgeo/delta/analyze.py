@@ -49,6 +49,7 @@ from opdgeo.delta.spectrum import (
 )
 from opdgeo.device import resolve_device
 from opdgeo.naming import canonical_name, classify
+from opdgeo.tables import flatten, step_folders
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHUFFLE_NULL_KEYS = ("top16_energy", "stable_rank",
@@ -205,11 +206,12 @@ def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:
     return by_canonical[pair.name]
 
 
-def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path,
+def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path | None,
                         dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
                         seed: int = 0, fp32_trained: Path | None = None,
                         nulls: bool = True, rounding_null: str = "half_normal") -> dict:
-    """Analyse the delta trained - source tensor by tensor; write out_dir; return the summary.
+    """Analyse the delta trained - source tensor by tensor; write out_dir (unless None);
+    return the summary.
 
     dtype: both checkpoints are cast to it before subtracting (statistics in float32).
     fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
@@ -253,11 +255,24 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
               for key, v in result.items()}
-    tables = {f"{name}.csv": table for name, table in group_tables(table).items()}
-    write_atomically(out_dir, {"tensors.csv": table, **tables,
-                               "summary.json": json.dumps(result, indent=2) + "\n",
-                               "summary.md": summary_markdown(result)})
+    if out_dir is not None:
+        tables = {f"{name}.csv": table for name, table in group_tables(table).items()}
+        write_atomically(out_dir, {"tensors.csv": table, **tables,
+                                   "summary.json": json.dumps(result, indent=2) + "\n",
+                                   "summary.md": summary_markdown(result)})
     return result
+
+
+def analyze_trajectory(source: str | Path, checkpoints: str | Path | None,
+                       **options) -> pd.DataFrame:
+    """The summary of every intermediate checkpoint (`checkpoints/step-N`) against the source,
+    as tidy rows (step, metric, value); `options` as for `analyze_checkpoints`. One job per
+    run analyses its whole trajectory: a job per checkpoint paid the start-up each time."""
+    rows = [(step, metric, value)
+            for step, folder in (step_folders(checkpoints) if checkpoints else {}).items()
+            for metric, value in flatten(analyze_checkpoints(source, folder, None,
+                                                             **options)).items()]
+    return pd.DataFrame(rows, columns=["step", "metric", "value"])
 
 
 SUMMARY_ROWS = (

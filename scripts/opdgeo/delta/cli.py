@@ -6,7 +6,7 @@ Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --t
 import argparse
 from pathlib import Path
 
-from opdgeo.delta.metrics import HEADLINE_ATOL
+# No torch import here: every `opdgeo` command builds this parser, tables and figures too.
 
 HEADLINE_KEYS = ("relative_norm", "sparsity_atol_1e-5", "top16_energy_median",
                  "principal_coverage_10pct", "low_magnitude_coverage_10pct")
@@ -22,16 +22,43 @@ def run_analyze(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)")
     for key in HEADLINE_KEYS:
         print(f"  {key}: {result.get(key)}")
+    if args.trajectory:
+        from opdgeo.delta.analyze import analyze_trajectory
+        from opdgeo.tables import write_table
+
+        steps = analyze_trajectory(args.source, args.checkpoints, dtype=args.dtype,
+                                   device=args.device, exact_svd_max=args.exact_svd_max,
+                                   seed=args.seed, nulls=not args.no_nulls,
+                                   rounding_null=args.rounding_null)
+        write_table(steps, args.trajectory)
+        print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate checkpoints)")
+
+
+def _named_run(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or "__" in name:
+        raise argparse.ArgumentTypeError(f"--runs takes NAME=CHECKPOINT (no '__' in NAME), "
+                                         f"got {text!r}")
+    return name, Path(path)
 
 
 def run_overlap(args: argparse.Namespace) -> None:
-    from opdgeo.delta.overlap import overlap_runs
+    from opdgeo.delta.metrics import HEADLINE_ATOL
+    from opdgeo.delta.overlap import overlap_all_pairs, overlap_runs
 
-    result = overlap_runs(args.source, args.trained_a, args.trained_b, args.out,
-                          atol=args.atol, dtype=args.dtype)
-    print(f"wrote {args.out}: coverage a->b {result['coverage_a_to_b']:.4f} "
-          f"(random {result['baseline_a_to_b']:.4f}), b->a {result['coverage_b_to_a']:.4f} "
-          f"(random {result['baseline_b_to_a']:.4f}), Jaccard {result['jaccard']:.4f}")
+    atol = HEADLINE_ATOL if args.atol is None else args.atol
+    if args.runs:
+        results = overlap_all_pairs(args.source, dict(args.runs), args.out, atol=atol,
+                                    dtype=args.dtype)
+    elif args.trained_a and args.trained_b:
+        results = {"": overlap_runs(args.source, args.trained_a, args.trained_b, args.out,
+                                    atol=atol, dtype=args.dtype)}
+    else:
+        raise ValueError("give --trained-a and --trained-b, or --runs NAME=CHECKPOINT ...")
+    for name, result in results.items():
+        print(f"wrote {args.out / name}: coverage a->b {result['coverage_a_to_b']:.4f} "
+              f"(random {result['baseline_a_to_b']:.4f}), b->a {result['coverage_b_to_a']:.4f} "
+              f"(random {result['baseline_b_to_a']:.4f}), Jaccard {result['jaccard']:.4f}")
 
 
 def register(subparsers) -> None:
@@ -54,15 +81,24 @@ def register(subparsers) -> None:
     analyze.add_argument("--rounding-null", choices=("half_normal", "constant"),
                          default="half_normal",
                          help="update magnitudes of the parametric rounding null")
+    analyze.add_argument("--checkpoints", type=Path, default=None,
+                         help="folder of the run's intermediate checkpoints (step-N)")
+    analyze.add_argument("--trajectory", type=Path, default=None,
+                         help="also write the summary of every --checkpoints step-N here "
+                              "(tidy CSV: step, metric, value; header only without them)")
     analyze.set_defaults(handler=run_analyze)
 
     overlap = subparsers.add_parser(
-        "overlap", help="update-mask overlap of two runs that share a source")
+        "overlap", help="update-mask overlap of two runs (or of every pair of --runs) that "
+                        "share a source")
     overlap.add_argument("--source", required=True, type=Path)
-    overlap.add_argument("--trained-a", required=True, type=Path)
-    overlap.add_argument("--trained-b", required=True, type=Path)
+    overlap.add_argument("--trained-a", type=Path)
+    overlap.add_argument("--trained-b", type=Path)
+    overlap.add_argument("--runs", nargs="+", type=_named_run, metavar="NAME=CHECKPOINT",
+                         help="instead of -a/-b: every pair, into OUT/{a}__{b}/")
     overlap.add_argument("--out", required=True, type=Path)
-    overlap.add_argument("--atol", type=float, default=HEADLINE_ATOL)
+    overlap.add_argument("--atol", type=float, default=None,
+                         help="a coordinate moved if |dW| > atol (default: the headline 1e-5)")
     overlap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     overlap.set_defaults(handler=run_overlap)
 

@@ -3,7 +3,8 @@
 Update mask of a run: |W_run - W_src| > atol. One-sided coverage a -> b = |a AND b| / |a|;
 were b placed at random, it would be b's density, the baseline. Jaccard = |a AND b| / |a OR b|,
 its baseline under independence d_a d_b / (d_a + d_b - d_a d_b). Global values are counted
-over all coordinates. Outputs: overlap.csv (per tensor) and overlap.json (global, per block).
+over all coordinates. Outputs: overlap.csv (per tensor) and overlap.json (global, per block);
+`overlap_all_pairs` writes them for every pair of several runs, in one process.
 """
 
 import json
@@ -91,3 +92,13 @@ def overlap_runs(source: str | Path, trained_a: str | Path, trained_b: str | Pat
     write_atomically(out_dir, {"overlap.csv": tensors,
                                "overlap.json": json.dumps(result, indent=2) + "\n"})
     return result
+
+
+def overlap_all_pairs(source: str | Path, runs: dict[str, str | Path], out_dir: str | Path,
+                      atol: float = HEADLINE_ATOL, dtype: str = "bf16") -> dict[str, dict]:
+    """`overlap_runs` for every pair of `runs` (name -> checkpoint, in order), each into
+    out_dir/{a}__{b}; return the summaries by folder name."""
+    names = list(runs)
+    return {f"{a}__{b}": overlap_runs(source, runs[a], runs[b], Path(out_dir) / f"{a}__{b}",
+                                      atol=atol, dtype=dtype)
+            for i, a in enumerate(names) for b in names[i + 1:]}

@@ -1,0 +1,45 @@
+"""Gathering per-run outputs into tidy tables."""
+
+import json
+
+import pandas as pd
+
+from opdgeo.tables import collect_overlaps, collect_summaries, step_folders
+
+
+def test_summaries_and_trajectories_become_one_tidy_table(tmp_path):
+    final = tmp_path / "analysis" / "run-a" / "final" / "summary.json"
+    final.parent.mkdir(parents=True)
+    final.write_text(json.dumps({"relative_norm": 0.3, "blocks": {"attention": 0.2},
+                                 "source": "not a number"}))
+    trajectory = tmp_path / "analysis" / "run-a" / "trajectory.csv"
+    pd.DataFrame({"step": [10, 20], "metric": ["relative_norm"] * 2,
+                  "value": [0.1, 0.2]}).to_csv(trajectory, index=False)
+    empty = tmp_path / "analysis" / "run-b" / "trajectory.csv"
+    empty.parent.mkdir(parents=True)
+    empty.write_text("step,metric,value\n")
+
+    table = collect_summaries([final, trajectory, empty], {"run-a": 30})
+    assert list(table.columns) == ["run", "step", "metric", "value"]
+    rows = set(table.itertuples(index=False, name=None))
+    assert rows == {("run-a", 30, "relative_norm", 0.3), ("run-a", 30, "blocks/attention", 0.2),
+                    ("run-a", 10, "relative_norm", 0.1), ("run-a", 20, "relative_norm", 0.2)}
+
+
+def test_overlaps_from_files_and_from_group_folders(tmp_path):
+    for name, jaccard in (("a__b", 0.5), ("a__c", 0.25)):
+        path = tmp_path / "group" / name / "overlap.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"jaccard": jaccard}))
+    from_folder = collect_overlaps([tmp_path / "group"])
+    from_files = collect_overlaps(sorted((tmp_path / "group").glob("*/overlap.json")))
+    assert from_folder.equals(from_files)
+    assert set(from_folder.itertuples(index=False, name=None)) == {
+        ("a", "b", "jaccard", 0.5), ("a", "c", "jaccard", 0.25)}
+
+
+def test_step_folders_are_in_step_order(tmp_path):
+    for step in (100, 25, 50):
+        (tmp_path / f"step-{step}").mkdir()
+    (tmp_path / "step-notes.txt").write_text("")
+    assert list(step_folders(tmp_path)) == [25, 50, 100]
