@@ -81,6 +81,25 @@ def test_smoke_dag_writes_every_output(smoke):
     assert set(delta["run"]) == set(runs)
     assert {"relative_norm", "sparsity_atol_1e-5"} <= set(delta["metric"])
 
+    # Each main run's job analysed its intermediate checkpoints too (the trajectory).
+    trajectory = pd.read_csv(smoke / "results/tables/trajectory.csv")
+    for name, spec in runs.items():
+        expected = set(spec.checkpoint_steps()) if spec.group == "main" else set()
+        if spec.is_trained:
+            expected.add(spec.training["steps"])
+        assert set(trajectory[trajectory["run"] == name]["step"]) == expected, name
+
+    # One overlap job per source compared every two main runs on it.
+    by_source = {}
+    for name, spec in runs.items():
+        if spec.kind != "masked" and spec.group == "main":
+            by_source.setdefault(spec.source, []).append(name)
+    expected = {(a, b) for group in by_source.values()
+                for i, a in enumerate(group) for b in group[i + 1:]}
+    overlap = pd.read_csv(smoke / "results/tables/overlap.csv")
+    assert set(zip(overlap["run_a"], overlap["run_b"], strict=True)) == expected
+    assert overlap["value"].notna().any()
+
 
 @pytest.mark.slow
 def test_second_invocation_schedules_nothing(smoke):
