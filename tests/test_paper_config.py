@@ -73,6 +73,11 @@ def test_paper_dag_resolves_offline(tmp_path):
     assert "train_run" in result.stdout and "analyze_run" in result.stdout
     # The default config's tiny models are not merged into the paper's study.
     assert "train_model" not in result.stdout
+    # Every given student and teacher is evaluated (the source's score is each gain's base).
+    paper = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    for pair in paper["pairs"].values():
+        for model in (pair["student"], *pair["teachers"]):
+            assert f"results/eval/models/{model}.csv" in result.stdout, model
 
     # A training job given several GPUs runs one process per GPU through accelerate.
     target = "results/runs/dsqwen-opd-deepscaler-adamw-s0/final"

@@ -24,6 +24,10 @@ except ConfigError as error:
 
 TRAINED = [name for name, run in RUNS.items() if run.is_trained]
 BUILT_MODELS = [name for name, spec in config["models"].items() if "build" in spec]
+# Every student and teacher is evaluated, built here or given (a hub id or a folder).
+PAIR_MODELS = list(dict.fromkeys(
+    key for pair in config["pairs"].values() for key in (pair["student"], *pair["teachers"])
+))
 GPU = 1 if config["device"] == "cuda" else 0
 
 
@@ -34,7 +38,7 @@ wildcard_constraints:
     run=RUN_PATTERN,
     a=RUN_PATTERN,
     b=RUN_PATTERN,
-    model="|".join(BUILT_MODELS) or "NONE",
+    model="|".join(map(re.escape, {*BUILT_MODELS, *PAIR_MODELS})) or "NONE",
     step=r"\d+",
     mask="|".join(map(re.escape, MASKS)) or "NONE",
 

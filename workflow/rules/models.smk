@@ -7,6 +7,8 @@ rule train_model:
         checkpoint=directory("results/models/{model}/final"),
         score="results/models/{model}/score.json",
         log_csv="results/models/{model}/train_log.csv",
+    wildcard_constraints:
+        model="|".join(map(re.escape, BUILT_MODELS)) or "NONE",
     params:
         spec=lambda w: as_arg(config["models"][w.model]),
         task=lambda w: task_of_model(w.model),

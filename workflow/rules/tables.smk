@@ -28,7 +28,7 @@ rule runs_table:
 
 rule evaluation_table:
     input:
-        expand("results/eval/models/{model}.csv", model=BUILT_MODELS),
+        expand("results/eval/models/{model}.csv", model=PAIR_MODELS),
         expand("results/eval/runs/{run}.csv", run=TRAINED),
     output:
         "results/tables/evaluation.csv",
