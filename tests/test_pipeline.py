@@ -108,18 +108,41 @@ def test_second_invocation_schedules_nothing(smoke):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
-@pytest.mark.slow
-def test_plot_edit_reruns_only_figures_and_tables(smoke):
+def jobs_after_edit(smoke, edit) -> dict[str, int]:
+    """The jobs a dry run schedules once `edit(config)` is applied to the smoke config."""
     config_path = smoke / "config" / "smoke.yaml"
     original = config_path.read_text()
     config = yaml.safe_load(original)
-    config["plots"]["dpi"] = config["plots"].get("dpi", 100) + 1
+    edit(config)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # order: primary optimizer
     try:
-        jobs = scheduled_jobs(snakemake(smoke, "-n").stdout)
+        return scheduled_jobs(snakemake(smoke, "-n").stdout)
     finally:
         config_path.write_text(original)
+
+
+ONLY_TABLES_AND_FIGURES = re.compile(r"^(all|fig.*|.*figure.*|.*table.*|findings.*|report.*)$")
+
+
+@pytest.mark.slow
+def test_plot_edit_reruns_only_figures_and_tables(smoke):
+    def finer(config):
+        config["plots"]["dpi"] += 1
+
+    jobs = jobs_after_edit(smoke, finer)
     assert jobs, "a plot edit should rerun the figures"
-    allowed = re.compile(r"^(all|fig.*|.*figure.*|.*table.*|findings.*|report.*)$")
-    assert all(allowed.match(rule) for rule in jobs), jobs
+    assert all(ONLY_TABLES_AND_FIGURES.match(rule) for rule in jobs), jobs
     assert not {"train_model", "train_run", "evaluate_run", "analyze_run"} & set(jobs)
+
+
+@pytest.mark.slow
+def test_reordering_keys_where_order_means_nothing_retrains_nothing(smoke):
+    def reorder(config):
+        for model in config["models"].values():
+            model["build"] = dict(reversed(model["build"].items()))
+            model["train"] = dict(reversed(model["train"].items()))
+        config["evaluation"] = dict(reversed(config["evaluation"].items()))
+        config["task"] = dict(reversed(config["task"].items()))
+
+    jobs = jobs_after_edit(smoke, reorder)
+    assert all(ONLY_TABLES_AND_FIGURES.match(rule) for rule in jobs), jobs

@@ -43,11 +43,13 @@ wildcard_constraints:
     mask="|".join(map(re.escape, MASKS)) or "NONE",
 
 
-def as_arg(value):
+def as_arg(value, ordered=False):
     """A config value as one shell-quoted JSON argument (Snakemake tracks it as a param).
 
-    Keys keep the config's order: the first optimizer and teacher are the primary ones."""
-    return shlex.quote(json.dumps(value))
+    Keys are sorted, so that reordering a config's keys changes no param and reruns no job.
+    `ordered` keeps the config's order where it means something: the runs table (the first
+    optimizer and teacher are the primary ones) and the plot settings (legend order)."""
+    return shlex.quote(json.dumps(value, sort_keys=not ordered))
 
 
 def task_of_run(run):

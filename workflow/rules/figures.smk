@@ -29,7 +29,8 @@ FINDINGS_INPUTS = ["runs", "delta_global", "evaluation", "layer_module", "tensor
 EXTERNAL_KINDS = as_arg({n: e.get("kind", "other") for n, e in config.get("external", {}).items()})
 # Settings the tables and findings use (labels, score metric, paper matching); the others
 # (style, dpi, formats, ...) only touch figures.
-TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") if k in PLOTS})
+TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") if k in PLOTS},
+                     ordered=True)
 
 
 def tidy(names):
@@ -61,7 +62,7 @@ for _figure, _tables in FIGURE_TABLES.items():
             figure_outputs(_figure),
         params:
             name=_figure,
-            plots=as_arg(PLOTS),
+            plots=as_arg(PLOTS, ordered=True),
             external=EXTERNAL_KINDS,
         log:
             f"results/logs/figures/{_figure}.log",

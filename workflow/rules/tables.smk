@@ -17,7 +17,7 @@ rule runs_table:
         "results/tables/runs.csv",
     params:
         # A function: Snakemake would read braces in a string param (task templates) as wildcards.
-        config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}),
+        config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}, ordered=True),
     log:
         "results/logs/tables/runs.log",
     benchmark:
