@@ -11,12 +11,6 @@ import pandas as pd
 TIDY = ["run", "step", "metric", "value"]
 
 
-def _step_of(folder: str, final_steps: dict[str, int], run: str):
-    if folder == "final":
-        return final_steps.get(run, math.nan)
-    return int(folder.removeprefix("step-"))
-
-
 def step_folders(checkpoints: str | Path) -> dict[int, Path]:
     """A run's intermediate checkpoints (`checkpoints/step-N`) by step, in step order."""
     folders = {int(path.name.removeprefix("step-")): path
@@ -46,8 +40,8 @@ def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.Data
         if path.suffix == ".csv":
             trajectories.append(path)
             continue
-        run, folder = path.parent.parent.name, path.parent.name
-        step = _step_of(folder, final_steps, run)
+        run = path.parent.parent.name
+        step = final_steps.get(run, math.nan)  # external runs have no step
         for metric, value in flatten(json.loads(path.read_text())).items():
             rows.append((run, step, metric, value))
     frames = [pd.DataFrame(rows, columns=TIDY)]
