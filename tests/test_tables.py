@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from opdgeo.tables import collect_overlaps, collect_summaries, step_folders
 
@@ -43,3 +44,8 @@ def test_step_folders_are_in_step_order(tmp_path):
         (tmp_path / f"step-{step}").mkdir()
     (tmp_path / "step-notes.txt").write_text("")
     assert list(step_folders(tmp_path)) == [25, 50, 100]
+
+
+def test_a_missing_checkpoints_folder_is_an_error_not_an_empty_trajectory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        step_folders(tmp_path / "absent")

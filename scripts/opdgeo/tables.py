@@ -13,6 +13,9 @@ TIDY = ["run", "step", "metric", "value"]
 
 def step_folders(checkpoints: str | Path) -> dict[int, Path]:
     """A run's intermediate checkpoints (`checkpoints/step-N`) by step, in step order."""
+    if not Path(checkpoints).is_dir():
+        raise FileNotFoundError(f"no checkpoints folder {checkpoints}: train the run first, "
+                                f"or drop --checkpoints")
     folders = {int(path.name.removeprefix("step-")): path
                for path in Path(checkpoints).glob("step-*") if path.is_dir()}
     return dict(sorted(folders.items()))
@@ -44,10 +47,10 @@ def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.Data
         step = final_steps.get(run, math.nan)  # external runs have no step
         for metric, value in flatten(json.loads(path.read_text())).items():
             rows.append((run, step, metric, value))
-    frames = [pd.DataFrame(rows, columns=TIDY)]
-    if trajectories:
-        frames.append(concat_csvs(trajectories, run_from_folder=True)[TIDY])
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if not trajectories:
+        return pd.DataFrame(rows, columns=TIDY)
+    return pd.concat([pd.DataFrame(rows, columns=TIDY),
+                      concat_csvs(trajectories, run_from_folder=True)[TIDY]], ignore_index=True)
 
 
 def collect_overlaps(paths: list[Path]) -> pd.DataFrame:

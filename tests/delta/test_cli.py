@@ -88,3 +88,28 @@ def test_overlap_names_the_missing_runs(tmp_path):
         cli.main(["overlap", "--source", "s", "--out", "o", "--runs", "no-equals-sign"])
     with pytest.raises(ValueError, match="--trained-a and --trained-b, or --runs"):
         cli.main(["overlap", "--source", "s", "--out", "o", "--trained-a", "a"])
+
+
+def test_analyze_with_a_missing_checkpoints_folder_writes_no_trajectory(tmp_path):
+    source = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "final", perturbed(source, seed=1))
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        cli.main(["analyze", "--source", str(tmp_path / "source"), "--trained",
+                  str(tmp_path / "final"), "--out", str(tmp_path / "analysis"), "--device",
+                  "cpu", "--no-nulls", "--checkpoints", str(tmp_path / "absent"),
+                  "--trajectory", str(tmp_path / "trajectory.csv")])
+    assert not (tmp_path / "trajectory.csv").exists()
+
+
+def test_overlap_of_a_missing_run_checkpoint_writes_nothing(tmp_path):
+    source = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "x", perturbed(source, seed=1))
+    save_checkpoint(tmp_path / "y", perturbed(source, seed=2))
+    # x__y is compared before the missing z is found: nothing of the group may remain.
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+        cli.main(["overlap", "--source", str(tmp_path / "source"), "--out",
+                  str(tmp_path / "group"), "--runs", f"x={tmp_path / 'x'}",
+                  f"y={tmp_path / 'y'}", f"z={tmp_path / 'missing'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "x", "y"]

@@ -62,9 +62,7 @@ rule analyze_run:
 
 
 def overlap_inputs(w):
-    """The trained checkpoints of a group (external ones only where they are local files)."""
-    trained = (run_inputs(run)["trained"] for run in OVERLAP_GROUPS[w.group])
-    return [path for item in trained for path in ([item] if isinstance(item, str) else item)]
+    return [path for run in OVERLAP_GROUPS[w.group] for path in run_inputs(run)["trained"]]
 
 
 def overlap_runs_option(w):

@@ -85,10 +85,11 @@ def trained_path(run):
 
 
 def run_inputs(run):
-    """Source and trained checkpoints of a run, as Snakemake inputs."""
+    """Source and trained checkpoints of a run, as Snakemake inputs (lists: a given checkpoint
+    that is a hub id, not a file, is no input)."""
     spec = RUNS[run]
     if spec.is_trained:
-        return {"source": model_inputs(spec.source), "trained": trained_path(run)}
+        return {"source": model_inputs(spec.source), "trained": [trained_path(run)]}
     return {
         "source": [p for p in (spec.source,) if Path(p).exists()],
         "trained": [p for p in (spec.trained,) if Path(p).exists()],

@@ -30,6 +30,9 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = local_checkpoint(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist (a folder, a safetensors "
+                                    f"file or a Hugging Face id)")
         self._file_of: dict[str, Path] = {}  # safetensors: tensor name -> file
         self._bin_tensors: dict[str, torch.Tensor] = {}  # .bin: mmap-backed tensors
         self._shapes: dict[str, tuple[int, ...]] = {}

@@ -9,6 +9,8 @@ over all coordinates. Outputs: overlap.csv (per tensor) and overlap.json (global
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -97,8 +99,18 @@ def overlap_runs(source: str | Path, trained_a: str | Path, trained_b: str | Pat
 def overlap_all_pairs(source: str | Path, runs: dict[str, str | Path], out_dir: str | Path,
                       atol: float = HEADLINE_ATOL, dtype: str = "bf16") -> dict[str, dict]:
     """`overlap_runs` for every pair of `runs` (name -> checkpoint, in order), each into
-    out_dir/{a}__{b}; return the summaries by folder name."""
-    names = list(runs)
-    return {f"{a}__{b}": overlap_runs(source, runs[a], runs[b], Path(out_dir) / f"{a}__{b}",
-                                      atol=atol, dtype=dtype)
-            for i, a in enumerate(names) for b in names[i + 1:]}
+    out_dir/{a}__{b}; return the summaries by folder name. The pairs are written into a
+    temporary sibling folder renamed to out_dir at the end: a failure leaves no partial group."""
+    out_dir, names = Path(out_dir), list(runs)
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        results = {f"{a}__{b}": overlap_runs(source, runs[a], runs[b], temporary / f"{a}__{b}",
+                                             atol=atol, dtype=dtype)
+                   for i, a in enumerate(names) for b in names[i + 1:]}
+        temporary.mkdir(parents=True, exist_ok=True)  # (a single run has no pair)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        temporary.rename(out_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return results
