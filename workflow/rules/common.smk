@@ -36,10 +36,7 @@ RUN_PATTERN = "|".join(map(re.escape, sorted(RUNS, key=len, reverse=True))) or "
 
 wildcard_constraints:
     run=RUN_PATTERN,
-    a=RUN_PATTERN,
-    b=RUN_PATTERN,
     model="|".join(map(re.escape, {*BUILT_MODELS, *PAIR_MODELS})) or "NONE",
-    step=r"\d+",
     mask="|".join(map(re.escape, MASKS)) or "NONE",
 
 
