@@ -65,6 +65,8 @@ def test_smoke_dag_writes_every_output(smoke):
                 assert (smoke / f"results/runs/{name}/checkpoints/step-{step}").is_dir()
     for mask in build_masks(config):
         assert (smoke / f"results/masks/{mask}.safetensors").exists()
+    # a local run's jobs ran in forks of the preload server, which ended with the run
+    assert "preloaded" in (smoke / "results/logs/preload.log").read_text()
 
     # The runs table lists the runs as the DAG made them, primary optimizer first (its JSON
     # argument once sorted the optimizers and made AdamW primary in the table only).

@@ -247,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command():
+    """The `opdgeo` console command: in the preload server when a local Snakemake run started
+    one (opdgeo.preload), else in this process."""
+    from opdgeo.preload import run_in_server
+
+    status = run_in_server(sys.argv)
+    if status is not None:
+        raise SystemExit(status)
+    main()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 
+from opdgeo import preload  # noqa: E402
 from opdgeo.config import (  # noqa: E402
     ConfigError,
     build_masks,

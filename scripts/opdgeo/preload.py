@@ -1,0 +1,250 @@
+"""Preloaded start-up for local runs: import torch, transformers and TRL once, then run each
+`opdgeo` command in a fork of that process.
+
+On a laptop most of the DAG's time is start-up: importing the stack costs 3-8 s per job while
+the work itself is often under a second. For a local run, the Snakefile's `onstart` starts
+`serve`, which binds a Unix socket, imports the package's heavy modules and waits. The
+`opdgeo` command, when OPDGEO_PRELOAD_SOCKET names that socket, hands its arguments, working
+directory, environment and standard streams to the server; a forked child runs the command
+and reports its exit status, which the command exits with. Output, log, exit status and
+written bytes are those of a direct run (tests/test_preload.py compares them).
+
+Without the variable, when the server is gone, or when the command's Python (a per-rule
+environment) or thread settings (--set-threads) are not the server's, `opdgeo` runs in
+process as usual. Cluster jobs never see the
+variable: the server is started for local execution only. A job's benchmark file then
+measures the command's own process, not the forked worker: its wall time is right, its
+memory columns are not (`--config preload=false` to measure memory).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+SOCKET_VARIABLE = "OPDGEO_PRELOAD_SOCKET"
+# Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again.
+PRELOADED_MODULES = (
+    "opdgeo.train", "opdgeo.evaluate", "opdgeo.masks", "opdgeo.delta.analyze",
+    "opdgeo.delta.overlap", "opdgeo.tables", "opdgeo.figures", "opdgeo.findings",
+    "opdgeo.paper_tables",
+)
+# What Snakemake sets for a job's `threads` (snakemake.shell), read by the math libraries.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+_INT = struct.Struct("!q")
+ACCEPTED, DECLINED = 0, 1  # the server's first answer: "running it" or "run it yourself"
+
+
+# ---------------------------------------------------------------- the command's side
+
+
+def run_in_server(argv: list[str]) -> int | None:
+    """Run `opdgeo argv[1:]` in the preload server; its exit status, or None when there is no
+    server to run it (the caller then runs it in process)."""
+    path = os.environ.get(SOCKET_VARIABLE)
+    if not path or not _streams_open():
+        return None
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+    except OSError:
+        return None  # the run that started the server has ended
+    with connection:
+        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "prefix": sys.prefix}).encode()
+        socket.send_fds(connection, [_INT.pack(len(request))], [0, 1, 2])
+        connection.sendall(request)
+        if _read_int(connection) != ACCEPTED:
+            return None
+        status = _read_int(connection)
+    if status is None:
+        print("opdgeo: the preloaded worker ended without an exit status (killed?); "
+              "--config preload=false runs every job in its own process", file=sys.stderr)
+        return 1
+    return status
+
+
+def _streams_open() -> bool:
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _read_int(connection) -> int | None:
+    data = b""
+    while len(data) < _INT.size:
+        chunk = connection.recv(_INT.size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return _INT.unpack(data)[0]
+
+
+# ---------------------------------------------------------------- the server's side
+
+
+def serve(path: str, owner: int):
+    """Listen on `path`, import the heavy modules, then fork one worker per request, until the
+    process `owner` (the Snakemake run) is no longer this server's parent."""
+    import importlib
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # before the imports: a command that connects meanwhile waits
+    listener.listen(128)
+    start = time.perf_counter()
+    for module in PRELOADED_MODULES:
+        importlib.import_module(module)
+    print(f"preloaded {len(PRELOADED_MODULES)} modules in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers are reaped by the kernel
+    listener.settimeout(1.0)
+    try:
+        while os.getppid() == owner:
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if os.fork() == 0:
+                listener.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the job may wait on children
+                os._exit(_work(connection))
+            connection.close()
+    finally:
+        listener.close()
+        Path(path).unlink(missing_ok=True)
+        try:
+            Path(path).parent.rmdir()  # start_server's temporary folder, now empty
+        except OSError:
+            pass
+
+
+def _work(connection) -> int:
+    """In a forked worker: take on the command's streams, folder and environment, run it."""
+    connection.setblocking(True)
+    header, fds, _, _ = socket.recv_fds(connection, _INT.size, 3)
+    size = _INT.unpack(header)[0]
+    payload = b""
+    while len(payload) < size:
+        payload += connection.recv(size - len(payload))
+    request = json.loads(payload)
+    if not _can_run(request):
+        connection.sendall(_INT.pack(DECLINED))
+        return 0
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = request["argv"]
+    connection.sendall(_INT.pack(ACCEPTED))
+    _end_with(connection)
+    status = _run(request["argv"][1:])
+    connection.sendall(_INT.pack(status))
+    return status
+
+
+def _can_run(request: dict) -> bool:
+    """Only a command of this Python environment (not a per-rule one) whose thread settings
+    are the server's: anything else would not compute what it computes on its own."""
+    return request["prefix"] == sys.prefix and all(
+        request["env"].get(name) == os.environ.get(name) for name in THREAD_VARIABLES)
+
+
+def _end_with(connection):
+    """A worker outlives no command: when the command's process ends (Snakemake cancels the
+    job, Ctrl-C), its side of the connection closes and the worker terminates."""
+    def watch():
+        connection.recv(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run(arguments: list[str]) -> int:
+    from opdgeo import cli
+
+    try:
+        cli.main(arguments)
+        status = 0
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            status = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            status = 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return status
+
+
+# ---------------------------------------------------------------- starting and stopping
+
+
+_server: subprocess.Popen | None = None  # the one this process started
+
+
+def start_server(log: Path, threads: int, wait: float = 10.0):
+    """Start a server for the calling process (the Snakemake run) and export its socket to
+    the jobs it starts; when it does not come up in `wait` s, say so in `log` and go on
+    without. The socket lives in a short temporary path (Unix socket paths are limited to
+    ~100 bytes, a workdir may be deeper).
+
+    Math libraries size their thread pools from the environment when they are imported, and
+    a thread count changes the last bits of a float sum: the server gets the variables that
+    Snakemake gives a job of `threads` threads, so that a forked job computes what it would
+    have computed on its own."""
+    global _server
+    path = Path(tempfile.mkdtemp(prefix="opdgeo-preload-")) / "socket"
+    environment = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        _server = subprocess.Popen(
+            [sys.executable, "-m", "opdgeo.preload", str(path), str(os.getpid())],
+            env=environment, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ[SOCKET_VARIABLE] = str(path)
+    deadline = time.monotonic() + wait
+    while not path.exists():
+        if _server.poll() is not None or time.monotonic() > deadline:
+            stop_server()
+            with log.open("a") as handle:
+                print("the preload server did not start: every job imports on its own",
+                      file=handle)
+            return
+        time.sleep(0.05)
+
+
+def stop_server():
+    """Stop the server and any worker still running (its session); remove its socket."""
+    global _server
+    path = os.environ.pop(SOCKET_VARIABLE, None)
+    if _server is not None:
+        try:
+            os.killpg(_server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _server.wait()
+        _server = None
+    if path:
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,132 @@
+"""The preload server: a job run in a fork of it writes what the same job writes on its own,
+keeps its exit status and streams, and no worker outlives its command or server its run."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_train import TASK, spec
+
+from opdgeo import preload
+
+THREADS = "1"
+
+
+def wait_for(condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    preload.start_server(tmp_path_factory.mktemp("preload") / "preload.log", int(THREADS))
+    yield preload._server
+    preload.stop_server()
+
+
+@pytest.fixture
+def job_environment(monkeypatch):
+    """The thread variables Snakemake gives a job of the server's thread count."""
+    for name in preload.THREAD_VARIABLES:
+        monkeypatch.setenv(name, THREADS)
+
+
+def direct(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`opdgeo argv` in its own process, as a job without the server runs it."""
+    environment = {k: v for k, v in os.environ.items() if k != preload.SOCKET_VARIABLE}
+    return subprocess.run([sys.executable, "-m", "opdgeo.cli", *argv], cwd=cwd,
+                          env=environment, capture_output=True, text=True)
+
+
+def files(out: Path) -> dict[str, bytes]:
+    """The bytes of a job's output: a file, or every file in a folder."""
+    if out.is_file():
+        return {out.name: out.read_bytes()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def comparable(written: dict[str, bytes]) -> dict[str, bytes]:
+    """Without the timings (training log, analysis seconds): the one thing a rerun changes."""
+    written = {name: data for name, data in written.items() if name != "train_log.csv"}
+    if "summary.json" in written:
+        summary = json.loads(written["summary.json"])
+        summary.pop("seconds")
+        written["summary.json"] = json.dumps(summary).encode()
+    return written
+
+
+def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_environment,
+                                                               tiny_pair, tmp_path):
+    student, teacher = tiny_pair
+    run = dataclasses.asdict(spec("opd", lr=1e-2, steps=3))
+    run.pop("task", None)
+    task = json.dumps({**TASK, "kind": "addition"})
+    jobs = {
+        "train": ["train-run", "--spec", json.dumps(run), "--source", str(student),
+                  "--teacher", str(teacher), "--task", task, "--device", "cpu", "--out"],
+        "evaluate": ["evaluate", "--run", "r", "--checkpoint", str(teacher), "--task", task,
+                     "--spec", json.dumps({"k": 2, "temperature": 1.0, "batch_size": 8}),
+                     "--device", "cpu", "--out"],
+        "analyze": ["analyze", "--source", str(student),
+                    "--trained", str(tmp_path / "forked" / "train" / "final"),
+                    "--device", "cpu", "--out"],
+    }
+    for name, argv in jobs.items():
+        forked, alone = tmp_path / "forked" / name, tmp_path / "alone" / name
+        assert preload.run_in_server(["opdgeo", *argv, str(forked)]) == 0, name
+        assert direct([*argv, str(alone)], tmp_path).returncode == 0, name
+        written, expected = comparable(files(forked)), comparable(files(alone))
+        assert written.keys() == expected.keys() and written, name
+        for file in written:
+            assert written[file] == expected[file], f"{name}: {file} differs"
+
+
+def test_exit_status_and_error_reach_the_command(server, job_environment, tmp_path, capfd):
+    status = preload.run_in_server(["opdgeo", "analyze", "--source", str(tmp_path / "none"),
+                                    "--trained", str(tmp_path / "none"), "--out", "x"])
+    assert status == 1
+    assert "opdgeo analyze: error" in capfd.readouterr().err
+
+
+def test_other_thread_settings_run_in_process(server, job_environment, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+
+
+def test_without_a_server_the_command_runs_in_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(preload.SOCKET_VARIABLE, str(tmp_path / "gone"))
+    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+
+
+def test_a_killed_command_takes_its_worker_along(server, job_environment, tmp_path):
+    fifo = tmp_path / "never-written.csv"
+    os.mkfifo(fifo)  # reading it blocks: the job waits until it is killed
+    command = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from opdgeo.cli import command; command()",
+         "collect", "csv", str(fifo), "--out", str(tmp_path / "out.csv")])
+    workers = psutil.Process(server.pid).children
+    wait_for(lambda: len(workers()) == 1)
+    command.send_signal(signal.SIGTERM)
+    command.wait()
+    wait_for(lambda: not workers(), seconds=10)
+
+
+def test_the_server_ends_with_the_run_that_started_it(tmp_path):
+    # a run that starts a server and dies without stopping it (killed, no onerror hook)
+    socket_path = subprocess.run(
+        [sys.executable, "-c",
+         "import os, sys; from pathlib import Path; from opdgeo import preload;"
+         f"preload.start_server(Path({str(tmp_path / 'log')!r}), 1);"
+         "print(os.environ[preload.SOCKET_VARIABLE]); sys.stdout.flush(); os._exit(0)"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(socket_path).exists()
+    wait_for(lambda: not Path(socket_path).parent.exists())
