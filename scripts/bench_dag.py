@@ -1,9 +1,11 @@
-"""How long does the whole DAG take, and how much of it is per-job start-up?
+"""How long does the whole DAG take, and what would per-job start-up alone cost?
 
 Runs `snakemake --configfile CONFIG --cores N` on a copy of the repository's tracked files in
 a temporary folder, then prints the wall time beside its target and beside a reference
-measured in the same run: the start-up floor, i.e. every job's import cost (timed here, per
-kind of job) divided by the cores. The machine drifts from day to day; the ratio does less.
+measured in the same run: the start-up cost, i.e. every job's import cost (timed here, per
+kind of job) divided by the cores, which a local run avoids by running its jobs in forks of
+the preload server (opdgeo.preload; --no-preload starts every job on its own, as a cluster
+does). The machine drifts from day to day; the ratio does less.
 
     PYTHONPATH=scripts python scripts/bench_dag.py --config config/smoke.yaml --target 180
 """
@@ -77,14 +79,17 @@ def main():
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--target", type=float, default=180, help="seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--no-preload", action="store_true",
+                        help="start every job in its own process (--config preload=false)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="opdgeo-bench-dag-"))
     copy_tracked_files(workdir)
     env = {**os.environ, "PYTHONPATH": str(workdir / "scripts")}
     start = time.perf_counter()
+    preload = ["--config", "preload=false"] if args.no_preload else []
     subprocess.run(["snakemake", "--configfile", args.config, "--cores", str(args.cores),
-                    "--quiet", "rules"], cwd=workdir, env=env, check=True)
+                    "--quiet", "rules", *preload], cwd=workdir, env=env, check=True)
     wall = time.perf_counter() - start
 
     jobs = job_counts(workdir)
@@ -93,9 +98,11 @@ def main():
     load = os.getloadavg()[0]
     print(f"config {args.config}, {sum(jobs.values())} jobs on {args.cores} cores "
           f"(load average now {load:.1f})")
+    mode = "every job on its own" if args.no_preload else "jobs in forks of the preload server"
     print(f"  DAG wall time            {wall:8.1f} s   target {args.target:.0f} s   "
-          f"ratio {wall / args.target:.2f}")
-    print(f"  start-up floor (imports) {floor:8.1f} s   = {floor / wall:.0%} of the wall time")
+          f"ratio {wall / args.target:.2f}   ({mode})")
+    print(f"  start-up cost (imports)  {floor:8.1f} s   = {floor / wall:.0%} of the wall time "
+          f"(each job importing on its own, divided by the cores)")
     print(f"  sum of job times         {job_seconds(workdir):8.1f} s   "
           f"(Snakemake benchmark files)")
     for module, seconds in sorted(imports.items(), key=lambda item: -item[1]):
