@@ -120,9 +120,13 @@ def serve(path: str, owner: int):
             sys.stdout.flush()
             sys.stderr.flush()
             if os.fork() == 0:
-                listener.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the job may wait on children
-                os._exit(_work(connection))
+                status = 1
+                try:  # whatever happens, a worker never returns into the server's loop
+                    listener.close()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the job may wait on its own
+                    status = _work(connection)
+                finally:
+                    os._exit(status)
             connection.close()
     finally:
         listener.close()
