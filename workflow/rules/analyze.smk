@@ -2,33 +2,6 @@
 # intermediate ones for the trajectory), one overlap job per group of runs on one source.
 
 
-def fp32_option(w):
-    """The exact rounding null needs the fp32 master weights of runs that kept them."""
-    spec = RUNS[w.run]
-    if spec.is_trained and spec.training["keep_fp32"]:
-        return f"--fp32-trained results/runs/{w.run}/fp32/model.safetensors"
-    return ""
-
-
-def has_trajectory(run):
-    """Main trained runs are analysed at every intermediate checkpoint too (Fig 3's curves)."""
-    spec = RUNS[run]
-    return config["analysis"]["trajectory"] and spec.is_trained and spec.group == "main"
-
-
-def analyze_inputs(w):
-    inputs = run_inputs(w.run)
-    if RUNS[w.run].is_trained:
-        inputs["fp32"] = f"results/runs/{w.run}/fp32"
-    if has_trajectory(w.run):
-        inputs["checkpoints"] = f"results/runs/{w.run}/checkpoints"
-    return inputs
-
-
-def checkpoints_option(w):
-    return f"--checkpoints results/runs/{w.run}/checkpoints" if has_trajectory(w.run) else ""
-
-
 rule analyze_run:
     input:
         unpack(analyze_inputs),
@@ -59,14 +32,6 @@ rule analyze_run:
         " --out results/analysis/{wildcards.run}/final --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device}"
         " {params.checkpoints} --trajectory {output.trajectory} > {log} 2>&1"
-
-
-def overlap_inputs(w):
-    return [path for run in OVERLAP_GROUPS[w.group] for path in run_inputs(run)["trained"]]
-
-
-def overlap_runs_option(w):
-    return " ".join(f"{run}={shlex.quote(trained_path(run))}" for run in OVERLAP_GROUPS[w.group])
 
 
 rule overlap:

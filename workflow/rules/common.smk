@@ -128,3 +128,121 @@ def all_targets():
         "results/tables/runs.csv",
         "results/tables/masks.csv",
     ]
+
+
+# ---------------------------------------------------------- training (train.smk)
+
+
+def train_inputs(w):
+    spec = RUNS[w.run]
+    inputs = {"source": model_inputs(spec.source)}
+    if spec.teacher and spec.kind != "grpo":
+        inputs["teacher"] = model_inputs(spec.teacher)
+    if spec.mask:
+        inputs["mask"] = mask_path(spec.mask)
+    return inputs
+
+
+def train_options(w):
+    spec = RUNS[w.run]
+    options = f"--source {shlex.quote(model_path(spec.source))}"
+    if spec.teacher and spec.kind != "grpo":
+        options += f" --teacher {shlex.quote(model_path(spec.teacher))}"
+    if spec.mask:
+        options += f" --mask {mask_path(spec.mask)}"
+    return options
+
+
+def run_spec_arg(w):
+    spec = RUNS[w.run]
+    # The task travels as --task (per run: the pair's task).
+    return as_arg({k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "task"})
+
+
+def launcher(wildcards, resources):
+    """`opdgeo`, or one process per GPU through `accelerate launch` when the job has several
+    (e.g. --set-resources train_run:gpu=4, or set-resources in the SLURM profile)."""
+    gpus = int(resources.gpu)
+    if gpus > 1:
+        return f"accelerate launch --multi_gpu --num_processes {gpus} -m opdgeo.cli"
+    return "opdgeo"
+
+
+# ---------------------------------------------------------- masks (masks.smk)
+
+
+def mask_spec(name):
+    return MASKS[name]
+
+
+def mask_inputs(w):
+    # The run may be external (a given checkpoint pair on the pair's source).
+    return run_inputs(mask_spec(w.mask).run)
+
+
+# ---------------------------------------------------------- analysis, overlap (analyze.smk)
+
+
+def fp32_option(w):
+    """The exact rounding null needs the fp32 master weights of runs that kept them."""
+    spec = RUNS[w.run]
+    if spec.is_trained and spec.training["keep_fp32"]:
+        return f"--fp32-trained results/runs/{w.run}/fp32/model.safetensors"
+    return ""
+
+
+def has_trajectory(run):
+    """Main trained runs are analysed at every intermediate checkpoint too (Fig 3's curves)."""
+    spec = RUNS[run]
+    return config["analysis"]["trajectory"] and spec.is_trained and spec.group == "main"
+
+
+def analyze_inputs(w):
+    inputs = run_inputs(w.run)
+    if RUNS[w.run].is_trained:
+        inputs["fp32"] = f"results/runs/{w.run}/fp32"
+    if has_trajectory(w.run):
+        inputs["checkpoints"] = f"results/runs/{w.run}/checkpoints"
+    return inputs
+
+
+def checkpoints_option(w):
+    return f"--checkpoints results/runs/{w.run}/checkpoints" if has_trajectory(w.run) else ""
+
+
+def overlap_inputs(w):
+    return [path for run in OVERLAP_GROUPS[w.group] for path in run_inputs(run)["trained"]]
+
+
+def overlap_runs_option(w):
+    return " ".join(f"{run}={shlex.quote(trained_path(run))}" for run in OVERLAP_GROUPS[w.group])
+
+
+# ---------------------------------------------------------- figures, tables, findings (figures.smk)
+# (PLOTS, FIGURE_TABLES and PAPER_TABLES are set at the top of figures.smk)
+
+
+def tidy(names):
+    return [f"results/tables/{name}.csv" for name in names]
+
+
+def figure_outputs(name):
+    """One file per format; the PNG (else the first format) goes into the HTML report."""
+    formats = PLOTS["formats"]
+    shown = "png" if "png" in formats else formats[0]
+    paths = [f"results/figures/{name}.{fmt}" for fmt in formats]
+    # (a line may not start with `report`: the Snakefile parser reads it as the directive)
+    return [in_report(p, name, "Figures") if p.endswith(shown) else p for p in paths]
+
+
+def in_report(path, name, category):
+    return report(path, caption=f"../report/{name}.rst", category=category)
+
+
+def figure_targets():
+    targets = [f"results/figures/{name}.{fmt}" for name in FIGURE_TABLES
+               for fmt in PLOTS["formats"]]
+    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES + [PAPER_NULL_TABLE]
+                for fmt in ("csv", "md", "tex")]
+    return targets + ["results/findings.csv", "results/findings.md"]
+

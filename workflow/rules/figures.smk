@@ -33,23 +33,6 @@ TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") i
                      ordered=True)
 
 
-def tidy(names):
-    return [f"results/tables/{name}.csv" for name in names]
-
-
-def figure_outputs(name):
-    """One file per format; the PNG (else the first format) goes into the HTML report."""
-    formats = PLOTS["formats"]
-    shown = "png" if "png" in formats else formats[0]
-    paths = [f"results/figures/{name}.{fmt}" for fmt in formats]
-    # (a line may not start with `report`: the Snakefile parser reads it as the directive)
-    return [in_report(p, name, "Figures") if p.endswith(shown) else p for p in paths]
-
-
-def in_report(path, name, category):
-    return report(path, caption=f"../report/{name}.rst", category=category)
-
-
 for _figure, _tables in FIGURE_TABLES.items():
 
     rule:
@@ -126,9 +109,3 @@ rule findings:
         " --external {params.external} --out results/findings > {log} 2>&1"
 
 
-def figure_targets():
-    targets = [f"results/figures/{name}.{fmt}" for name in FIGURE_TABLES
-               for fmt in PLOTS["formats"]]
-    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES + [PAPER_NULL_TABLE]
-                for fmt in ("csv", "md", "tex")]
-    return targets + ["results/findings.csv", "results/findings.md"]

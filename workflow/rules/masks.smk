@@ -1,15 +1,6 @@
 # Subnetwork masks: |dW| > atol of a run, its top-density coordinates, or random controls.
 
 
-def mask_spec(name):
-    return MASKS[name]
-
-
-def mask_inputs(w):
-    # The run may be external (a given checkpoint pair on the pair's source).
-    return run_inputs(mask_spec(w.mask).run)
-
-
 rule make_mask:
     input:
         unpack(mask_inputs),

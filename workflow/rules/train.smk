@@ -2,41 +2,6 @@
 # Only opdgeo.train knows how each kind is made; every later stage sees checkpoints.
 
 
-def train_inputs(w):
-    spec = RUNS[w.run]
-    inputs = {"source": model_inputs(spec.source)}
-    if spec.teacher and spec.kind != "grpo":
-        inputs["teacher"] = model_inputs(spec.teacher)
-    if spec.mask:
-        inputs["mask"] = mask_path(spec.mask)
-    return inputs
-
-
-def train_options(w):
-    spec = RUNS[w.run]
-    options = f"--source {shlex.quote(model_path(spec.source))}"
-    if spec.teacher and spec.kind != "grpo":
-        options += f" --teacher {shlex.quote(model_path(spec.teacher))}"
-    if spec.mask:
-        options += f" --mask {mask_path(spec.mask)}"
-    return options
-
-
-def run_spec_arg(w):
-    spec = RUNS[w.run]
-    # The task travels as --task (per run: the pair's task).
-    return as_arg({k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "task"})
-
-
-def launcher(wildcards, resources):
-    """`opdgeo`, or one process per GPU through `accelerate launch` when the job has several
-    (e.g. --set-resources train_run:gpu=4, or set-resources in the SLURM profile)."""
-    gpus = int(resources.gpu)
-    if gpus > 1:
-        return f"accelerate launch --multi_gpu --num_processes {gpus} -m opdgeo.cli"
-    return "opdgeo"
-
-
 rule train_run:
     input:
         unpack(train_inputs),
