@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -63,6 +64,28 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     with safe_open(str(path), framework="pt") as f:  # one bit per coordinate, padded to bytes
         assert {n: f.get_tensor(n).shape[0] for n in f.keys()} == {
             n: (m.numel() + 7) // 8 for n, m in mask.items()}
+
+
+def test_the_same_mask_is_the_same_bytes(tmp_path):
+    # safetensors orders metadata keys at random per write; the mask's one key does not move
+    mask = random_mask_with_density(SHAPES, 0.5, seed=0)
+    save_mask(mask, tmp_path / "a.safetensors")
+    save_mask(mask, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_a_mask_of_the_first_format_still_loads(tmp_path):
+    # v1 kept its fields as separate metadata keys (masks written before the fix above)
+    mask = random_mask_with_density(SHAPES, 0.5, seed=0)
+    global_density, per_tensor = mask_densities(mask)
+    save_file({n: torch.from_numpy(np.packbits(m.numpy().reshape(-1))) for n, m in mask.items()},
+              str(tmp_path / "v1.safetensors"),
+              metadata={"format": "opdgeo-mask-v1", "global_density": repr(global_density),
+                        "shapes": json.dumps({n: list(m.shape) for n, m in mask.items()}),
+                        "density": json.dumps(per_tensor)})
+    loaded = load_mask(tmp_path / "v1.safetensors")
+    assert all(torch.equal(loaded[n], m) for n, m in mask.items())
+    assert mask_densities(tmp_path / "v1.safetensors") == (global_density, per_tensor)
 
 
 def test_densities_from_file_match_the_mask(tmp_path):

@@ -24,7 +24,12 @@ from safetensors.torch import save_file
 from opdgeo.delta.io import Checkpoint, match_tensors
 from opdgeo.naming import canonical_name, classify
 
-FORMAT = "opdgeo-mask-v1"
+FORMAT = "opdgeo-mask-v2"
+READABLE_FORMATS = ("opdgeo-mask-v1", FORMAT)
+# safetensors writes metadata keys in a random order (a Rust HashMap, seeded per map), so a
+# mask's metadata is one key holding sorted JSON: the same mask is the same bytes every run.
+# (v1 files held the same fields as separate keys and are still read.)
+METADATA_KEY = "opdgeo_mask"
 Mask = dict[str, torch.Tensor]
 
 
@@ -115,29 +120,30 @@ def _densities(mask: Mask) -> tuple[float, dict[str, float]]:
     return kept / max(total, 1), per_tensor
 
 
-def save_mask(mask: Mask, path: str | Path, **extra_metadata: str):
+def save_mask(mask: Mask, path: str | Path):
     """Write `mask` bit-packed, with shapes and densities in the metadata, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     packed = {name: torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1)))
               for name, m in mask.items()}
     global_density, per_tensor = _densities(mask)
-    metadata = {
+    fields = {
         "format": FORMAT,
         "shapes": json.dumps({name: list(m.shape) for name, m in mask.items()}),
         "density": json.dumps(per_tensor),
         "global_density": repr(global_density),
-        **extra_metadata,
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(packed, str(tmp), metadata=metadata)
+    save_file(packed, str(tmp), metadata={METADATA_KEY: json.dumps(fields, sort_keys=True)})
     os.replace(tmp, path)
 
 
 def _metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
+    if METADATA_KEY in metadata:
+        metadata = json.loads(metadata[METADATA_KEY])
+    if metadata.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path} is not an opdgeo mask (metadata format "
                          f"{metadata.get('format')!r}, expected {FORMAT!r})")
     return metadata
