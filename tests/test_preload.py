@@ -70,15 +70,18 @@ def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_envir
     run = dataclasses.asdict(spec("opd", lr=1e-2, steps=3))
     run.pop("task", None)
     task = json.dumps({**TASK, "kind": "addition"})
+    trained = tmp_path / "forked" / "train" / "final"  # the train job's (compared below)
     jobs = {
         "train": ["train-run", "--spec", json.dumps(run), "--source", str(student),
                   "--teacher", str(teacher), "--task", task, "--device", "cpu", "--out"],
         "evaluate": ["evaluate", "--run", "r", "--checkpoint", str(teacher), "--task", task,
                      "--spec", json.dumps({"k": 2, "temperature": 1.0, "batch_size": 8}),
                      "--device", "cpu", "--out"],
-        "analyze": ["analyze", "--source", str(student),
-                    "--trained", str(tmp_path / "forked" / "train" / "final"),
+        "analyze": ["analyze", "--source", str(student), "--trained", str(trained),
                     "--device", "cpu", "--out"],
+        "mask": ["make-mask", "--source", str(student), "--trained", str(trained),
+                 "--spec", json.dumps({"method": "random_like", "atol": 1e-5, "seed": 0}),
+                 "--densities", str(tmp_path / "densities.csv"), "--out"],
     }
     for name, argv in jobs.items():
         forked, alone = tmp_path / "forked" / name, tmp_path / "alone" / name
