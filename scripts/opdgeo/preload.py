@@ -174,7 +174,10 @@ def _end_with(connection):
     """A worker outlives no command: when the command's process ends (Snakemake cancels the
     job, Ctrl-C), its side of the connection closes and the worker terminates."""
     def watch():
-        connection.recv(1)
+        try:
+            connection.recv(1)  # returns, empty, when the command's side closes
+        except OSError:
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()
