@@ -83,6 +83,7 @@ def test_mask_of_an_external_run_on_the_same_source():
         (lambda c: c["models"]["student"]["build"].update(arch="gpt"), "gpt"),
         (lambda c: c["pairs"]["squares"]["task"].update(grid=5), "5"),
         (lambda c: c["training"]["optimizers"].update(adam={"learning_rate": 1}), "adam"),
+        (lambda c: c.update(preload="maybe"), "maybe"),
     ],
 )
 def test_schema_rejects_bad_configs(edit, message):

@@ -148,3 +148,13 @@ def test_reordering_keys_where_order_means_nothing_retrains_nothing(smoke):
 
     jobs = jobs_after_edit(smoke, reorder)
     assert all(ONLY_TABLES_AND_FIGURES.match(rule) for rule in jobs), jobs
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    snakemake(tmp_path, "results/tables/runs.csv", "--config", f"preload={preload}")
+    assert (tmp_path / "results/tables/runs.csv").exists()
+    log = tmp_path / "results/logs/preload.log"
+    assert ("preloaded" in log.read_text()) if preload else not log.exists()
