@@ -33,6 +33,12 @@ def snakemake(workdir, *args, check=True):
     return result
 
 
+def copy_workflow(workdir):
+    """What a run needs of the repository (the package itself is installed in the venv)."""
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, workdir / folder)
+
+
 def scheduled_jobs(dry_run_output: str) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run."""
     counts = {}
@@ -46,8 +52,7 @@ def scheduled_jobs(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke")
-    for folder in ("workflow", "config", "scripts"):
-        shutil.copytree(ROOT / folder, workdir / folder)
+    copy_workflow(workdir)
     snakemake(workdir)
     return workdir
 
@@ -152,8 +157,7 @@ def test_reordering_keys_where_order_means_nothing_retrains_nothing(smoke):
 
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
-    for folder in ("workflow", "config", "scripts"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
+    copy_workflow(tmp_path)
     snakemake(tmp_path, "results/tables/runs.csv", "--config", f"preload={preload}")
     assert (tmp_path / "results/tables/runs.csv").exists()
     log = tmp_path / "results/logs/preload.log"
