@@ -139,4 +139,8 @@ def test_optimizer_state_callback_writes_tidy_rows(tmp_path):
     assert {r["block"] for r in cv} == {"all", "attention", "ffn", "embedding", "lm_head", "norm"}
     logged = {int(r["step"]): float(r["value"]) for r in cosine if r["block"] == "all"}
     m4, m5 = first_moments.at[4], first_moments.at[5]
-    assert logged[5] == pytest.approx(float(m4 @ m5 / (m4.norm() * m5.norm())), abs=1e-9)
+    # The moments are float32 and the callback reduces them in another order than the probe:
+    # they agree to float32's precision, not to the last bits.
+    float32 = torch.finfo(torch.float32).eps
+    assert logged[5] == pytest.approx(float(m4 @ m5 / (m4.norm() * m5.norm())),
+                                      rel=16 * float32, abs=16 * float32)

@@ -81,28 +81,48 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     assert not (run / "trainer").exists()
 
 
+# The job under test, paused for good at the end of step 3 (checkpoint-2 is complete by then)
+# after it says so in a file: the test kills it at that event, whatever the machine's speed.
+PAUSED_JOB = """
+import sys, threading
+from pathlib import Path
+from opdgeo.callbacks import NonFiniteGuardCallback
+from opdgeo.cli import main
+
+paused, original = Path(sys.argv[1]), NonFiniteGuardCallback.on_step_end
+
+def pause_at_step_3(self, args, state, control, **kwargs):
+    if state.global_step == 3:
+        paused.touch()
+        threading.Event().wait()
+    return original(self, args, state, control, **kwargs)
+
+NonFiniteGuardCallback.on_step_end = pause_at_step_3
+main(sys.argv[2:])
+"""
+
+
 def test_sigkilled_cli_job_resumes(tiny_pair, uninterrupted, tmp_path):
     """The real thing: the `opdgeo train-run` process killed with SIGKILL, then rerun."""
     import json
 
     student, teacher = tiny_pair
-    run = tmp_path / "run"
+    run, paused = tmp_path / "run", tmp_path / "paused"
     spec = opd_spec()
-    command = [sys.executable, "-m", "opdgeo.cli", "train-run",
-               "--spec", json.dumps({k: getattr(spec, k) for k in spec.__dataclass_fields__}),
-               "--source", str(student), "--teacher", str(teacher), "--task", json.dumps(TASK),
-               "--out", str(run), "--device", "cpu", "--threads", "1"]
+    arguments = ["train-run",
+                 "--spec", json.dumps({k: getattr(spec, k) for k in spec.__dataclass_fields__}),
+                 "--source", str(student), "--teacher", str(teacher), "--task", json.dumps(TASK),
+                 "--out", str(run), "--device", "cpu", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "scripts")}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (run / "trainer" / "checkpoint-2").is_dir():
+    job = subprocess.Popen([sys.executable, "-c", PAUSED_JOB, str(paused), *arguments], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not paused.exists():
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    if (run / "final").exists():
-        pytest.skip("the job finished before it could be killed")
+    assert (run / "trainer" / "checkpoint-2").is_dir() and not (run / "final").exists()
 
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "opdgeo.cli", *arguments], env=env, check=True,
+                   capture_output=True)
     assert_same_weights(run, uninterrupted)
