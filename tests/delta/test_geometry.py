@@ -94,3 +94,17 @@ def test_principal_mask_is_the_top_coordinates_of_the_rank_k_part(source):
     (rest,), high = rank_splits(magnitudes, [ROWS * COLS - count], labels=top, n_labels=2)
     covered = high.sum(dim=1) - rest.sums  # per label, inside the top-10% mask
     assert float(covered[1]) == pytest.approx(count, abs=1e-6)
+
+
+def test_principal_projection_counts_floor_of_ratio_directions():
+    # 10% of 87 columns is 8.7: the top 8 directions, so a delta in the 9th is outside
+    rows, cols = 100, 87
+    generator = torch.Generator().manual_seed(3)
+    left, right = orthogonal(rows, generator)[:, :cols], orthogonal(cols, generator)
+    values = torch.linspace(3.0, 0.1, cols, dtype=torch.float64)
+    decomposition = decompose(tall_rows((left * values @ right.T).float()), rank_count(0.2, cols),
+                              4096)
+    ninth = torch.outer(left[:, 8], right[:, 8]).float()
+    metrics = principal_projection(tall_rows(ninth), decomposition)
+    assert metrics["principal_projection_10pct"] == pytest.approx(0, abs=1e-5)
+    assert metrics["principal_projection_20pct"] == pytest.approx(1, abs=1e-5)  # k = 17

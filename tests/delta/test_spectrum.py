@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from opdgeo.delta import spectrum
-from opdgeo.delta.spectrum import decompose, singular_values, spectrum_metrics, tall_rows
+from opdgeo.delta.spectrum import (
+    decompose,
+    rank_count,
+    singular_values,
+    spectrum_metrics,
+    tall_rows,
+)
 
 
 def low_rank(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -57,3 +63,11 @@ def test_randomized_route_keeps_top_statistics():
     assert metrics["numerical_rank_1e-5"] != metrics["numerical_rank_1e-5"]  # NaN: unknown
     assert metrics["top4_energy"] == pytest.approx(
         float((exact_values[:4] ** 2).sum() / (exact_values**2).sum()), rel=1e-4)
+
+
+def test_rank_count_is_the_floor_of_ratio_times_the_short_side():
+    assert rank_count(0.10, 896) == 89  # the paper's k (round would give 90)
+    assert rank_count(0.10, 128) == 12
+    assert rank_count(0.20, 4864) == 972
+    assert rank_count(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996 in binary
+    assert rank_count(0.01, 64) == 1  # at least one direction

@@ -45,6 +45,13 @@ def chunk_slices(numel: int, size: int = CHUNK):
         yield slice(start, min(start + size, numel))
 
 
+def sum_of_squares(values: torch.Tensor) -> float:
+    """||values||_F^2 summed in float64 chunk by chunk: a float32 accumulation (as in
+    `torch.linalg.vector_norm(x, dtype=torch.float32)`) loses ~3% on a 150k x 1k bf16 tensor."""
+    flat = values.reshape(-1)
+    return sum(float(flat[sl].double().square().sum()) for sl in chunk_slices(flat.numel()))
+
+
 def magnitude_key(values: torch.Tensor) -> torch.Tensor:
     """int32 keys ordered like |values|: the float32 bit pattern of |x| (bf16 exactly)."""
     if values.dtype == torch.bfloat16:
@@ -211,7 +218,7 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor
     subtract as they read (`spectrum.tall_rows(trained, minus=source)`); in bf16 the two
     tensors hold the bytes of one float32 dW, and the source is held anyway."""
     numel = source.numel()
-    source_energy = float(torch.linalg.vector_norm(source, dtype=torch.float32).double() ** 2)
+    source_energy = sum_of_squares(source)
     thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
     boundary_list = sorted(set(thresholds.values()))
     boundaries = torch.tensor(boundary_list, device=source.device)
@@ -233,7 +240,7 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor
         magnitude_counts += torch.bincount(high_bins, minlength=HIGH_BINS)
         magnitude_energy += torch.bincount(high_bins, weights=squares, minlength=HIGH_BINS)
         energy += float(squares.sum(dtype=torch.float64))
-        abs_sum += float(magnitude.sum())
+        abs_sum += float(magnitude.sum(dtype=torch.float64))
         linf = max(linf, float(magnitude.max()))
     at_or_below = bucket_counts.cumsum(0).tolist()
     # bucket i holds boundaries[i-1] < |dW| <= boundaries[i], so cumsum[i] counts |dW| <= b[i]
