@@ -67,7 +67,7 @@ def cmd_make_mask(args):
 
 def cmd_evaluate(args):
     from opdgeo.device import resolve_device
-    from opdgeo.evaluate import evaluate_checkpoints
+    from opdgeo.evaluate import ScoreJournal, evaluate_checkpoints
     from opdgeo.tables import step_folders
     from opdgeo.task import make_task
 
@@ -76,10 +76,14 @@ def cmd_evaluate(args):
     if args.checkpoints:
         checkpoints |= step_folders(args.checkpoints)
     task, evaluation = make_task(args.task), args.spec
+    # Beside the table, until it is written: what a killed job had finished.
+    journal = ScoreJournal(args.out.with_name(args.out.stem + ".partial"),
+                           {"run": args.run, "task": args.task, "evaluation": evaluation})
     table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
                                  evaluation["temperature"], task.seed,
-                                 resolve_device(args.device), evaluation["batch_size"])
+                                 resolve_device(args.device), evaluation["batch_size"], journal)
     _write_csv_atomic(table, args.out)
+    journal.clear()
 
 
 def _write_csv_atomic(table, out):

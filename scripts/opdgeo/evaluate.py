@@ -1,5 +1,12 @@
-"""Held-out scores of a checkpoint: greedy exact match and sampled mean@k."""
+"""Held-out scores of a checkpoint: greedy exact match and sampled mean@k.
 
+A job scores a run's checkpoints one after another and journals each one's scores as it
+finishes (`ScoreJournal`), so that a killed or timed-out job's rerun scores only the rest.
+"""
+
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -67,18 +74,67 @@ def mean_at_k(model, tokenizer, examples: list[Example], task, k: int, temperatu
     return sum(task.score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
 
 
+class ScoreJournal:
+    """Scores of the checkpoints an unfinished evaluation job has finished, one JSON file per
+    checkpoint in `folder`, each written whole or not at all. A score is reused only for the
+    same settings and the same checkpoint files (names, sizes, modification times): a retrained
+    run or a changed evaluation setting is scored afresh. The finished job removes the folder."""
+
+    def __init__(self, folder: Path, settings: dict):
+        self.folder = Path(folder)
+        self.settings = json.dumps(settings, sort_keys=True)
+
+    def _key(self, path: str | Path) -> str:
+        path = Path(path)
+        files = sorted(path.rglob("*")) if path.is_dir() else []
+        stamp = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in files if f.is_file()]
+        text = json.dumps([self.settings, str(path), stamp])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _file(self, step: int) -> Path:
+        return self.folder / f"step-{step}.json"
+
+    def read(self, step: int, path: str | Path) -> list | None:
+        """The journaled rows of a checkpoint, or None if it was not scored as it is now."""
+        try:
+            entry = json.loads(self._file(step).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return [tuple(row) for row in entry["rows"]] if entry["key"] == self._key(path) else None
+
+    def write(self, step: int, path: str | Path, rows: list):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._file(step).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self._key(path), "rows": rows}))
+        tmp.replace(self._file(step))
+
+    def clear(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                          temperature: float, seed: int, device: str,
-                         batch_size: int = 256) -> pd.DataFrame:
-    """Tidy scores (run, step, metric, value) of every checkpoint of one run."""
+                         batch_size: int = 256, journal: ScoreJournal | None = None
+                         ) -> pd.DataFrame:
+    """Tidy scores (run, step, metric, value) of every checkpoint of one run; with a journal,
+    checkpoints it holds are not scored again and each newly scored one is added to it."""
     from opdgeo.models import load_model, load_tokenizer
 
     examples = task.eval_examples()
     rows = []
     for step, path in sorted(checkpoints.items()):
+        scored = journal.read(step, path) if journal else None
+        if scored is not None:
+            rows += scored
+            print(f"{run} step {step}: scored before (journal {journal.folder})", flush=True)
+            continue
         model, tokenizer = load_model(path, device), load_tokenizer(path)
         em = exact_match(model, tokenizer, examples, task, batch_size)
         mk = mean_at_k(model, tokenizer, examples, task, k, temperature, seed, batch_size)
-        rows += [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
+        scored = [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
+        if journal:
+            journal.write(step, path, scored)
+        rows += scored
         print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f}", flush=True)
     return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
