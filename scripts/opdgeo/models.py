@@ -117,8 +117,7 @@ def build_model(arch: str, tokenizer, seed: int, vision: dict | None = None,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
-        **dims,
+        **{"tie_word_embeddings": False, **dims},  # a build may tie them, as Qwen2.5-Math
     )
     if arch in VISION_ARCHITECTURES:
         config = _vision_language_config(arch, tokenizer, text, vision or {})
@@ -149,7 +148,8 @@ def _vision_language_config(arch: str, tokenizer, text: dict, vision: dict):
     ids |= {f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}_pad|>")
             for name in ("image", "video")}
     return AutoConfig.for_model(_MODEL_TYPES[arch], text_config=text, vision_config=vision,
-                                tie_word_embeddings=False, pad_token_id=text["pad_token_id"],
+                                tie_word_embeddings=text["tie_word_embeddings"],
+                                pad_token_id=text["pad_token_id"],
                                 eos_token_id=text["eos_token_id"], **ids)
 
 

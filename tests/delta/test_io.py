@@ -98,3 +98,37 @@ def test_tied_output_head_is_counted_once(tmp_path):
                                  tmp_path / "out", device="cpu", nulls=False)
     assert result["num_params"] == sum(t.numel() for t in tensors.values())
     assert "lm_head" not in result["block_energy_share"]
+
+
+@pytest.mark.parametrize("tied_side", ["source", "trained"])
+def test_untied_head_is_paired_with_the_tied_embedding(tmp_path, tied_side):
+    # Qwen2.5-Math-1.5B stores no lm_head (tied); DeepSeek-R1-Distill-Qwen-1.5B, trained
+    # from it, stores its own.
+    tied = small_model(layers=1)
+    untied = perturbed(tied) | {"lm_head.weight": perturbed(
+        {"h": tied["model.embed_tokens.weight"]}, seed=3)["h"]}
+    save_checkpoint(tmp_path / "tied", tied, config={"tie_word_embeddings": True})
+    save_checkpoint(tmp_path / "untied", untied)
+    source, trained = ("tied", "untied") if tied_side == "source" else ("untied", "tied")
+    pairs = match_tensors(Checkpoint(tmp_path / source), Checkpoint(tmp_path / trained))
+    head = next(p for p in pairs if p.name == "lm_head.weight")
+    assert head.tied_head
+    names = {"source": head.source_name, "trained": head.trained_name}
+    assert names[tied_side] == "model.embed_tokens.weight"
+    result = analyze_checkpoints(tmp_path / source, tmp_path / trained, tmp_path / "out",
+                                 device="cpu", nulls=False)
+    assert "embed_tokens" in result["tied_head"] and result["block_energy_share"]["lm_head"] > 0
+    assert result["num_params"] == sum(t.numel() for t in untied.values())
+    # Two untied checkpoints say nothing about it.
+    plain = analyze_checkpoints(tmp_path / "untied", tmp_path / "untied", None, device="cpu",
+                                nulls=False)
+    assert plain["tied_head"] is None
+
+
+def test_an_untied_head_against_an_untied_checkpoint_without_one_is_an_error(tmp_path):
+    tensors = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", tensors)  # no head, and not tied: a broken pair
+    head = tensors["model.embed_tokens.weight"].clone()
+    save_checkpoint(tmp_path / "trained", tensors | {"lm_head.weight": head})
+    with pytest.raises(ValueError, match="only one checkpoint"):
+        match_tensors(Checkpoint(tmp_path / "source"), Checkpoint(tmp_path / "trained"))

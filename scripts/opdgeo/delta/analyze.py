@@ -17,7 +17,13 @@ import torch
 
 from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, summary
-from opdgeo.delta.io import Checkpoint, TensorPair, match_tensors, write_atomically
+from opdgeo.delta.io import (
+    TIED_HEAD_NOTE,
+    Checkpoint,
+    TensorPair,
+    match_tensors,
+    write_atomically,
+)
 from opdgeo.delta.metrics import (
     HEADLINE_ATOL,
     HEADLINE_RATIO,
@@ -251,6 +257,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
         "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
         "rounding_null_distribution": rounding_null,
+        "tied_head": next((f"{TIED_HEAD_NOTE} (source {p.source_name}, trained {p.trained_name})"
+                           for p in pairs if p.tied_head), None),
         "seconds": time.perf_counter() - started,
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)

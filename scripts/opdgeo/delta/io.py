@@ -106,7 +106,11 @@ def local_checkpoint(path: str | Path) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    # Weights as the folder holds them: safetensors, else pytorch_model*.bin (older uploads).
+    folder = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    if any(folder.glob("*.safetensors")):
+        return folder
+    return Path(snapshot_download(str(path), allow_patterns=["*.json", "pytorch_model*.bin"]))
 
 
 def _ties_embeddings(path: Path) -> bool:
@@ -127,6 +131,35 @@ class TensorPair:
     source_name: str
     trained_name: str
     shape: tuple[int, ...]
+    # The output head of one checkpoint paired with the other's input embedding, because that
+    # one ties them (its effective head): see `TIED_HEAD_NOTE`.
+    tied_head: bool = False
+
+
+TIED_HEAD_NOTE = ("one checkpoint ties lm_head to embed_tokens and stores no head: the other's "
+                  "lm_head is compared with its embedding (the tied checkpoint's effective head)")
+
+
+def _tied_head_pair(source: Checkpoint, trained: Checkpoint, missing_in_trained: list[str],
+                    missing_in_source: list[str]) -> TensorPair | None:
+    """The one pair a tied and an untied checkpoint of one architecture leave unmatched
+    (Qwen2.5-Math-1.5B ties its head, DeepSeek-R1-Distill-Qwen-1.5B does not), else None."""
+    def embedding(checkpoint: Checkpoint) -> str | None:
+        return next((n for n in checkpoint.names() if n.endswith(EMBEDDING_SUFFIX)), None)
+
+    if (not missing_in_trained and len(missing_in_source) == 1
+            and missing_in_source[0].endswith(LM_HEAD_SUFFIX) and source.tie_word_embeddings
+            and embedding(source)):
+        head = missing_in_source[0]
+        return TensorPair(canonical_name(head), embedding(source), head, trained.shape(head),
+                          tied_head=True)
+    if (not missing_in_source and len(missing_in_trained) == 1
+            and missing_in_trained[0].endswith(LM_HEAD_SUFFIX) and trained.tie_word_embeddings
+            and embedding(trained)):
+        head = missing_in_trained[0]
+        return TensorPair(canonical_name(head), head, embedding(trained), source.shape(head),
+                          tied_head=True)
+    return None
 
 
 def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
@@ -151,6 +184,9 @@ def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
         )
     missing_in_trained = [n for n in source_names if n not in matched]
     missing_in_source = sorted(trained_by_canonical.values())
+    tied = _tied_head_pair(source, trained, missing_in_trained, missing_in_source)
+    if tied is not None:
+        missing_in_trained, missing_in_source = [], []
     if missing_in_trained or missing_in_source:
         raise ValueError(
             f"tensors present in only one checkpoint: missing in trained {trained.path}: "
@@ -166,6 +202,11 @@ def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
             )
         pairs.append(TensorPair(canonical_name(source_name), source_name, trained_name,
                                 source_shape))
+    if tied is not None:
+        if source.shape(tied.source_name) != trained.shape(tied.trained_name):
+            raise ValueError(f"shape mismatch between the tied head {tied.source_name} and "
+                             f"{tied.trained_name}")
+        pairs.append(tied)
     return sorted(pairs, key=lambda pair: _natural_key(pair.name))
 
 
