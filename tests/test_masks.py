@@ -206,3 +206,31 @@ def test_frozen_parameters_need_no_mask():
     model.lm_head.weight.requires_grad_(False)
     del mask["lm_head.weight"]
     assert "lm_head.weight" not in check_mask_matches_model(mask, model)
+
+
+def test_mask_from_fp32_checkpoints_is_the_mask_of_their_bf16_casts(tmp_path):
+    # The analysis reads both checkpoints in bf16; a mask from fp32 weights must agree with
+    # it, not count changes that vanish in the bf16 cast.
+    generator = torch.Generator().manual_seed(0)
+    source = {"w.weight": torch.randn(64, 32, generator=generator)}
+    moved = source["w.weight"] + 1e-4 * torch.randn(64, 32, generator=generator)
+    save_file(source, str(tmp_path / "src.safetensors"))
+    save_file({"w.weight": moved}, str(tmp_path / "fp32.safetensors"))
+    save_file({"w.weight": moved.bfloat16()}, str(tmp_path / "bf16.safetensors"))
+    from_fp32 = mask_from_delta(tmp_path / "src.safetensors", tmp_path / "fp32.safetensors")
+    from_bf16 = mask_from_delta(tmp_path / "src.safetensors", tmp_path / "bf16.safetensors")
+    assert torch.equal(from_fp32["w.weight"], from_bf16["w.weight"])
+    assert 0 < from_fp32["w.weight"].float().mean() < 0.5  # fp32 alone would give ~1.0
+
+
+def test_mask_from_an_untied_run_of_a_tied_source_covers_the_source_parameters(tmp_path):
+    tokenizer = character_tokenizer()
+    tied = build_model("qwen2", tokenizer, 0, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                       tie_word_embeddings=True)
+    save_checkpoint(tied, tokenizer, tmp_path / "tied")
+    untied = build_model("qwen2", tokenizer, 1, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    save_checkpoint(untied, tokenizer, tmp_path / "untied")
+    mask = mask_from_delta(tmp_path / "tied", tmp_path / "untied")
+    check_mask_matches_model(mask, tied)

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from opdgeo.delta.io import Checkpoint, match_tensors
+from opdgeo.delta.io import EMBEDDING_SUFFIX, Checkpoint, match_tensors
 from opdgeo.naming import canonical_name, classify
 
 FORMAT = "opdgeo-mask-v2"
@@ -43,12 +43,18 @@ def checkpoint_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def _deltas(source, trained) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (source tensor name, |W_trained - W_source|) in fp32, one tensor at a time."""
+    """Yield (source tensor name, |W_trained - W_source|) in fp32, one tensor at a time.
+
+    Both tensors are cast to bf16 first, as the analysis reads them (STUDY.md section 3): an
+    fp32 checkpoint's sub-bf16 changes would otherwise make a far denser mask than the
+    sparsity the analysis reports. The subtraction is exact in fp32."""
     src, trn = Checkpoint(source), Checkpoint(trained)
     for pair in match_tensors(src, trn):  # raises, naming them, on missing or misshapen ones
-        a, b = src.load(pair.source_name), trn.load(pair.trained_name)
-        # Cast from the stored dtype (bf16) to fp32 before subtracting: exact for bf16.
-        yield pair.source_name, (b.float() - a.float()).abs()
+        if pair.tied_head and pair.source_name.endswith(EMBEDDING_SUFFIX):
+            continue  # a tied source has no head parameter to mask: its embedding is masked
+        a, b = (t.to(torch.bfloat16).float() for t in (src.load(pair.source_name),
+                                                        trn.load(pair.trained_name)))
+        yield pair.source_name, (b - a).abs()
 
 
 def _some(names: list[str], limit: int = 5) -> str:
