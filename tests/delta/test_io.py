@@ -132,3 +132,19 @@ def test_an_untied_head_against_an_untied_checkpoint_without_one_is_an_error(tmp
     save_checkpoint(tmp_path / "trained", tensors | {"lm_head.weight": head})
     with pytest.raises(ValueError, match="only one checkpoint"):
         match_tensors(Checkpoint(tmp_path / "source"), Checkpoint(tmp_path / "trained"))
+
+
+def test_a_hub_id_without_safetensors_downloads_its_bin_weights(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = save_checkpoint(tmp_path / "snapshot", small_model(layers=1), bin_format=True)
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns, **_):
+        asked.append(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    checkpoint = Checkpoint("org/old-upload")
+    assert checkpoint.path == folder and checkpoint.names()
+    assert asked == [["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"]]
