@@ -84,33 +84,35 @@ def main():
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="opdgeo-bench-dag-"))
-    copy_tracked_files(workdir)
-    env = {**os.environ, "PYTHONPATH": str(workdir / "scripts")}
-    start = time.perf_counter()
-    preload = ["--config", "preload=false"] if args.no_preload else []
-    subprocess.run(["snakemake", "--configfile", args.config, "--cores", str(args.cores),
-                    "--quiet", "rules", *preload], cwd=workdir, env=env, check=True)
-    wall = time.perf_counter() - start
+    try:
+        copy_tracked_files(workdir)
+        env = {**os.environ, "PYTHONPATH": str(workdir / "scripts")}
+        start = time.perf_counter()
+        preload = ["--config", "preload=false"] if args.no_preload else []
+        subprocess.run(["snakemake", "--configfile", args.config, "--cores", str(args.cores),
+                        "--quiet", "rules", *preload], cwd=workdir, env=env, check=True)
+        wall = time.perf_counter() - start
 
-    jobs = job_counts(workdir)
-    imports = {m: import_seconds(m) for m in {job_import(rule) for rule in jobs}}
-    floor = sum(n * imports[job_import(rule)] for rule, n in jobs.items()) / args.cores
-    load = os.getloadavg()[0]
-    print(f"config {args.config}, {sum(jobs.values())} jobs on {args.cores} cores "
-          f"(load average now {load:.1f})")
-    mode = "every job on its own" if args.no_preload else "jobs in forks of the preload server"
-    print(f"  DAG wall time            {wall:8.1f} s   target {args.target:.0f} s   "
-          f"ratio {wall / args.target:.2f}   ({mode})")
-    print(f"  start-up cost (imports)  {floor:8.1f} s   = {floor / wall:.0%} of the wall time "
-          f"(each job importing on its own, divided by the cores)")
-    print(f"  sum of job times         {job_seconds(workdir):8.1f} s   "
-          f"(Snakemake benchmark files)")
-    for module, seconds in sorted(imports.items(), key=lambda item: -item[1]):
-        print(f"    import {module:24s} {seconds:5.2f} s")
-    if args.keep:
-        print(f"kept {workdir}")
-    else:
-        shutil.rmtree(workdir)
+        jobs = job_counts(workdir)
+        imports = {m: import_seconds(m) for m in {job_import(rule) for rule in jobs}}
+        floor = sum(n * imports[job_import(rule)] for rule, n in jobs.items()) / args.cores
+        load = os.getloadavg()[0]
+        print(f"config {args.config}, {sum(jobs.values())} jobs on {args.cores} cores "
+              f"(load average now {load:.1f})")
+        mode = "every job on its own" if args.no_preload else "jobs in forks of the preload server"
+        print(f"  DAG wall time            {wall:8.1f} s   target {args.target:.0f} s   "
+              f"ratio {wall / args.target:.2f}   ({mode})")
+        print(f"  start-up cost (imports)  {floor:8.1f} s   = {floor / wall:.0%} of the wall time "
+              f"(each job importing on its own, divided by the cores)")
+        print(f"  sum of job times         {job_seconds(workdir):8.1f} s   "
+              f"(Snakemake benchmark files)")
+        for module, seconds in sorted(imports.items(), key=lambda item: -item[1]):
+            print(f"    import {module:24s} {seconds:5.2f} s")
+    finally:  # also when the DAG fails
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from opdgeo.config import ConfigError, build_masks, build_runs
+from opdgeo.config import ConfigError, build_masks, build_runs, validate_config
 from opdgeo.models import VISION_ARCHITECTURES
 from opdgeo.task import has_images
 
@@ -17,7 +15,7 @@ CONFIGS = ["config/config.yaml", "config/smoke.yaml"]
 
 def load(name):
     config = yaml.safe_load((ROOT / name).read_text())
-    validate(config, SCHEMA)
+    validate_config(config, SCHEMA)
     return config
 
 
@@ -89,8 +87,24 @@ def test_mask_of_an_external_run_on_the_same_source():
 def test_schema_rejects_bad_configs(edit, message):
     config = copy.deepcopy(load("config/smoke.yaml"))
     edit(config)
-    with pytest.raises(WorkflowError, match=message):
-        validate(config, SCHEMA)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(config, SCHEMA)
+    assert len(str(error.value).splitlines()) == 1  # the line that matters, not the schema
+
+
+@pytest.mark.parametrize(("given", "read"), [
+    ("false", False), ("False", False), ("no", False), ("off", False),
+    ("true", True), ("True", True), ("yes", True), ("on", True),
+])
+def test_booleans_given_as_strings_by_snakemake_config_are_read(given, read):
+    # `snakemake --config preload=false` and nested keys from a YAML dump arrive as strings.
+    config = copy.deepcopy(load("config/smoke.yaml"))
+    config["preload"] = given
+    config["training"]["keep_fp32"] = given
+    config["pairs"]["addition"].setdefault("training", {})["gradient_checkpointing"] = given
+    validate_config(config, SCHEMA)
+    assert config["preload"] is read and config["training"]["keep_fp32"] is read
+    assert config["pairs"]["addition"]["training"]["gradient_checkpointing"] is read
 
 
 def test_unknown_model_reference_names_the_fix():

@@ -158,7 +158,8 @@ def test_reordering_keys_where_order_means_nothing_retrains_nothing(smoke):
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)
-    snakemake(tmp_path, "results/tables/runs.csv", "--config", f"preload={preload}")
+    # spelt as the README writes it: Snakemake hands `preload=false` over as a string
+    snakemake(tmp_path, "results/tables/runs.csv", "--config", f"preload={str(preload).lower()}")
     assert (tmp_path / "results/tables/runs.csv").exists()
     log = tmp_path / "results/logs/preload.log"
     assert ("preloaded" in log.read_text()) if preload else not log.exists()

@@ -15,6 +15,9 @@ what a schema cannot (references between sections) and expands the config into r
 import copy
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
 
 from opdgeo.task import has_images
 
@@ -40,7 +43,44 @@ OPTIMIZER_DEFAULTS = {"weight_decay": 0.0, "momentum": 0.0, "adam_beta2": 0.999}
 
 
 class ConfigError(ValueError):
-    """A config that the schema accepts but that does not make sense."""
+    """A config that the schema rejects, or that it accepts but that does not make sense."""
+
+
+# What YAML reads as a boolean; `snakemake --config preload=false` hands over the string.
+YAML_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def validate_config(config: dict, schema_path) -> None:
+    """Check `config` against the schema and fill in the schema's defaults, in place.
+
+    Where the schema expects a boolean, a string YAML would read as one is read as one. An
+    error is one short line (where, what) instead of jsonschema's dump of the schema."""
+    import jsonschema
+    from snakemake.utils import validate
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    _read_booleans(config, schema, schema)
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "top level"
+        raise ConfigError(f"{where}: {error.message}")
+    validate(config, str(schema_path))  # Snakemake's validator also fills in the defaults
+
+
+def _read_booleans(value, schema: dict, root: dict):
+    if "$ref" in schema:  # the schema's own definitions: "#/definitions/<name>"
+        schema = root["definitions"][schema["$ref"].rsplit("/", 1)[-1]]
+    if not isinstance(value, dict):
+        return
+    properties, others = schema.get("properties", {}), schema.get("additionalProperties")
+    for key, item in value.items():
+        sub = properties.get(key, others if isinstance(others, dict) else {})
+        if (sub.get("type") == "boolean" and isinstance(item, str)
+                and item.lower() in YAML_BOOLEANS):
+            value[key] = YAML_BOOLEANS[item.lower()]
+        else:
+            _read_booleans(item, sub, root)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,10 @@
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
-
-from opdgeo import preload  # noqa: E402
-from opdgeo.config import (  # noqa: E402
+from opdgeo import preload
+from opdgeo.config import (
     ConfigError,
     build_masks,
     build_runs,
