@@ -72,15 +72,15 @@ def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_envir
     task = json.dumps({**TASK, "kind": "addition"})
     trained = tmp_path / "forked" / "train" / "final"  # the train job's (compared below)
     jobs = {
-        "train": ["train-run", "--spec", json.dumps(run), "--source", str(student),
+        "train": ["train-run", "--run-spec", json.dumps(run), "--source", str(student),
                   "--teacher", str(teacher), "--task", task, "--device", "cpu", "--out"],
         "evaluate": ["evaluate", "--run", "r", "--checkpoint", str(teacher), "--task", task,
-                     "--spec", json.dumps({"k": 2, "temperature": 1.0, "batch_size": 8}),
+                     "--evaluation", json.dumps({"k": 2, "temperature": 1.0, "batch_size": 8}),
                      "--device", "cpu", "--out"],
         "analyze": ["analyze", "--source", str(student), "--trained", str(trained),
                     "--device", "cpu", "--out"],
         "mask": ["make-mask", "--source", str(student), "--trained", str(trained),
-                 "--spec", json.dumps({"method": "random_like", "atol": 1e-5, "seed": 0}),
+                 "--mask-spec", json.dumps({"method": "random_like", "atol": 1e-5, "seed": 0}),
                  "--densities", str(tmp_path / "densities.csv"), "--out"],
     }
     for name, argv in jobs.items():

@@ -110,7 +110,7 @@ def test_sigkilled_cli_job_resumes(tiny_pair, uninterrupted, tmp_path):
     run, paused = tmp_path / "run", tmp_path / "paused"
     spec = opd_spec()
     arguments = ["train-run",
-                 "--spec", json.dumps({k: getattr(spec, k) for k in spec.__dataclass_fields__}),
+                 "--run-spec", json.dumps({k: getattr(spec, k) for k in spec.__dataclass_fields__}),
                  "--source", str(student), "--teacher", str(teacher), "--task", json.dumps(TASK),
                  "--out", str(run), "--device", "cpu", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "scripts")}

@@ -1,6 +1,7 @@
 """The `opdgeo` command: one subcommand per verb. The only module that parses arguments.
 
-Pipeline rules pass the settings they use as JSON (`--spec`), so that Snakemake tracks them
+Pipeline rules pass the settings they use as JSON (`--run-spec`, `--evaluation`, ...), so that
+Snakemake tracks them
 as params and the package never reads the config file behind Snakemake's back.
 """
 
@@ -28,7 +29,7 @@ def cmd_train_model(args):
     from opdgeo.train import train_base
 
     _threads(args.threads)
-    train_base(args.name, args.spec, args.task, args.out, resolve_device(args.device))
+    train_base(args.name, args.model_spec, args.task, args.out, resolve_device(args.device))
 
 
 def cmd_train_run(args):
@@ -37,7 +38,7 @@ def cmd_train_run(args):
     from opdgeo.train import train_run
 
     _threads(args.threads)
-    spec = RunSpec(**args.spec)
+    spec = RunSpec(**args.run_spec)
     train_run(spec, args.source, args.teacher, args.task, args.out, resolve_device(args.device),
               mask_path=args.mask)
 
@@ -45,7 +46,7 @@ def cmd_train_run(args):
 def cmd_make_mask(args):
     from opdgeo import masks
 
-    spec = args.spec
+    spec = args.mask_spec
     method = spec["method"]
     if method == "atol":
         mask = masks.mask_from_delta(args.source, args.trained, atol=spec["atol"])
@@ -75,7 +76,7 @@ def cmd_evaluate(args):
     checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}
     if args.checkpoints:
         checkpoints |= step_folders(args.checkpoints)
-    task, evaluation = make_task(args.task), args.spec
+    task, evaluation = make_task(args.task), args.evaluation
     # Beside the table, until it is written: what a killed job had finished.
     journal = ScoreJournal(args.out.with_name(args.out.stem + ".partial"),
                            {"run": args.run, "task": args.task, "evaluation": evaluation})
@@ -98,7 +99,7 @@ def cmd_collect(args):
     from opdgeo import tables
 
     if args.kind == "summaries":
-        frame = tables.collect_summaries(args.files, args.spec or {})
+        frame = tables.collect_summaries(args.files, args.final_steps or {})
     elif args.kind == "overlaps":
         frame = tables.collect_overlaps(args.files)
     elif args.kind == "csv":
@@ -114,7 +115,7 @@ def cmd_runs(args):
     from opdgeo import tables
     from opdgeo.config import build_runs, run_table
 
-    tables.write_table(run_table(build_runs(args.spec)), args.out)
+    tables.write_table(run_table(build_runs(args.config)), args.out)
 
 
 def _tidy_inputs(args):
@@ -180,13 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-model", help="build a tiny base model and train it on the task")
     p.add_argument("--name", required=True)
-    p.add_argument("--spec", type=_json, required=True, help="models.<name> from the config")
+    p.add_argument("--model-spec", type=_json, required=True,
+                   help="models.<name> from the config (build and train settings)")
     p.add_argument("--task", type=_json, required=True)
     _job_options(p)
     p.set_defaults(handler=cmd_train_model)
 
     p = sub.add_parser("train-run", help="train one run (OPD, control or masked) from its source")
-    p.add_argument("--spec", type=_json, required=True, help="the run spec (opdgeo.config)")
+    p.add_argument("--run-spec", type=_json, required=True, help="the run spec (opdgeo.config)")
     p.add_argument("--source", required=True)
     p.add_argument("--teacher")
     p.add_argument("--mask", type=Path)
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train_run)
 
     p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
-    p.add_argument("--spec", type=_json, required=True, help="the mask spec (opdgeo.config)")
+    p.add_argument("--mask-spec", type=_json, required=True, help="the mask spec (opdgeo.config)")
     p.add_argument("--source", required=True)
     p.add_argument("--trained", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -209,19 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="step of the final checkpoint")
     p.add_argument("--checkpoints", help="folder of step-N checkpoints")
     p.add_argument("--task", type=_json, required=True)
-    p.add_argument("--spec", type=_json, required=True, help="the evaluation settings")
+    p.add_argument("--evaluation", type=_json, required=True,
+                   help="the evaluation settings (config['evaluation'])")
     _job_options(p)
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
     p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv", "analysis-csv"])
     p.add_argument("files", nargs="*", type=Path)
-    p.add_argument("--spec", type=_json, help="summaries: run -> final step")
+    p.add_argument("--final-steps", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_collect)
 
     p = sub.add_parser("runs", help="the table of runs (kind, pair, teacher, optimizer, ...)")
-    p.add_argument("--spec", type=_json, required=True, help="the whole config")
+    p.add_argument("--config", type=_json, required=True, help="the whole config")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_runs)
 

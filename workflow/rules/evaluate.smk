@@ -10,7 +10,7 @@ rule evaluate_model:
     params:
         checkpoint=lambda w: model_path(w.model),
         task=lambda w: task_of_model(w.model),
-        spec=as_arg(config["evaluation"]),
+        evaluation=as_arg(config["evaluation"]),
         device=config["device"],
     log:
         "results/logs/evaluate_model/{model}.log",
@@ -23,7 +23,7 @@ rule evaluate_model:
         gpu=GPU,
     shell:
         "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
-        " --task {params.task} --spec {params.spec} --out {output}"
+        " --task {params.task} --evaluation {params.evaluation} --out {output}"
         " --device {params.device} --threads {threads} > {log} 2>&1"
 
 
@@ -36,7 +36,7 @@ rule evaluate_run:
     params:
         step=lambda w: final_steps(w.run),
         task=lambda w: task_of_run(w.run),
-        spec=as_arg(config["evaluation"]),
+        evaluation=as_arg(config["evaluation"]),
         device=config["device"],
     log:
         "results/logs/evaluate_run/{run}.log",
@@ -49,5 +49,5 @@ rule evaluate_run:
         gpu=GPU,
     shell:
         "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"
-        " --checkpoints {input.checkpoints} --task {params.task} --spec {params.spec}"
+        " --checkpoints {input.checkpoints} --task {params.task} --evaluation {params.evaluation}"
         " --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule make_mask:
         mask="results/masks/{mask}.safetensors",
         densities="results/masks/{mask}.density.csv",
     params:
-        spec=lambda w: as_arg(mask_spec(w.mask).__dict__),
+        mask_spec=lambda w: as_arg(mask_spec(w.mask).__dict__),
         source=lambda w: source_path(mask_spec(w.mask).run),
         trained=lambda w: trained_path(mask_spec(w.mask).run),
     log:
@@ -20,6 +20,6 @@ rule make_mask:
         mem_mb=4000,
         runtime=30,
     shell:
-        "opdgeo make-mask --spec {params.spec} --source {params.source}"
+        "opdgeo make-mask --mask-spec {params.mask_spec} --source {params.source}"
         " --trained {params.trained} --out {output.mask} --densities {output.densities}"
         " > {log} 2>&1"

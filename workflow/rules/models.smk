@@ -10,7 +10,7 @@ rule train_model:
     wildcard_constraints:
         model="|".join(map(re.escape, BUILT_MODELS)) or "NONE",
     params:
-        spec=lambda w: as_arg(config["models"][w.model]),
+        model_spec=lambda w: as_arg(config["models"][w.model]),
         task=lambda w: task_of_model(w.model),
         device=config["device"],
     log:
@@ -23,6 +23,6 @@ rule train_model:
         runtime=120,
         gpu=GPU,
     shell:
-        "opdgeo train-model --name {wildcards.model} --spec {params.spec} --task {params.task}"
+        "opdgeo train-model --name {wildcards.model} --model-spec {params.model_spec} --task {params.task}"
         " --out results/models/{wildcards.model} --device {params.device} --threads {threads}"
         " > {log} 2>&1"

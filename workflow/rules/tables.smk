@@ -23,7 +23,7 @@ rule runs_table:
     benchmark:
         "results/benchmarks/tables/runs.tsv"
     shell:
-        "opdgeo runs --spec {params.config} --out {output} > {log} 2>&1"
+        "opdgeo runs --config {params.config} --out {output} > {log} 2>&1"
 
 
 rule evaluation_table:
@@ -48,14 +48,14 @@ rule delta_tables:
         final="results/tables/delta_global.csv",
         trajectory="results/tables/trajectory.csv",
     params:
-        steps=as_arg({run: final_steps(run) for run in TRAINED}),
+        final_steps=as_arg({run: final_steps(run) for run in TRAINED}),
     log:
         "results/logs/tables/delta.log",
     benchmark:
         "results/benchmarks/tables/delta.tsv"
     shell:
-        "(opdgeo collect summaries {input.final} --spec {params.steps} --out {output.final}"
-        " && opdgeo collect summaries {input.final} {input.steps} --spec {params.steps}"
+        "(opdgeo collect summaries {input.final} --final-steps {params.final_steps} --out {output.final}"
+        " && opdgeo collect summaries {input.final} {input.steps} --final-steps {params.final_steps}"
         " --out {output.trajectory}) > {log} 2>&1"
 
 

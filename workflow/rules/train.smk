@@ -12,7 +12,7 @@ rule train_run:
         log_csv="results/runs/{run}/train_log.csv",
         optimizer_state="results/runs/{run}/optimizer_state.csv",
     params:
-        spec=run_spec_arg,
+        run_spec=run_spec_arg,
         options=train_options,
         task=lambda w: task_of_run(w.run),
         launcher=launcher,
@@ -27,6 +27,6 @@ rule train_run:
         runtime=240,
         gpu=GPU,
     shell:
-        "{params.launcher} train-run --spec {params.spec} {params.options} --task {params.task}"
+        "{params.launcher} train-run --run-spec {params.run_spec} {params.options} --task {params.task}"
         " --out results/runs/{wildcards.run} --device {params.device} --threads {threads}"
         " > {log} 2>&1"
