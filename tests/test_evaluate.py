@@ -20,7 +20,8 @@ def evaluate_command(run, out):
     return [sys.executable, "-m", "opdgeo.cli", "evaluate", "--run", "r",
             "--checkpoint", str(run / "final"), "--step", "3",
             "--checkpoints", str(run / "checkpoints"), "--task", json.dumps(TASK),
-            "--spec", json.dumps(SPEC), "--out", str(out), "--device", "cpu", "--threads", "1"]
+            "--evaluation", json.dumps(SPEC), "--out", str(out), "--device", "cpu",
+            "--threads", "1"]
 
 
 def test_killed_evaluation_reruns_only_the_missing_checkpoints(tmp_path, make_checkpoint):
