@@ -114,6 +114,20 @@ def test_unknown_model_reference_names_the_fix():
         build_runs(config)
 
 
+@pytest.mark.parametrize("same", ["key", "path"])
+def test_a_model_cannot_be_its_own_teacher(same):
+    config = load("config/smoke.yaml")
+    pair = config["pairs"]["addition"]
+    if same == "key":
+        pair["teachers"] = [pair["student"], *pair["teachers"]]
+    else:  # two keys, one checkpoint
+        config["models"][pair["student"]] = {"path": "org/model"}
+        config["models"]["twin"] = {"path": "org/model"}
+        pair["teachers"] = [*pair["teachers"], "twin"]
+    with pytest.raises(ConfigError, match="is the student.*privileged-context teacher"):
+        build_runs(config)
+
+
 def test_bad_mask_arm_is_rejected():
     config = load("config/smoke.yaml")
     config["pairs"]["addition"]["masked"]["arms"] = ["run:nonexistent"]

@@ -167,6 +167,15 @@ def check_references(config: dict):
                 )
         if len(set(spec["teachers"])) != len(spec["teachers"]):
             raise ConfigError(f"pairs.{pair}.teachers lists a teacher twice")
+        student = models[spec["student"]].get("path", spec["student"])
+        for teacher in spec["teachers"]:
+            if models[teacher].get("path", teacher) == student:
+                raise ConfigError(
+                    f"pairs.{pair}: teacher {teacher!r} is the student {spec['student']!r} "
+                    "itself, so OPD has nothing to learn (loss 0). A self-distillation pair "
+                    "needs a privileged-context teacher, which is a different run kind; "
+                    "give the pair another model as teacher."
+                )
     for name in config.get("external", {}):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise ConfigError(f"external run name {name!r}: use letters, digits, '.', '_', '-'")
