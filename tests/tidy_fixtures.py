@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from opdgeo.config import build_masks, build_runs, run_table
+from opdgeo.delta import columns as c
 
 CONFIG = {
     "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
@@ -48,29 +49,31 @@ def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:
 def _summary(kind: str, rng) -> dict[str, float]:
     norm, sparsity, top16, low = KIND_VALUES[kind]
     jitter = lambda v: v * (1 + 0.05 * rng.standard_normal())  # noqa: E731
-    values = {
-        "relative_norm": jitter(norm), "sparsity_atol_1e-5": jitter(sparsity),
-        "exact_zero_fraction": jitter(sparsity) * 0.99,
-        "top16_energy_median": jitter(top16), "stable_rank_median": jitter(8.0),
-        "numerical_rank_fraction_median": 0.98, "numerical_rank_fraction_1e-5_median": 0.98,
-        "principal_projection_10pct_median": jitter(0.006),
-        "isotropic_null_principal_projection_10pct_median": 0.011,
-        "principal_coverage_10pct": jitter(0.07),
-        "rounding_null_principal_coverage_10pct": 0.07,
-        "low_magnitude_coverage_10pct": jitter(low),
-        "rounding_null_low_magnitude_coverage_10pct": low * 0.98,
-        "exact_null_low_magnitude_coverage_10pct": low * 0.99,
-        "exact_null_sparsity_atol_1e-5": sparsity * 0.995,
-        "shuffle_null_top16_energy_median": 0.25,
-        "shuffle_null_numerical_rank_fraction_1e-5_median": 1.0,
-        "block_energy_share/ffn": 0.6, "block_energy_share/attention": 0.3,
-        "block_energy_share/embedding": 0.07, "block_energy_share/norm": 0.03,
+    metrics = {
+        c.RELATIVE_NORM: jitter(norm), c.SPARSITY: jitter(sparsity),
+        c.EXACT_ZERO: jitter(sparsity) * 0.99,
+        c.TOP16_ENERGY: jitter(top16), c.STABLE_RANK: jitter(8.0),
+        c.NUMERICAL_RANK_FRACTION: 0.98,
+        c.PRINCIPAL_PROJECTION: jitter(0.006),
+        f"isotropic_null_{c.PRINCIPAL_PROJECTION}": 0.011,
+        c.PRINCIPAL_COVERAGE: jitter(0.07),
+        f"rounding_null_{c.PRINCIPAL_COVERAGE}": 0.07,
+        c.LOW_MAGNITUDE_COVERAGE: jitter(low),
+        f"rounding_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.98,
+        f"exact_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.99,
+        f"exact_null_{c.SPARSITY}": sparsity * 0.995,
+        f"shuffle_null_{c.TOP16_ENERGY}": 0.25,
+        f"shuffle_null_{c.NUMERICAL_RANK_FRACTION}": 1.0,
     }
-    for i, eps in enumerate(("1e-8", "1e-7", "1e-6", "1e-5", "1e-4")):
-        values[f"sparsity_atol_{eps}"] = min(1.0, sparsity * (0.9 + 0.03 * i))
-    for i, tau in enumerate(("1e-4", "1e-3", "1e-2")):
-        values[f"sparsity_rel_{tau}"] = min(1.0, sparsity * (0.95 + 0.04 * i))
-    return values
+    for i, eps in enumerate(c.ABSOLUTE_EPS):
+        metrics[f"sparsity_atol_{c.threshold_label(eps)}"] = min(1.0, sparsity * (0.9 + 0.03 * i))
+    for i, tau in enumerate(c.RELATIVE_TAUS):
+        metrics[f"sparsity_rel_{c.threshold_label(tau)}"] = min(1.0, sparsity * (0.95 + 0.04 * i))
+    # under their global-summary names, as the analysis writes them (medians as `_median`)
+    values = {c.summary_name(name): value for name, value in metrics.items()}
+    values |= {alias: values[name] for alias, name in c.SUMMARY_ALIASES.items()}
+    return values | {"block_energy_share/ffn": 0.6, "block_energy_share/attention": 0.3,
+                     "block_energy_share/embedding": 0.07, "block_energy_share/norm": 0.03}
 
 
 def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -117,19 +120,19 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
             for module, block in modules.items():
                 sparsity = KIND_VALUES[spec.kind][1] + 0.05 * rng.standard_normal()
                 layer_module.append({"run": name, "layer": layer, "module": module,
-                                     "sparsity_atol_1e-5": sparsity,
-                                     "relative_norm": 0.002 * (1 + layer + rng.random())})
+                                     c.SPARSITY: sparsity,
+                                     c.RELATIVE_NORM: 0.002 * (1 + layer + rng.random())})
                 numel = 64 * 128 if block == "ffn" else 64 * 64
                 tensors.append({
                     "run": name, "name": f"model.layers.{layer}.{module}.weight",
                     "layer": layer, "module": module, "block": block,
                     "shape": "128x64" if block == "ffn" else "64x64", "numel": numel,
                     "delta_energy": 1e-6 * (3 if block == "ffn" else 1),
-                    "source_energy": 1.0, "linf": 1e-3, "sparsity_atol_1e-5": sparsity,
-                    "exact_zero_fraction": sparsity * 0.99, "top16_energy": 0.4,
-                    "stable_rank": 8 + rng.random(), "numerical_rank_fraction_1e-5": 0.97,
-                    "principal_projection_10pct": 0.006, "subspace_rotation_10pct": 0.01,
-                    "low_magnitude_coverage_10pct": 0.3,
+                    "source_energy": 1.0, "linf": 1e-3, c.SPARSITY: sparsity,
+                    c.EXACT_ZERO: sparsity * 0.99, c.TOP16_ENERGY: 0.4,
+                    c.STABLE_RANK: 8 + rng.random(), c.NUMERICAL_RANK_FRACTION: 0.97,
+                    c.PRINCIPAL_PROJECTION: 0.006, c.SUBSPACE_ROTATION: 0.01,
+                    c.LOW_MAGNITUDE_COVERAGE: 0.3,
                 })
     masks = [(m.name, "all", "all", 0.2 if m.method == "atol" else 0.21)
              for m in build_masks(cfg).values()]

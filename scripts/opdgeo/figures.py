@@ -21,6 +21,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from opdgeo.delta import columns  # noqa: E402
+from opdgeo.delta.columns import (  # noqa: E402
+    HEADLINE_RATIO,
+    LOW_MAGNITUDE_COVERAGE,
+    NUMERICAL_RANK_FRACTION,
+    PRINCIPAL_COVERAGE,
+    PRINCIPAL_PROJECTION,
+    RELATIVE_NORM,
+    SPARSITY,
+    STABLE_RANK,
+    SUBSPACE_ROTATION,
+    TOP16_ENERGY,
+    axis_label,
+    summary_name,
+)
 from opdgeo.tidy import (  # noqa: E402
     METHOD_ORDER,
     OPTIMIZER_LABELS,
@@ -41,7 +56,7 @@ FIGURES = ("fig1_overview", "fig2_layer_module", "fig3_interventions", "trajecto
 # Delta metrics compared across methods (Fig 1, appendix): runs of these kinds, not masked
 # retrains (those are interventions, shown in Fig 3).
 DELTA_KINDS = ("opd", "sft", "grpo", "external")
-ISOTROPIC_PROJECTION_10PCT = 0.01  # ratio^2 at 10%: the asymptotic isotropic baseline
+ISOTROPIC_PROJECTION = HEADLINE_RATIO**2  # the asymptotic isotropic baseline at the ratio
 PAPER_M1_COSINE_MEAN, PAPER_M2_CV_MEAN = 0.28, 4.85  # STUDY.md section 4, AdamW diagnostics
 
 
@@ -129,17 +144,21 @@ def draw_lines(ax, data: pd.DataFrame, x: str, colors: dict, labels: dict, scale
                             lw=0)
 
 
+def metric_scale(column: str) -> float:
+    return columns.metric(column).scale
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
 def _delta_runs(info: pd.DataFrame) -> pd.DataFrame:
     return info[info["kind"].isin(DELTA_KINDS)].sort_values(["method_rank", "series"])
 
 
 # ------------------------------------------------------------------------------ Fig 1
 
-FIG1_PANELS = (
-    ("relative_norm", "relative norm ‖ΔW‖/‖W_src‖ (%, log)", True),
-    ("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)", False),
-    ("top16_energy_median", "top-16 spectral energy (%, median)", False),
-)
+FIG1_PANELS = ((RELATIVE_NORM, True), (SPARSITY, False), (summary_name(TOP16_ENERGY), False))
 
 
 def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
@@ -158,9 +177,10 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
     y = {g: i for i, g in enumerate(groups)}
     method_of = dict(zip(runs["series"], runs["method_label"], strict=False))
 
-    def dots(ax, metric, offset=0.0, marker="o", label=None, filled=True):
+    def dots(ax, column, offset=0.0, marker="o", label=None, filled=True):
         for group, frame in runs.groupby("series"):
-            v = values.loc[frame["run"], metric].dropna() * 100 if metric in values else []
+            v = values.loc[frame["run"], column].dropna() * metric_scale(column) \
+                if column in values else []
             if len(v) == 0:
                 continue
             color = colors[group]
@@ -170,18 +190,19 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
             if len(v) > 1:  # the seeds themselves, small
                 ax.plot(v, [y[group] + offset] * len(v), "|", color=color, ms=10)
 
-    for ax, (metric, xlabel, log) in zip(axes, FIG1_PANELS, strict=False):
-        dots(ax, metric)
-        ax.set_xlabel(xlabel)
+    for ax, (column, log) in zip(axes, FIG1_PANELS, strict=False):
+        dots(ax, column)
+        ax.set_xlabel(axis_label(column, *(("log",) if log else ())))
         if log:
             log_axis(ax)
-        if metric not in values:
-            note(ax, f"{metric} not in delta_global.csv")
+        if column not in values:
+            note(ax, f"{column} not in delta_global.csv")
     ax = axes[3]
-    dots(ax, "principal_coverage_10pct", -0.15, "o", "principal mask (top 10%)")
-    dots(ax, "low_magnitude_coverage_10pct", 0.15, "s", "low-magnitude mask (bottom 10%)",
-         filled=False)
-    ax.axvline(10, ls="--", color="0.4", lw=1, label="random mask (10%)")
+    dots(ax, PRINCIPAL_COVERAGE, -0.15, "o", f"principal mask (top {percent(HEADLINE_RATIO)})")
+    dots(ax, LOW_MAGNITUDE_COVERAGE, 0.15, "s",
+         f"low-magnitude mask (bottom {percent(HEADLINE_RATIO)})", filled=False)
+    ax.axvline(HEADLINE_RATIO * 100, ls="--", color="0.4", lw=1,
+               label=f"random mask ({percent(HEADLINE_RATIO)})")
     ax.set_xlabel("share of updated coordinates in mask (%)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small")
     axes[0].set_yticks(range(len(groups)))
@@ -214,8 +235,7 @@ def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dic
     """Layer x module heat maps of sparsity and relative movement, one row per OPD run."""
     runs = fig2_runs(info, plots) or [None]
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 5 * len(runs)), squeeze=False)
-    panels = (("sparsity_atol_1e-5", "unchanged coordinates |ΔW| ≤ 1e-5 (%)", "viridis", ".0f"),
-              ("relative_norm", "relative movement ‖ΔW‖/‖W_src‖ (%)", "magma", ".2g"))
+    panels = ((SPARSITY, "viridis", ".0f"), (RELATIVE_NORM, "magma", ".2g"))
     for run, row_axes in zip(runs, axes, strict=True):
         rows = layer_module[layer_module["run"] == run] if not layer_module.empty \
             else layer_module
@@ -225,13 +245,14 @@ def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dic
             continue
         modules = [m for m in MODULE_ORDER if m in set(rows["module"])]
         modules += sorted(set(rows["module"]) - set(modules))
-        for ax, (metric, title, cmap, fmt) in zip(row_axes, panels, strict=True):
-            grid = rows.pivot_table(index="layer", columns="module", values=metric)
-            grid = grid.reindex(columns=modules) * 100
+        for ax, (column, cmap, fmt) in zip(row_axes, panels, strict=True):
+            grid = rows.pivot_table(index="layer", columns="module", values=column)
+            grid = grid.reindex(columns=modules) * metric_scale(column)
             annotate = grid.size <= ANNOTATE_MAX_CELLS
+            title = axis_label(column)
             sns.heatmap(grid, ax=ax, cmap=cmap, annot=annotate, fmt=fmt,
                         annot_kws={"fontsize": "x-small"},
-                        cbar_kws={"label": title.split(" (")[-1].rstrip(")")})
+                        cbar_kws={"label": columns.metric(column).unit})
             ax.set_title(f"{run}: {title}" if len(runs) > 1 else title)
             ax.set_xlabel("module")
             ax.set_ylabel("layer")
@@ -329,11 +350,8 @@ def _optimizer_panel(ax, scores, pair_info, primary, plots):
 
 # ------------------------------------------------------------------------- trajectory
 
-TRAJECTORY_PANELS = (
-    ("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)"),
-    ("numerical_rank_fraction_median", "numerical rank / min(m, n) (%, median)"),
-    ("principal_projection_10pct_median", "principal projection at 10% (%, median)"),
-)
+TRAJECTORY_PANELS = (SPARSITY, summary_name(NUMERICAL_RANK_FRACTION),
+                     summary_name(PRINCIPAL_PROJECTION))
 
 
 def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
@@ -348,13 +366,14 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     data = data.merge(runs[["run", "series", "method_rank"]], on="run")
     data = data.sort_values(["method_rank", "series", "step"])
     colors, labels = group_colors(info, plots), _labels(info)
-    for ax, (metric, ylabel) in zip(axes, TRAJECTORY_PANELS, strict=True):
-        draw_lines(ax, data[data["metric"] == metric], "step", colors, labels, 100)
+    for ax, column in zip(axes, TRAJECTORY_PANELS, strict=True):
+        draw_lines(ax, data[data["metric"] == column], "step", colors, labels,
+                   metric_scale(column))
         step_axis(ax)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(axis_label(column))
         ax.set_ylim(bottom=0)  # shares of 100%: a zero baseline keeps changes in proportion
-    axes[2].axhline(ISOTROPIC_PROJECTION_10PCT * 100, ls="--", color="0.4", lw=1,
-                    label="isotropic update (1%)")
+    axes[2].axhline(ISOTROPIC_PROJECTION * 100, ls="--", color="0.4", lw=1,
+                    label=f"isotropic update ({percent(ISOTROPIC_PROJECTION)})")
     handles, names = axes[2].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
                fontsize="small")
@@ -425,16 +444,8 @@ def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots:
     return save(fig, out, plots)
 
 
-MODULE_METRICS = (
-    ("relative_norm", "relative norm (%)", 100),
-    ("sparsity_atol_1e-5", "unchanged |ΔW| ≤ 1e-5 (%)", 100),
-    ("top16_energy", "top-16 spectral energy (%)", 100),
-    ("stable_rank", "stable rank (unitless)", 1),
-    ("numerical_rank_fraction_1e-5", "numerical rank / min(m, n) (%)", 100),
-    ("principal_projection_10pct", "principal projection 10% (%)", 100),
-    ("subspace_rotation_10pct", "top-10% subspace rotation (mean sin)", 1),
-    ("low_magnitude_coverage_10pct", "low-magnitude coverage 10% (%)", 100),
-)
+MODULE_METRICS = (RELATIVE_NORM, SPARSITY, TOP16_ENERGY, STABLE_RANK, NUMERICAL_RANK_FRACTION,
+                  PRINCIPAL_PROJECTION, SUBSPACE_ROTATION, LOW_MAGNITUDE_COVERAGE)
 
 
 def module_table(tensors: pd.DataFrame) -> pd.DataFrame:
@@ -469,19 +480,19 @@ def appendix_module_metrics(tensors: pd.DataFrame, info: pd.DataFrame, plots: di
     groups = [g for g in groups if g in set(table["series"])]
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(modules))
-    for ax, (metric, ylabel, scale) in zip(axes.flat, MODULE_METRICS, strict=True):
-        if metric not in table:
-            note(ax, f"{metric} not in tensors.csv")
+    for ax, column in zip(axes.flat, MODULE_METRICS, strict=True):
+        if column not in table:
+            note(ax, f"{column} not in tensors.csv")
             continue
         for i, group in enumerate(groups):
-            stats = table[table["series"] == group].groupby("module")[metric].agg(["mean", "std"])
-            stats = stats.reindex(modules) * scale
+            stats = table[table["series"] == group].groupby("module")[column].agg(["mean", "std"])
+            stats = stats.reindex(modules) * metric_scale(column)
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, stats["mean"], width,
                    yerr=stats["std"].fillna(0), color=colors[group], label=labels[group],
                    capsize=2)
         ax.set_xticks(x, modules, rotation=45 if len(modules) > 8 else 0,
                       ha="right" if len(modules) > 8 else "center", rotation_mode="anchor")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(axis_label(column))
         ax.set_xlabel("module")
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5),
@@ -517,8 +528,8 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
                      "pair": row.pair, "optimizer": row.optimizer,
                      "cell": f"{row.optimizer} lr {row.learning_rate:g}, {row.steps:g} steps",
                      "gain": curve["value"].iloc[-1] - curve["value"].iloc[0],
-                     "sparsity_atol_1e-5": values.loc[row.run].get("sparsity_atol_1e-5"),
-                     "relative_norm": values.loc[row.run].get("relative_norm")})
+                     SPARSITY: values.loc[row.run].get(SPARSITY),
+                     RELATIVE_NORM: values.loc[row.run].get(RELATIVE_NORM)})
     return pd.DataFrame(rows)
 
 
@@ -535,20 +546,19 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
         return save(fig, out, plots)
     colors = dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
                       strict=False))
-    panels = (("sparsity_atol_1e-5", "unchanged coordinates, |ΔW| ≤ 1e-5 (%)", False),
-              ("relative_norm", "relative norm ‖ΔW‖/‖W_src‖ (%, log)", True))
+    panels = ((SPARSITY, False), (RELATIVE_NORM, True))
     # One curve per pair, method and optimizer (a curve through two optimizers' points, or two
     # pairs', would zigzag between unrelated grids): colour = method, line = optimizer,
     # marker = pair.
     pairs = list(dict.fromkeys(points["pair"]))
     optimizers = list(dict.fromkeys(points["optimizer"]))
     curves_of = points.groupby(["pair", "method", "optimizer"], sort=False)
-    for ax, (x, xlabel, log) in zip(axes, panels, strict=True):
+    for ax, (x, log) in zip(axes, panels, strict=True):
         for (pair, method, opt), frame in curves_of:
             cells = frame.groupby("cell").agg(x=(x, "mean"), gain=("gain", "mean"),
                                               gain_sd=("gain", "std")).sort_values("x")
             label = f"{frame['method_label'].iloc[0]}, {OPTIMIZER_LABELS.get(opt, opt)}"
-            ax.errorbar(cells["x"] * 100, cells["gain"] * 100,
+            ax.errorbar(cells["x"] * metric_scale(x), cells["gain"] * 100,
                         yerr=cells["gain_sd"].fillna(0) * 100,
                         marker=MARKERS[pairs.index(pair) % len(MARKERS)],
                         linestyle=("-", "--", ":")[optimizers.index(opt) % 3], capsize=3,
@@ -557,7 +567,7 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
         if log:
             log_axis(ax)
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(axis_label(x, *(("log",) if log else ())))
         ax.set_ylabel(f"gain in held-out {metric} over the source (points)")
     axes[0].legend(fontsize="small")
     fig.suptitle("Matched-gain comparison: one point per learning rate x steps "

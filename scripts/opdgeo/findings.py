@@ -13,6 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdgeo.delta.columns import (
+    LOW_MAGNITUDE_COVERAGE,
+    NUMERICAL_RANK_FRACTION,
+    PRINCIPAL_COVERAGE,
+    PRINCIPAL_PROJECTION,
+    RELATIVE_NORM,
+    SPARSITY,
+    TOP16_ENERGY,
+    summary_name,
+)
 from opdgeo.paper_tables import (
     PAPER_ENERGY,
     PAPER_ENERGY_COLUMNS,
@@ -151,59 +161,62 @@ def check_run(ctx: Context, run: str) -> list[dict]:
     v = ctx.values
     rows = []
 
-    norm = _get(v, run, "relative_norm")
-    sft_norm = _get(v, ctx.control(run, "sft"), "relative_norm")
+    norm = _get(v, run, RELATIVE_NORM)
+    sft_norm = _get(v, ctx.control(run, "sft"), RELATIVE_NORM)
     claim = None if math.isnan(sft_norm) else norm <= F1_MAX_NORM_RATIO * sft_norm
     rows.append(ctx.row("F1", run, "relative norm", norm, claim,
-                        F1_MAX_NORM_RATIO * sft_norm, key="relative_norm",
+                        F1_MAX_NORM_RATIO * sft_norm, key=RELATIVE_NORM,
                         paper=ctx.paper(run, "relative_norm"),
                         note=f"claim: <= {F1_MAX_NORM_RATIO:g} x SFT control"
                              + ("; no SFT control" if claim is None else "")))
 
-    sparsity = _get(v, run, "sparsity_atol_1e-5")
-    null, null_key = _first(v, run, ["exact_null_sparsity_atol_1e-5"])
+    sparsity = _get(v, run, SPARSITY)
+    null, null_key = _first(v, run, [f"exact_null_{SPARSITY}"])
     rows.append(ctx.row("F2", run, "sparsity at 1e-5", sparsity, sparsity >= F2_MIN_SPARSITY,
                         F2_MIN_SPARSITY, null, null_key and "exact rounding null", +1,
-                        "sparsity_atol_1e-5", ctx.paper(run, "sparsity"),
+                        SPARSITY, ctx.paper(run, "sparsity"),
                         f"claim: >= {F2_MIN_SPARSITY:g}"))
 
     rows += _f3(ctx, run)
 
-    rank = _get(v, run, "numerical_rank_fraction_median")
-    null, _ = _first(v, run, ["shuffle_null_numerical_rank_fraction_1e-5_median"])
+    rank_key = summary_name(NUMERICAL_RANK_FRACTION)
+    rank = _get(v, run, rank_key)
+    null, _ = _first(v, run, [summary_name(f"shuffle_null_{NUMERICAL_RANK_FRACTION}")])
     rows.append(ctx.row("F6", run, "numerical rank / min(m, n) (median)", rank,
                         rank >= F6_MIN_RANK_FRACTION, F6_MIN_RANK_FRACTION, null,
-                        "shuffle null (reference)", None, "numerical_rank_fraction_median",
+                        "shuffle null (reference)", None, rank_key,
                         note=f"claim: >= {F6_MIN_RANK_FRACTION:g}"))
-    top16 = _get(v, run, "top16_energy_median")
+    top16_key = summary_name(TOP16_ENERGY)
+    top16 = _get(v, run, top16_key)
     flat = _flat_top16(ctx.tables["tensors"], run)
-    null, _ = _first(v, run, ["shuffle_null_top16_energy_median"])
+    null, _ = _first(v, run, [summary_name(f"shuffle_null_{TOP16_ENERGY}")])
     rows.append(ctx.row("F6", run, "top-16 energy (median)", top16,
                         None if math.isnan(flat) else top16 >= F6_CONCENTRATION * flat, flat,
-                        null, "shuffle null", +1, "top16_energy_median",
+                        null, "shuffle null", +1, top16_key,
                         ctx.paper(run, "top16_energy"),
                         f"claim: >= {F6_CONCENTRATION:g} x 16/min(m, n) (median over matrices)"))
 
-    projection = _get(v, run, "principal_projection_10pct_median")
-    null, _ = _first(v, run, ["isotropic_null_principal_projection_10pct_median"])
+    projection_key = summary_name(PRINCIPAL_PROJECTION)
+    projection = _get(v, run, projection_key)
+    null, _ = _first(v, run, [summary_name(f"isotropic_null_{PRINCIPAL_PROJECTION}")])
     rows.append(ctx.row("F7", run, "principal projection at 10% (median)", projection,
                         projection < F7_ISOTROPIC, F7_ISOTROPIC, null, "isotropic null", -1,
-                        "principal_projection_10pct_median",
+                        projection_key,
                         note="claim: < 1% (the paper gives no number for this measure)"))
-    coverage = _get(v, run, "principal_coverage_10pct")
-    null, null_key = _first(v, run, ["exact_null_principal_coverage_10pct",
-                                     "rounding_null_principal_coverage_10pct"])
+    coverage = _get(v, run, PRINCIPAL_COVERAGE)
+    null, null_key = _first(v, run, [f"exact_null_{PRINCIPAL_COVERAGE}",
+                                     f"rounding_null_{PRINCIPAL_COVERAGE}"])
     rows.append(ctx.row("F7", run, "principal-mask coverage at 10%", coverage,
                         coverage < F7_RANDOM_MASK, F7_RANDOM_MASK, null, _null_kind(null_key),
-                        -1, "principal_coverage_10pct", ctx.paper(run, "principal_coverage"),
+                        -1, PRINCIPAL_COVERAGE, ctx.paper(run, "principal_coverage"),
                         "claim: < 10% (random mask)"))
 
-    coverage = _get(v, run, "low_magnitude_coverage_10pct")
-    null, null_key = _first(v, run, ["exact_null_low_magnitude_coverage_10pct",
-                                     "rounding_null_low_magnitude_coverage_10pct"])
+    coverage = _get(v, run, LOW_MAGNITUDE_COVERAGE)
+    null, null_key = _first(v, run, [f"exact_null_{LOW_MAGNITUDE_COVERAGE}",
+                                     f"rounding_null_{LOW_MAGNITUDE_COVERAGE}"])
     rows.append(ctx.row("F8", run, "low-magnitude coverage at 10%", coverage,
                         coverage >= F8_MIN_COVERAGE, F8_MIN_COVERAGE, null,
-                        _null_kind(null_key), +1, "low_magnitude_coverage_10pct",
+                        _null_kind(null_key), +1, LOW_MAGNITUDE_COVERAGE,
                         ctx.paper(run, "low_magnitude_coverage"),
                         f"claim: >= {F8_MIN_COVERAGE:g} (enrichment >= "
                         f"{F8_MIN_COVERAGE / 0.1:g})"))
@@ -231,7 +244,7 @@ def _f3(ctx: Context, run: str) -> list[dict]:
     layers = ctx.tables["layer_module"]
     rows = []
     if not layers.empty and (layers["run"] == run).any():
-        moved = layers[layers["run"] == run].groupby("layer")["relative_norm"].max() > 0
+        moved = layers[layers["run"] == run].groupby("layer")[RELATIVE_NORM].max() > 0
         rows.append(ctx.row("F3", run, "share of layers that move", float(moved.mean()),
                             bool(moved.all()), 1.0, note=f"{int(moved.sum())} of {len(moved)}"
                             " layers have a non-zero delta"))

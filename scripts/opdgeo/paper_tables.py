@@ -11,6 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdgeo.delta import columns
+from opdgeo.delta.columns import (
+    LOW_MAGNITUDE_COVERAGE,
+    PRINCIPAL_COVERAGE,
+    PRINCIPAL_PROJECTION,
+    RELATIVE_NORM,
+    SPARSITY,
+    STABLE_RANK,
+    TOP16_ENERGY,
+    summary_name,
+)
 from opdgeo.tables import write_table
 from opdgeo.tidy import (
     OPTIMIZER_LABELS,
@@ -99,25 +110,26 @@ PAPER_ARCHITECTURES = {
 }
 PAPER_NULL_TABLE = "table_paper_rounding_null"
 
-# Our global delta columns, in the order of the paper's table; (key, label, scale to %).
+# Our global delta columns, in the order of the paper's table: (summary column, header); the
+# scale to the header's unit comes from the metric registry.
 GLOBAL_COLUMNS = (
-    ("relative_norm", "rel. norm %", 100),
-    ("sparsity_atol_1e-5", "sparsity@1e-5 %", 100),
-    ("top16_energy_median", "top-16 energy %", 100),
-    ("stable_rank_median", "stable rank", 1),
-    ("principal_coverage_10pct", "principal cov. 10% %", 100),
-    ("low_magnitude_coverage_10pct", "low-mag cov. 10% %", 100),
+    (RELATIVE_NORM, "rel. norm %"),
+    (SPARSITY, "sparsity@1e-5 %"),
+    (summary_name(TOP16_ENERGY), "top-16 energy %"),
+    (summary_name(STABLE_RANK), "stable rank"),
+    (PRINCIPAL_COVERAGE, "principal cov. 10% %"),
+    (LOW_MAGNITUDE_COVERAGE, "low-mag cov. 10% %"),
 )
-# Null columns, where the analysis computed them (issue 10): beside the observed ones.
+# Null columns, where the analysis computed them: beside the observed ones.
 NULL_COLUMNS = (
-    ("exact_null_sparsity_atol_1e-5", "sparsity, exact rounding null %", 100),
-    ("shuffle_null_top16_energy_median", "top-16, shuffle null %", 100),
-    ("rounding_null_principal_coverage_10pct", "principal cov., rounding null %", 100),
-    ("isotropic_null_principal_projection_10pct_median",
-     "principal proj. 10%, isotropic null %", 100),
-    ("principal_projection_10pct_median", "principal proj. 10% %", 100),
-    ("rounding_null_low_magnitude_coverage_10pct", "low-mag cov., rounding null %", 100),
-    ("exact_null_low_magnitude_coverage_10pct", "low-mag cov., exact rounding null %", 100),
+    (f"exact_null_{SPARSITY}", "sparsity, exact rounding null %"),
+    (summary_name(f"shuffle_null_{TOP16_ENERGY}"), "top-16, shuffle null %"),
+    (f"rounding_null_{PRINCIPAL_COVERAGE}", "principal cov., rounding null %"),
+    (summary_name(f"isotropic_null_{PRINCIPAL_PROJECTION}"),
+     "principal proj. 10%, isotropic null %"),
+    (summary_name(PRINCIPAL_PROJECTION), "principal proj. 10% %"),
+    (f"rounding_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., rounding null %"),
+    (f"exact_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., exact rounding null %"),
 )
 TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
                "table_interventions", "table_evaluation_summary")
@@ -166,12 +178,12 @@ def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame,
             continue
         ours = values.loc[row.run]
         out = {"run": row.run, "method": row.method_label}
-        for key, label, scale in GLOBAL_COLUMNS + NULL_COLUMNS:
+        for key, label in GLOBAL_COLUMNS + NULL_COLUMNS:
             if key in ours.index and pd.notna(ours[key]):
-                out[label] = ours[key] * scale
+                out[label] = ours[key] * columns.metric(key).scale
         paper = match.get(row.run)
         out["paper run"] = paper or ""
-        for (_, label, _), value in zip(GLOBAL_COLUMNS, PAPER_GLOBAL.get(paper, ()),
+        for (_, label), value in zip(GLOBAL_COLUMNS, PAPER_GLOBAL.get(paper, ()),
                                         strict=False):
             out[f"paper: {label}"] = value
         rows.append(out)

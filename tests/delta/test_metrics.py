@@ -4,8 +4,8 @@ import math
 
 import torch
 
+from opdgeo.delta.columns import HEADLINE_ATOL
 from opdgeo.delta.metrics import (
-    HEADLINE_ATOL,
     delta_stats,
     magnitude_key,
     rank_splits,

@@ -15,6 +15,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from opdgeo.delta.columns import (
+    HEADLINE_ATOL,
+    HEADLINE_RATIO,
+    MASK_RATIOS,
+    SHUFFLE_NULL_KEYS,
+    coverage_suffix,
+    ratio_label,
+    threshold_label,
+)
 from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, summary
 from opdgeo.delta.io import (
@@ -25,17 +34,12 @@ from opdgeo.delta.io import (
     write_atomically,
 )
 from opdgeo.delta.metrics import (
-    HEADLINE_ATOL,
-    HEADLINE_RATIO,
-    MASK_RATIOS,
     N_CATEGORIES,
     covered_by_atol,
     delta_stats,
     delta_tensor,
     mask_counts,
     rank_splits,
-    ratio_label,
-    threshold_label,
 )
 from opdgeo.delta.nulls import (
     DISTRIBUTIONS,
@@ -46,7 +50,6 @@ from opdgeo.delta.nulls import (
     tensor_generator,
 )
 from opdgeo.delta.spectrum import (
-    HEADLINE_RANK_TOLERANCE,
     decompose,
     rank_count,
     singular_values,
@@ -58,15 +61,6 @@ from opdgeo.naming import canonical_name, classify
 from opdgeo.tables import flatten, step_folders
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-SHUFFLE_NULL_KEYS = ("top16_energy", "stable_rank",
-                     f"numerical_rank_fraction_{threshold_label(HEADLINE_RANK_TOLERANCE)}")
-
-
-def _suffix(atol: float) -> str:
-    """Coverage columns name the headline atol (1e-5) plainly and atol 0 as `_atol_0`."""
-    return "" if atol == HEADLINE_ATOL else f"_atol_{threshold_label(atol)}"
-
-
 def _share(part: float, whole: float) -> float:
     return part / whole if whole > 0 else math.nan
 
@@ -95,10 +89,10 @@ class Updates:
     def coverage(self, mask: str, label: str, label_sums: torch.Tensor) -> dict[str, float]:
         """Coverage columns of one mask: observed, and the exact null's when present."""
         covered, null_covered = self.by_atol(label_sums)
-        columns = {f"{mask}_coverage_{label}{_suffix(atol)}": _share(covered[atol], count)
+        columns = {f"{mask}_coverage_{label}{coverage_suffix(atol)}": _share(covered[atol], count)
                    for atol, count in self.counts.items()}
         if self.exact_null and mask != "combined":
-            columns |= {f"exact_null_{mask}_coverage_{label}{_suffix(atol)}":
+            columns |= {f"exact_null_{mask}_coverage_{label}{coverage_suffix(atol)}":
                         _share(null_covered[atol], count)
                         for atol, count in self.null_counts.items()}
         return columns

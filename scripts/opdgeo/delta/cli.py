@@ -6,10 +6,13 @@ Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --t
 import argparse
 from pathlib import Path
 
+from opdgeo.delta import columns
+
 # No torch import here: every `opdgeo` command builds this parser, tables and figures too.
 
-HEADLINE_KEYS = ("relative_norm", "sparsity_atol_1e-5", "top16_energy_median",
-                 "principal_coverage_10pct", "low_magnitude_coverage_10pct")
+HEADLINE_KEYS = (columns.RELATIVE_NORM, columns.SPARSITY,
+                 columns.summary_name(columns.TOP16_ENERGY), columns.PRINCIPAL_COVERAGE,
+                 columns.LOW_MAGNITUDE_COVERAGE)
 
 
 def run_analyze(args: argparse.Namespace) -> None:
@@ -43,7 +46,7 @@ def _named_run(text: str) -> tuple[str, Path]:
 
 
 def run_overlap(args: argparse.Namespace) -> None:
-    from opdgeo.delta.metrics import HEADLINE_ATOL
+    from opdgeo.delta.columns import HEADLINE_ATOL
     from opdgeo.delta.overlap import overlap_all_pairs, overlap_runs
 
     atol = HEADLINE_ATOL if args.atol is None else args.atol

@@ -5,10 +5,9 @@ All of it reuses one `Decomposition` of W_src (and one of W_trained for the rota
 
 import torch
 
-from opdgeo.delta.metrics import CHUNK, MASK_RATIOS, ratio_label
+from opdgeo.delta.columns import MASK_RATIOS, ROTATION_RATIO, ratio_label
+from opdgeo.delta.metrics import CHUNK
 from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
-
-ROTATION_RATIO = 0.10
 
 
 def principal_projection(delta: TallRows, source: Decomposition) -> dict[str, float]:

@@ -13,32 +13,19 @@ import math
 import numpy as np
 import pandas as pd
 
-from opdgeo.delta.metrics import HEADLINE_ATOL, MASK_RATIOS, ratio_label, threshold_label
+from opdgeo.delta.columns import KEY_COLUMNS, METRICS, SUMMARY_ALIASES, metric, summary_name
 
-KEY_COLUMNS = ("name", "layer", "module", "block", "shape")
 GROUPINGS = {
     "layers": ["layer"],
     "modules": ["module"],
     "blocks": ["block"],
     "layer_module": ["layer", "module"],
 }
-_COUNT_WEIGHTED_PREFIXES = ("sparsity_", "exact_zero_fraction", "coord_energy_top",
-                            "exact_null_sparsity_", "combined_density_", "mean_abs")
-_UPDATED_AT = {HEADLINE_ATOL: "sparsity_atol_" + threshold_label(HEADLINE_ATOL),
-               0.0: "exact_zero_fraction"}
-
-
-def _coverage_weight(rows: pd.DataFrame, column: str) -> pd.Series:
-    """Number of updates a coverage column is a share of (observed or exact-null)."""
-    atol = 0.0 if column.endswith("_atol_0") else HEADLINE_ATOL
-    unchanged = _UPDATED_AT[atol]
-    if column.startswith("exact_null_"):
-        unchanged = f"exact_null_sparsity_atol_{threshold_label(atol)}"
-    return rows["numel"] * (1 - rows[unchanged])
 
 
 def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One summary row per group of tensors (keys [] -> one row for all)."""
+    """One summary row per group of tensors (keys [] -> one row for all), each column
+    aggregated as opdgeo.delta.columns declares (an undeclared column is an error)."""
     frame = tensors.assign(_all=0)
     by = [frame[k] for k in keys] if keys else [frame["_all"]]
     grouped = frame.groupby(by, sort=True)
@@ -56,9 +43,10 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     })
     rest = [c for c in frame.columns if c not in out.columns and c not in KEY_COLUMNS
             and c != "_all"]
-    weighted = [c for c in rest if "_coverage_" in c or c.startswith(_COUNT_WEIGHTED_PREFIXES)]
-    medians = [c for c in rest if c not in weighted]
-    weights = pd.DataFrame({c: _coverage_weight(frame, c) if "_coverage_" in c
+    how = {c: metric(c).aggregation for c in rest}
+    weighted = [c for c in rest if how[c] in ("count", "update")]
+    medians = [c for c in rest if how[c] == "median"]
+    weights = pd.DataFrame({c: _update_weight(frame, c) if how[c] == "update"
                             else frame["numel"] for c in weighted})
     weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
     numerators = (frame[weighted].fillna(0.0) * weights).groupby(by, sort=True).sum()
@@ -72,18 +60,25 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.rename_axis(keys).reset_index()
 
 
+def _update_weight(rows: pd.DataFrame, column: str) -> pd.Series:
+    """Number of updates a coverage column is a share of (observed or exact-null)."""
+    return rows["numel"] * (1 - rows[metric(column).unchanged])
+
+
 def add_enrichment(values):
-    """enrichment = coverage / mask density (1 for a mask blind to the update).
+    """enrichment = coverage / mask density (1 for a mask blind to the update), for every
+    coverage present.
 
     values: a per-tensor row (dict) or a table (DataFrame): columns behave alike."""
     enrichment = {}
+    ratios = {m.coverage: m for m in METRICS.values() if m.aggregation == "ratio"}
     for column, coverage in values.items():
-        if "_coverage_" not in column:
+        if column not in ratios:
             continue
-        ratio = next(r for r in MASK_RATIOS if f"_{ratio_label(r)}" in column)
-        density = values.get(f"combined_density_{ratio_label(ratio)}", math.nan) \
-            if column.startswith("combined_") else ratio
-        enrichment[column.replace("_coverage_", "_enrichment_")] = coverage / density
+        declared = ratios[column]
+        density = declared.density if isinstance(declared.density, float) \
+            else values.get(declared.density, math.nan)
+        enrichment[declared.name] = coverage / density
     if isinstance(values, pd.DataFrame):
         return pd.concat([values, pd.DataFrame(enrichment, index=values.index)], axis=1)
     return values | enrichment
@@ -99,18 +94,13 @@ def summary(tensors: pd.DataFrame) -> dict:
     overall = aggregate(tensors, []).iloc[0].to_dict()
     result: dict = {}
     for column, value in overall.items():
-        is_median = not (
-            "_coverage_" in column or "_enrichment_" in column
-            or column.startswith(_COUNT_WEIGHTED_PREFIXES)
-            or column in ("tensor_count", "numel", "delta_energy", "source_energy",
-                          "energy_share", "relative_norm", "rms", "linf")
-        )
-        result[f"{column}_median" if is_median else column] = _plain(value)
+        name = column if column == "tensor_count" else summary_name(column)
+        result[name] = _plain(value)
     result["num_params"] = int(result.pop("numel"))
     result["tensor_count"] = int(result["tensor_count"])
     result.pop("energy_share")
-    result["numerical_rank_fraction_median"] = result.get(
-        "numerical_rank_fraction_1e-5_median", math.nan)
+    for alias, name in SUMMARY_ALIASES.items():
+        result[alias] = result.get(name, math.nan)
     result["block_energy_share"] = _shares(tensors, "block")
     return result
 

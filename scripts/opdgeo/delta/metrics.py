@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-HEADLINE_ATOL = 1e-5  # matches bf16 checkpoint deltas (STUDY.md section 3); also atol 0
-ABSOLUTE_EPS = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
-RELATIVE_TAUS = (1e-4, 1e-3, 1e-2)  # thresholds tau * RMS(W_src)
-COORD_ENERGY_FRACTIONS = (0.001, 0.01, 0.05)
-MASK_RATIOS = (0.01, 0.05, 0.10, 0.20)
-HEADLINE_RATIO = 0.10
+from opdgeo.delta.columns import (
+    ABSOLUTE_EPS,
+    COORD_ENERGY_FRACTIONS,
+    HEADLINE_ATOL,
+    RELATIVE_TAUS,
+    ratio_label,
+    threshold_label,
+)
 
 CHUNK = 1 << 22  # elements per chunk: 16 MB of float32
 HIGH_BINS = 1 << 15  # upper 16 bits of a non-negative float32 (sign bit clear)
@@ -28,16 +30,6 @@ LOW_BINS = 1 << 16
 # Update categories per coordinate: 0 unchanged, 1 changed but |dW| <= 1e-5, 2 |dW| > 1e-5.
 # Coverage at atol 0 counts categories {1, 2}, at atol 1e-5 category {2}.
 N_CATEGORIES = 3
-
-
-def threshold_label(value: float) -> str:
-    """1e-05 -> '1e-5', 0 -> '0': the spelling of thresholds in column names."""
-    return "0" if value == 0 else f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
-
-
-def ratio_label(ratio: float) -> str:
-    """0.1 -> '10pct', 0.001 -> '0.1pct'."""
-    return f"{ratio * 100:g}pct"
 
 
 def chunk_slices(numel: int, size: int = CHUNK):

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO
 from opdgeo.delta.geometry import principal_magnitudes
 from opdgeo.delta.metrics import (
-    HEADLINE_ATOL,
-    HEADLINE_RATIO,
     HIGH_BINS,
     categories,
     chunk_slices,

@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 
 from opdgeo.delta.analyze import DTYPES
+from opdgeo.delta.columns import HEADLINE_ATOL
 from opdgeo.delta.io import Checkpoint, match_tensors, write_atomically
-from opdgeo.delta.metrics import HEADLINE_ATOL, chunk_slices
+from opdgeo.delta.metrics import chunk_slices
 from opdgeo.naming import classify
 
 

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from opdgeo.delta.metrics import ratio_label, threshold_label
+from opdgeo.delta.columns import (
+    RANK_TOLERANCES,
+    SINGULAR_VALUE_FRACTIONS,
+    SPECTRAL_TOPK,
+    ratio_label,
+    threshold_label,
+)
 
-SPECTRAL_TOPK = (1, 2, 4, 8, 16, 32, 64)
-SINGULAR_VALUE_FRACTIONS = (0.01, 0.05, 0.10)
-RANK_TOLERANCES = (1e-6, 1e-5, 1e-4)  # numerical rank counts s > tol * s_1
-HEADLINE_RANK_TOLERANCE = 1e-5
 RANDOMIZED_OVERSAMPLING = 10
 RANDOMIZED_POWER_ITERATIONS = 4
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk: 64 MB of float32
