@@ -238,3 +238,14 @@ def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):
     assert (points.apply(lambda p: p["cell"].startswith(p["optimizer"]), axis=1)).all()
     per_cell = points.groupby(["pair", "method", "optimizer", "cell"])["run"].nunique()
     assert per_cell.max() <= 2  # at most one run per seed (the fixture has two seeds)
+
+
+def test_a_mask_arm_of_an_external_rlvr_run_is_the_papers_rlvr_arm(full):
+    # DS-Qwen's RLVR-mask arm takes the external DeepScaleR run's mask (`run:deepscaler-rlvr`).
+    runs = pd.concat([full["runs"], full["runs"].iloc[[0]].assign(
+        run="deepscaler-rlvr", kind="external", pair=None)])
+    info = info_of({"runs": runs}, {"ext-opd": "opd", "deepscaler-rlvr": "grpo"})
+    assert paper_tables.paper_arm("run-deepscaler-rlvr", info) == "run-grpo"
+    assert paper_tables.paper_arm("random-deepscaler-rlvr", info) == "random-grpo"
+    assert paper_tables.paper_arm("run-ext-opd", info) == "run-ext-opd"
+    assert paper_tables.paper_arm("opd", info) == "opd"

@@ -13,7 +13,14 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from opdgeo.config import build_masks, build_runs, model_task, pair_task, run_table
+from opdgeo.config import (
+    ConfigError,
+    build_masks,
+    build_runs,
+    model_task,
+    pair_task,
+    run_table,
+)
 from opdgeo.task import has_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +41,7 @@ def test_paper_pairs_become_the_papers_runs(paper):
     assert trained == {
         "dsqwen-opd-deepscaler-adamw-s0", "dsqwen-opd-deepscaler-sgd-s0",
         "dsqwen-opd-justrl-adamw-s0", "qwen3-opd-qwen3-4b-base-grpo-adamw-s0",
-        "dsqwen-masked-opd-s0", "dsqwen-masked-random-s0",
+        "dsqwen-masked-opd-s0", "dsqwen-masked-random-s0", "dsqwen-masked-run-deepscaler-rlvr-s0",
         "qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0", "qwen25vl-masked-opd-s0",
         "qwen25vl-masked-random-s0", "qwen25vl-masked-run-grpo-s0",
         "qwen25vl-masked-random-grpo-s0",
@@ -43,6 +50,10 @@ def test_paper_pairs_become_the_papers_runs(paper):
     assert set(external) == {"qwen-math-offline-distill", "deepscaler-rlvr", "justrl-rlvr",
                              "minicpm-opd", "qwen25vl-grpo"}
     assert external["deepscaler-rlvr"].source == paper["models"]["ds-qwen"]["path"]
+    # The paper's RLVR-mask arm for DS-Qwen: the mask of the external DeepScaleR run.
+    mask = build_masks(paper)[runs["dsqwen-masked-run-deepscaler-rlvr-s0"].mask]
+    assert (mask.method, mask.run) == ("atol", "deepscaler-rlvr")
+
 
     opd = runs["dsqwen-opd-deepscaler-adamw-s0"]
     training = opd.training
@@ -151,3 +162,10 @@ def test_hub_ids_load_from_a_warm_cache_offline(tmp_path, make_checkpoint):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_mask_from_an_external_run_on_another_source_is_refused(paper):
+    config = copy.deepcopy(paper)
+    config["pairs"]["dsqwen"]["masked"]["arms"] = ["run:qwen-math-offline-distill"]
+    with pytest.raises(ConfigError, match="not the pair's student"):
+        build_runs(config)

@@ -277,10 +277,12 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
             other = f"{pair}-{arg}" if arg else None
             if other and not _is_number(arg) and other not in runs:
                 other = next((r for r in runs if r.startswith(other + "-")), other)
+                if other not in runs and runs.get(arg) and runs[arg].kind == "external":
+                    other = _external_on_source(config, pair, runs[arg], arm)
                 if other not in runs:
                     raise ConfigError(
                         f"pairs.{pair}.masked.arms: {arm!r} names run {arg!r}, but no run "
-                        f"{pair}-{arg}[-...] exists; runs of the pair: "
+                        f"{pair}-{arg}[-...] or external run {arg} exists; runs of the pair: "
                         f"{sorted(r for r in runs if r.startswith(pair))}"
                     )
             if head == "opd" and not arg:
@@ -309,6 +311,20 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
                 )
             arms[slug].append(mask)
     return arms
+
+
+def _external_on_source(config: dict, pair: str, run: RunSpec, arm: str) -> str:
+    """An external run a mask arm names (the paper's DeepScaleR RLVR mask for DS-Qwen): its
+    source must be the pair's student, or its delta says nothing about the student."""
+    student = config["pairs"][pair]["student"]
+    if config["models"][student].get("path") != run.source:
+        raise ConfigError(
+            f"pairs.{pair}.masked.arms: {arm!r} takes the mask of external run {run.name}, "
+            f"whose source {run.source} is not the pair's student {student} "
+            f"({config['models'][student].get('path', 'built by the pipeline')}); a mask "
+            "must come from a run on the student's own weights"
+        )
+    return run.name
 
 
 def build_masks(config: dict) -> dict[str, MaskSpec]:

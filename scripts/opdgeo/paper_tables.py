@@ -255,7 +255,7 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
                      "source": source.iloc[0] if len(source) else float("nan"), **stats})
 
     for row in info[info["kind"] == "masked"].itertuples():
-        add(row.run, "masked retraining", masked_arm(row.run, row.pair),
+        add(row.run, "masked retraining", paper_arm(masked_arm(row.run, row.pair), info),
             mask_density(masks, row.mask), row)
     for row in primary.itertuples():
         if (info["kind"] == "masked").any():
@@ -266,6 +266,16 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
             label = OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)
             add(row.run, "optimizer ablation", f"{label} (lr {row.learning_rate:g})", 1.0, row)
     return pd.DataFrame(rows)
+
+
+def paper_arm(arm: str, info: pd.DataFrame) -> str:
+    """An arm named after an external RLVR run (`run-deepscaler-rlvr`) is the paper's
+    `run-grpo` arm (the mask of an RLVR run), as the pair's own GRPO control's would be."""
+    head, _, run = arm.partition("-")
+    method = info.loc[info["run"] == run, "method"]
+    if head in ("run", "random") and len(method) and method.iloc[0] == "grpo":
+        return f"{head}-grpo"
+    return arm
 
 
 def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
