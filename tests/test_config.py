@@ -82,6 +82,9 @@ def test_mask_of_an_external_run_on_the_same_source():
         (lambda c: c["pairs"]["squares"]["task"].update(grid=5), "5"),
         (lambda c: c["training"]["optimizers"].update(adam={"learning_rate": 1}), "adam"),
         (lambda c: c.update(preload="maybe"), "maybe"),
+        # The analysis measures at the study's fixed thresholds (0 and 1e-5, both reported):
+        # an `analysis.atol` would do nothing, so it is refused, not ignored.
+        (lambda c: c.setdefault("analysis", {}).update(atol=1e-4), "atol"),
     ],
 )
 def test_schema_rejects_bad_configs(edit, message):

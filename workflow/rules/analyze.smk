@@ -44,7 +44,6 @@ rule overlap:
     params:
         source=lambda w: source_path(OVERLAP_GROUPS[w.group][0]),
         runs=overlap_runs_option,
-        atol=config["analysis"]["atol"],
     log:
         "results/logs/overlap/{group}.log",
     benchmark:
@@ -55,4 +54,4 @@ rule overlap:
         runtime=30,
     shell:
         "opdgeo overlap --source {params.source} --runs {params.runs}"
-        " --out {output} --atol {params.atol} > {log} 2>&1"
+        " --out {output} > {log} 2>&1"
