@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -113,3 +114,54 @@ def test_overlap_of_a_missing_run_checkpoint_writes_nothing(tmp_path):
                   str(tmp_path / "group"), "--runs", f"x={tmp_path / 'x'}",
                   f"y={tmp_path / 'y'}", f"z={tmp_path / 'missing'}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "x", "y"]
+
+
+def analyze_with_opdgeo(tmp_path, capsys, trained, out=None, *extra):
+    """`opdgeo analyze` as a user runs it: exit status and the last line of stderr."""
+    from opdgeo.cli import main
+
+    with pytest.raises(SystemExit) as status:
+        main(["analyze", "--source", str(tmp_path / "source"), "--trained", str(trained),
+              "--out", str(out or tmp_path / "analysis"), "--device", "cpu", "--no-nulls",
+              *extra])
+    return status.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("tensor", "value"), [
+    ("model.norm.weight", float("nan")),  # a 1-D tensor: no SVD would stumble on it
+    ("model.layers.0.mlp.down_proj.weight", float("inf")),
+    ("model.layers.1.self_attn.q_proj.weight", float("-inf")),
+])
+def test_analyze_rejects_non_finite_weights_naming_checkpoint_and_tensor(tmp_path, capsys,
+                                                                         tensor, value):
+    source = small_model()
+    save_checkpoint(tmp_path / "source", source)
+    trained = perturbed(source)
+    trained[tensor].view(-1)[3] = value
+    save_checkpoint(tmp_path / "trained", trained)
+    code, message = analyze_with_opdgeo(tmp_path, capsys, tmp_path / "trained")
+    assert code == 1
+    assert str(tmp_path / "trained") in message and f"tensor {tensor} " in message
+    assert "NaN or inf" in message
+    assert not (tmp_path / "analysis").exists()
+
+
+def test_analyze_names_a_truncated_safetensors_file(tmp_path, capsys):
+    source = small_model()
+    save_checkpoint(tmp_path / "source", source)
+    file = save_checkpoint(tmp_path / "trained", perturbed(source)) / "model.safetensors"
+    os.truncate(file, file.stat().st_size - 100)
+    code, message = analyze_with_opdgeo(tmp_path, capsys, tmp_path / "trained")
+    assert code == 1 and str(file) in message and "damaged or truncated" in message
+    assert not (tmp_path / "analysis").exists()
+
+
+@pytest.mark.parametrize("where", ["out", "trajectory"])
+def test_analyze_checks_its_outputs_can_be_written_before_the_work(tmp_path, capsys, where):
+    # The source does not even exist: the unwritable output is reported before anything else.
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "analysis"
+    out, extra = ((unwritable, []) if where == "out" else
+                  (None, ["--trajectory", str(unwritable / "trajectory.csv")]))
+    code, message = analyze_with_opdgeo(tmp_path, capsys, tmp_path / "trained", out, *extra)
+    assert code == 1 and f"cannot write {unwritable}" in message

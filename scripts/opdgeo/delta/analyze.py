@@ -30,6 +30,7 @@ from opdgeo.delta.io import (
     TIED_HEAD_NOTE,
     Checkpoint,
     TensorPair,
+    check_writable,
     match_tensors,
     write_atomically,
 )
@@ -223,6 +224,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if rounding_null not in DISTRIBUTIONS:
         raise ValueError(f"rounding_null must be one of {DISTRIBUTIONS}, got {rounding_null!r}")
+    if out_dir is not None:
+        check_writable(out_dir)
     started = time.perf_counter()
     torch_device = torch.device(resolve_device(device))
     source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)

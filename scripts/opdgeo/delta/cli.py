@@ -17,7 +17,10 @@ HEADLINE_KEYS = (columns.RELATIVE_NORM, columns.SPARSITY,
 
 def run_analyze(args: argparse.Namespace) -> None:
     from opdgeo.delta.analyze import analyze_checkpoints  # torch import only when used
+    from opdgeo.delta.io import check_writable
 
+    if args.trajectory:
+        check_writable(args.trajectory)
     result = analyze_checkpoints(args.source, args.trained, args.out, dtype=args.dtype,
                                  device=args.device, exact_svd_max=args.exact_svd_max,
                                  seed=args.seed, fp32_trained=args.fp32_trained,

@@ -4,25 +4,31 @@ A checkpoint is a Hugging Face folder holding `model.safetensors`, sharded safet
 `model.safetensors.index.json`, or `pytorch_model*.bin` (read through a lazy mmap), or a
 single `.safetensors` file (the fp32 master weights a run keeps beside its bf16 checkpoint).
 Nothing is loaded until `load` asks for one tensor, so a pair of checkpoints never sits in
-memory at once. Outputs are written all at once or not at all (`write_atomically`).
+memory at once. A tensor that holds NaN or inf, or a file that cannot be read, is an error
+naming the file and the tensor. Outputs are written all at once or not at all
+(`write_atomically`), into a folder checked to be writable before the work (`check_writable`).
 """
 
 import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from opdgeo.naming import canonical_name
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 LM_HEAD_SUFFIX = "lm_head.weight"
 _FLOAT_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Finiteness is checked this many elements at a time: a check of the whole tensor at once
+# would allocate a boolean copy of the largest tensor.
+_FINITE_CHUNK = 1 << 24
 
 
 class Checkpoint:
@@ -47,7 +53,10 @@ class Checkpoint:
             self._index_safetensors(sorted(self.path.glob("*.safetensors")))
         elif sorted(self.path.glob("pytorch_model*.bin")):
             for shard in sorted(self.path.glob("pytorch_model*.bin")):
-                state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                try:
+                    state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                except (RuntimeError, OSError, EOFError) as error:
+                    raise _damaged(shard, error) from error
                 self._bin_tensors.update(state)
         else:
             raise ValueError(f"{self.path}: no *.safetensors or pytorch_model*.bin found")
@@ -55,12 +64,15 @@ class Checkpoint:
 
     def _index_safetensors(self, files: list[Path]) -> None:
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    info = handle.get_slice(name)
-                    self._file_of[name] = file
-                    self._shapes[name] = tuple(info.get_shape())
-                    self._is_float[name] = info.get_dtype() in _FLOAT_SAFETENSORS_DTYPES
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        info = handle.get_slice(name)
+                        self._file_of[name] = file
+                        self._shapes[name] = tuple(info.get_shape())
+                        self._is_float[name] = info.get_dtype() in _FLOAT_SAFETENSORS_DTYPES
+            except (SafetensorError, OSError) as error:
+                raise _damaged(file, error) from error
 
     def names(self) -> list[str]:
         """Floating-point tensors, each stored tensor once (tied copies dropped)."""
@@ -76,12 +88,27 @@ class Checkpoint:
         return self._shapes[name]
 
     def load(self, name: str) -> torch.Tensor:
+        """One tensor, checked to be finite."""
         if self._bin_tensors:
-            return self._bin_tensors[name]
-        # opened per tensor: a file kept open stays memory-mapped, and every page read
-        # through the map would count towards the process's resident memory
-        with safe_open(str(self._file_of[name]), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+            tensor = self._bin_tensors[name]
+        else:
+            # opened per tensor: a file kept open stays memory-mapped, and every page read
+            # through the map would count towards the process's resident memory
+            file = self._file_of[name]
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    tensor = handle.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                raise _damaged(file, error, name) from error
+        if tensor.is_floating_point():
+            for chunk in tensor.reshape(-1).split(_FINITE_CHUNK):
+                if not bool(torch.isfinite(chunk).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"checkpoint {self.path}: tensor {name} holds {bad} NaN or inf values "
+                        f"(of {tensor.numel()}); the weights are damaged or the training "
+                        "diverged, so no delta can be measured")
+        return tensor
 
     def _is_tied_copy(self, name: str, names: list[str]) -> bool:
         """An output head that is the input embedding (by config, or by shared storage)."""
@@ -96,6 +123,12 @@ class Checkpoint:
             head, embed = self._bin_tensors[name], self._bin_tensors[embedding]
             return head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
         return False
+
+
+def _damaged(file: Path, error: Exception, tensor: str | None = None) -> ValueError:
+    what = f"tensor {tensor} of {file}" if tensor else str(file)
+    return ValueError(f"cannot read {what} ({error}): the file is damaged or truncated; "
+                      "write or download it again")
 
 
 def local_checkpoint(path: str | Path) -> Path:
@@ -213,6 +246,18 @@ def match_tensors(source: Checkpoint, trained: Checkpoint) -> list[TensorPair]:
 def _natural_key(name: str) -> list:
     """layers.2 before layers.10: output rows in model order whatever the shard layout."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before the work rather than after it: `path`'s folder exists (made if needed) and
+    takes new files, as `write_atomically` needs."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {error}") from error
 
 
 def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame]) -> None:
