@@ -99,6 +99,20 @@ def test_f1_without_an_sft_control_is_not_tested():
     assert row["verdict"] == findings.NOT_TESTED
 
 
+def test_f1_without_a_matched_control_uses_the_external_offline_distillation_run():
+    # config/paper.yaml: no SFT control; the paper's F1 is OPD against Qwen2.5-Math -> DS-Qwen.
+    cfg = tf.config()
+    cfg["pairs"]["addition"]["controls"] = ["grpo"]
+    cfg["external"] = {"offline-distill": {"source": "x", "trained": "y", "kind": "sft"}}
+    frames = with_values(tf.tables(cfg), "offline-distill", {"relative_norm": 0.12})
+    info = run_info(frames["runs"], {"offline-distill": "sft"})
+    table = findings.findings_table(frames, info, {}).set_index(["finding", "run"])
+    row = table.loc[("F1", OPD)]
+    assert row["verdict"] == findings.HOLDS
+    assert row["claim_baseline"] == pytest.approx(findings.F1_MAX_NORM_RATIO * 0.12)
+    assert "external offline-distillation run offline-distill" in row["note"]
+
+
 def test_f7_principal_projection_against_the_isotropic_null(frames):
     key, null = "principal_projection_10pct_median", \
         "isotropic_null_principal_projection_10pct_median"
