@@ -1,7 +1,25 @@
 """The `opdgeo` command."""
 
+import fcntl
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from opdgeo.callbacks import ProgressLineCallback
+from opdgeo.cli import EXAMPLES, build_parser
+from opdgeo.version import commit, package_version
+
+
+def opdgeo(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "opdgeo.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
 
 
 def test_building_the_parser_imports_no_torch():
@@ -12,3 +30,86 @@ def test_building_the_parser_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_help_says_what_each_verb_is_for_with_an_example():
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    assert set(EXAMPLES) == set(verbs)
+    text = opdgeo("--help").stdout
+    assert "the only module" not in text.lower()  # written for users, not for developers
+    for verb in verbs:
+        assert f"    {verb}" in text, verb
+        assert EXAMPLES[verb] in text and EXAMPLES[verb].startswith(f"opdgeo {verb} ")
+
+
+def test_version_names_the_package_version_and_the_checkout_commit():
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    result = opdgeo("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"opdgeo {package_version()} (commit {head}")
+    assert commit().removesuffix("+dirty") == head
+    assert package_version() != "unknown"
+
+
+@pytest.mark.parametrize("how", ["default", "flag-before", "flag-after", "variable"])
+def test_an_error_is_one_line_unless_debug_asks_for_the_traceback(tmp_path, how):
+    args = ["collect", "summaries", str(tmp_path / "missing.json"), "--out",
+            str(tmp_path / "t.csv")]
+    args = {"flag-before": ["--debug", *args], "flag-after": [*args, "--debug"]}.get(how, args)
+    result = opdgeo(*args, env={"OPDGEO_DEBUG": "1" if how == "variable" else ""})
+    assert result.returncode == 1
+    if how == "default":
+        assert result.stderr.startswith("opdgeo collect: error: ")
+        assert "missing.json" in result.stderr and len(result.stderr.splitlines()) == 1
+    else:
+        assert "Traceback (most recent call last)" in result.stderr
+        assert "missing.json" in result.stderr.splitlines()[-1]
+
+
+BAR = "from opdgeo.progress import progress; print(sum(progress(range(3), desc='counting', " \
+      "unit='x')))"
+
+
+def test_progress_bar_only_on_a_terminal():
+    piped = subprocess.run([sys.executable, "-c", BAR], capture_output=True, text=True,
+                           check=True)
+    assert (piped.stdout, piped.stderr) == ("3\n", "")
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns
+    drawn = []
+    reader = threading.Thread(target=lambda: drawn.extend(_read_until_closed(leader)))
+    reader.start()
+    with subprocess.Popen([sys.executable, "-c", BAR], stdout=subprocess.PIPE,
+                          stderr=follower) as proc:
+        os.close(follower)
+        out, _ = proc.communicate(timeout=60)
+    reader.join(timeout=60)
+    os.close(leader)
+    assert out == b"3\n"
+    assert b"counting:   0%" in b"".join(drawn)
+
+
+def _read_until_closed(fd):
+    """What a terminal shows until its other end closes (Linux then says EIO)."""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        yield chunk
+
+
+def test_training_prints_a_progress_line_every_twentieth_of_its_steps(capsys):
+    callback = ProgressLineCallback()
+    state = SimpleNamespace(max_steps=40, global_step=0)
+    callback.on_train_begin(None, state, None)
+    for step in range(1, 41):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"step {s}/40" for s in range(2, 41, 2)]
+    assert lines[-1].startswith("step 40/40 (100%), ") and lines[-1].endswith(", 0 s left")

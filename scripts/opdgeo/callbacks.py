@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from opdgeo.masks import check_mask_matches_model, load_mask
 from opdgeo.naming import classify
+from opdgeo.progress import StepClock, on_terminal
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +58,22 @@ class CSVLogCallback(TrainerCallback):
             csv.writer(f).writerow(row)
         self._last_time, self._last_step = now, state.global_step
         self._last_tokens = state.num_input_tokens_seen
+
+
+class ProgressLineCallback(TrainerCallback):
+    """Steps done, s/step and time left in the job log, where the Trainer's bar is off."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._clock = StepClock(state.max_steps, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if line := self._clock.line(state.global_step):
+            print(line, flush=True)
+
+
+def progress_callbacks() -> list[TrainerCallback]:
+    """The Trainer's own bar on a terminal (see `disable_tqdm`), a line now and then in a log."""
+    return [] if on_terminal() else [ProgressLineCallback()]
 
 
 class NonFiniteGuardCallback(TrainerCallback):

@@ -1,14 +1,58 @@
 """The `opdgeo` command: one subcommand per verb. The only module that parses arguments.
 
 Pipeline rules pass the settings they use as JSON (`--run-spec`, `--evaluation`, ...), so that
-Snakemake tracks them
-as params and the package never reads the config file behind Snakemake's back.
+Snakemake tracks them as params and the package never reads the config file behind
+Snakemake's back.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+DESCRIPTION = """\
+What on-policy distillation changes in a model: how sparse the update is, where it sits, and
+how it relates to the source weights. `analyze` and `overlap` work on any two Hugging Face
+checkpoints (local folders or hub ids); the other verbs are the steps of the pipeline, which
+Snakemake runs for you (`snakemake -n -p` prints each step's full command)."""
+
+# One line per verb: shown under "examples" in `opdgeo --help` (a test checks every verb).
+EXAMPLES = {
+    "analyze": "opdgeo analyze --source Qwen/Qwen2.5-1.5B --trained runs/opd/final "
+               "--out delta/ --json",
+    "overlap": "opdgeo overlap --source S --trained-a runs/opd/final --trained-b runs/grpo/final "
+               "--out overlap/",
+    "train-model": "opdgeo train-model --name teacher --model-spec '{\"build\": ...}' "
+                   "--task '{...}' --out results/models/teacher",
+    "train-run": "opdgeo train-run --run-spec '{...}' --source S --teacher T --task '{...}' "
+                 "--out results/runs/NAME",
+    "make-mask": "opdgeo make-mask --mask-spec '{\"method\": \"atol\", \"atol\": 1e-5}' "
+                 "--source S --trained T --out m.safetensors --densities m.csv",
+    "evaluate": "opdgeo evaluate --run NAME --checkpoint runs/NAME/final --task '{...}' "
+                "--evaluation '{\"k\": 4, ...}' --out eval.csv",
+    "collect": "opdgeo collect csv results/eval/runs/*.csv --out results/tables/evaluation.csv",
+    "runs": "opdgeo runs --config '{\"pairs\": ..., \"models\": ...}' --out runs.csv",
+    "figure": "opdgeo figure fig1_overview --tables results/tables --out results/figures/fig1",
+    "paper-tables": "opdgeo paper-tables --tables results/tables --out results/tables",
+    "paper-null": "opdgeo paper-null --std 0.02 0.01 --out results/tables",
+    "findings": "opdgeo findings --tables results/tables --out results/findings",
+}
+DEBUG_VARIABLE = "OPDGEO_DEBUG"
+
+
+class _Version(argparse.Action):
+    """`--version`: the package version and, from a checkout, its commit (git runs only here)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version (and the commit, from a checkout) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from opdgeo.version import describe
+
+        print(f"opdgeo {describe()}")
+        parser.exit()
 
 
 def _json(text: str):
@@ -176,8 +220,14 @@ def _job_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opdgeo", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="opdgeo", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    from opdgeo.delta import cli as delta_cli
+
+    delta_cli.register(sub)
 
     p = sub.add_parser("train-model", help="build a tiny base model and train it on the task")
     p.add_argument("--name", required=True)
@@ -248,9 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     _render_arguments(p)
     p.set_defaults(handler=cmd_findings)
 
-    from opdgeo.delta import cli as delta_cli
-
-    delta_cli.register(sub)
+    parser.epilog = "examples:\n" + "\n".join(f"  {EXAMPLES[verb]}" for verb in sub.choices)
+    for p in (parser, *sub.choices.values()):
+        # SUPPRESS: a verb's parser leaves the flag alone unless it is given after the verb.
+        p.add_argument("--debug", action="store_true",
+                       default=False if p is parser else argparse.SUPPRESS,
+                       help=f"on error, print the full traceback (or set {DEBUG_VARIABLE}=1)")
     return parser
 
 
@@ -270,7 +323,10 @@ def main(argv=None):
     try:
         args.handler(args)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"opdgeo {args.command}: error: {error}", file=sys.stderr)
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"opdgeo {args.command}: error: {error} (--debug shows the traceback)",
+              file=sys.stderr)
         raise SystemExit(1) from error
 
 

@@ -14,6 +14,7 @@ import torch
 
 from opdgeo.data import render_prompts
 from opdgeo.models import text_tokenizer
+from opdgeo.progress import progress
 from opdgeo.task import Example
 
 
@@ -123,7 +124,8 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
 
     examples = task.eval_examples()
     rows = []
-    for step, path in sorted(checkpoints.items()):
+    for step, path in progress(sorted(checkpoints.items()), desc=f"evaluate {run}",
+                               unit="checkpoint"):
         scored = journal.read(step, path) if journal else None
         if scored is not None:
             rows += scored

@@ -25,6 +25,7 @@ from opdgeo.callbacks import (
     NonFiniteGuardCallback,
     OptimizerStateCallback,
     SnapshotCallback,
+    progress_callbacks,
 )
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt
@@ -41,6 +42,7 @@ from opdgeo.models import (
     save_checkpoint,
     text_tokenizer,
 )
+from opdgeo.progress import on_terminal
 from opdgeo.task import Example, make_task
 
 # Per-example progress bars of dataset preprocessing drown the training progress in the logs.
@@ -83,7 +85,7 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
         data_seed=seed,
         gradient_checkpointing=training.get("gradient_checkpointing", False),
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=not on_terminal(),
         **extra,
     )
 
@@ -176,7 +178,8 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer,
                          callbacks=[NonFiniteGuardCallback(),
-                                    CSVLogCallback(out_dir / "train_log.csv"), stopper])
+                                    CSVLogCallback(out_dir / "train_log.csv"), stopper,
+                                    *progress_callbacks()])
     trainer.train()
     final = stopper.final
     if not train["require_min"] <= final <= train["require_max"]:
@@ -265,6 +268,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
             CSVLogCallback(out_dir / "train_log.csv"),
             SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
                              snapshots),
+            *progress_callbacks(),
         ]
     callbacks += _extra_callbacks(model, mask_path, out_dir, spec, main_process)
     check_images(prompts, hasattr(student_tokenizer, "image_processor"), source)

@@ -165,3 +165,28 @@ def test_analyze_checks_its_outputs_can_be_written_before_the_work(tmp_path, cap
                   (None, ["--trajectory", str(unwritable / "trajectory.csv")]))
     code, message = analyze_with_opdgeo(tmp_path, capsys, tmp_path / "trained", out, *extra)
     assert code == 1 and f"cannot write {unwritable}" in message
+
+
+def test_json_prints_the_written_summary_and_nothing_else(tmp_path, capsys):
+    source = small_model(layers=1)
+    save_checkpoint(tmp_path / "source", source)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        save_checkpoint(tmp_path / name, perturbed(source, seed=seed))
+    cli.main(["analyze", "--source", str(tmp_path / "source"), "--trained", str(tmp_path / "a"),
+              "--out", str(tmp_path / "analysis"), "--device", "cpu", "--no-nulls", "--json"])
+    printed = capsys.readouterr()
+    assert (json.loads(printed.out)
+            == json.loads((tmp_path / "analysis" / "summary.json").read_text()))
+    assert "relative_norm" in printed.err  # the human-readable lines moved to stderr
+
+    cli.main(["overlap", "--source", str(tmp_path / "source"), "--trained-a", str(tmp_path / "a"),
+              "--trained-b", str(tmp_path / "b"), "--out", str(tmp_path / "two"), "--json"])
+    assert (json.loads(capsys.readouterr().out)
+            == json.loads((tmp_path / "two" / "overlap.json").read_text()))
+
+    cli.main(["overlap", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "group"),
+              "--runs", *(f"{n}={tmp_path / n}" for n in "abc"), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"a__b", "a__c", "b__c"}
+    for pair, summary in printed.items():
+        assert summary == json.loads((tmp_path / "group" / pair / "overlap.json").read_text())

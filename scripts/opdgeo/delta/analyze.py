@@ -59,6 +59,7 @@ from opdgeo.delta.spectrum import (
 )
 from opdgeo.device import resolve_device
 from opdgeo.naming import canonical_name, classify
+from opdgeo.progress import progress
 from opdgeo.tables import flatten, step_folders
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -232,7 +233,7 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
     pairs = match_tensors(source_checkpoint, trained_checkpoint)
     rows = []
-    for pair in pairs:
+    for pair in progress(pairs, desc=f"analyze {trained}", unit="tensor"):
         tensors = {
             "source": source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype]),
             "trained": trained_checkpoint.load(pair.trained_name).to(torch_device,

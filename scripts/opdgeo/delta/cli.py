@@ -4,6 +4,8 @@ Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --t
 """
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from opdgeo.delta import columns
@@ -13,6 +15,11 @@ from opdgeo.delta import columns
 HEADLINE_KEYS = (columns.RELATIVE_NORM, columns.SPARSITY,
                  columns.summary_name(columns.TOP16_ENERGY), columns.PRINCIPAL_COVERAGE,
                  columns.LOW_MAGNITUDE_COVERAGE)
+
+
+def _report(args: argparse.Namespace):
+    """Where the human-readable lines go: standard error when --json keeps stdout for JSON."""
+    return sys.stderr if args.json else sys.stdout
 
 
 def run_analyze(args: argparse.Namespace) -> None:
@@ -25,9 +32,13 @@ def run_analyze(args: argparse.Namespace) -> None:
                                  device=args.device, exact_svd_max=args.exact_svd_max,
                                  seed=args.seed, fp32_trained=args.fp32_trained,
                                  nulls=not args.no_nulls, rounding_null=args.rounding_null)
-    print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)")
+    report = _report(args)
+    print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)",
+          file=report)
     for key in HEADLINE_KEYS:
-        print(f"  {key}: {result.get(key)}")
+        print(f"  {key}: {result.get(key)}", file=report)
+    if args.json:
+        print((args.out / "summary.json").read_text(), end="")
     if args.trajectory:
         from opdgeo.delta.analyze import analyze_trajectory
         from opdgeo.tables import write_table
@@ -37,7 +48,8 @@ def run_analyze(args: argparse.Namespace) -> None:
                                    seed=args.seed, nulls=not args.no_nulls,
                                    rounding_null=args.rounding_null)
         write_table(steps, args.trajectory)
-        print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate checkpoints)")
+        print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate checkpoints)",
+              file=report)
 
 
 def _named_run(text: str) -> tuple[str, Path]:
@@ -64,7 +76,12 @@ def run_overlap(args: argparse.Namespace) -> None:
     for name, result in results.items():
         print(f"wrote {args.out / name}: coverage a->b {result['coverage_a_to_b']:.4f} "
               f"(random {result['baseline_a_to_b']:.4f}), b->a {result['coverage_b_to_a']:.4f} "
-              f"(random {result['baseline_b_to_a']:.4f}), Jaccard {result['jaccard']:.4f}")
+              f"(random {result['baseline_b_to_a']:.4f}), Jaccard {result['jaccard']:.4f}",
+              file=_report(args))
+    if args.json:  # each pair's overlap.json; with --runs, by pair folder name
+        summaries = {name: json.loads((args.out / name / "overlap.json").read_text())
+                     for name in results}
+        print(json.dumps(summaries[""] if "" in summaries else summaries, indent=2))
 
 
 def register(subparsers) -> None:
@@ -92,6 +109,8 @@ def register(subparsers) -> None:
     analyze.add_argument("--trajectory", type=Path, default=None,
                          help="also write the summary of every --checkpoints step-N here "
                               "(tidy CSV: step, metric, value; header only without them)")
+    analyze.add_argument("--json", action="store_true",
+                         help="print the summary (summary.json) on standard output")
     analyze.set_defaults(handler=run_analyze)
 
     overlap = subparsers.add_parser(
@@ -106,6 +125,9 @@ def register(subparsers) -> None:
     overlap.add_argument("--atol", type=float, default=None,
                          help="a coordinate moved if |dW| > atol (default: the headline 1e-5)")
     overlap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    overlap.add_argument("--json", action="store_true",
+                         help="print the summary (overlap.json; with --runs, one per pair by "
+                              "folder name) on standard output")
     overlap.set_defaults(handler=run_overlap)
 
 

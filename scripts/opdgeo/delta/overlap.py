@@ -21,6 +21,7 @@ from opdgeo.delta.columns import HEADLINE_ATOL
 from opdgeo.delta.io import Checkpoint, match_tensors, write_atomically
 from opdgeo.delta.metrics import chunk_slices
 from opdgeo.naming import classify
+from opdgeo.progress import progress
 
 
 def _ratio(part: float, whole: float) -> float:
@@ -66,7 +67,7 @@ def overlap_runs(source: str | Path, trained_a: str | Path, trained_b: str | Pat
     pairs_b = {pair.name: pair for pair in match_tensors(source_checkpoint, checkpoint_b)}
     cast = DTYPES[dtype]
     rows = []
-    for pair in pairs_a:
+    for pair in progress(pairs_a, desc=f"overlap {trained_a} {trained_b}", unit="tensor"):
         source_tensor = source_checkpoint.load(pair.source_name).to(cast)
         counts = _mask_counts(source_tensor, checkpoint_a.load(pair.trained_name).to(cast),
                               checkpoint_b.load(pairs_b[pair.name].trained_name).to(cast), atol)
