@@ -66,6 +66,8 @@ def test_smoke_dag_writes_every_output(smoke):
         assert (smoke / f"results/analysis/{name}/final/summary.json").exists(), name
         if spec.is_trained:
             assert (smoke / f"results/runs/{name}/final/model.safetensors").exists(), name
+            card = (smoke / f"results/runs/{name}/final/README.md").read_text()
+            assert f"# {name}\n" in card and "## Held-out scores" in card, name
             for step in spec.checkpoint_steps():
                 assert (smoke / f"results/runs/{name}/checkpoints/step-{step}").is_dir()
     for mask in build_masks(config):

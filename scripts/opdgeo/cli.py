@@ -27,6 +27,9 @@ EXAMPLES = {
                    "--task '{...}' --out results/models/teacher",
     "train-run": "opdgeo train-run --run-spec '{...}' --source S --teacher T --task '{...}' "
                  "--out results/runs/NAME",
+    "model-card": "opdgeo model-card --run-spec '{...}' --source S --teacher T --task '{...}' "
+                  "--scores eval.csv --summary delta/summary.json --checkpoint runs/NAME/final "
+                  "--out runs/NAME/model_card.md",
     "make-mask": "opdgeo make-mask --mask-spec '{\"method\": \"atol\", \"atol\": 1e-5}' "
                  "--source S --trained T --out m.safetensors --densities m.csv",
     "evaluate": "opdgeo evaluate --run NAME --checkpoint runs/NAME/final --task '{...}' "
@@ -85,6 +88,16 @@ def cmd_train_run(args):
     spec = RunSpec(**args.run_spec)
     train_run(spec, args.source, args.teacher, args.task, args.out, resolve_device(args.device),
               mask_path=args.mask)
+
+
+def cmd_model_card(args):
+    from opdgeo.config import RunSpec
+    from opdgeo.model_card import write_model_card
+
+    spec = RunSpec(**args.run_spec, task=args.task)
+    write_model_card(spec, args.source, args.teacher, args.mask, args.scores,
+                     args.source_scores, args.summary, args.out, args.checkpoint)
+    print(f"wrote {args.out} and {args.checkpoint / 'README.md'}")
 
 
 def cmd_make_mask(args):
@@ -245,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=_json, required=True)
     _job_options(p)
     p.set_defaults(handler=cmd_train_run)
+
+    p = sub.add_parser("model-card", help="the model card (README.md) of a trained run's final "
+                                          "checkpoint: settings, scores, delta summary")
+    p.add_argument("--run-spec", type=_json, required=True, help="the run spec (opdgeo.config)")
+    p.add_argument("--source", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--mask", help="the gradient mask file of a masked run")
+    p.add_argument("--task", type=_json, required=True)
+    p.add_argument("--scores", type=Path, required=True, help="the run's evaluation CSV")
+    p.add_argument("--source-scores", type=Path, help="the source model's evaluation CSV")
+    p.add_argument("--summary", type=Path, required=True, help="the run's delta summary.json")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="the final checkpoint folder (gets a copy as README.md)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(handler=cmd_model_card)
 
     p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
     p.add_argument("--mask-spec", type=_json, required=True, help="the mask spec (opdgeo.config)")

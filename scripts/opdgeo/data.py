@@ -3,7 +3,7 @@
 The `math` task of the paper: DAPO-Math-17K prompts for training, AIME24 + AIME25 for
 evaluation (mean@k), answers checked by math-verify. Every data set is named by a spec
 
-    {path, name?, split?, prompt?, answer?, template?}
+    {path, name?, split?, revision?, prompt?, answer?, template?}
 
 where `path` is a Hugging Face id or a local data file / folder (tests write tiny files in
 the real schema and read them through this same code). With HF_HUB_OFFLINE=1 `datasets`
@@ -37,7 +37,7 @@ def load_rows(spec: dict):
             raise ValueError(f"{path}: unknown data file type; use one of {sorted(_FILE_BUILDERS)}")
         # A single local file has a single split, which `datasets` calls "train".
         return datasets.load_dataset(builder, data_files=str(local), split="train")
-    return datasets.load_dataset(path, spec.get("name"), split=split)
+    return datasets.load_dataset(path, spec.get("name"), split=split, revision=spec.get("revision"))
 
 
 def _field(row: dict, dotted: str):
