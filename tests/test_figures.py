@@ -1,14 +1,12 @@
 """Figures and paper tables from small synthetic tidy tables (no DAG, no checkpoints)."""
 
-import math
-
 import pandas as pd
 import pytest
 import tidy_fixtures as tf
 
 from opdgeo import figures, paper_tables, tables
 from opdgeo.cli import main
-from opdgeo.tidy import curve_stats, load_tables, main_runs, run_info
+from opdgeo.tidy import TABLES, curve_stats, load_tables, main_runs, run_info
 
 PLOTS = {"formats": ["png", "pdf"], "dpi": 50}
 
@@ -33,11 +31,24 @@ def test_every_figure_renders(full, tmp_path, name):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_a_figure_reads_the_tables_it_declares_and_no_other(full, tmp_path):
+    """The contract figures.smk builds its rules' inputs from: a renderer handed only its
+    declared tables draws every panel it draws with all of them."""
+    info = info_of(full, {"ext-opd": "opd"})
+    plots = {"formats": ["png"], "dpi": 40}
+    for name, (_, reads) in figures.FIGURES.items():
+        assert set(reads) <= set(TABLES), name
+        declared = {table: full[table] for table in reads}
+        only = figures.render(name, declared, info, plots, tmp_path / "only" / name)[0]
+        every = figures.render(name, full, info, plots, tmp_path / "all" / name)[0]
+        assert only.read_bytes() == every.read_bytes(), name
+
+
 def test_missing_optional_inputs_render_with_notes(tmp_path):
     """No SGD run, no masked runs, no external runs, no sweep, no AdamW state, no trajectory,
     no per-layer tables: every figure still renders (a panel says what is missing)."""
     frames = tf.tables(tf.config(optimizers=("adamw",), arms=()))
-    for name in ("optimizer_state", "trajectory", "layer_module", "tensors"):
+    for name in ("optimizer_state", "trajectory", "layer_module", "modules", "tensors"):
         frames[name] = pd.DataFrame()
     for name in figures.FIGURES:
         paths = figures.render(name, frames, info_of(frames), {"formats": ["png"], "dpi": 40},
@@ -225,7 +236,6 @@ def test_fig2_runs_setting_and_default(full):
                                            "squares-opd-vl-teacher-adamw-s0"]
     assert figures.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
         ["addition-grpo-adamw-s1"]
-    assert not math.isnan(figures.module_table(full["tensors"])["stable_rank"].iloc[0])
 
 
 def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):

@@ -8,6 +8,7 @@ import pandas as pd
 
 from opdgeo.config import build_masks, build_runs, run_table
 from opdgeo.delta import columns as c
+from opdgeo.delta.grouping import aggregate
 
 CONFIG = {
     "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
@@ -157,8 +158,16 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
         "masks": pd.DataFrame(masks, columns=["mask", "tensor", "block", "density"]),
         "overlap": pd.DataFrame(overlap, columns=["run_a", "run_b", "metric", "value"]),
         "layer_module": pd.DataFrame(layer_module),
+        "modules": _modules(pd.DataFrame(tensors)),
         "tensors": pd.DataFrame(tensors),
     }
+
+
+def _modules(tensors: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the analysis's own per-module table (its modules.csv), as collected."""
+    frames = [aggregate(rows.drop(columns="run"), ["module"]).assign(run=run)
+              for run, rows in tensors.groupby("run", sort=False)]
+    return pd.concat(frames, ignore_index=True)
 
 
 def write(folder, frames: dict[str, pd.DataFrame]):

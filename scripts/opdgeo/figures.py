@@ -1,14 +1,15 @@
 """Every figure of the study, from tidy tables only (never checkpoints).
 
-Each `fig_*` function takes the tidy frames it needs, the run info (tidy.run_info) and the
-plot settings (config["plots"], passed by the rule as JSON), and writes one file per format
-beside `out` (a path without suffix). Inputs a config may lack (no masked runs, no SGD run,
-no AdamW state) give a panel with a note instead of an error, so a small config still
-renders every figure.
+`FIGURES` (at the end) is the contract: figure -> (the function that draws it, the tidy tables
+it reads). workflow/rules/figures.smk makes one rule per entry with those tables as inputs, and
+`render` hands the function those tables only, in that order, then the run info
+(tidy.run_info), the plot settings (config["plots"], passed by the rule as JSON) and `out` (a
+path without suffix, one file per format beside it). Inputs a config may lack (no masked runs,
+no SGD run, no AdamW state) give a panel with a note instead of an error, so a small config
+still renders every figure.
 """
 
 import math
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -50,9 +51,6 @@ from opdgeo.tidy import (  # noqa: E402
 
 DEFAULTS = {"style": "whitegrid", "context": "paper", "dpi": 150, "formats": ["png", "pdf"],
             "fig2_run": "", "palette": "colorblind", "labels": {}, "metric": ""}
-FIGURES = ("fig1_overview", "fig2_layer_module", "fig3_interventions", "trajectory",
-           "optimizer_state", "appendix_sparsity_thresholds", "appendix_module_metrics",
-           "gain_vs_sparsity")
 # Delta metrics compared across methods (Fig 1, appendix): runs of these kinds, not masked
 # retrains (those are interventions, shown in Fig 3).
 DELTA_KINDS = ("opd", "sft", "grpo", "external")
@@ -163,6 +161,7 @@ FIG1_PANELS = ((RELATIVE_NORM, True), (SPARSITY, False), (summary_name(TOP16_ENE
 
 def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Offline distillation vs RLVR vs OPD: scale, sparsity, spectrum, mask coverage."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = _delta_runs(info)
     values = wide(delta)
     runs = runs[runs["run"].isin(values.index)]
@@ -233,6 +232,7 @@ def fig2_runs(info: pd.DataFrame, plots: dict) -> list[str]:
 
 def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Layer x module heat maps of sparsity and relative movement, one row per OPD run."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = fig2_runs(info, plots) or [None]
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 5 * len(runs)), squeeze=False)
     panels = ((SPARSITY, "viridis", ".0f"), (RELATIVE_NORM, "magma", ".2g"))
@@ -287,6 +287,7 @@ def _score_axis(ax, metric: str):
 def fig3_interventions(evaluation: pd.DataFrame, masks: pd.DataFrame, info: pd.DataFrame,
                        plots: dict, out: Path):
     """Left: masked retraining from the source; right: AdamW against SGD. One row per pair."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     metric = score_metric(evaluation, plots.get("metric", ""))
     pairs = list(dict.fromkeys(info["pair"].dropna()))
     fig, axes = plt.subplots(max(len(pairs), 1), 2, figsize=(14, 4.8 * max(len(pairs), 1)),
@@ -356,6 +357,7 @@ TRAJECTORY_PANELS = (SPARSITY, summary_name(NUMERICAL_RANK_FRACTION),
 
 def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Sparsity, numerical rank and principal projection of ΔW over training steps."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = info[info["kind"].isin(("opd", "sft", "grpo"))]
     data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -386,6 +388,7 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
 def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """AdamW diagnostics over steps: first-moment cosine between logged steps and the
     coefficient of variation of the second moment, over all parameters."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     data = state[state["block"] == "all"] if not state.empty else state
     if data.empty:
@@ -418,6 +421,7 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
 def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots: dict,
                                  out: Path):
     """Sparsity at every absolute threshold eps and relative threshold tau * RMS(W_src)."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = _delta_runs(info)
     data = delta[delta["run"].isin(runs["run"])] if not delta.empty else delta
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
@@ -448,31 +452,19 @@ MODULE_METRICS = (RELATIVE_NORM, SPARSITY, TOP16_ENERGY, STABLE_RANK, NUMERICAL_
                   PRINCIPAL_PROJECTION, SUBSPACE_ROTATION, LOW_MAGNITUDE_COVERAGE)
 
 
-def module_table(tensors: pd.DataFrame) -> pd.DataFrame:
-    """Per run and module, the analysis's own aggregation (energies add, coordinate
-    fractions weighted by count, matrix metrics as medians): opdgeo.delta.grouping."""
-    from opdgeo.delta.grouping import aggregate  # imports torch: only when this is drawn
-
-    with warnings.catch_warnings():
-        # aggregate() adds ~100 columns one by one; pandas warns about fragmentation, which
-        # costs nothing at this size
-        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        frames = [aggregate(rows.drop(columns="run"), ["module"]).assign(run=run)
-                  for run, rows in tensors.groupby("run", sort=False)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def appendix_module_metrics(tensors: pd.DataFrame, info: pd.DataFrame, plots: dict,
+def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: dict,
                             out: Path):
-    """Spectral and geometry metrics per module type, one bar per run group."""
+    """Spectral and geometry metrics per module type, one bar per run group: the analysis's
+    own per-module aggregation (modules.csv of each run)."""
+    info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = _delta_runs(info)
-    tensors = tensors[tensors["run"].isin(runs["run"])] if not tensors.empty else tensors
+    modules = modules[modules["run"].isin(runs["run"])] if not modules.empty else modules
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
-    if tensors.empty:
+    if modules.empty:
         for ax in axes.flat:
-            note(ax, "no per-tensor analysis table")
+            note(ax, "no per-module analysis table")
         return save(fig, out, plots)
-    table = module_table(tensors).merge(runs[["run", "series", "label"]], on="run")
+    table = modules.merge(runs[["run", "series", "label"]], on="run")
     modules = [m for m in MODULE_ORDER if m in set(table["module"])]
     modules += sorted(set(table["module"]) - set(modules))
     colors, labels = group_colors(info, plots), _labels(info)
@@ -482,7 +474,7 @@ def appendix_module_metrics(tensors: pd.DataFrame, info: pd.DataFrame, plots: di
     x = np.arange(len(modules))
     for ax, column in zip(axes.flat, MODULE_METRICS, strict=True):
         if column not in table:
-            note(ax, f"{column} not in tensors.csv")
+            note(ax, f"{column} not in modules.csv")
             continue
         for i, group in enumerate(groups):
             stats = table[table["series"] == group].groupby("module")[column].agg(["mean", "std"])
@@ -575,28 +567,26 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
     return save(fig, out, plots)
 
 
+# The figure contract: figure -> (function, tidy tables it reads besides runs.csv, in the
+# order the function takes them). Every renderer also gets the run info, sweep runs included.
+FIGURES = {
+    "fig1_overview": (fig1_overview, ("delta_global",)),
+    "fig2_layer_module": (fig2_layer_module, ("layer_module",)),
+    "fig3_interventions": (fig3_interventions, ("evaluation", "masks")),
+    "trajectory": (trajectory, ("trajectory",)),
+    "optimizer_state": (optimizer_state, ("optimizer_state",)),
+    "appendix_sparsity_thresholds": (appendix_sparsity_thresholds, ("delta_global",)),
+    "appendix_module_metrics": (appendix_module_metrics, ("modules",)),
+    "gain_vs_sparsity": (gain_vs_sparsity, ("evaluation", "delta_global")),
+}
+
+
 def render(name: str, tables: dict[str, pd.DataFrame], info: pd.DataFrame, plots: dict,
            out: Path) -> list[Path]:
-    """Draw figure `name` (one of FIGURES) from the loaded tidy tables."""
+    """Draw figure `name` (a key of FIGURES) from the tables it declares, and no other."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
     plots = settings(plots)
     apply_style(plots)
-    everything, info = info, main_runs(info)  # the sweep grid appears in its own figure only
-    calls = {
-        "gain_vs_sparsity": lambda: gain_vs_sparsity(tables["evaluation"],
-                                                     tables["delta_global"], everything, plots,
-                                                     out),
-        "fig1_overview": lambda: fig1_overview(tables["delta_global"], info, plots, out),
-        "fig2_layer_module": lambda: fig2_layer_module(tables["layer_module"], info, plots,
-                                                       out),
-        "fig3_interventions": lambda: fig3_interventions(tables["evaluation"], tables["masks"],
-                                                         info, plots, out),
-        "trajectory": lambda: trajectory(tables["trajectory"], info, plots, out),
-        "optimizer_state": lambda: optimizer_state(tables["optimizer_state"], info, plots, out),
-        "appendix_sparsity_thresholds": lambda: appendix_sparsity_thresholds(
-            tables["delta_global"], info, plots, out),
-        "appendix_module_metrics": lambda: appendix_module_metrics(tables["tensors"], info,
-                                                                   plots, out),
-    }
-    if name not in calls:
-        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
-    return calls[name]()
+    function, reads = FIGURES[name]
+    return function(*(tables[table] for table in reads), info, plots, out)

@@ -74,6 +74,7 @@ CLAIMS = {
     "F7": "off-principal: joint principal projection at 10% below the isotropic 1%",
     "F8": "low-magnitude: coverage of the bottom-10% |W_src| mask well above 10%",
 }
+READS = ("delta_global", "evaluation", "layer_module", "tensors")  # tidy tables, besides runs
 COLUMNS = ["finding", "run", "measure", "observed", "claim_baseline", "null", "null_kind",
            "sft_control", "grpo_control", "paper", "paper_run", "verdict", "note"]
 NAN = math.nan

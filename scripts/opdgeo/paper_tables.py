@@ -131,6 +131,7 @@ NULL_COLUMNS = (
     (f"rounding_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., rounding null %"),
     (f"exact_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., exact rounding null %"),
 )
+READS = ("delta_global", "overlap", "evaluation", "masks")  # tidy tables, besides runs.csv
 TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
                "table_interventions", "table_evaluation_summary")
 

@@ -11,7 +11,7 @@ import pandas as pd
 # Tidy tables the renderers may read (results/tables/{name}.csv). Optional ones may be absent
 # or empty (no masked runs, no AdamW run, ...); renderers then draw a note or skip a row.
 TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "optimizer_state",
-          "training_log", "masks", "layer_module", "tensors")
+          "training_log", "masks", "layer_module", "modules", "tensors")
 
 METHOD_ORDER = ("sft", "grpo", "opd", "masked", "other")
 METHOD_LABELS = {

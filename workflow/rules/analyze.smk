@@ -9,6 +9,7 @@ rule analyze_run:
         summary="results/analysis/{run}/final/summary.json",
         tensors="results/analysis/{run}/final/tensors.csv",
         blocks="results/analysis/{run}/final/blocks.csv",
+        modules="results/analysis/{run}/final/modules.csv",
         layer_module="results/analysis/{run}/final/layer_module.csv",
         trajectory="results/analysis/{run}/trajectory.csv",
     params:

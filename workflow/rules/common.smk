@@ -216,7 +216,7 @@ def overlap_runs_option(w):
 
 
 # ---------------------------------------------------------- figures, tables, findings (figures.smk)
-# (PLOTS, FIGURE_TABLES and PAPER_TABLES are set at the top of figures.smk)
+# (PLOTS, FIGURES and PAPER_TABLES are set at the top of figures.smk)
 
 
 def tidy(names):
@@ -237,7 +237,7 @@ def in_report(path, name, category):
 
 
 def figure_targets():
-    targets = [f"results/figures/{name}.{fmt}" for name in FIGURE_TABLES
+    targets = [f"results/figures/{name}.{fmt}" for name in FIGURES
                for fmt in PLOTS["formats"]]
     targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES + [PAPER_NULL_TABLE]
                 for fmt in ("csv", "md", "tex")]

@@ -2,29 +2,14 @@
 # Every rule here takes the plot settings it uses as params, so editing config["plots"]
 # reruns these rules and nothing upstream. All run locally (also under the SLURM profile).
 
+from opdgeo import findings, paper_tables
+from opdgeo.figures import FIGURES
 from opdgeo.paper_tables import PAPER_NULL_TABLE
 
 PLOTS = config["plots"]
-# Which tidy tables (results/tables/{name}.csv) each figure reads, besides runs.csv.
-FIGURE_TABLES = {
-    "fig1_overview": ["delta_global"],
-    "fig2_layer_module": ["layer_module"],
-    "fig3_interventions": ["evaluation", "masks"],
-    "trajectory": ["trajectory"],
-    "optimizer_state": ["optimizer_state"],
-    "appendix_sparsity_thresholds": ["delta_global"],
-    "appendix_module_metrics": ["tensors"],
-    "gain_vs_sparsity": ["evaluation", "delta_global"],
-}
-PAPER_TABLES = [
-    "table_global_delta",
-    "table_module_energy",
-    "table_mask_overlap",
-    "table_interventions",
-    "table_evaluation_summary",
-]
-PAPER_TABLE_INPUTS = ["runs", "delta_global", "overlap", "evaluation", "masks"]
-FINDINGS_INPUTS = ["runs", "delta_global", "evaluation", "layer_module", "tensors"]
+# Figures (opdgeo.figures.FIGURES), paper tables and findings each declare the tidy tables
+# (results/tables/{name}.csv) they read besides runs.csv; those are their rules' inputs.
+PAPER_TABLES = list(paper_tables.TABLE_NAMES)
 # Declared kinds of external runs (Fig 1 groups them with OPD / SFT / GRPO by this).
 EXTERNAL_KINDS = as_arg({n: e.get("kind", "other") for n, e in config.get("external", {}).items()})
 # Settings the tables and findings use (labels, score metric, paper matching); the others
@@ -33,14 +18,14 @@ TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") i
                      ordered=True)
 
 
-for _figure, _tables in FIGURE_TABLES.items():
+for _figure, (_, _tables) in FIGURES.items():
 
     rule:
         name:
             f"figure_{_figure}"
         localrule: True
         input:
-            tidy(["runs"] + _tables),
+            tidy(["runs", *_tables]),
         output:
             figure_outputs(_figure),
         params:
@@ -59,7 +44,7 @@ for _figure, _tables in FIGURE_TABLES.items():
 rule paper_tables:
     localrule: True
     input:
-        tidy(PAPER_TABLE_INPUTS),
+        tidy(["runs", *paper_tables.READS]),
     output:
         [in_report(f"results/tables/{name}.csv", name, "Tables") for name in PAPER_TABLES],
         [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES for fmt in ("md", "tex")],
@@ -93,7 +78,7 @@ rule paper_rounding_null:
 rule findings:
     localrule: True
     input:
-        tidy(FINDINGS_INPUTS),
+        tidy(["runs", *findings.READS]),
     output:
         csv=in_report("results/findings.csv", "findings", "Findings"),
         md="results/findings.md",

@@ -113,10 +113,12 @@ rule mask_table:
 
 rule analysis_tables:
     input:
-        layer_module=expand("results/analysis/{run}/final/layer_module.csv", run=RUNS),
-        tensors=expand("results/analysis/{run}/final/tensors.csv", run=RUNS),
+        layer_module=expand(rules.analyze_run.output.layer_module, run=RUNS),
+        modules=expand(rules.analyze_run.output.modules, run=RUNS),
+        tensors=expand(rules.analyze_run.output.tensors, run=RUNS),
     output:
         layer_module="results/tables/layer_module.csv",
+        modules="results/tables/modules.csv",
         tensors="results/tables/tensors.csv",
     log:
         "results/logs/tables/analysis.log",
@@ -124,4 +126,5 @@ rule analysis_tables:
         "results/benchmarks/tables/analysis.tsv"
     shell:
         "(opdgeo collect analysis-csv {input.layer_module} --out {output.layer_module}"
+        " && opdgeo collect analysis-csv {input.modules} --out {output.modules}"
         " && opdgeo collect analysis-csv {input.tensors} --out {output.tensors}) > {log} 2>&1"
