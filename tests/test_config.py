@@ -136,3 +136,18 @@ def test_bad_mask_arm_is_rejected():
     config["pairs"]["addition"]["masked"]["arms"] = ["run:nonexistent"]
     with pytest.raises(ConfigError, match="nonexistent"):
         build_runs(config)
+
+
+def test_schema_enums_are_the_run_kind_registry():
+    """The schema lists the kinds a config may name; opdgeo.kinds declares them."""
+    from opdgeo import kinds
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())["properties"]
+    pair = schema["pairs"]["additionalProperties"]["properties"]
+    assert pair["controls"]["items"]["enum"] == list(kinds.CONTROLS)
+    assert pair["controls"]["default"] == list(kinds.CONTROLS)
+    assert set(pair["sweep"]["properties"]["kinds"]["items"]["enum"]) == set(kinds.SWEEP_KINDS)
+    external = schema["external"]["additionalProperties"]["properties"]["kind"]
+    assert set(external["enum"]) == set(kinds.EXTERNAL_METHODS)
+    assert external["default"] == kinds.OTHER
+    assert set(kinds.SWEEP_KINDS) == set(kinds.TRAINED_METHODS)

@@ -64,3 +64,13 @@ def test_teacher_with_another_vocabulary_is_rejected_before_training(tiny_pair, 
     with pytest.raises(ValueError, match="different vocabularies"):
         train_run(spec("opd"), student, teacher, TASK, tmp_path / "r", "cpu")
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_every_trained_kind_names_a_trainer_train_run_builds():
+    from trl import GRPOTrainer, SFTTrainer
+
+    from opdgeo.kinds import RUN_KINDS
+    from opdgeo.losses import OPDTrainer
+
+    built = {trainer.__name__ for trainer in (OPDTrainer, SFTTrainer, GRPOTrainer)}
+    assert {kind.trainer for kind in RUN_KINDS.values() if kind.trainer} <= built

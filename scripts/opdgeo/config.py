@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from opdgeo.kinds import CONTROLS, EXTERNAL, RUN_KINDS, SWEEP_KINDS
 from opdgeo.task import has_images
 
 TRAINING_DEFAULTS = {
@@ -86,7 +87,7 @@ def _read_booleans(value, schema: dict, root: dict):
 @dataclass(frozen=True)
 class RunSpec:
     name: str
-    kind: str  # opd | sft | grpo | masked | external
+    kind: str  # a key of opdgeo.kinds.RUN_KINDS
     pair: str | None
     source: str  # model key (trained runs) or checkpoint path (external runs)
     teacher: str | None = None
@@ -100,7 +101,7 @@ class RunSpec:
 
     @property
     def is_trained(self) -> bool:
-        return self.kind != "external"
+        return RUN_KINDS[self.kind].trainer is not None
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the intermediate checkpoints that training leaves behind."""
@@ -185,7 +186,7 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
     """Every run of the study, by name, in a stable order."""
     check_references(config)
     runs: dict[str, RunSpec] = {}
-    external = {name: RunSpec(name, "external", None, ext["source"], trained=ext["trained"],
+    external = {name: RunSpec(name, EXTERNAL, None, ext["source"], trained=ext["trained"],
                               task=pair_task(config, None))
                 for name, ext in config.get("external", {}).items()}
     for pair, spec in config["pairs"].items():
@@ -201,7 +202,7 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
                     runs[name] = RunSpec(
                         name, "opd", pair, spec["student"], teacher, opt, seed, training=training
                     )
-            for control in spec.get("controls", ["sft", "grpo"]):
+            for control in spec.get("controls", list(CONTROLS)):
                 name = f"{pair}-{control}-{primary_opt}-s{seed}"
                 runs[name] = RunSpec(
                     name, control, pair, spec["student"], primary_teacher, primary_opt, seed,
@@ -241,7 +242,7 @@ def sweep_runs(config: dict, pair: str, training: dict) -> dict[str, RunSpec]:
     if not isinstance(rates, dict):
         rates = {list(training["optimizers"])[0]: rates}
     runs = {}
-    for kind in sweep.get("kinds", ["opd", "sft", "grpo"]):
+    for kind in sweep.get("kinds", list(SWEEP_KINDS)):
         for opt, learning_rates in rates.items():
             for lr in learning_rates:
                 for steps in sweep.get("steps", [training["steps"]]):
@@ -277,7 +278,7 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
             other = f"{pair}-{arg}" if arg else None
             if other and not _is_number(arg) and other not in runs:
                 other = next((r for r in runs if r.startswith(other + "-")), other)
-                if other not in runs and runs.get(arg) and runs[arg].kind == "external":
+                if other not in runs and runs.get(arg) and runs[arg].kind == EXTERNAL:
                     other = _external_on_source(config, pair, runs[arg], arm)
                 if other not in runs:
                     raise ConfigError(

@@ -37,8 +37,8 @@ from opdgeo.delta.columns import (  # noqa: E402
     axis_label,
     summary_name,
 )
+from opdgeo.kinds import DELTA_KINDS, METHOD_ORDER, TRAINED_METHODS  # noqa: E402
 from opdgeo.tidy import (  # noqa: E402
-    METHOD_ORDER,
     OPTIMIZER_LABELS,
     curves,
     main_runs,
@@ -51,9 +51,6 @@ from opdgeo.tidy import (  # noqa: E402
 
 DEFAULTS = {"style": "whitegrid", "context": "paper", "dpi": 150, "formats": ["png", "pdf"],
             "fig2_run": "", "palette": "colorblind", "labels": {}, "metric": ""}
-# Delta metrics compared across methods (Fig 1, appendix): runs of these kinds, not masked
-# retrains (those are interventions, shown in Fig 3).
-DELTA_KINDS = ("opd", "sft", "grpo", "external")
 ISOTROPIC_PROJECTION = HEADLINE_RATIO**2  # the asymptotic isotropic baseline at the ratio
 PAPER_M1_COSINE_MEAN, PAPER_M2_CV_MEAN = 0.28, 4.85  # STUDY.md section 4, AdamW diagnostics
 
@@ -358,7 +355,7 @@ TRAJECTORY_PANELS = (SPARSITY, summary_name(NUMERICAL_RANK_FRACTION),
 def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Sparsity, numerical rank and principal projection of ΔW over training steps."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
-    runs = info[info["kind"].isin(("opd", "sft", "grpo"))]
+    runs = info[info["kind"].isin(TRAINED_METHODS)]
     data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     if data.empty:
@@ -503,7 +500,7 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
     primary = primary_opd_runs(info)
     teacher = dict(zip(primary["pair"], primary["teacher"], strict=True))
     optimizer = dict(zip(primary["pair"], primary["optimizer"], strict=True))
-    matched = (info["kind"].isin(("opd", "sft", "grpo"))
+    matched = (info["kind"].isin(TRAINED_METHODS)
                & (info["teacher"] == info["pair"].map(teacher))
                & (info["optimizer"] == info["pair"].map(optimizer)))
     runs = info[info["sweep"] | (matched & ~info["sweep"])]

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdgeo.kinds import EXTERNAL, METHOD_LABELS, METHOD_ORDER, OPD, OTHER
+
 # Tidy tables the renderers may read (results/tables/{name}.csv). Optional ones may be absent
 # or empty (no masked runs, no AdamW run, ...); renderers then draw a note or skip a row.
 TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "optimizer_state",
           "training_log", "masks", "layer_module", "modules", "tensors")
 
-METHOD_ORDER = ("sft", "grpo", "opd", "masked", "other")
-METHOD_LABELS = {
-    "sft": "offline distillation (SFT)",
-    "grpo": "RLVR (GRPO)",
-    "opd": "OPD",
-    "masked": "masked OPD",
-    "other": "other",
-}
 OPTIMIZER_LABELS = {"adamw": "AdamW", "sgd": "SGD"}
 _SEED = re.compile(r"-s\d+$")
 
@@ -69,7 +63,7 @@ def run_info(runs: pd.DataFrame, external_kinds: dict | None = None,
     info["sweep"] = info["group"].eq("sweep") if "group" in info else False
     info["series"] = info["run"].str.replace(_SEED, "", regex=True)
     info["method"] = [
-        external_kinds.get(run, "other") if kind == "external" else kind
+        external_kinds.get(run, OTHER) if kind == EXTERNAL else kind
         for run, kind in zip(info["run"], info["kind"], strict=True)
     ]
     # One pair: drop its name from labels, it only lengthens them.
@@ -107,7 +101,7 @@ def wide(tidy: pd.DataFrame, index: str = "run") -> pd.DataFrame:
 def primary_opd_runs(info: pd.DataFrame) -> pd.DataFrame:
     """The full OPD run of each (pair, seed): the first OPD run in runs.csv order (primary
     teacher, primary optimizer: opdgeo.config.build_runs lists it first)."""
-    opd = info[(info["kind"] == "opd") & ~info["sweep"]]
+    opd = info[(info["kind"] == OPD) & ~info["sweep"]]
     return opd.groupby(["pair", "seed"], sort=False).head(1)
 
 

@@ -30,6 +30,7 @@ from opdgeo.callbacks import (
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt
 from opdgeo.evaluate import exact_match, generate, images_of
+from opdgeo.kinds import RUN_KINDS
 from opdgeo.losses import TRL_BETA, OPDTrainer
 from opdgeo.models import (
     VISION_ARCHITECTURES,
@@ -274,7 +275,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     check_images(prompts, hasattr(student_tokenizer, "image_processor"), source)
     prompts = [replace(e, prompt=model_prompt(student_tokenizer, e.prompt)) for e in prompts]
 
-    if spec.kind in ("opd", "masked"):
+    trainer_name = RUN_KINDS[spec.kind].trainer
+    if trainer_name == OPDTrainer.__name__:
         loss = training["loss"]
         beta = TRL_BETA.get(loss, training["beta"])
         args = _trainer_args(
@@ -289,7 +291,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         trainer = OPDTrainer(model=model, teacher_model=teacher_model, args=args,
                              train_dataset=dataset, processing_class=student_tokenizer,
                              callbacks=callbacks, loss=loss, topk=training["topk"])
-    elif spec.kind == "sft":
+    elif trainer_name == SFTTrainer.__name__:
         n = training["steps"] * training["batch_size"]
         chosen = (prompts * (n // len(prompts) + 1))[:n]
         torch.manual_seed(spec.seed)
@@ -303,7 +305,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                              eos_token=text_tokenizer(student_tokenizer).eos_token)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=student_tokenizer, callbacks=callbacks)
-    elif spec.kind == "grpo":
+    elif trainer_name == GRPOTrainer.__name__:
         dataset = Dataset.from_list([prompt_row(e, answer=e.answer) for e in prompts])
         args = _trainer_args(
             GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],

@@ -13,6 +13,7 @@ from opdgeo.config import (
     model_task,
     pair_training,
 )
+from opdgeo.kinds import RUN_KINDS  # noqa: E402
 
 try:
     RUNS = build_runs(config)
@@ -103,7 +104,8 @@ def overlap_groups():
     """Main runs (masked retrains aside) by the source checkpoint they share: one overlap job
     per group compares every pair in it. A group is named after its source (model key)."""
     by_source = {}
-    main = (r for r, spec in RUNS.items() if spec.kind != "masked" and spec.group == "main")
+    main = (r for r, spec in RUNS.items()
+            if RUN_KINDS[spec.kind].delta_method and spec.group == "main")
     for name in main:
         by_source.setdefault(source_path(name), []).append(name)
     keys = {model_path(key): key for key in config["models"]}
@@ -133,7 +135,7 @@ def all_targets():
 def train_inputs(w):
     spec = RUNS[w.run]
     inputs = {"source": model_inputs(spec.source)}
-    if spec.teacher and spec.kind != "grpo":
+    if spec.teacher and RUN_KINDS[spec.kind].needs_teacher:
         inputs["teacher"] = model_inputs(spec.teacher)
     if spec.mask:
         inputs["mask"] = mask_path(spec.mask)
@@ -143,7 +145,7 @@ def train_inputs(w):
 def train_options(w):
     spec = RUNS[w.run]
     options = f"--source {shlex.quote(model_path(spec.source))}"
-    if spec.teacher and spec.kind != "grpo":
+    if spec.teacher and RUN_KINDS[spec.kind].needs_teacher:
         options += f" --teacher {shlex.quote(model_path(spec.teacher))}"
     if spec.mask:
         options += f" --mask {mask_path(spec.mask)}"

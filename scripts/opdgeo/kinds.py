@@ -1,0 +1,51 @@
+"""The kinds of run, declared once: label, order in figures and tables, whether a run of the
+kind needs a teacher, whether it is a control of OPD, and how it is trained.
+
+opdgeo.config makes the runs, the rules wire their inputs, opdgeo.train picks the trainer, and
+the figures, paper tables and findings group and label runs, all from this table. The
+schema's enums (controls, sweep kinds, external kinds) are checked against it by a test.
+
+To add a kind: declare it here, and give opdgeo.train its trainer (`trainer` names it).
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunKind:
+    name: str
+    label: str  # the method's name in legends and tables
+    needs_teacher: bool  # trained against a teacher (its checkpoint is an input)
+    is_control: bool  # a matched control of OPD (pairs.<pair>.controls)
+    trainer: str | None  # the trainer class opdgeo.train uses (TRL's, or OPDTrainer, TRL's
+    # DistillationTrainer with the study's losses); None: given, not trained
+    # Its delta is compared across methods (Fig 1, trajectory, the matched-gain grid); masked
+    # retrains are interventions instead, shown in Fig 3.
+    delta_method: bool = True
+
+
+# In display order: controls first, then OPD and its interventions.
+RUN_KINDS = {kind.name: kind for kind in (
+    RunKind("sft", "offline distillation (SFT)", needs_teacher=True, is_control=True,
+            trainer="SFTTrainer"),
+    RunKind("grpo", "RLVR (GRPO)", needs_teacher=False, is_control=True,
+            trainer="GRPOTrainer"),
+    RunKind("opd", "OPD", needs_teacher=True, is_control=False,
+            trainer="OPDTrainer"),
+    RunKind("masked", "masked OPD", needs_teacher=True, is_control=False,
+            trainer="OPDTrainer", delta_method=False),
+    RunKind("external", "other", needs_teacher=False, is_control=False, trainer=None),
+)}
+# An external run is shown as the kind its config declares (external.<name>.kind), or "other".
+OPD, EXTERNAL, OTHER = "opd", "external", "other"
+CONTROLS = tuple(k for k, kind in RUN_KINDS.items() if kind.is_control)
+SWEEP_KINDS = (OPD, *CONTROLS)  # the matched-gain grid's default methods, in run order
+DELTA_KINDS = tuple(k for k, kind in RUN_KINDS.items() if kind.delta_method)
+# Methods compared on a matched budget: trained, delta-compared (the sweep grid's kinds).
+TRAINED_METHODS = tuple(k for k in DELTA_KINDS if RUN_KINDS[k].trainer)
+# What an external run may declare itself: a method compared on its delta, or "other".
+EXTERNAL_METHODS = tuple(k for k in DELTA_KINDS if k != EXTERNAL) + (OTHER,)
+# Methods in display order (an external run takes its declared method).
+METHOD_ORDER = tuple(k for k in RUN_KINDS if k != EXTERNAL) + (OTHER,)
+METHOD_LABELS = {k: kind.label for k, kind in RUN_KINDS.items() if k != EXTERNAL} | {
+    OTHER: RUN_KINDS[EXTERNAL].label}
