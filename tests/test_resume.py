@@ -1,9 +1,12 @@
 """A training job killed after a checkpoint continues from it, to the same final weights.
 
 OPD generates its own rollouts, so the resumed run only matches the uninterrupted one when
-the Trainer restores the optimizer, the data order and the RNG state of the checkpoint.
+the Trainer restores the optimizer, the data order and the RNG state of the checkpoint. The
+runs here pass over their prompts four times and are killed in the second pass, after
+`checkpoint-3`: the data order of a later pass must be restored too.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -22,9 +25,13 @@ from opdgeo.train import train_run
 TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
 
 
-def opd_spec(steps=6):
+# 4 prompts x 4 rollouts (the default generations_per_prompt) / batch 8: two steps a pass.
+STEPS_PER_PASS = 2
+
+
+def opd_spec(steps=8):
     config = {
-        "training": {"steps": steps, "batch_size": 8, "save_every": 2, "prompts": 32,
+        "training": {"steps": steps, "batch_size": 8, "save_every": 3, "prompts": 4,
                      "optimizers": {"adamw": {"learning_rate": 1e-3}}},
         "pairs": {"p": {"student": "s", "teachers": ["t"]}},
     }
@@ -45,6 +52,8 @@ def assert_same_weights(a: Path, b: Path):
     assert wa.keys() == wb.keys()
     differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not differing, f"tensors differ after resume: {differing}"
+    for file in ("fp32/model.safetensors", "final/model.safetensors"):
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
 
 
 @pytest.fixture(scope="module")
@@ -61,27 +70,29 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     run = tmp_path / "run"
     original = NonFiniteGuardCallback.on_step_end
 
-    def die_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3:
+    def die_at_step_4(self, args, state, control, **kwargs):
+        if state.global_step == 4:
             raise Killed
         return original(self, args, state, control, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(NonFiniteGuardCallback, "on_step_end", die_at_step_3)
+        patch.setattr(NonFiniteGuardCallback, "on_step_end", die_at_step_4)
         with pytest.raises(Killed):
             train_run(opd_spec(), student, teacher, TASK, run, "cpu")
-    assert (run / "trainer" / "checkpoint-2").is_dir() and not (run / "final").exists()
-    assert (run / "trainer" / "snapshots" / "step-2").is_dir()
+    assert (run / "trainer" / "checkpoint-3").is_dir() and not (run / "final").exists()
+    assert (run / "trainer" / "snapshots" / "step-3").is_dir()
+    state = json.loads((run / "trainer" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["epoch"] == 3 / STEPS_PER_PASS  # in the second pass over the prompts
 
     train_run(opd_spec(), student, teacher, TASK, run, "cpu")
     assert_same_weights(run, uninterrupted)
     # The log starts where the checkpoint was; the snapshots of both attempts are kept.
-    assert (run / "train_log.csv").read_text().splitlines()[1].startswith("3,")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (run / "train_log.csv").read_text().splitlines()[1].startswith("4,")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
     assert not (run / "trainer").exists()
 
 
-# The job under test, paused for good at the end of step 3 (checkpoint-2 is complete by then)
+# The job under test, paused for good at the end of step 4 (checkpoint-3 is complete by then)
 # after it says so in a file: the test kills it at that event, whatever the machine's speed.
 PAUSED_JOB = """
 import sys, threading
@@ -91,21 +102,19 @@ from opdgeo.cli import main
 
 paused, original = Path(sys.argv[1]), NonFiniteGuardCallback.on_step_end
 
-def pause_at_step_3(self, args, state, control, **kwargs):
-    if state.global_step == 3:
+def pause_at_step_4(self, args, state, control, **kwargs):
+    if state.global_step == 4:
         paused.touch()
         threading.Event().wait()
     return original(self, args, state, control, **kwargs)
 
-NonFiniteGuardCallback.on_step_end = pause_at_step_3
+NonFiniteGuardCallback.on_step_end = pause_at_step_4
 main(sys.argv[2:])
 """
 
 
 def test_sigkilled_cli_job_resumes(tiny_pair, uninterrupted, tmp_path):
     """The real thing: the `opdgeo train-run` process killed with SIGKILL, then rerun."""
-    import json
-
     student, teacher = tiny_pair
     run, paused = tmp_path / "run", tmp_path / "paused"
     spec = opd_spec()
@@ -121,7 +130,7 @@ def test_sigkilled_cli_job_resumes(tiny_pair, uninterrupted, tmp_path):
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    assert (run / "trainer" / "checkpoint-2").is_dir() and not (run / "final").exists()
+    assert (run / "trainer" / "checkpoint-3").is_dir() and not (run / "final").exists()
 
     subprocess.run([sys.executable, "-m", "opdgeo.cli", *arguments], env=env, check=True,
                    capture_output=True)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from trl import DistillationTrainer
 
+from opdgeo.sampling import ResumableSampling
+
 TRL_BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}
 # Image inputs that DistillationTrainer keeps beside the token ids of a vision-language batch;
 # both models' forwards need them (the image tokens are placeholders for the vision tower).
@@ -24,8 +26,9 @@ IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image
 LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled_k1", "forward_kl_topk")
 
 
-class OPDTrainer(DistillationTrainer):
-    """DistillationTrainer with the sampled-token and top-k losses added."""
+class OPDTrainer(ResumableSampling, DistillationTrainer):
+    """DistillationTrainer with the sampled-token and top-k losses added (and its data order
+    restored on resume, opdgeo.sampling)."""
 
     def __init__(self, *args, loss: str = "reverse_kl", topk: int = 32, **kwargs):
         if loss not in LOSSES:
