@@ -44,7 +44,7 @@ def test_card_in_the_final_checkpoint_names_the_runs_settings_scores_and_delta(t
     assert (tmp_path / "model_card.md").read_text() == (tmp_path / "final/README.md").read_text()
     text = card.text
     for expected in (f"`{run.name}`", "kind `opd`", "`results/models/s/final`",
-                     "`results/models/t/final`", "`forward_kl_topk` distillation loss",
+                     "`results/models/t/final`", "OPD, OPDTrainer with the `forward_kl_topk` loss",
                      "adamw, learning rate 0.0003", "| steps | 4 (8 completions per step) |",
                      "| seed | 0 |", "synthetic `addition` task", "digits 2",
                      f"opdgeo {package_version()} (commit "):
@@ -69,7 +69,7 @@ def test_card_of_a_hub_model_on_a_hub_data_set(tmp_path):
     assert card.data.base_model == "Qwen/Qwen2.5-1.5B"
     assert card.data.datasets == ["BytedTsinghua-SIA/DAPO-Math-17k"]
     text = card.text
-    assert "| teacher | none |" in text and "GRPO with the task's exact-match reward" in text
+    assert "| teacher | none |" in text and "| objective | RLVR (GRPO), GRPOTrainer |" in text
     assert ("`BytedTsinghua-SIA/DAPO-Math-17k` (split train, revision not pinned" in text)
     assert "| data set, held-out: aime24 | `HuggingFaceH4/aime_2024` (split train, revision " \
            "abc123) |" in text

@@ -14,13 +14,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from opdgeo.config import RunSpec
 from opdgeo.delta import columns
 from opdgeo.delta.cli import HEADLINE_KEYS
+from opdgeo.kinds import RUN_KINDS
 from opdgeo.version import describe
-
-# How each kind is trained when it is not distillation with the run's `loss` (opdgeo.train).
-OBJECTIVES = {
-    "sft": "cross-entropy on the teacher's sampled completions (TRL SFTTrainer)",
-    "grpo": "GRPO with the task's exact-match reward (TRL GRPOTrainer)",
-}
 
 
 def _hub_id(path: str | None) -> str | None:
@@ -64,8 +59,9 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
                summary: dict) -> ModelCard:
     training = spec.training
     optimizer = training["optimizers"][spec.optimizer]
-    objective = OBJECTIVES.get(spec.kind, f"`{training['loss']}` distillation loss "
-                                          "(TRL DistillationTrainer)")
+    kind = RUN_KINDS[spec.kind]
+    objective = f"{kind.label}, {kind.trainer}" + (
+        f" with the `{training['loss']}` loss" if kind.trainer == "OPDTrainer" else "")
     settings = [
         ("run", f"`{spec.name}` (kind `{spec.kind}`, pair `{spec.pair}`, group {spec.group})"),
         ("source (student)", f"`{source}`"),
