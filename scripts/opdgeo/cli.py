@@ -124,9 +124,9 @@ def cmd_make_mask(args):
 
 
 def cmd_evaluate(args):
+    from opdgeo.delta.io import step_folders
     from opdgeo.device import resolve_device
     from opdgeo.evaluate import ScoreJournal, evaluate_checkpoints
-    from opdgeo.tables import step_folders
     from opdgeo.task import make_task
 
     _threads(args.threads)

@@ -8,31 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdgeo.delta.columns import flatten
+
 TIDY = ["run", "step", "metric", "value"]
-
-
-def step_folders(checkpoints: str | Path) -> dict[int, Path]:
-    """A run's intermediate checkpoints (`checkpoints/step-N`) by step, in step order."""
-    if not Path(checkpoints).is_dir():
-        raise FileNotFoundError(f"no checkpoints folder {checkpoints}: train the run first, "
-                                f"or drop --checkpoints")
-    folders = {int(path.name.removeprefix("step-")): path
-               for path in Path(checkpoints).glob("step-*") if path.is_dir()}
-    return dict(sorted(folders.items()))
-
-
-def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a summary, nested keys joined with '/'."""
-    flat = {}
-    for key, value in summary.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "/"))
-        elif isinstance(value, bool):
-            flat[name] = float(value)
-        elif isinstance(value, int | float):
-            flat[name] = float(value)
-    return flat
 
 
 def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 aggregates each column as declared."""
 
 import math
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -70,11 +72,14 @@ def test_summary_names_and_labels():
         columns.metric("sparsity_atol_1e-5_median")  # a count-weighted column has no median
 
 
-def test_the_registry_imports_without_torch():
-    import subprocess
-    import sys
+def _imports(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sys.modules))"
+    scripts = str(columns.__file__).rsplit("/opdgeo/", 1)[0]
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                            text=True, env={"PYTHONPATH": scripts})
+    return set(result.stdout.split())
 
-    code = ("import sys; import opdgeo.delta.columns; "
-            "assert 'torch' not in sys.modules, 'columns imported torch'")
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={"PYTHONPATH": str(columns.__file__).rsplit("/opdgeo/", 1)[0]})
+
+def test_the_registry_imports_without_torch_and_the_analysis_without_the_table_layer():
+    assert "torch" not in _imports("opdgeo.delta.columns")
+    assert not {"opdgeo.tables", "opdgeo.tidy"} & _imports("opdgeo.delta.analyze")

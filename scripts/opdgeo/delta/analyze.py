@@ -21,6 +21,7 @@ from opdgeo.delta.columns import (
     MASK_RATIOS,
     SHUFFLE_NULL_KEYS,
     coverage_suffix,
+    flatten,
     ratio_label,
     threshold_label,
 )
@@ -32,6 +33,7 @@ from opdgeo.delta.io import (
     TensorPair,
     check_writable,
     match_tensors,
+    step_folders,
     write_atomically,
 )
 from opdgeo.delta.metrics import (
@@ -60,7 +62,6 @@ from opdgeo.delta.spectrum import (
 from opdgeo.device import resolve_device
 from opdgeo.naming import canonical_name, classify
 from opdgeo.progress import progress
-from opdgeo.tables import flatten, step_folders
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def _share(part: float, whole: float) -> float:

@@ -225,3 +225,18 @@ def axis_label(column: str, *notes: str) -> str:
     declared = metric(column)
     median = declared.aggregation == "median" and column != declared.name
     return declared.axis_label(*notes, *(("median",) if median else ()))
+
+
+def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a summary, nested keys joined with '/' (block_energy_share/ffn): the
+    metric names of delta_global.csv and trajectory.csv."""
+    flat = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        elif isinstance(value, bool):
+            flat[name] = float(value)
+        elif isinstance(value, int | float):
+            flat[name] = float(value)
+    return flat

@@ -125,6 +125,16 @@ class Checkpoint:
         return False
 
 
+def step_folders(checkpoints: str | Path) -> dict[int, Path]:
+    """A run's intermediate checkpoints (`checkpoints/step-N`) by step, in step order."""
+    if not Path(checkpoints).is_dir():
+        raise FileNotFoundError(f"no checkpoints folder {checkpoints}: train the run first, "
+                                f"or drop --checkpoints")
+    folders = {int(path.name.removeprefix("step-")): path
+               for path in Path(checkpoints).glob("step-*") if path.is_dir()}
+    return dict(sorted(folders.items()))
+
+
 def _damaged(file: Path, error: Exception, tensor: str | None = None) -> ValueError:
     what = f"tensor {tensor} of {file}" if tensor else str(file)
     return ValueError(f"cannot read {what} ({error}): the file is damaged or truncated; "
