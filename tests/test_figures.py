@@ -259,3 +259,14 @@ def test_a_mask_arm_of_an_external_rlvr_run_is_the_papers_rlvr_arm(full):
     assert paper_tables.paper_arm("random-deepscaler-rlvr", info) == "random-grpo"
     assert paper_tables.paper_arm("run-ext-opd", info) == "run-ext-opd"
     assert paper_tables.paper_arm("opd", info) == "opd"
+
+
+def test_every_paper_reference_names_the_table_it_comes_from():
+    import yaml
+
+    reference = yaml.safe_load(paper_tables.REFERENCE.read_text())
+    assert {"global_delta", "module_energy", "masked_retraining", "optimizer_ablation"} <= \
+        set(reference)
+    for name, entry in reference.items():
+        assert entry["from"].strip(), name
+        assert all(len(values) == len(entry["columns"]) for values in entry["rows"].values()), name

@@ -38,6 +38,7 @@ from opdgeo.delta.columns import (  # noqa: E402
     summary_name,
 )
 from opdgeo.kinds import DELTA_KINDS, METHOD_ORDER, TRAINED_METHODS  # noqa: E402
+from opdgeo.paper_tables import PAPER_ADAMW_STATE  # noqa: E402
 from opdgeo.tidy import (  # noqa: E402
     OPTIMIZER_LABELS,
     curves,
@@ -52,7 +53,6 @@ from opdgeo.tidy import (  # noqa: E402
 DEFAULTS = {"style": "whitegrid", "context": "paper", "dpi": 150, "formats": ["png", "pdf"],
             "fig2_run": "", "palette": "colorblind", "labels": {}, "metric": ""}
 ISOTROPIC_PROJECTION = HEADLINE_RATIO**2  # the asymptotic isotropic baseline at the ratio
-PAPER_M1_COSINE_MEAN, PAPER_M2_CV_MEAN = 0.28, 4.85  # STUDY.md section 4, AdamW diagnostics
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
@@ -395,8 +395,8 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
     data = data.merge(info[["run", "series", "method_rank"]], on="run")
     data = data.sort_values(["method_rank", "series", "step"])
     colors, labels = group_colors(info, plots), _labels(info)
-    panels = (("m1_cosine", "cos(m_t, m_previous logged step)", PAPER_M1_COSINE_MEAN),
-              ("m2_cv", "std / mean of v_t over coordinates", PAPER_M2_CV_MEAN))
+    panels = (("m1_cosine", "cos(m_t, m_previous logged step)", PAPER_ADAMW_STATE["m1_cosine"]),
+              ("m2_cv", "std / mean of v_t over coordinates", PAPER_ADAMW_STATE["m2_cv"]))
     for ax, (metric, ylabel, paper) in zip(axes, panels, strict=True):
         draw_lines(ax, data[data["metric"] == metric], "step", colors, labels)
         ax.axhline(paper, ls=":", color="0.3", lw=1.2, label=f"paper, mean over run ({paper})")

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from opdgeo.delta import columns
 from opdgeo.delta.columns import (
@@ -35,50 +36,30 @@ from opdgeo.tidy import (
     wide,
 )
 
-# STUDY.md section 5: the paper's global delta table, in % except the stable rank.
-PAPER_GLOBAL_COLUMNS = ("relative_norm", "sparsity", "top16_energy", "stable_rank",
-                        "principal_coverage", "low_magnitude_coverage")
-PAPER_GLOBAL = {
-    "Qwen-Math offline distill": (11.936, 3.06, 8.57, 82.74, 9.95, 10.10),
-    "DeepScaleR RLVR": (0.073, 77.89, 19.62, 16.07, 5.29, 31.26),
-    "DS-Qwen OPD": (0.047, 82.58, 26.92, 9.97, 4.81, 38.04),
-    "DS-Qwen OPD (JustRL teacher)": (0.108, 70.43, 40.94, 7.25, 5.46, 23.04),
-    "MiniCPM OPD": (0.069, 81.65, 26.81, 12.32, 5.39, 39.42),
-    "Qwen2.5-VL OPD": (0.142, 66.72, 30.52, 12.58, 5.23, 24.99),
-    "Qwen3-1.7B OPD": (0.045, 79.03, 19.69, 20.31, 4.45, 34.69),
-    "Qwen3 OPSD": (0.036, 89.50, 26.19, 7.77, 4.39, 48.57),
-}
-# Module energy share (%), FFN / attention / embedding / lm_head / other (None: not reported).
-PAPER_ENERGY_COLUMNS = ("ffn", "attention", "embedding", "lm_head", "other")
-PAPER_ENERGY = {
-    "DeepScaleR RLVR": (83.9, 11.4, 2.1, 2.6, 0.0),
-    "DS-Qwen OPD": (85.9, 11.1, 0.6, 2.5, 0.0),
-    "MiniCPM OPD": (65.1, 21.0, 4.7, 9.2, 0.0),
-    "Qwen2.5-VL OPD": (81.4, 10.5, 3.5, None, 4.6),
-    "Qwen3-1.7B OPD": (69.7, 27.0, 3.3, None, 0.0),
-    "Qwen3 OPSD": (62.3, 37.4, 0.3, None, 0.0),
-}
-# Interventions (AIME mean@16, %), DS-Qwen: arm -> (peak, late average); None: not reported.
-PAPER_MASKED = {"full": (35.52, 34.27), "opd": (35.10, 34.73), "run-grpo": (34.69, None),
-                "random": (32.92, None)}
-PAPER_MASK_DENSITY = {"opd": 17.5, "run-grpo": 22.1, "random": 17.5}
-# The vision-language appendix (Qwen2.5-VL-3B, Geo3K accuracy, peak only; no densities given).
-PAPER_MASKED_VL = {"full": (55.72, None), "opd": (54.24, None), "random": (52.30, None),
-                   "run-grpo": (49.98, None), "random-grpo": (47.40, None)}
-PAPER_OPTIMIZER = {"adamw": (43.02, 42.40), "sgd": (39.06, 37.92)}  # (peak, final)
+REFERENCE = Path(__file__).resolve().parents[2] / "config" / "paper_reference.yaml"
 
-# The source checkpoint of each run of the paper's global table (STUDY.md section 2), and the
-# keys of each source's Hugging Face config.json that fix its tensor shapes.
-PAPER_SOURCES = {
-    "Qwen-Math offline distill": "Qwen2.5-Math-1.5B",
-    "DeepScaleR RLVR": "DeepSeek-R1-Distill-Qwen-1.5B",
-    "DS-Qwen OPD": "DeepSeek-R1-Distill-Qwen-1.5B",
-    "DS-Qwen OPD (JustRL teacher)": "DeepSeek-R1-Distill-Qwen-1.5B",
-    "MiniCPM OPD": "MiniCPM5-1B-SFT",
-    "Qwen2.5-VL OPD": "Qwen2.5-VL-3B-Instruct",
-    "Qwen3-1.7B OPD": "Qwen3-1.7B-Base",
-    "Qwen3 OPSD": "Qwen3-4B",
-}
+
+def paper_reference(table: str, path: Path = REFERENCE) -> tuple[tuple[str, ...], dict]:
+    """One of the paper's tables in config/paper_reference.yaml: (columns, row -> values);
+    a one-column table maps rows to the value itself."""
+    entry = yaml.safe_load(Path(path).read_text())[table]
+    columns = tuple(entry["columns"])
+    rows = {row: tuple(values) if len(columns) > 1 else values[0]
+            for row, values in entry["rows"].items()}
+    return columns, rows
+
+
+# The paper's numbers, by the table they come from (% except ranks; None: not reported).
+PAPER_GLOBAL_COLUMNS, PAPER_GLOBAL = paper_reference("global_delta")
+PAPER_ENERGY_COLUMNS, PAPER_ENERGY = paper_reference("module_energy")
+_, PAPER_MASKED = paper_reference("masked_retraining")  # arm -> (peak, late average)
+_, PAPER_MASK_DENSITY = paper_reference("mask_density")
+_, PAPER_MASKED_VL = paper_reference("masked_retraining_vl")
+_, PAPER_OPTIMIZER = paper_reference("optimizer_ablation")  # optimizer -> (peak, final)
+_, PAPER_ADAMW_STATE = paper_reference("adamw_state")  # diagnostic -> mean over the run
+_, PAPER_SOURCES = paper_reference("source_models")  # paper run -> its source checkpoint
+
+# The keys of each source's Hugging Face config.json that fix its tensor shapes.
 _QWEN25_15B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
                "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936}
