@@ -1,9 +1,10 @@
+import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
 from opdgeo.callbacks import NonFiniteLossError
 from opdgeo.config import RunSpec, pair_training
-from opdgeo.losses import LOSSES
+from opdgeo.losses import LOSSES, OWN_LOSSES, OPDTrainer
 from opdgeo.models import character_tokenizer
 from opdgeo.train import train_run
 
@@ -28,15 +29,40 @@ def moved(source, final):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_every_opd_loss_trains_and_writes_a_run(tiny_pair, tmp_path, loss):
+def test_every_opd_loss_trains_and_writes_a_run(tiny_pair, tmp_path, loss, monkeypatch):
+    """Spies on the loss: the study's own losses are computed at every step and are the loss
+    trained on (the one the trainer logs), TRL's are never replaced by them."""
     student, teacher = tiny_pair
+    returned, own_calls = [], []
+    compute = OPDTrainer._compute_loss
+
+    def spy_compute(self, *args, **kwargs):
+        result = compute(self, *args, **kwargs)
+        returned.append(float((result[0] if isinstance(result, tuple) else result).detach()))
+        return result
+
+    def spy_own(name):
+        function = OWN_LOSSES[name]
+
+        def spy(*args, **kwargs):
+            own_calls.append(name)
+            return function(*args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(OPDTrainer, "_compute_loss", spy_compute)
+    for name in OWN_LOSSES:
+        monkeypatch.setitem(OWN_LOSSES, name, spy_own(name))
     train_run(spec("opd", loss), student, teacher, TASK, tmp_path / "run", "cpu")
     run = tmp_path / "run"
     assert moved(student, run / "final") > 0
     assert (run / "checkpoints" / "step-2" / "model.safetensors").exists()
     assert (run / "fp32" / "model.safetensors").exists()
-    log = (run / "train_log.csv").read_text().splitlines()
-    assert log[0].startswith("step,loss,grad_norm") and len(log) == 5
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log.columns[:3]) == ["step", "loss", "grad_norm"] and len(log) == 4
+    assert len(returned) == len(log)  # one micro-batch per step at this batch size
+    assert own_calls == ([loss] * len(log) if loss in OWN_LOSSES else [])
+    # the trainer logs the loss it trained on, rounded to 4 decimals
+    assert log["loss"].tolist() == pytest.approx(returned, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind,optimizer", [("sft", "adamw"), ("grpo", "adamw"), ("opd", "sgd")])

@@ -14,6 +14,7 @@ Both take logits from the models' own forward, so architecture-specific logit sc
 
 import torch
 import torch.nn.functional as F
+import trl
 from trl import DistillationTrainer
 
 from opdgeo.sampling import ResumableSampling
@@ -24,6 +25,33 @@ TRL_BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",
                 "mm_token_type_ids", "token_type_ids")
 LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled_k1", "forward_kl_topk")
+
+# OPDTrainer overrides the method DistillationTrainer.compute_loss calls for the loss; were it
+# renamed in a TRL release, sampled_k1 and forward_kl_topk would silently train with TRL's own
+# loss. tests/test_train.py checks, by a spy, that the loss trained on is ours.
+if not callable(getattr(DistillationTrainer, "_compute_loss", None)):
+    raise ImportError(f"trl {trl.__version__}: DistillationTrainer has no _compute_loss, the "
+                      "method OPDTrainer overrides; install the trl that envs/requirements.txt "
+                      "pins")
+
+
+def sampled_k1(student_logp, teacher_logp, completion_ids, topk):
+    """Per-token -A_t * log pi_S(y_t), A_t = -(log pi_S(y_t) - log pi_T(y_t)) detached."""
+    s = student_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    t = teacher_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    advantage = -(s - t).detach()
+    return -advantage * s
+
+
+def forward_kl_topk(student_logp, teacher_logp, completion_ids, topk):
+    """Per-token KL(pi_T || pi_S) over the teacher's top-k tokens, the teacher renormalised."""
+    top_logp, top_idx = teacher_logp.topk(min(topk, teacher_logp.size(-1)), dim=-1)
+    top_p = F.softmax(top_logp, dim=-1)
+    return (top_p * (top_p.clamp_min(1e-30).log() - student_logp.gather(-1, top_idx))).sum(-1)
+
+
+# The losses OPDTrainer computes itself (the others are TRL's generalised JSD).
+OWN_LOSSES = {"sampled_k1": sampled_k1, "forward_kl_topk": forward_kl_topk}
 
 
 class OPDTrainer(ResumableSampling, DistillationTrainer):
@@ -37,7 +65,7 @@ class OPDTrainer(ResumableSampling, DistillationTrainer):
         self.opd_loss, self.topk = loss, topk
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        if self.opd_loss not in ("sampled_k1", "forward_kl_topk"):
+        if self.opd_loss not in OWN_LOSSES:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         completion_ids = inputs["completion_ids"]
         mask = inputs["completion_mask"].float()
@@ -48,16 +76,8 @@ class OPDTrainer(ResumableSampling, DistillationTrainer):
             teacher_logits = self._completion_logits(teacher, inputs)
         student_logp = F.log_softmax(student_logits / self.temperature, dim=-1)
         teacher_logp = F.log_softmax(teacher_logits / self.temperature, dim=-1)
-        if self.opd_loss == "sampled_k1":
-            s = student_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-            t = teacher_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-            advantage = -(s - t).detach()
-            per_token = -advantage * s
-        else:
-            top_logp, top_idx = teacher_logp.topk(min(self.topk, teacher_logp.size(-1)), dim=-1)
-            top_p = F.softmax(top_logp, dim=-1)  # teacher renormalised over its top-k
-            per_token = (top_p * (top_p.clamp_min(1e-30).log() - student_logp.gather(-1, top_idx)))
-            per_token = per_token.sum(-1)
+        per_token = OWN_LOSSES[self.opd_loss](student_logp, teacher_logp, completion_ids,
+                                              self.topk)
         total = (per_token * mask).sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         loss = total / torch.as_tensor(denominator, device=total.device).clamp_min(1)
