@@ -347,24 +347,71 @@ def jobs_run(output: str) -> list[tuple[str, bool, list[str]]]:
     return jobs
 
 
-@needs_workflow
-def test_training_job_of_the_real_workflow_asks_for_one_gpu(tmp_path):
-    """With `device: cuda` the pipeline's own training rule reaches sbatch as --gpus=1 on the
-    profile's GPU partition (fake SLURM commands; no GPU, no cluster)."""
+def training_submission(tmp_path: Path, profile: str) -> tuple[list[str], str]:
+    """The sbatch arguments of the real workflow's first base-model training job under
+    `--profile profile` with `device: cuda` (fake SLURM commands; no GPU, no cluster), and
+    Snakemake's output."""
     repo = copy_repo(tmp_path / "repo")
     record = tmp_path / "calls.jsonl"
     fake_slurm_bin(tmp_path / "bin", record)
     env = workflow_env(repo, dict(os.environ))
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
     env.pop("SLURM_CONF", None)
-
-    result = snakemake(repo, "--configfile", SMOKE, "--config", "device=cuda", env=env)
-    assert result.returncode != 0
+    env.pop("SNAKEMAKE_PROFILE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", SMOKE,
+         "--config", "device=cuda"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0, "fake sbatch refuses every job; the run must fail"
     calls = recorded_sbatch_calls(record)
     train = next((argv for rule, argv in calls.items() if rule.startswith("train_model")), None)
-    assert train is not None, result.output[-4000:]
+    assert train is not None, result.stdout[-4000:]
+    return train, result.stdout
+
+
+def option(argv: list[str], name: str) -> str | None:
+    """The value of `-p VALUE` or `--gpus=VALUE` in an sbatch argument list."""
+    if name in argv:
+        return argv[argv.index(name) + 1]
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(name + "=")), None)
+
+
+@needs_workflow
+def test_training_job_of_the_real_workflow_asks_for_one_gpu(tmp_path):
+    """With `device: cuda` the pipeline's own training rule reaches sbatch as --gpus=1 on the
+    profile's GPU partition."""
+    train, _ = training_submission(tmp_path, "slurm")
     assert "--gpus=1" in train
     assert train[train.index("-p") + 1] == "gpu"
+
+
+# A cluster's own profile, knowing nothing of this workflow: how to reach its SLURM.
+SITE_PROFILE = """\
+executor: slurm
+jobs: 20
+default-resources:
+  slurm_partition: "site-gpu"
+"""
+
+
+@needs_workflow
+def test_a_sites_own_profile_gets_the_jobs_gpus_memory_and_runtime(tmp_path):
+    """`snakemake --profile <the site's>`: the GPU, memory and runtime each rule declares
+    reach sbatch as under the shipped profile, with the site's partition, and the workflow's
+    own settings (workflow/profiles/default) apply as well."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "config.yaml").write_text(SITE_PROFILE)
+    shipped, _ = training_submission(tmp_path / "shipped", "slurm")
+    theirs, output = training_submission(tmp_path / "theirs", str(site))
+
+    assert "workflow specific profile workflow/profiles/default" in output
+    assert option(theirs, "-p") == "site-gpu"
+    for name in ("--gpus", "--mem", "-t", "--cpus-per-task", "--cpus-per-gpu"):
+        assert option(theirs, name) == option(shipped, name), name
+    assert option(theirs, "--gpus") == "1" and option(theirs, "--mem") and option(theirs, "-t")
 
 
 @dataclass
