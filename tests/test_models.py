@@ -46,6 +46,21 @@ def test_bf16_checkpoint_reloads_bit_for_bit(tmp_path, arch):
     assert not (tmp_path / "ckpt.tmp").exists()
 
 
+def test_a_tied_model_stores_its_head_once_with_fp32_weights_too(tmp_path):
+    # Qwen2.5-Math-1.5B and Qwen3-1.7B-Base tie their heads; their checkpoints store none, and
+    # a run keeping fp32 weights must not fail on the shared storage.
+    tokenizer = character_tokenizer()
+    model = build_model("qwen3", tokenizer, 0, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
+                        tie_word_embeddings=True)
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", fp32_weights=tmp_path / "fp32.safetensors")
+    for stored in (load_file(str(tmp_path / "ckpt" / "model.safetensors")),
+                   load_file(str(tmp_path / "fp32.safetensors"))):
+        assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
+    reloaded = load_model(tmp_path / "ckpt")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
 def test_vocabulary_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="different vocabularies"):
         check_same_vocabulary(character_tokenizer(), character_tokenizer("0123456789+=-"),

@@ -40,6 +40,7 @@ EXAMPLES = {
     "paper-tables": "opdgeo paper-tables --tables results/tables --out results/tables",
     "paper-null": "opdgeo paper-null --std 0.02 0.01 --out results/tables",
     "findings": "opdgeo findings --tables results/tables --out results/findings",
+    "rehearse": "opdgeo rehearse config/paper.yaml --out rehearsal",
 }
 DEBUG_VARIABLE = "OPDGEO_DEBUG"
 
@@ -218,6 +219,12 @@ def cmd_findings(args):
     print(table["verdict"].value_counts().to_string() if len(table) else "no findings rows")
 
 
+def cmd_rehearse(args):
+    from opdgeo.rehearse import rehearse
+
+    print(f"wrote {rehearse(args.study, args.out)}")
+
+
 def _render_arguments(p):
     p.add_argument("--tables", type=Path, required=True, help="folder of the tidy tables")
     p.add_argument("--plots", type=_json, default={}, help="config['plots']")
@@ -325,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("findings", help="F1-F8 as verdicts with numbers (out.md, out.csv)")
     _render_arguments(p)
     p.set_defaults(handler=cmd_findings)
+
+    p = sub.add_parser("rehearse", help="a study's config on tiny local stand-ins of its hub "
+                       "models and data sets (CPU)")
+    p.add_argument("study", type=Path, help="the study's config, e.g. config/paper.yaml")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder of the rehearsal: config.yaml, models/, data/")
+    p.set_defaults(handler=cmd_rehearse)
 
     parser.epilog = "examples:\n" + "\n".join(f"  {EXAMPLES[verb]}" for verb in sub.choices)
     for p in (parser, *sub.choices.values()):

@@ -89,12 +89,13 @@ def character_tokenizer(characters: str = TASK_CHARACTERS,
     )
 
 
-def image_text_processor(max_pixels: int = 28 * 28 * 64) -> ImageTextProcessor:
+def image_text_processor(max_pixels: int = 28 * 28 * 64,
+                         characters: str = TASK_CHARACTERS) -> ImageTextProcessor:
     """The character tokenizer with image tokens, and Qwen2-VL's PIL image processor (no
     torchvision needed): 14-pixel patches merged 2 x 2 into one language token."""
     images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14,
                                       merge_size=2, temporal_patch_size=2)
-    tokenizer = character_tokenizer(vision=True)
+    tokenizer = character_tokenizer(characters, vision=True)
     return ImageTextProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
 
 
@@ -116,8 +117,8 @@ def build_model(arch: str, tokenizer, seed: int, vision: dict | None = None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        max_position_embeddings=64,
-        **{"tie_word_embeddings": False, **dims},  # a build may tie them, as Qwen2.5-Math
+        # a build may tie them (as Qwen2.5-Math does) and need longer prompts (chat templates)
+        **{"max_position_embeddings": 64, "tie_word_embeddings": False, **dims},
     )
     if arch in VISION_ARCHITECTURES:
         config = _vision_language_config(arch, tokenizer, text, vision or {})
@@ -136,7 +137,7 @@ def _vision_language_config(arch: str, tokenizer, text: dict, vision: dict):
     # sections; Qwen's 1:1.5:1.5 split, scaled to the tiny head.
     half = text["hidden_size"] // text["num_attention_heads"] // 2
     sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    text = {**text, "max_position_embeddings": 256,
+    text = {**text, "max_position_embeddings": max(256, text["max_position_embeddings"]),
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "mrope_section": sections}}
     vision = {"depth": 1, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
@@ -244,16 +245,30 @@ def save_checkpoint(model, tokenizer, path: str | Path, fp32_weights: Path | Non
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    bf16_state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
+    state = _stored_once(model.state_dict())
+    bf16_state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in state.items()}
     model.save_pretrained(tmp, state_dict=bf16_state)
     _mark_dtype(tmp / "config.json", "bfloat16")
     tokenizer.save_pretrained(tmp)
     if fp32_weights is not None:
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
         save_file(state, str(fp32_weights) + ".tmp")
         Path(str(fp32_weights) + ".tmp").replace(fp32_weights)
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
+
+
+def _stored_once(state: dict) -> dict:
+    """A state dict without tied copies: a tied head shares the embedding's storage and is
+    stored once, as the hub's checkpoints of tied models (Qwen2.5-Math, Qwen3) store it."""
+    seen, kept = set(), {}
+    for name, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and pointer in seen:
+            continue
+        seen.add(pointer)
+        kept[name] = tensor
+    return kept
 
 
 def _mark_dtype(config_path: Path, dtype: str):
