@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make reproduce [CONFIG=config/smoke.yaml]   set up .venv, run the study, print where results are
 #   make test                                   set up .venv with test tools, run the test suite
+#   make test-fast                              the unit tests only (no training, DAG or SLURM)
 CONFIG ?= config/config.yaml
 CORES ?= 2
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: reproduce test report bench setup lint clean
+.PHONY: reproduce test test-fast report bench setup lint clean
 
 $(BIN)/.installed: envs/requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ report: $(BIN)/.installed
 test: $(BIN)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not train"
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_analysis.py

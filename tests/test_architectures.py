@@ -30,6 +30,7 @@ def tiny(arch, path, seed, hidden):
     return model
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("arch,gpu_settings", [
     ("qwen2", True), ("qwen3", False), ("llama", False), ("minicpm3", False),
 ])

@@ -62,6 +62,7 @@ def masked_run(tmp_path_factory):
                 trainer=trainer)
 
 
+@pytest.mark.train
 def test_coordinates_outside_the_mask_are_bit_for_bit_unchanged(masked_run):
     """AdamW with weight decay 0.1 at lr 1e-2 would move every coordinate; only inside may."""
     student, mask, initial = masked_run["student"], masked_run["mask"], masked_run["initial"]
@@ -78,6 +79,7 @@ def test_coordinates_outside_the_mask_are_bit_for_bit_unchanged(masked_run):
     assert moved_inside > 0.9 * total_inside
 
 
+@pytest.mark.train
 def test_clipping_never_sees_gradients_outside_the_mask(masked_run):
     probe, grad_norms = masked_run["probe"], masked_run["grad_norms"]
     assert len(probe.max_outside) == STEPS
@@ -90,6 +92,7 @@ def test_clipping_never_sees_gradients_outside_the_mask(masked_run):
         assert clipped == pytest.approx(min(logged, CLIP), rel=1e-4)
 
 
+@pytest.mark.train
 def test_mask_hooks_are_removed_after_training(masked_run):
     student = masked_run["student"]
     assert all(not p._backward_hooks for p in student.parameters())

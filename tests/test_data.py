@@ -115,6 +115,7 @@ def test_prompts_go_through_the_chat_template_when_there_is_one():
     assert render_prompts(plain, ["12+34="]) == (["12+34="], True)
 
 
+@pytest.mark.train
 def test_one_opd_step_and_evaluation_on_the_math_task(files, tmp_path, make_checkpoint):
     """TRL's conversational path (chat template) for training, the same for mean@k."""
     tokenizer = chat_tokenizer()
@@ -206,6 +207,7 @@ def test_undecodable_image_stops_with_the_row_named(tmp_path, hub_style):
         load_examples(geo3k_spec(path))
 
 
+@pytest.mark.train
 def test_geo3k_task_trains_and_evaluates_a_vl_pair(tmp_path, make_checkpoint):
     """One OPD step with Geo3K figures of any size, then greedy and sampled evaluation."""
     path = tmp_path / "geo3k.parquet"

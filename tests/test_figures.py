@@ -130,7 +130,7 @@ def test_paper_rounding_null_table_from_the_papers_numbers(tmp_path):
     assert len(table) == 2 * len(paper_tables.PAPER_GLOBAL)
     row = table.set_index(["paper run", "weight std"]).loc[("DS-Qwen OPD", 0.02)]
     assert row["reported sparsity %"] == 82.58 and row["reported low-mag cov. %"] == 38.04
-    assert row["null low-mag cov. %"] == pytest.approx(33.2, abs=0.5)  # issue 10's probe
+    assert row["null low-mag cov. %"] == pytest.approx(33.2, abs=0.5)  # probe on sampled weights
     assert row["reported - null (pt)"] == pytest.approx(38.04 - row["null low-mag cov. %"])
     # shapes from the architectures: the parameter counts the model cards give
     parameters = table.groupby("source model")["parameters"].first()
@@ -138,7 +138,7 @@ def test_paper_rounding_null_table_from_the_papers_numbers(tmp_path):
     assert parameters["Qwen2.5-VL-3B-Instruct"] == pytest.approx(3.75e9, rel=0.01)
     assert parameters["Qwen2.5-Math-1.5B"] == pytest.approx(1.54e9, rel=0.01)
     assert parameters["DeepSeek-R1-Distill-Qwen-1.5B"] == pytest.approx(1.78e9, rel=0.01)
-    # issue 10: with std 0.01 the null falls, to about 18-22% for the sparse runs
+    # with std 0.01 the null falls, to about 18-22% for the sparse runs
     sparse = table[table["reported sparsity %"] > 50].set_index(["paper run", "weight std"])
     runs = sparse.index.get_level_values(0).unique()
     for run in runs:

@@ -54,7 +54,7 @@ def test_verdict_rules():
 
 
 @pytest.mark.parametrize("coverage, null, expected", [
-    (0.33, 0.323, findings.EXPLAINED),  # the toy probe of issue 10: rounding explains it
+    (0.33, 0.323, findings.EXPLAINED),  # a toy probe on sampled weights: rounding explains it
     (0.33, 0.20, findings.HOLDS_BEYOND),
     (0.12, 0.10, findings.FAILS),  # below the 0.15 threshold: fails, whatever the null
 ])

@@ -22,6 +22,7 @@ from opdgeo.callbacks import NonFiniteGuardCallback
 from opdgeo.config import RunSpec, pair_training
 from opdgeo.train import train_run
 
+pytestmark = pytest.mark.train  # every test here trains through TRL
 TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
 
 

@@ -8,6 +8,7 @@ from opdgeo.losses import LOSSES, OWN_LOSSES, OPDTrainer
 from opdgeo.models import character_tokenizer
 from opdgeo.train import train_run
 
+pytestmark = pytest.mark.train  # every test here trains through TRL
 TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
 
 

@@ -134,6 +134,7 @@ def run_spec(kind, loss="reverse_kl", mask=None, steps=2):
                    training=pair_training(config, "p"))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("kind,loss", [("opd", "reverse_kl"), ("opd", "forward_kl_topk"),
                                        ("opd", "sampled_k1"), ("sft", "reverse_kl"),
                                        ("grpo", "reverse_kl")])
@@ -159,6 +160,7 @@ def test_grpo_reward_reads_conversational_completions():
     assert reward(prompts=None, completions=["3", "1"], answer=["3", "3"]) == [1.0, 0.0]
 
 
+@pytest.mark.train
 def test_masked_vl_run_keeps_coordinates_outside_the_mask(tiny_vl_pair, tmp_path):
     student, teacher = tiny_vl_pair
     shapes = {k: v.shape for k, v in load_file(str(student / "model.safetensors")).items()}

@@ -525,7 +525,7 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
 def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.DataFrame,
                      plots: dict, out: Path):
     """At equal gain, does OPD move fewer coordinates? One curve per method over the
-    learning-rate x steps grid (issue 10, item 4)."""
+    learning-rate x steps grid."""
     metric = score_metric(evaluation, plots.get("metric", ""))
     points = matched_gain_points(evaluation, delta, info, metric)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))

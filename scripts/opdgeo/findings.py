@@ -55,7 +55,7 @@ F7_ISOTROPIC = 0.01  # joint principal projection of an isotropic update at 10%:
 F7_RANDOM_MASK = 0.10  # coverage of a random 10% mask
 F8_MIN_COVERAGE = 0.15  # "well above 10%": low-magnitude coverage at least 1.5x the density
 # Beyond the null: observed differs from the null in the claimed direction by more than
-# max(absolute, relative * |null|): 10% of the null's own value (the toy probes of issue 10
+# max(absolute, relative * |null|): 10% of the null's own value (toy probes on sampled weights
 # matched nulls to ~1e-3 at coverages ~0.3), with a floor for nulls near zero.
 NULL_ABS_MARGIN = 0.001
 NULL_REL_MARGIN = 0.10

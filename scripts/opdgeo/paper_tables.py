@@ -322,7 +322,7 @@ def evaluation_summary(info: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataF
 
 
 def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
-    """The parametric rounding null applied to the paper's own sparsities (issue 10): per
+    """The parametric rounding null applied to the paper's own sparsities: per
     paper run and weight std, every tensor of its source model's shapes is N(0, std^2) in
     bf16, one update scale is fitted so that the expected sparsity at 1e-5 is the reported
     one, and the null's low-magnitude coverage at 10% stands beside the reported coverage.

@@ -1,8 +1,20 @@
-"""The synthetic verifiable task: fixed-width addition with the answer digits reversed.
+"""The tasks a pair trains and is evaluated on (`task.kind`), behind one interface.
 
-`123+045=` -> `8610`: the sum 0168 written least significant digit first, so that a
-left-to-right model can carry as it goes. Every prompt and every answer of one task has the
-same length, so batches need no padding and exact match is a string comparison.
+`make_task(config)` returns an object with `train_examples(n, seed)`, `eval_examples()`,
+`score(completion, answer)` and `max_new_tokens`; examples are `Example(prompt, answer,
+image)`. The kinds:
+
+- `addition` (AdditionTask, the default's language pair): fixed-width addition with the answer
+  digits reversed, `123+045=` -> `8610` (the sum 0168 least significant digit first, so that a
+  left-to-right model can carry as it goes). Every prompt and answer has one length, so
+  batches need no padding and exact match is a string comparison; the held-out split is a
+  digest of the operands (`is_held_out`).
+- `squares` (SquaresTask, the default's vision-language pair): a generated picture of squares
+  and a one-digit question about it (their colour, or how many there are).
+- `math` (opdgeo.data.MathTask, the paper's study): real data sets through `datasets`
+  (DAPO-Math-17K prompts; AIME24/25 or Geo3K as benchmarks), answers checked by math-verify.
+
+A new kind is a class with that interface, registered in `TASKS`.
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Null models (issue 10) on constructed cases: values computed, not typed in."""
+"""Null models on constructed cases: values computed, not typed in."""
 
 import math
 
@@ -172,7 +172,7 @@ def test_pooled_null_does_not_depend_on_how_one_distribution_is_split():
 
 
 @pytest.mark.parametrize(("sparsity", "std", "coverage", "tolerance"), [
-    (0.826, 0.02, 0.332, 0.005),  # issue 10's probe on sampled weights: DS-Qwen OPD
+    (0.826, 0.02, 0.332, 0.005),  # a probe on sampled weights: DS-Qwen OPD
     (0.031, 0.02, 0.103, 0.002),  # offline distillation: dense, so about the mask density
     (0.895, 0.02, 0.398, 0.005),  # OPSD
     (0.667, 0.01, 0.20, 0.03),  # "with std 0.01 the null falls to 18-22%"
