@@ -74,7 +74,7 @@ def test_paper_dag_resolves_offline(tmp_path):
     """`snakemake -n` with hub ids for every model: ids are no files, so nothing waits on them."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for folder in ("workflow", "config", "scripts"):
+    for folder in ("workflow", "config", "scripts", "envs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     result = subprocess.run(
         [str(BIN / "snakemake"), "-n", "--configfile", "config/paper.yaml", "--cores", "2"],

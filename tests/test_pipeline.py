@@ -35,7 +35,7 @@ def snakemake(workdir, *args, check=True):
 
 def copy_workflow(workdir):
     """What a run needs of the repository (the package itself is installed in the venv)."""
-    for folder in ("workflow", "config", "scripts"):
+    for folder in ("workflow", "config", "scripts", "envs"):
         shutil.copytree(ROOT / folder, workdir / folder)
 
 
@@ -155,6 +155,65 @@ def test_reordering_keys_where_order_means_nothing_retrains_nothing(smoke):
 
     jobs = jobs_after_edit(smoke, reorder)
     assert all(ONLY_TABLES_AND_FIGURES.match(rule) for rule in jobs), jobs
+
+
+def jobs_after_code_edit(workdir, module, appended) -> tuple[dict[str, int], str]:
+    """The jobs a dry run schedules once `appended` is added to a module of the workflow's
+    copy of the package (scripts/opdgeo), and the dry run's output."""
+    path = workdir / "scripts" / "opdgeo" / module
+    original = path.read_text()
+    path.write_text(original + appended)
+    try:
+        dry = snakemake(workdir, "-n")
+        return scheduled_jobs(dry.stdout), dry.stdout
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.slow
+def test_a_figures_statement_reruns_every_figure_and_nothing_else(smoke):
+    jobs, dry = jobs_after_code_edit(smoke, "figures.py", "\nEDITED = 1\n")
+    rendered = {path.stem for path in (smoke / "results" / "figures").iterdir()}
+    assert set(jobs) == {f"figure_{name}" for name in rendered} | {"all"}, jobs
+    assert re.search(r"Params have changed since last execution: .* figures=", dry), dry[-3000:]
+
+
+@pytest.mark.slow
+def test_a_delta_metrics_statement_reruns_the_analysis_and_downstream_only(smoke):
+    jobs, dry = jobs_after_code_edit(smoke, "delta/metrics.py", "\nEDITED = 1\n")
+    config = yaml.safe_load((smoke / "config" / "smoke.yaml").read_text())
+    config.setdefault("external", {})
+    assert jobs["analyze_run"] == len(build_runs(config))
+    downstream = {"overlap", "delta_tables", "analysis_tables", "overlap_table", "paper_tables",
+                  "findings", "figure_fig1_overview", "all"}
+    assert downstream <= set(jobs), jobs
+    assert not {"train_model", "train_run", "evaluate_model", "evaluate_run", "make_mask",
+                "evaluation_table", "runs_table"} & set(jobs), jobs
+    assert re.search(r"Params have changed since last execution: .* delta\.metrics=", dry)
+
+
+@pytest.mark.slow
+def test_every_job_depends_on_the_code_all_commands_import(smoke):
+    jobs, _ = jobs_after_code_edit(smoke, "__init__.py", "\nEDITED = 1\n")
+    assert jobs == scheduled_jobs(snakemake(smoke, "-n", "--forceall").stdout)
+
+
+@pytest.mark.slow
+def test_a_comment_or_a_fresh_copy_of_the_code_reruns_nothing(smoke, tmp_path):
+    jobs, dry = jobs_after_code_edit(smoke, "delta/metrics.py", "\n\n# a comment\n")
+    assert jobs == {}, dry[-2000:]
+    # As a fresh clone in another folder: every source file new (new mtimes), the results
+    # and Snakemake's records of them moved in.
+    copy_workflow(tmp_path)
+    moved = ("results", ".snakemake")
+    for name in moved:
+        (smoke / name).rename(tmp_path / name)
+    try:
+        dry = snakemake(tmp_path, "-n")
+    finally:
+        for name in moved:
+            (tmp_path / name).rename(smoke / name)
+    assert scheduled_jobs(dry.stdout) == {}, dry.stdout[-2000:]
 
 
 @pytest.mark.parametrize("preload", [True, False])

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from opdgeo import preload
+from opdgeo.codehash import code_text, subcommands
 from opdgeo.config import (
     ConfigError,
     build_masks,
@@ -37,6 +38,17 @@ wildcard_constraints:
     run=RUN_PATTERN,
     model="|".join(map(re.escape, {*BUILT_MODELS, *PAIR_MODELS})) or "NONE",
     mask="|".join(map(re.escape, MASKS)) or "NONE",
+
+
+def track_code(defined_rules):
+    """Each job depends on the code it runs: the param `code` holds a hash of every package
+    module that the `opdgeo` subcommands in its shell command import, and the pins of their
+    dependencies (opdgeo.codehash), so Snakemake's params trigger reruns it when that changes."""
+    requirements = Path(workflow.basedir).parent / "envs" / "requirements.txt"
+    for each in defined_rules:
+        commands = [word for word in (each.shellcmd or "").split() if word in subcommands()]
+        if commands:
+            each.set_params(code=code_text(commands, requirements))
 
 
 def as_arg(value, ordered=False):
