@@ -45,7 +45,7 @@ def test_a_statement_changes_the_hash_of_its_module_only(package):
         source.write("\nEDITED = 1\n")
     after = {c: hashes(c, package) for c in subcommands()}
     changed = {c for c in before if after[c] != before[c]}
-    assert {"analyze", "overlap", "figure", "findings"} <= changed
+    assert {"analyze", "overlap"} <= changed
     assert not {"train-model", "train-run", "evaluate", "make-mask", "collect"} & changed
     for command in changed:
         assert {m for m in before[command] if after[command][m] != before[command][m]} == {
@@ -55,8 +55,10 @@ def test_a_statement_changes_the_hash_of_its_module_only(package):
 def test_another_commands_handler_is_not_this_commands_code(package):
     before = every_command(package)
     cli = package / "cli.py"
-    cli.write_text(cli.read_text().replace("    spec = RunSpec(**args.spec)\n",
-                                           "    spec = RunSpec(**args.spec)\n    del args.spec\n"))
+    source = cli.read_text()
+    assert "def cmd_train_run(args):\n" in source
+    cli.write_text(source.replace("def cmd_train_run(args):\n",
+                                  "def cmd_train_run(args):\n    args.edited = True\n"))
     after = every_command(package)
     assert {c for c in before if after[c] != before[c]} == {"train-run"}
 
