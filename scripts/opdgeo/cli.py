@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the rehearsal: config.yaml, models/, data/")
     p.set_defaults(handler=cmd_rehearse)
 
-    parser.epilog = "examples:\n" + "\n".join(f"  {EXAMPLES[verb]}" for verb in sub.choices)
+    parser.epilog = "examples:\n" + "\n".join(f"  {EXAMPLES[verb]}" for verb in sub.choices
+                                               if verb in EXAMPLES)
     for p in (parser, *sub.choices.values()):
         # SUPPRESS: a verb's parser leaves the flag alone unless it is given after the verb.
         p.add_argument("--debug", action="store_true",
