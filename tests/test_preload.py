@@ -5,13 +5,16 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from test_train import TASK, spec
 
 from opdgeo import preload
@@ -133,3 +136,76 @@ def test_the_server_ends_with_the_run_that_started_it(tmp_path):
         capture_output=True, text=True, check=True).stdout.strip()
     assert Path(socket_path).exists()
     wait_for(lambda: not Path(socket_path).parent.exists())
+
+
+def test_a_command_that_dies_mid_send_leaves_no_worker(server, job_environment):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.connect(os.environ[preload.SOCKET_VARIABLE])
+        socket.send_fds(connection, [preload._INT.pack(1000)], [0, 1, 2])
+        connection.sendall(b'{"argv": ')  # and no more: the command died
+    # The server takes requests in order: once the next command ran, the first was forked.
+    assert preload.run_in_server(["opdgeo", "runs", "--help"]) == 0
+    wait_for(lambda: not psutil.Process(server.pid).children(), seconds=10)
+
+
+def test_other_hugging_face_settings_run_in_process(server, job_environment, monkeypatch,
+                                                    tmp_path):
+    # read when transformers is imported: the server's import would not see this cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+
+
+def test_no_server_for_jobs_on_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv(preload.SOCKET_VARIABLE, raising=False)
+    before = preload._server
+    preload.start_server(tmp_path / "preload.log", 1, device="cuda")
+    assert preload._server is before and preload.SOCKET_VARIABLE not in os.environ
+    assert "GPU" in (tmp_path / "preload.log").read_text()
+
+
+def test_the_server_does_not_fork_beside_a_thread_or_cuda(monkeypatch):
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert "Python threads" in preload.fork_hazard()
+    finally:
+        release.set()
+        thread.join()
+    monkeypatch.setattr(threading, "active_count", lambda: 1)  # whatever else pytest runs
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert "CUDA" in preload.fork_hazard()
+
+
+# A Snakemake run in small: it starts the server and one job through it, the job blocking on
+# a FIFO nobody writes, and prints the job's pid once the server has forked its worker.
+RUN_WITH_A_JOB = """
+import os, subprocess, sys, threading
+from pathlib import Path
+from opdgeo import preload
+
+fifo, log = sys.argv[1], Path(sys.argv[2])
+preload.start_server(log, 1)
+job = subprocess.Popen(
+    [sys.executable, "-c", "from opdgeo.cli import command; command()", "collect", "csv", fifo,
+     "--out", fifo + ".csv"],
+    env=dict(os.environ, **{name: "1" for name in preload.THREAD_VARIABLES}))
+print(preload._server.pid, job.pid, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_killing_the_run_ends_the_workers_it_started(tmp_path):
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
+    run = subprocess.Popen([sys.executable, "-c", RUN_WITH_A_JOB, str(fifo), str(tmp_path / "log")],
+                           stdout=subprocess.PIPE, text=True)
+    server_pid, job_pid = map(int, run.stdout.readline().split())
+    server, job = psutil.Process(server_pid), psutil.Process(job_pid)
+    wait_for(lambda: len(server.children()) == 1)  # the job runs in a worker
+    worker = server.children()[0]
+    run.send_signal(signal.SIGKILL)  # as `kill -9` on Snakemake: no onerror hook runs
+    run.wait()
+    for process in (server, worker, job):
+        wait_for(lambda p=process: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE,
+                 seconds=30)

@@ -10,9 +10,11 @@ and reports its exit status, which the command exits with. Output, log, exit sta
 written bytes are those of a direct run (tests/test_preload.py compares them).
 
 Without the variable, when the server is gone, or when the command's Python (a per-rule
-environment) or thread settings (--set-threads) are not the server's, `opdgeo` runs in
-process as usual. Cluster jobs never see the
-variable: the server is started for local execution only. A job's benchmark file then
+environment), thread settings (--set-threads) or Hugging Face settings are not the server's,
+`opdgeo` runs in process as usual. Cluster jobs never see the variable: the server is started
+for local execution on the CPU only (a GPU job gains little from it, and CUDA does not survive
+a fork). It never forks while it runs a second thread or has initialised CUDA, and its
+workers end with the run that started it (also when that run is killed). A job's benchmark file then
 measures the command's own process, not the forked worker: its wall time is right, its
 memory columns are not (`--config preload=false` to measure memory).
 """
@@ -41,6 +43,9 @@ PRELOADED_MODULES = (
 # What Snakemake sets for a job's `threads` (snakemake.shell), read by the math libraries.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+# Read by huggingface_hub, transformers and datasets when they are imported (caches, offline
+# mode, verbosity): a job whose values differ from the server's imports them itself.
+IMPORT_TIME_PREFIXES = ("HF_", "TRANSFORMERS_")
 _INT = struct.Struct("!q")
 ACCEPTED, DECLINED = 0, 1  # the server's first answer: "running it" or "run it yourself"
 
@@ -62,9 +67,13 @@ def run_in_server(argv: list[str]) -> int | None:
     with connection:
         request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
                               "prefix": sys.prefix}).encode()
-        socket.send_fds(connection, [_INT.pack(len(request))], [0, 1, 2])
-        connection.sendall(request)
-        if _read_int(connection) != ACCEPTED:
+        try:
+            socket.send_fds(connection, [_INT.pack(len(request))], [0, 1, 2])
+            connection.sendall(request)
+            answer = _read_int(connection)
+        except OSError:
+            answer = None  # the server closed the connection without taking the command
+        if answer != ACCEPTED:
             return None
         status = _read_int(connection)
     if status is None:
@@ -84,21 +93,28 @@ def _streams_open() -> bool:
 
 
 def _read_int(connection) -> int | None:
+    data = _read_exactly(connection, _INT.size)
+    return None if data is None else _INT.unpack(data)[0]
+
+
+def _read_exactly(connection, size: int) -> bytes | None:
+    """`size` bytes, or None when the other side closes first."""
     data = b""
-    while len(data) < _INT.size:
-        chunk = connection.recv(_INT.size - len(data))
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
         if not chunk:
             return None
         data += chunk
-    return _INT.unpack(data)[0]
+    return data
 
 
 # ---------------------------------------------------------------- the server's side
 
 
-def serve(path: str, owner: int):
+def serve(path: str, owner: int, device: str = "cpu"):
     """Listen on `path`, import the heavy modules, then fork one worker per request, until the
-    process `owner` (the Snakemake run) is no longer this server's parent."""
+    process `owner` (the Snakemake run) is no longer this server's parent; then end the
+    workers still running. With `device` auto and a GPU visible, stop after the imports."""
     import importlib
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,6 +128,10 @@ def serve(path: str, owner: int):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers are reaped by the kernel
     listener.settimeout(1.0)
     try:
+        if device != "cpu" and sys.modules["torch"].cuda.is_available():
+            print("jobs run on the GPU: the server stops, every job imports on its own",
+                  flush=True)
+            return
         while os.getppid() == owner:
             try:
                 connection, _ = listener.accept()
@@ -119,6 +139,10 @@ def serve(path: str, owner: int):
                 continue
             sys.stdout.flush()
             sys.stderr.flush()
+            if (hazard := fork_hazard()) is not None:
+                print(f"{hazard}: not forking, the job runs in its own process", flush=True)
+                connection.close()  # the command, answered nothing, runs in process
+                continue
             if os.fork() == 0:
                 status = 1
                 try:  # whatever happens, a worker never returns into the server's loop
@@ -135,16 +159,33 @@ def serve(path: str, owner: int):
             Path(path).parent.rmdir()  # start_server's temporary folder, now empty
         except OSError:
             pass
+        # The workers are in this server's process group (start_server makes it): a run
+        # that was killed leaves no job training on behind it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
+def fork_hazard() -> str | None:
+    """Why forking now would give a worker a broken state (a lock held by another thread, a
+    CUDA context), or None. The math libraries' own pools are sized by THREAD_VARIABLES."""
+    if threading.active_count() > 1:
+        return f"{threading.active_count()} Python threads are running in the server"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA was initialised in the server"
+    return None
 
 
 def _work(connection) -> int:
     """In a forked worker: take on the command's streams, folder and environment, run it."""
     connection.setblocking(True)
     header, fds, _, _ = socket.recv_fds(connection, _INT.size, 3)
-    size = _INT.unpack(header)[0]
-    payload = b""
-    while len(payload) < size:
-        payload += connection.recv(size - len(payload))
+    rest = _read_exactly(connection, _INT.size - len(header))
+    payload = None if rest is None else _read_exactly(connection, _INT.unpack(header + rest)[0])
+    if payload is None:  # the command ended while sending: there is nothing to run
+        for fd in fds:
+            os.close(fd)
+        return 0
     request = json.loads(payload)
     if not _can_run(request):
         connection.sendall(_INT.pack(DECLINED))
@@ -164,10 +205,15 @@ def _work(connection) -> int:
 
 
 def _can_run(request: dict) -> bool:
-    """Only a command of this Python environment (not a per-rule one) whose thread settings
-    are the server's: anything else would not compute what it computes on its own."""
-    return request["prefix"] == sys.prefix and all(
-        request["env"].get(name) == os.environ.get(name) for name in THREAD_VARIABLES)
+    """Only a command of this Python environment (not a per-rule one) whose thread and import
+    settings are the server's: anything else would not compute what it computes on its own."""
+    return (request["prefix"] == sys.prefix
+            and _import_settings(request["env"]) == _import_settings(os.environ))
+
+
+def _import_settings(environment) -> dict:
+    return {name: value for name, value in environment.items()
+            if name in THREAD_VARIABLES or name.startswith(IMPORT_TIME_PREFIXES)}
 
 
 def _end_with(connection):
@@ -209,23 +255,27 @@ def _run(arguments: list[str]) -> int:
 _server: subprocess.Popen | None = None  # the one this process started
 
 
-def start_server(log: Path, threads: int, wait: float = 10.0):
+def start_server(log: Path, threads: int, device: str = "cpu", wait: float = 10.0):
     """Start a server for the calling process (the Snakemake run) and export its socket to
-    the jobs it starts; when it does not come up in `wait` s, say so in `log` and go on
-    without. The socket lives in a short temporary path (Unix socket paths are limited to
-    ~100 bytes, a workdir may be deeper).
+    the jobs it starts, unless the jobs run on `device` cuda (auto: the server stops when it
+    sees a GPU); when it does not come up in `wait` s, say so in `log` and go on without.
+    The socket lives in a short temporary path (Unix socket paths are limited to ~100 bytes,
+    a workdir may be deeper).
 
     Math libraries size their thread pools from the environment when they are imported, and
     a thread count changes the last bits of a float sum: the server gets the variables that
     Snakemake gives a job of `threads` threads, so that a forked job computes what it would
     have computed on its own."""
     global _server
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if device == "cuda":
+        log.write_text("jobs run on the GPU: no preload server, every job imports on its own\n")
+        return
     path = Path(tempfile.mkdtemp(prefix="opdgeo-preload-")) / "socket"
     environment = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
         _server = subprocess.Popen(
-            [sys.executable, "-m", "opdgeo.preload", str(path), str(os.getpid())],
+            [sys.executable, "-m", "opdgeo.preload", str(path), str(os.getpid()), device],
             env=environment, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     os.environ[SOCKET_VARIABLE] = str(path)
     deadline = time.monotonic() + wait
@@ -254,4 +304,4 @@ def stop_server():
         shutil.rmtree(Path(path).parent, ignore_errors=True)
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])
