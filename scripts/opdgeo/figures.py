@@ -26,13 +26,12 @@ from opdgeo.delta import columns  # noqa: E402
 from opdgeo.delta.columns import (  # noqa: E402
     HEADLINE_RATIO,
     LOW_MAGNITUDE_COVERAGE,
+    MODULE_FIGURE,
     NUMERICAL_RANK_FRACTION,
     PRINCIPAL_COVERAGE,
     PRINCIPAL_PROJECTION,
     RELATIVE_NORM,
     SPARSITY,
-    STABLE_RANK,
-    SUBSPACE_ROTATION,
     TOP16_ENERGY,
     axis_label,
     summary_name,
@@ -445,8 +444,6 @@ def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots:
     return save(fig, out, plots)
 
 
-MODULE_METRICS = (RELATIVE_NORM, SPARSITY, TOP16_ENERGY, STABLE_RANK, NUMERICAL_RANK_FRACTION,
-                  PRINCIPAL_PROJECTION, SUBSPACE_ROTATION, LOW_MAGNITUDE_COVERAGE)
 
 
 def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: dict,
@@ -456,7 +453,8 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = _delta_runs(info)
     modules = modules[modules["run"].isin(runs["run"])] if not modules.empty else modules
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    rows = math.ceil(len(MODULE_FIGURE) / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(20, 4.25 * rows), squeeze=False)
     if modules.empty:
         for ax in axes.flat:
             note(ax, "no per-module analysis table")
@@ -469,7 +467,9 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     groups = [g for g in groups if g in set(table["series"])]
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(modules))
-    for ax, column in zip(axes.flat, MODULE_METRICS, strict=True):
+    for ax in axes.flat[len(MODULE_FIGURE):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, MODULE_FIGURE, strict=False):
         if column not in table:
             note(ax, f"{column} not in modules.csv")
             continue

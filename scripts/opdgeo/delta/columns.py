@@ -17,7 +17,8 @@ Aggregations (STUDY.md section 3):
     ratio    enrichment = coverage / mask density, recomputed from the aggregated columns
 
 To add a metric: compute it in the analysis (one more key in the per-tensor row) and declare
-it below with `_add`; a figure then names it and takes its label and scale from here.
+it below with `_add`; listed in MODULE_FIGURE it gets a panel in the per-module figure, and
+any figure that names it takes its label and scale from here.
 """
 
 from dataclasses import dataclass
@@ -199,6 +200,10 @@ for _key in SHUFFLE_NULL_KEYS:
     _base = METRICS[_key]
     _add(f"shuffle_null_{_key}", "median", f"shuffle null: {_base.label}", _base.unit,
          _base.scale)
+
+# The metrics the per-module appendix figure draws, one panel each, in this order.
+MODULE_FIGURE = (RELATIVE_NORM, SPARSITY, TOP16_ENERGY, STABLE_RANK, NUMERICAL_RANK_FRACTION,
+                 PRINCIPAL_PROJECTION, SUBSPACE_ROTATION, LOW_MAGNITUDE_COVERAGE)
 
 # Global summary (summary.json, delta_global.csv) names: a median under `<name>_median`.
 SUMMARY_ALIASES = {"numerical_rank_fraction_median": f"{NUMERICAL_RANK_FRACTION}_median"}
