@@ -3,6 +3,7 @@ and hub ids read from a warm cache with HF_HUB_OFFLINE=1 (all without hub or GPU
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from opdgeo.config import (
     ConfigError,
     build_masks,
     build_runs,
+    model_reference,
     model_task,
     pair_task,
     run_table,
+    split_reference,
 )
 from opdgeo.task import has_images
 
@@ -49,7 +52,7 @@ def test_paper_pairs_become_the_papers_runs(paper):
     external = {name: spec for name, spec in runs.items() if not spec.is_trained}
     assert set(external) == {"qwen-math-offline-distill", "deepscaler-rlvr", "justrl-rlvr",
                              "minicpm-opd", "qwen25vl-grpo"}
-    assert external["deepscaler-rlvr"].source == paper["models"]["ds-qwen"]["path"]
+    assert external["deepscaler-rlvr"].source == model_reference(paper["models"]["ds-qwen"])
     # The paper's RLVR-mask arm for DS-Qwen: the mask of the external DeepScaleR run.
     mask = build_masks(paper)[runs["dsqwen-masked-run-deepscaler-rlvr-s0"].mask]
     assert (mask.method, mask.run) == ("atol", "deepscaler-rlvr")
@@ -116,7 +119,7 @@ def test_vision_language_pair_is_the_papers_qwen25vl_run(paper):
     assert set(opd.task["eval"]) == {"geo3k"}
     # The paper's VL masked arms; the GRPO mask comes from the external reference run.
     grpo = runs["qwen25vl-grpo"]
-    assert grpo.source == paper["models"][opd.source]["path"]
+    assert grpo.source == model_reference(paper["models"][opd.source])
     assert masks[runs["qwen25vl-masked-run-grpo-s0"].mask].run == "qwen25vl-grpo"
     random_grpo = masks[runs["qwen25vl-masked-random-grpo-s0"].mask]
     assert (random_grpo.method, random_grpo.run) == ("random_like", "qwen25vl-grpo")
@@ -150,11 +153,16 @@ def test_hub_ids_load_from_a_warm_cache_offline(tmp_path, make_checkpoint):
     (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
     script = textwrap.dedent("""
-        from opdgeo.delta.io import Checkpoint
+        from opdgeo.delta.io import Checkpoint, resolved_commit
         from opdgeo.models import load_model, load_tokenizer
         model, tokenizer = load_model("org/tiny"), load_tokenizer("org/tiny")
         names = Checkpoint("org/tiny").names()
         assert len(names) == len(dict(model.named_parameters())), names
+        # Pinned to a commit (models.<key>.revision): the same weights, and the commit read.
+        pinned = "org/tiny@" + "0" * 40
+        load_model(pinned), load_tokenizer(pinned)
+        assert resolved_commit(Checkpoint(pinned).path) == "0" * 40
+        assert resolved_commit(Checkpoint("org/tiny").path) == "0" * 40
         print("ok", len(tokenizer))
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
@@ -195,3 +203,25 @@ def test_every_reproduced_paper_row_is_matched_to_exactly_one_run(paper):
     assert all(len(runs) == 1 for runs in by_row.values()), by_row
     assert by_row["Qwen-Math offline distill"] == ["qwen-math-offline-distill"]
     assert by_row["MiniCPM OPD"] == ["minicpm-opd"]
+
+
+def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
+    """A rerun a month later must read the same weights and data: every hub id names a
+    revision, and the stages read `org/name@revision`."""
+    hub_id = r"(?!checkpoints/)[\w.-]+/[\w.-]+"  # checkpoints/...: the user's own folders
+    for key, spec in paper["models"].items():
+        if re.fullmatch(hub_id, spec["path"]) and not Path(spec["path"]).exists():
+            assert spec.get("revision"), key
+            assert model_reference(spec) == f"{spec['path']}@{spec['revision']}"
+    for name, spec in paper["external"].items():
+        for side in ("source", "trained"):
+            if re.fullmatch(hub_id, spec[side]):
+                assert spec.get(f"{side}_revision"), (name, side)
+    runs = build_runs(paper)
+    assert runs["deepscaler-rlvr"].source == model_reference(paper["models"]["ds-qwen"])
+    tasks = [paper["task"]] + [p["task"] for p in paper["pairs"].values() if "task" in p]
+    for task in tasks:
+        for spec in [task["train"], *task["eval"].values()]:
+            assert spec.get("revision"), spec["path"]
+    assert split_reference("org/name@abc123") == ("org/name", "abc123")
+    assert split_reference("checkpoints/folder") == ("checkpoints/folder", None)

@@ -124,6 +124,23 @@ class MaskSpec:
     seed: int = 0
 
 
+def hub_reference(path: str, revision: str | None = None) -> str:
+    """A given checkpoint as the stages read it: `org/name@revision` when a hub id is pinned
+    (the commit, tag or branch to download), else the path as it is."""
+    return f"{path}@{revision}" if revision and not Path(path).exists() else path
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """`org/name@revision` -> (`org/name`, revision); a local path or unpinned id as it is."""
+    match = re.fullmatch(r"([\w.-]+/[\w.-]+)@([\w./-]+)", str(reference))
+    return (match.group(1), match.group(2)) if match else (str(reference), None)
+
+
+def model_reference(spec: dict) -> str | None:
+    """A given base model (`models.<key>` with `path`) as the stages read it."""
+    return hub_reference(spec["path"], spec.get("revision")) if "path" in spec else None
+
+
 def pair_training(config: dict, pair: str) -> dict:
     """Global training settings, overridden by the pair's own, with defaults filled in."""
     merged = copy.deepcopy(TRAINING_DEFAULTS)
@@ -186,7 +203,9 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
     """Every run of the study, by name, in a stable order."""
     check_references(config)
     runs: dict[str, RunSpec] = {}
-    external = {name: RunSpec(name, EXTERNAL, None, ext["source"], trained=ext["trained"],
+    external = {name: RunSpec(name, EXTERNAL, None,
+                              hub_reference(ext["source"], ext.get("source_revision")),
+                              trained=hub_reference(ext["trained"], ext.get("trained_revision")),
                               task=pair_task(config, None))
                 for name, ext in config.get("external", {}).items()}
     for pair, spec in config["pairs"].items():
@@ -318,7 +337,7 @@ def _external_on_source(config: dict, pair: str, run: RunSpec, arm: str) -> str:
     """An external run a mask arm names (the paper's DeepScaleR RLVR mask for DS-Qwen): its
     source must be the pair's student, or its delta says nothing about the student."""
     student = config["pairs"][pair]["student"]
-    if config["models"][student].get("path") != run.source:
+    if model_reference(config["models"][student]) != run.source:
         raise ConfigError(
             f"pairs.{pair}.masked.arms: {arm!r} takes the mask of external run {run.name}, "
             f"whose source {run.source} is not the pair's student {student} "

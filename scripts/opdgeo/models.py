@@ -159,7 +159,8 @@ def is_vision_language(path: str | Path) -> bool:
     config (a tokenizer alone) has none."""
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         return False
-    return hasattr(AutoConfig.from_pretrained(str(path)), "vision_config")
+    name, revision = _pretrained(path)
+    return hasattr(AutoConfig.from_pretrained(name, revision=revision), "vision_config")
 
 
 def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -176,10 +177,18 @@ def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
 
 
+def _pretrained(path: str | Path) -> tuple[str, str | None]:
+    """(name, revision) for `from_pretrained`: a pinned hub id `org/name@revision` split."""
+    from opdgeo.config import split_reference
+
+    return split_reference(str(path))
+
+
 def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """Load a checkpoint with fp32 master weights, whatever dtype it was saved in."""
     auto = AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
-    model = auto.from_pretrained(str(path), dtype=torch.float32)
+    name, revision = _pretrained(path)
+    model = auto.from_pretrained(name, revision=revision, dtype=torch.float32)
     return model.to(device)
 
 
@@ -190,10 +199,13 @@ def load_tokenizer(path: str | Path):
         # a folder without a video processor): a folder saved by it is reloaded by it.
         config = Path(path) / "processor_config.json"
         ours = config.exists() and ImageTextProcessor.__name__ in config.read_text()
-        processor = (ImageTextProcessor if ours else AutoProcessor).from_pretrained(str(path))
+        name, revision = _pretrained(path)
+        processor = (ImageTextProcessor if ours else AutoProcessor).from_pretrained(
+            name, revision=revision)
         processor.tokenizer.padding_side = "left"
         return processor
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    name, revision = _pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -109,7 +109,7 @@ def rehearsal_config(study: dict, out: Path) -> dict:
     for spec in config.get("external", {}).values():
         for side in ("source", "trained"):
             spec[side] = str(models_dir / slug(_known_model(spec[side])))
-        spec.pop("revision", None)
+            spec.pop(f"{side}_revision", None)
     for task in _tasks(config):
         if "max_new_tokens" in task:
             task["max_new_tokens"] = REHEARSAL_MAX_NEW_TOKENS

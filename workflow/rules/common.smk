@@ -11,6 +11,7 @@ from opdgeo.config import (
     ConfigError,
     build_masks,
     build_runs,
+    model_reference,
     model_task,
     pair_training,
 )
@@ -73,7 +74,7 @@ def task_of_model(key):
 def model_path(key):
     """Checkpoint of a base model: built by the pipeline, or given (hub id or folder)."""
     spec = config["models"][key]
-    return f"results/models/{key}/final" if "build" in spec else spec["path"]
+    return f"results/models/{key}/final" if "build" in spec else model_reference(spec)
 
 
 def model_inputs(key):

@@ -33,6 +33,7 @@ from opdgeo.delta.io import (
     TensorPair,
     check_writable,
     match_tensors,
+    resolved_commit,
     step_folders,
     write_atomically,
 )
@@ -253,6 +254,9 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         "dtype": dtype, "device": str(torch_device), "tensor_count": len(table),
         "matrix_count": int(table["shape"].str.contains("x").sum()),
         "source": str(source), "trained": str(trained),
+        # the hub commits read (None: a local checkpoint), so a rerun can pin the same weights
+        "source_commit": resolved_commit(source_checkpoint.path),
+        "trained_commit": resolved_commit(trained_checkpoint.path),
         "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
         "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
         "rounding_null_distribution": rounding_null,

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 
+from opdgeo.config import split_reference
 from opdgeo.naming import canonical_name
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
@@ -145,15 +146,25 @@ def local_checkpoint(path: str | Path) -> Path:
     """A folder or file on disk as it is; a Hugging Face id (`org/name`, not on disk) as its
     folder in the hub cache, downloaded if needed (with HF_HUB_OFFLINE=1, the cache only)."""
     local = Path(path)
-    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+    repo_id, revision = split_reference(str(path))
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         return local
     from huggingface_hub import snapshot_download
 
     # Weights as the folder holds them: safetensors, else pytorch_model*.bin (older uploads).
-    folder = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    folder = Path(snapshot_download(repo_id, revision=revision,
+                                    allow_patterns=["*.json", "*.safetensors"]))
     if any(folder.glob("*.safetensors")):
         return folder
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "pytorch_model*.bin"]))
+    return Path(snapshot_download(repo_id, revision=revision,
+                                  allow_patterns=["*.json", "pytorch_model*.bin"]))
+
+
+def resolved_commit(folder: Path) -> str | None:
+    """The hub commit a checkpoint was read at: the name of its snapshot folder in the hub
+    cache (`.../models--org--name/snapshots/<commit>`); None for a local checkpoint."""
+    folder = folder if folder.is_dir() else folder.parent
+    return folder.name if folder.parent.name == "snapshots" else None
 
 
 def _ties_embeddings(path: Path) -> bool:
