@@ -55,7 +55,7 @@ def test_card_in_the_final_checkpoint_names_the_runs_settings_scores_and_delta(t
     # the delta's headline numbers, shown as the figures show them (percent)
     assert "| relative norm ‖ΔW‖/‖W_src‖ (%) | 1.23 |" in text
     assert "| unchanged coordinates, \\|ΔW\\| ≤ 1e-5 (%) | 87.5 |" in text
-    assert card.data.tags == ["opdgeo", "on-policy-distillation", "opd"]
+    assert card.data.tags == ["opdgeo", "opd"]
     assert card.data.base_model is None  # a local folder is no hub id
 
 

@@ -216,6 +216,33 @@ def test_a_comment_or_a_fresh_copy_of_the_code_reruns_nothing(smoke, tmp_path):
     assert scheduled_jobs(dry.stdout) == {}, dry.stdout[-2000:]
 
 
+@pytest.mark.slow
+def test_report_of_existing_results_retrains_nothing(smoke):
+    """`make report` reports the config `make reproduce` ran last, and never trains: here
+    after a learning-rate edit that a plain run would retrain every run for."""
+    shutil.copy(ROOT / "Makefile", smoke / "Makefile")
+    (smoke / "results" / ".last-config").write_text("config/smoke.yaml\n")  # make reproduce's
+    config_path = smoke / "config" / "smoke.yaml"
+    original = config_path.read_text()
+    config = yaml.safe_load(original)
+    for optimizer in config["training"]["optimizers"].values():
+        optimizer["learning_rate"] *= 2
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        assert "train_run" in scheduled_jobs(snakemake(smoke, "-n").stdout)
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        # -o: the test's venv counts as installed (no pip run in the copy)
+        report = subprocess.run(["make", "-o", f"{BIN}/.installed", f"VENV={BIN.parent}",
+                                 "report"], cwd=smoke, env=env, capture_output=True, text=True)
+    finally:
+        config_path.write_text(original)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):$", report.stdout + report.stderr, re.M))
+    assert jobs and not {"train_model", "train_run"} & jobs, jobs
+    assert "Report of config/smoke.yaml" in report.stdout
+    assert (smoke / "results" / "report.html").stat().st_size > 0
+
+
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)

@@ -80,7 +80,7 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
     metadata = ModelCardData(
         model_name=spec.name, library_name="transformers", base_model=_hub_id(source),
         datasets=[d for d in (_hub_id(spec.task.get("train", {}).get("path")),) if d] or None,
-        tags=["opdgeo", "on-policy-distillation", spec.kind],
+        tags=["opdgeo", spec.kind],
     )
     lines = [
         "---", metadata.to_yaml(), "---", "",
