@@ -65,8 +65,9 @@ def test_card_of_a_hub_model_on_a_hub_data_set(tmp_path):
     task = {"kind": "math", "train": {"path": "BytedTsinghua-SIA/DAPO-Math-17k", "split": "train"},
             "eval": {"aime24": {"path": "HuggingFaceH4/aime_2024", "split": "train",
                                 "revision": "abc123"}}}
-    card = card_command(tmp_path, run, "Qwen/Qwen2.5-1.5B", task=task)
+    card = card_command(tmp_path, run, "Qwen/Qwen2.5-1.5B@a1b2c3", task=task)
     assert card.data.base_model == "Qwen/Qwen2.5-1.5B"
+    assert "| source (student) | `Qwen/Qwen2.5-1.5B@a1b2c3` |" in card.text
     assert card.data.datasets == ["BytedTsinghua-SIA/DAPO-Math-17k"]
     text = card.text
     assert "| teacher | none |" in text and "| objective | RLVR (GRPO), GRPOTrainer |" in text

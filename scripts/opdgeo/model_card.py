@@ -6,12 +6,13 @@ keeps its provenance. Training never writes it: its outputs stay as they were.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 from huggingface_hub import ModelCard, ModelCardData
 
-from opdgeo.config import RunSpec
+from opdgeo.config import RunSpec, split_reference
 from opdgeo.delta import columns
 from opdgeo.delta.cli import HEADLINE_KEYS
 from opdgeo.kinds import RUN_KINDS
@@ -19,10 +20,12 @@ from opdgeo.version import describe
 
 
 def _hub_id(path: str | None) -> str | None:
-    """`org/name` when `path` reads as a Hugging Face id rather than a local folder."""
-    if not path or Path(path).exists() or path.count("/") != 1 or path.startswith("."):
+    """`org/name` when `path` reads as a Hugging Face id (`@revision` pinned or not) rather
+    than a local folder."""
+    if not path or Path(path).exists():
         return None
-    return path
+    name, _ = split_reference(path)
+    return name if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) else None
 
 
 def data_sets(task: dict) -> list[tuple[str, str]]:
