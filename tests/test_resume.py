@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from opdgeo.callbacks import NonFiniteGuardCallback
 from opdgeo.config import RunSpec, pair_training
-from opdgeo.train import train_run
+from opdgeo.train import _checkpoint_damage, train_run
 
 pytestmark = pytest.mark.train  # every test here trains through TRL
 TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
@@ -65,10 +65,8 @@ def uninterrupted(tiny_pair, tmp_path_factory):
     return out
 
 
-def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
-        tiny_pair, uninterrupted, tmp_path, monkeypatch):
-    student, teacher = tiny_pair
-    run = tmp_path / "run"
+def kill_at_step_4(run: Path, student: Path, teacher: Path, monkeypatch):
+    """Train `run` until an exception at the end of step 4, after checkpoint-3."""
     original = NonFiniteGuardCallback.on_step_end
 
     def die_at_step_4(self, args, state, control, **kwargs):
@@ -81,6 +79,13 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
         with pytest.raises(Killed):
             train_run(opd_spec(), student, teacher, TASK, run, "cpu")
     assert (run / "trainer" / "checkpoint-3").is_dir() and not (run / "final").exists()
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
+        tiny_pair, uninterrupted, tmp_path, monkeypatch):
+    student, teacher = tiny_pair
+    run = tmp_path / "run"
+    kill_at_step_4(run, student, teacher, monkeypatch)
     assert (run / "trainer" / "snapshots" / "step-3").is_dir()
     state = json.loads((run / "trainer" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["epoch"] == 3 / STEPS_PER_PASS  # in the second pass over the prompts
@@ -91,6 +96,34 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     assert (run / "train_log.csv").read_text().splitlines()[1].startswith("4,")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
     assert not (run / "trainer").exists()
+
+
+def test_a_damaged_checkpoint_is_dropped_not_resumed(tiny_pair, uninterrupted, tmp_path,
+                                                     monkeypatch, capfd):
+    student, teacher = tiny_pair
+    run = tmp_path / "run"
+    kill_at_step_4(run, student, teacher, monkeypatch)
+    weights = run / "trainer" / "checkpoint-3" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # its trainer_state.json intact
+
+    train_run(opd_spec(), student, teacher, TASK, run, "cpu")  # from the start: no other one
+    assert_same_weights(run, uninterrupted)
+    assert "checkpoint-3 cannot be resumed (model.safetensors" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "no weights"])
+def test_a_checkpoint_is_checked_file_by_file(tmp_path, damage):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
+    save_file({"w": torch.ones(4)}, checkpoint / "model.safetensors")
+    torch.save({"state": torch.ones(64)}, checkpoint / "optimizer.pt")
+    assert _checkpoint_damage(checkpoint) is None
+    if damage == "no weights":
+        (checkpoint / "model.safetensors").unlink()
+    else:
+        os.truncate(checkpoint / damage, (checkpoint / damage).stat().st_size // 2)
+    assert _checkpoint_damage(checkpoint).startswith(damage)
 
 
 # The job under test, paused for good at the end of step 4 (checkpoint-3 is complete by then)

@@ -7,6 +7,8 @@ import json
 import os
 import random
 import shutil
+import sys
+import zipfile
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset
+from safetensors import SafetensorError, safe_open
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
@@ -129,14 +132,39 @@ def _resume_point(trainer_dir: Path, fingerprint: dict) -> str | None:
         shutil.rmtree(trainer_dir)
     trainer_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(text)
-    # The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut
-    # off while being written (the previous one is only rotated away after it), so drop it.
+    # A damaged checkpoint (cut off while being written, or a file truncated since) would
+    # fail every rerun the same way: drop it and go on from the one before it (the Trainer
+    # rotates that one away only after the next is written), or from the start.
     while (last := get_last_checkpoint(str(trainer_dir))) is not None:
-        try:
-            json.loads((Path(last) / "trainer_state.json").read_text())
+        damage = _checkpoint_damage(Path(last))
+        if damage is None:
             return last
-        except (OSError, ValueError):
-            shutil.rmtree(last)
+        print(f"trainer checkpoint {last} cannot be resumed ({damage}): removed it, the run "
+              "goes on from the checkpoint before it or from the start", file=sys.stderr)
+        shutil.rmtree(last)
+    return None
+
+
+def _checkpoint_damage(folder: Path) -> str | None:
+    """What makes a Trainer checkpoint unreadable, or None. The Trainer writes
+    trainer_state.json last; a truncated weights, optimizer or RNG file has lost the index
+    at its end (safetensors header, zip directory), so a check costs no full read."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"trainer_state.json: {error}"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        return "no weights file (*.safetensors or *.bin)"
+    try:
+        for file in weights:
+            with safe_open(str(file), framework="pt"):
+                pass
+        for file in sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")]):
+            with zipfile.ZipFile(file):  # torch.save writes a zip archive
+                pass
+    except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+        return f"{file.name}: {error}"
     return None
 
 
