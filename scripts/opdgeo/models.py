@@ -27,6 +27,12 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.utils import logging as transformers_logging
+
+from opdgeo.progress import on_terminal
+
+if not on_terminal():  # bars of loading and saving checkpoints, one line of noise in a log
+    transformers_logging.disable_progress_bar()
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TASK_CHARACTERS = "0123456789+="
