@@ -1,6 +1,8 @@
 # The delta analysis of STUDY.md section 3: one job per run (its final checkpoint, and its
 # intermediate ones for the trajectory), one overlap job per group of runs on one source.
 
+OVERLAP_GROUPS = overlap_groups()
+
 
 rule analyze_run:
     input:
@@ -17,6 +19,7 @@ rule analyze_run:
         trained=lambda w: trained_path(w.run),
         fp32=fp32_option,
         checkpoints=checkpoints_option,
+        out=lambda w, output: Path(output.summary).parent,
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
         device=config["device"],
@@ -30,7 +33,7 @@ rule analyze_run:
         runtime=60,
     shell:
         "opdgeo analyze --source {params.source} --trained {params.trained}"
-        " --out results/analysis/{wildcards.run}/final --dtype {params.dtype} {params.fp32}"
+        " --out {params.out} --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device}"
         " {params.checkpoints} --trajectory {output.trajectory} > {log} 2>&1"
 

@@ -71,10 +71,17 @@ def task_of_model(key):
     return as_arg(model_task(config, key))
 
 
+def output_of(path, **wildcards):
+    """A rule's output (`rules.<rule>.output.<name>`) with its wildcards filled in: each path
+    is spelled once, in the rule that writes it."""
+    return expand(path, **wildcards)[0]
+
+
 def model_path(key):
     """Checkpoint of a base model: built by the pipeline, or given (hub id or folder)."""
     spec = config["models"][key]
-    return f"results/models/{key}/final" if "build" in spec else model_reference(spec)
+    return output_of(rules.train_model.output.checkpoint, model=key) if "build" in spec \
+        else model_reference(spec)
 
 
 def model_inputs(key):
@@ -90,7 +97,7 @@ def source_path(run):
 
 def trained_path(run):
     spec = RUNS[run]
-    return f"results/runs/{run}/final" if spec.is_trained else spec.trained
+    return output_of(rules.train_run.output.final, run=run) if spec.is_trained else spec.trained
 
 
 def run_inputs(run):
@@ -106,7 +113,7 @@ def run_inputs(run):
 
 
 def mask_path(name):
-    return f"results/masks/{name}.safetensors"
+    return output_of(rules.make_mask.output.mask, mask=name)
 
 
 def final_steps(run):
@@ -115,7 +122,8 @@ def final_steps(run):
 
 def overlap_groups():
     """Main runs (masked retrains aside) by the source checkpoint they share: one overlap job
-    per group compares every pair in it. A group is named after its source (model key)."""
+    per group compares every pair in it. A group is named after its source (model key).
+    (Called in analyze.smk, once the rules that write the checkpoints are defined.)"""
     by_source = {}
     main = (r for r, spec in RUNS.items()
             if RUN_KINDS[spec.kind].delta_method and spec.group == "main")
@@ -126,19 +134,15 @@ def overlap_groups():
             for source, runs in by_source.items() if len(runs) > 1}
 
 
-OVERLAP_GROUPS = overlap_groups()
-
-
 def all_targets():
     return [
-        "results/tables/evaluation.csv",
-        "results/tables/delta_global.csv",
-        "results/tables/trajectory.csv",
-        "results/tables/overlap.csv",
-        "results/tables/optimizer_state.csv",
-        "results/tables/training_log.csv",
-        "results/tables/runs.csv",
-        "results/tables/masks.csv",
+        *rules.evaluation_table.output,
+        *rules.delta_tables.output,
+        *rules.overlap_table.output,
+        *rules.optimizer_state_table.output,
+        *rules.training_log_table.output,
+        *rules.runs_table.output,
+        *rules.mask_table.output,
     ]
 
 
@@ -199,7 +203,8 @@ def fp32_option(w):
     """The exact rounding null needs the fp32 master weights of runs that kept them."""
     spec = RUNS[w.run]
     if spec.is_trained and spec.training["keep_fp32"]:
-        return f"--fp32-trained results/runs/{w.run}/fp32/model.safetensors"
+        fp32 = output_of(rules.train_run.output.fp32, run=w.run)
+        return f"--fp32-trained {fp32}/model.safetensors"
     return ""
 
 
@@ -212,14 +217,16 @@ def has_trajectory(run):
 def analyze_inputs(w):
     inputs = run_inputs(w.run)
     if RUNS[w.run].is_trained:
-        inputs["fp32"] = f"results/runs/{w.run}/fp32"
+        inputs["fp32"] = output_of(rules.train_run.output.fp32, run=w.run)
     if has_trajectory(w.run):
-        inputs["checkpoints"] = f"results/runs/{w.run}/checkpoints"
+        inputs["checkpoints"] = output_of(rules.train_run.output.checkpoints, run=w.run)
     return inputs
 
 
 def checkpoints_option(w):
-    return f"--checkpoints results/runs/{w.run}/checkpoints" if has_trajectory(w.run) else ""
+    if not has_trajectory(w.run):
+        return ""
+    return f"--checkpoints {output_of(rules.train_run.output.checkpoints, run=w.run)}"
 
 
 def overlap_inputs(w):
@@ -235,7 +242,13 @@ def overlap_runs_option(w):
 
 
 def tidy(names):
-    return [f"results/tables/{name}.csv" for name in names]
+    """The tidy tables of these names (opdgeo.tidy.TABLES): outputs of tables.smk's rules."""
+    return [TIDY[name] for name in names]
+
+
+def tables_folder(wildcards, input):
+    """The folder of a renderer's tidy tables (its inputs; runs.csv is the first)."""
+    return Path(input[0]).parent
 
 
 def figure_outputs(name):
@@ -252,9 +265,7 @@ def in_report(path, name, category):
 
 
 def figure_targets():
-    targets = [f"results/figures/{name}.{fmt}" for name in FIGURES
-               for fmt in PLOTS["formats"]]
-    targets += [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES + [PAPER_NULL_TABLE]
-                for fmt in ("csv", "md", "tex")]
-    return targets + ["results/findings.csv", "results/findings.md"]
+    figures = [path for name in FIGURES for path in getattr(rules, f"figure_{name}").output]
+    return [*figures, *rules.paper_tables.output, *rules.paper_rounding_null.output,
+            *rules.findings.output]
 

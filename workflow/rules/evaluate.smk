@@ -29,8 +29,8 @@ rule evaluate_model:
 
 rule evaluate_run:
     input:
-        final="results/runs/{run}/final",
-        checkpoints="results/runs/{run}/checkpoints",
+        final=rules.train_run.output.final,
+        checkpoints=rules.train_run.output.checkpoints,
     output:
         "results/eval/runs/{run}.csv",
     params:

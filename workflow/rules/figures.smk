@@ -30,6 +30,8 @@ for _figure, (_, _tables) in FIGURES.items():
             figure_outputs(_figure),
         params:
             name=_figure,
+            tables=tables_folder,
+            out=lambda w, output: Path(output[0]).with_suffix(""),
             plots=as_arg(PLOTS, ordered=True),
             external=EXTERNAL_KINDS,
         log:
@@ -37,8 +39,8 @@ for _figure, (_, _tables) in FIGURES.items():
         benchmark:
             f"results/benchmarks/figures/{_figure}.tsv"
         shell:
-            "opdgeo figure {params.name} --tables results/tables --plots {params.plots}"
-            " --external {params.external} --out results/figures/{params.name} > {log} 2>&1"
+            "opdgeo figure {params.name} --tables {params.tables} --plots {params.plots}"
+            " --external {params.external} --out {params.out} > {log} 2>&1"
 
 
 rule paper_tables:
@@ -49,6 +51,8 @@ rule paper_tables:
         [in_report(f"results/tables/{name}.csv", name, "Tables") for name in PAPER_TABLES],
         [f"results/tables/{name}.{fmt}" for name in PAPER_TABLES for fmt in ("md", "tex")],
     params:
+        tables=tables_folder,
+        out=lambda w, output: Path(output[0]).parent,
         plots=TABLE_PLOTS,
         external=EXTERNAL_KINDS,
     log:
@@ -56,8 +60,8 @@ rule paper_tables:
     benchmark:
         "results/benchmarks/figures/paper_tables.tsv"
     shell:
-        "opdgeo paper-tables --tables results/tables --plots {params.plots}"
-        " --external {params.external} --out results/tables > {log} 2>&1"
+        "opdgeo paper-tables --tables {params.tables} --plots {params.plots}"
+        " --external {params.external} --out {params.out} > {log} 2>&1"
 
 
 rule paper_rounding_null:
@@ -67,12 +71,13 @@ rule paper_rounding_null:
         [f"results/tables/{PAPER_NULL_TABLE}.{fmt}" for fmt in ("md", "tex")],
     params:
         stds=config["analysis"]["paper_null_std"],
+        out=lambda w, output: Path(output[0]).parent,
     log:
         "results/logs/figures/paper_rounding_null.log",
     benchmark:
         "results/benchmarks/figures/paper_rounding_null.tsv"
     shell:
-        "opdgeo paper-null --std {params.stds} --out results/tables > {log} 2>&1"
+        "opdgeo paper-null --std {params.stds} --out {params.out} > {log} 2>&1"
 
 
 rule findings:
@@ -83,6 +88,8 @@ rule findings:
         csv=in_report("results/findings.csv", "findings", "Findings"),
         md="results/findings.md",
     params:
+        tables=tables_folder,
+        out=lambda w, output: Path(output.csv).with_suffix(""),
         plots=TABLE_PLOTS,
         external=EXTERNAL_KINDS,
     log:
@@ -90,7 +97,7 @@ rule findings:
     benchmark:
         "results/benchmarks/figures/findings.tsv"
     shell:
-        "opdgeo findings --tables results/tables --plots {params.plots}"
-        " --external {params.external} --out results/findings > {log} 2>&1"
+        "opdgeo findings --tables {params.tables} --plots {params.plots}"
+        " --external {params.external} --out {params.out} > {log} 2>&1"
 
 

@@ -12,6 +12,7 @@ rule train_model:
     params:
         model_spec=lambda w: as_arg(config["models"][w.model]),
         task=lambda w: task_of_model(w.model),
+        out=lambda w, output: Path(output.checkpoint).parent,
         device=config["device"],
     log:
         "results/logs/train_model/{model}.log",
@@ -24,5 +25,5 @@ rule train_model:
         gpu=GPU,
     shell:
         "opdgeo train-model --name {wildcards.model} --model-spec {params.model_spec} --task {params.task}"
-        " --out results/models/{wildcards.model} --device {params.device} --threads {threads}"
+        " --out {params.out} --device {params.device} --threads {threads}"
         " > {log} 2>&1"

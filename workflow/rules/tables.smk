@@ -28,8 +28,8 @@ rule runs_table:
 
 rule evaluation_table:
     input:
-        expand("results/eval/models/{model}.csv", model=PAIR_MODELS),
-        expand("results/eval/runs/{run}.csv", run=TRAINED),
+        expand(rules.evaluate_model.output[0], model=PAIR_MODELS),
+        expand(rules.evaluate_run.output[0], run=TRAINED),
     output:
         "results/tables/evaluation.csv",
     log:
@@ -42,8 +42,8 @@ rule evaluation_table:
 
 rule delta_tables:
     input:
-        final=expand("results/analysis/{run}/final/summary.json", run=RUNS),
-        steps=expand("results/analysis/{run}/trajectory.csv", run=RUNS),
+        final=expand(rules.analyze_run.output.summary, run=RUNS),
+        steps=expand(rules.analyze_run.output.trajectory, run=RUNS),
     output:
         final="results/tables/delta_global.csv",
         trajectory="results/tables/trajectory.csv",
@@ -61,7 +61,7 @@ rule delta_tables:
 
 rule overlap_table:
     input:
-        expand("results/overlap/{group}", group=OVERLAP_GROUPS),
+        expand(rules.overlap.output[0], group=OVERLAP_GROUPS),
     output:
         "results/tables/overlap.csv",
     log:
@@ -74,7 +74,7 @@ rule overlap_table:
 
 rule optimizer_state_table:
     input:
-        expand("results/runs/{run}/optimizer_state.csv", run=TRAINED),
+        expand(rules.train_run.output.optimizer_state, run=TRAINED),
     output:
         "results/tables/optimizer_state.csv",
     log:
@@ -87,7 +87,7 @@ rule optimizer_state_table:
 
 rule training_log_table:
     input:
-        expand("results/runs/{run}/train_log.csv", run=TRAINED),
+        expand(rules.train_run.output.log_csv, run=TRAINED),
     output:
         "results/tables/training_log.csv",
     log:
@@ -100,7 +100,7 @@ rule training_log_table:
 
 rule mask_table:
     input:
-        expand("results/masks/{mask}.density.csv", mask=MASKS),
+        expand(rules.make_mask.output.densities, mask=MASKS),
     output:
         "results/tables/masks.csv",
     log:
@@ -128,3 +128,11 @@ rule analysis_tables:
         "(opdgeo collect analysis-csv {input.layer_module} --out {output.layer_module}"
         " && opdgeo collect analysis-csv {input.modules} --out {output.modules}"
         " && opdgeo collect analysis-csv {input.tensors} --out {output.tensors}) > {log} 2>&1"
+
+
+# Each tidy table (opdgeo.tidy.TABLES) by name: the inputs of figures, paper tables, findings.
+TIDY = {Path(path).stem: path for each in (rules.runs_table, rules.evaluation_table,
+                                           rules.delta_tables, rules.overlap_table,
+                                           rules.optimizer_state_table, rules.training_log_table,
+                                           rules.mask_table, rules.analysis_tables)
+        for path in each.output}

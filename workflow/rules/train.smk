@@ -16,6 +16,7 @@ rule train_run:
         options=train_options,
         task=lambda w: task_of_run(w.run),
         launcher=launcher,
+        out=lambda w, output: Path(output.final).parent,
         device=config["device"],
     log:
         "results/logs/train_run/{run}.log",
@@ -28,5 +29,5 @@ rule train_run:
         gpu=GPU,
     shell:
         "{params.launcher} train-run --run-spec {params.run_spec} {params.options} --task {params.task}"
-        " --out results/runs/{wildcards.run} --device {params.device} --threads {threads}"
+        " --out {params.out} --device {params.device} --threads {threads}"
         " > {log} 2>&1"
