@@ -243,6 +243,18 @@ def test_report_of_existing_results_retrains_nothing(smoke):
     assert (smoke / "results" / "report.html").stat().st_size > 0
 
 
+def test_jobs_find_opdgeo_when_the_environment_is_not_activated(tmp_path):
+    # `.venv/bin/snakemake ...` from a login node: the venv's bin folder is not on PATH
+    copy_workflow(tmp_path)
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--configfile", "config/smoke.yaml", "--cores", "1",
+         "results/tables/runs.csv", "--config", "preload=false"],
+        cwd=tmp_path, env={**os.environ, "PATH": "/usr/bin:/bin"}, capture_output=True,
+        text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "results/tables/runs.csv").exists()
+
+
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)
