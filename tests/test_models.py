@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from opdgeo.masks import random_mask_with_density, save_mask
 from opdgeo.models import (
     build_model,
     character_tokenizer,
@@ -65,3 +68,22 @@ def test_vocabulary_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="different vocabularies"):
         check_same_vocabulary(character_tokenizer(), character_tokenizer("0123456789+=-"),
                               "student", "teacher")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_masks_are_written_as_the_umask_says(tmp_path, umask):
+    # safetensors alone writes 0600: collaborators on a shared file system could not read it
+    tokenizer = character_tokenizer()
+    model = tiny(tokenizer)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    previous = os.umask(umask)
+    try:
+        save_checkpoint(model, tokenizer, tmp_path / "final",
+                        fp32_weights=tmp_path / "fp32.safetensors")
+        save_mask(random_mask_with_density(shapes, 0.5, seed=0), tmp_path / "mask.safetensors")
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in tmp_path.rglob("*") if p.is_file()}
+    assert "final/model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opdgeo.delta.io import EMBEDDING_SUFFIX, Checkpoint, match_tensors
+from opdgeo.files import honour_umask
 from opdgeo.naming import canonical_name, classify
 
 FORMAT = "opdgeo-mask-v2"
@@ -141,6 +142,7 @@ def save_mask(mask: Mask, path: str | Path):
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(packed, str(tmp), metadata={METADATA_KEY: json.dumps(fields, sort_keys=True)})
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 

@@ -29,6 +29,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.utils import logging as transformers_logging
 
+from opdgeo.files import honour_umask
 from opdgeo.progress import on_terminal
 
 if not on_terminal():  # bars of loading and saving checkpoints, one line of noise in a log
@@ -268,9 +269,11 @@ def save_checkpoint(model, tokenizer, path: str | Path, fp32_weights: Path | Non
     model.save_pretrained(tmp, state_dict=bf16_state)
     _mark_dtype(tmp / "config.json", "bfloat16")
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     if fp32_weights is not None:
         state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
         save_file(state, str(fp32_weights) + ".tmp")
+        honour_umask(str(fp32_weights) + ".tmp")
         Path(str(fp32_weights) + ".tmp").replace(fp32_weights)
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
