@@ -19,6 +19,8 @@ rule model_card:
         task=lambda w: task_of_run(w.run),
     log:
         "results/logs/model_card/{run}.log",
+    benchmark:
+        "results/benchmarks/model_card/{run}.tsv"
     shell:
         "opdgeo model-card --run-spec {params.run_spec} {params.options} --task {params.task}"
         " --scores {input.scores} --source-scores {input.source_scores}"
