@@ -75,9 +75,14 @@ def test_controls_and_sgd_train(tiny_pair, tmp_path, kind, optimizer):
     assert (tmp_path / "r" / "optimizer_state.csv").exists()
 
 
-def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tiny_pair, tmp_path):
+@pytest.mark.parametrize(("lr", "optimizer"), [
+    (float("inf"), "sgd"),  # the first step yields NaN weights
+    (1e30, "adamw"),  # finite weights, too large: the next rollout's logits overflow
+])
+def test_divergence_stops_with_a_clear_error_and_no_checkpoint(tiny_pair, tmp_path, lr,
+                                                               optimizer):
     student, teacher = tiny_pair
-    run = spec("opd", lr=float("inf"), optimizer="sgd", steps=6)  # the first step yields NaN
+    run = spec("opd", lr=lr, optimizer=optimizer, steps=6)
     with pytest.raises(NonFiniteLossError, match="Lower the learning rate"):
         train_run(run, student, teacher, TASK, tmp_path / "r", "cpu")
     assert not (tmp_path / "r" / "final").exists()

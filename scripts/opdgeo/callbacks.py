@@ -77,7 +77,25 @@ def progress_callbacks() -> list[TrainerCallback]:
 
 
 class NonFiniteGuardCallback(TrainerCallback):
-    """Stop at the first NaN / inf loss or weight, before a checkpoint can be written."""
+    """Stop at the first NaN / inf loss, weight or logit, before a checkpoint can be written.
+
+    Weights can stay finite and still be too large (a learning rate of 1e30): the logits of
+    the next forward overflow, so they are checked as the output head computes them."""
+
+    _hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def check_logits(module, inputs, logits):
+            if not torch.isfinite(logits).all():
+                self._fail("the model's logits became NaN or inf", state.global_step)
+
+        head = model.get_output_embeddings() if model is not None else None
+        if head is not None:
+            self._hook = head.register_forward_hook(check_logits)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
