@@ -57,7 +57,7 @@ def test_one_opd_step_and_the_analysis(arch, gpu_settings, tmp_path):
     assert json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary  # the analysis read every tensor of the architecture
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
-    assert len(log) == 2 and log[1].startswith("1,")
+    assert len(log) == 2 and log[1].startswith(f"{spec.name},1,")
 
 
 def test_micro_batches_split_the_batch_over_processes(monkeypatch):

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import tidy_fixtures as tf
 
-from opdgeo import figures, paper_tables, tables
+from opdgeo import figures, paper_tables
 from opdgeo.cli import main
 from opdgeo.tidy import TABLES, curve_stats, load_tables, main_runs, run_info
 
@@ -216,17 +216,6 @@ def test_missing_table_files_read_as_empty(tmp_path):
     assert loaded["masks"].empty
     with pytest.raises(KeyError):
         loaded["nonsense"]
-
-
-def test_collect_analysis_csvs_takes_the_run_two_levels_up(tmp_path):
-    for run in ("r1", "r2"):
-        folder = tmp_path / run / "final"
-        folder.mkdir(parents=True)
-        pd.DataFrame({"layer": [0], "module": ["q"], "relative_norm": [0.1]}).to_csv(
-            folder / "layer_module.csv", index=False)
-    frame = tables.concat_csvs(sorted(tmp_path.glob("*/final/layer_module.csv")),
-                               run_from_folder=True, run_level=2)
-    assert list(frame["run"]) == ["r1", "r2"]
 
 
 def test_fig2_runs_setting_and_default(full):

@@ -13,19 +13,25 @@ def test_summaries_and_trajectories_become_one_tidy_table(tmp_path):
     final = tmp_path / "analysis" / "run-a" / "final" / "summary.json"
     final.parent.mkdir(parents=True)
     final.write_text(json.dumps({"relative_norm": 0.3, "blocks": {"attention": 0.2},
-                                 "source": "not a number"}))
+                                 "source": "not a number", "run": "run-a"}))
     trajectory = tmp_path / "analysis" / "run-a" / "trajectory.csv"
-    pd.DataFrame({"step": [10, 20], "metric": ["relative_norm"] * 2,
+    pd.DataFrame({"run": "run-a", "step": [10, 20], "metric": ["relative_norm"] * 2,
                   "value": [0.1, 0.2]}).to_csv(trajectory, index=False)
     empty = tmp_path / "analysis" / "run-b" / "trajectory.csv"
     empty.parent.mkdir(parents=True)
-    empty.write_text("step,metric,value\n")
+    empty.write_text("run,step,metric,value\n")
 
     table = collect_summaries([final, trajectory, empty], {"run-a": 30})
     assert list(table.columns) == ["run", "step", "metric", "value"]
     rows = set(table.itertuples(index=False, name=None))
     assert rows == {("run-a", 30, "relative_norm", 0.3), ("run-a", 30, "blocks/attention", 0.2),
                     ("run-a", 10, "relative_norm", 0.1), ("run-a", 20, "relative_norm", 0.2)}
+
+
+def test_a_summary_that_names_no_run_is_an_error(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"relative_norm": 0.3}))
+    with pytest.raises(ValueError, match="names no run.*--run"):
+        collect_summaries([tmp_path / "summary.json"], {})
 
 
 def test_overlaps_from_files_and_from_group_folders(tmp_path):

@@ -59,7 +59,8 @@ def test_every_opd_loss_trains_and_writes_a_run(tiny_pair, tmp_path, loss, monke
     assert (run / "checkpoints" / "step-2" / "model.safetensors").exists()
     assert (run / "fp32" / "model.safetensors").exists()
     log = pd.read_csv(run / "train_log.csv")
-    assert list(log.columns[:3]) == ["step", "loss", "grad_norm"] and len(log) == 4
+    assert list(log.columns[:4]) == ["run", "step", "loss", "grad_norm"] and len(log) == 4
+    assert (log["run"] == spec("opd", loss).name).all()
     assert len(returned) == len(log)  # one micro-batch per step at this batch size
     assert own_calls == ([loss] * len(log) if loss in OWN_LOSSES else [])
     # the trainer logs the loss it trained on, rounded to 4 decimals

@@ -21,12 +21,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CSVLogCallback(TrainerCallback):
-    """One row per logging step: loss, grad norm, lr, seconds per step, tokens per second."""
+    """One row per logging step: loss, grad norm, lr, seconds per step, tokens per second;
+    with `run`, the run's name first (the training-log table is collected from these)."""
 
     FIELDS = ("step", "loss", "grad_norm", "learning_rate", "seconds_per_step", "tokens_per_second")
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, run: str | None = None):
+        self.path, self.run = Path(path), run
         self._last_time = None
         self._last_step = 0
         self._last_tokens = 0
@@ -34,7 +35,7 @@ class CSVLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(self.FIELDS)
+            csv.writer(f).writerow(self._named(self.FIELDS, "run"))
         self._last_time = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -55,9 +56,13 @@ class CSVLogCallback(TrainerCallback):
             tokens / elapsed if tokens > 0 else "",
         )
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow(row)
+            csv.writer(f).writerow(self._named(row, self.run))
         self._last_time, self._last_step = now, state.global_step
         self._last_tokens = state.num_input_tokens_seen
+
+
+    def _named(self, row: tuple, run_cell) -> tuple:
+        return row if self.run is None else (run_cell, *row)
 
 
 class ProgressLineCallback(TrainerCallback):

@@ -160,12 +160,8 @@ def cmd_collect(args):
         frame = tables.collect_summaries(args.files, args.final_steps or {})
     elif args.kind == "overlaps":
         frame = tables.collect_overlaps(args.files)
-    elif args.kind == "csv":
+    else:  # per-run CSVs, each with its own run column
         frame = tables.concat_csvs(args.files)
-    elif args.kind == "analysis-csv":  # results/analysis/{run}/final/*.csv
-        frame = tables.concat_csvs(args.files, run_from_folder=True, run_level=2)
-    else:  # per-run CSVs in results/runs/{run}/
-        frame = tables.concat_csvs(args.files, run_from_folder=True)
     tables.write_table(frame, args.out)
 
 
@@ -302,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
-    p.add_argument("kind", choices=["summaries", "overlaps", "csv", "run-csv", "analysis-csv"])
+    p.add_argument("kind", choices=["summaries", "overlaps", "csv"])
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--final-steps", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)

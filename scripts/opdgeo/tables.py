@@ -14,21 +14,24 @@ TIDY = ["run", "step", "metric", "value"]
 
 
 def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.DataFrame:
-    """Tidy rows from `results/analysis/{run}/final/summary.json` files (at the run's final
-    step) and `results/analysis/{run}/trajectory.csv` files (its intermediate checkpoints)."""
+    """Tidy rows from the analysis's `summary.json` files (at the run's final step) and
+    `trajectory.csv` files (its intermediate checkpoints), each naming its run (`--run`)."""
     rows, trajectories = [], []
     for path in map(Path, paths):
         if path.suffix == ".csv":
             trajectories.append(path)
             continue
-        run = path.parent.parent.name
+        summary = json.loads(path.read_text())
+        if "run" not in summary:
+            raise ValueError(f"{path} names no run: analyse it with `opdgeo analyze --run NAME`")
+        run = summary["run"]
         step = final_steps.get(run, math.nan)  # external runs have no step
-        for metric, value in flatten(json.loads(path.read_text())).items():
+        for metric, value in flatten(summary).items():
             rows.append((run, step, metric, value))
     if not trajectories:
         return pd.DataFrame(rows, columns=TIDY)
-    return pd.concat([pd.DataFrame(rows, columns=TIDY),
-                      concat_csvs(trajectories, run_from_folder=True)[TIDY]], ignore_index=True)
+    return pd.concat([pd.DataFrame(rows, columns=TIDY), concat_csvs(trajectories)[TIDY]],
+                     ignore_index=True)
 
 
 def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
@@ -43,18 +46,9 @@ def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_a", "run_b", "metric", "value"])
 
 
-def concat_csvs(paths: list[Path], run_from_folder: bool = False,
-                run_level: int = 1) -> pd.DataFrame:
-    """Concatenate per-run CSVs; with `run_from_folder`, add the run from the folder
-    `run_level` levels up: 1 for `.../{run}/file.csv`, 2 for `.../{run}/final/file.csv`."""
-    frames = []
-    for path in map(Path, paths):
-        frame = pd.read_csv(path)
-        if run_from_folder:
-            # (concat, not insert: a wide per-tensor CSV reads as a fragmented frame)
-            run = pd.DataFrame({"run": [path.parents[run_level - 1].name] * len(frame)})
-            frame = pd.concat([run, frame], axis=1)
-        frames.append(frame)
+def concat_csvs(paths: list[Path]) -> pd.DataFrame:
+    """Concatenate per-run CSVs (each carries its own `run` column)."""
+    frames = [pd.read_csv(path) for path in map(Path, paths)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

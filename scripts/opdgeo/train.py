@@ -294,7 +294,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     callbacks = [NonFiniteGuardCallback()]
     if main_process:
         callbacks += [
-            CSVLogCallback(out_dir / "train_log.csv"),
+            CSVLogCallback(out_dir / "train_log.csv", run=spec.name),
             SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
                              snapshots),
             *progress_callbacks(),

@@ -118,3 +118,14 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
                             nulls=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # previous output intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pair"]  # no temp dirs
+
+
+def test_a_named_run_is_the_first_column_of_every_table_and_in_the_summary(pair, tmp_path):
+    """The pipeline collects its tables from these columns, never from folder names."""
+    result = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "out",
+                                 device="cpu", nulls=False, run="r1")
+    assert result["run"] == "r1"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["run"] == "r1"
+    for table in ("tensors", "layers", "modules", "blocks", "layer_module"):
+        frame = pd.read_csv(tmp_path / "out" / f"{table}.csv")
+        assert frame.columns[0] == "run" and (frame["run"] == "r1").all(), table

@@ -32,7 +32,7 @@ rule analyze_run:
         mem_mb=8000,
         runtime=60,
     shell:
-        "opdgeo analyze --source {params.source} --trained {params.trained}"
+        "opdgeo analyze --run {wildcards.run} --source {params.source} --trained {params.trained}"
         " --out {params.out} --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device}"
         " {params.checkpoints} --trajectory {output.trajectory} > {log} 2>&1"

@@ -95,7 +95,7 @@ rule training_log_table:
     benchmark:
         "results/benchmarks/tables/training_log.tsv"
     shell:
-        "opdgeo collect run-csv {input} --out {output} > {log} 2>&1"
+        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
 
 
 rule mask_table:
@@ -125,9 +125,9 @@ rule analysis_tables:
     benchmark:
         "results/benchmarks/tables/analysis.tsv"
     shell:
-        "(opdgeo collect analysis-csv {input.layer_module} --out {output.layer_module}"
-        " && opdgeo collect analysis-csv {input.modules} --out {output.modules}"
-        " && opdgeo collect analysis-csv {input.tensors} --out {output.tensors}) > {log} 2>&1"
+        "(opdgeo collect csv {input.layer_module} --out {output.layer_module}"
+        " && opdgeo collect csv {input.modules} --out {output.modules}"
+        " && opdgeo collect csv {input.tensors} --out {output.tensors}) > {log} 2>&1"
 
 
 # Each tidy table (opdgeo.tidy.TABLES) by name: the inputs of figures, paper tables, findings.

@@ -213,10 +213,13 @@ def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:
 def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path | None,
                         dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
                         seed: int = 0, fp32_trained: Path | None = None,
-                        nulls: bool = True, rounding_null: str = "half_normal") -> dict:
+                        nulls: bool = True, rounding_null: str = "half_normal",
+                        run: str | None = None) -> dict:
     """Analyse the delta trained - source tensor by tensor; write out_dir (unless None);
     return the summary.
 
+    run: the run's name, written as the first column of every table and into the summary
+    (the pipeline's tables are collected from these, never from folder names).
     dtype: both checkpoints are cast to it before subtracting (statistics in float32).
     fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
     rounding null. nulls: also compute the isotropic and shuffle nulls (the parametric
@@ -266,24 +269,36 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     }
     result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
               for key, v in result.items()}
+    if run is not None:
+        result["run"] = run
     if out_dir is not None:
-        tables = {f"{name}.csv": table for name, table in group_tables(table).items()}
-        write_atomically(out_dir, {"tensors.csv": table, **tables,
+        tables = {f"{name}.csv": with_run(frame, run)
+                  for name, frame in {"tensors": table, **group_tables(table)}.items()}
+        write_atomically(out_dir, {**tables,
                                    "summary.json": json.dumps(result, indent=2) + "\n",
                                    "summary.md": summary_markdown(result)})
     return result
 
 
 def analyze_trajectory(source: str | Path, checkpoints: str | Path | None,
-                       **options) -> pd.DataFrame:
+                       run: str | None = None, **options) -> pd.DataFrame:
     """The summary of every intermediate checkpoint (`checkpoints/step-N`) against the source,
-    as tidy rows (step, metric, value); `options` as for `analyze_checkpoints`. One job per
-    run analyses its whole trajectory: a job per checkpoint paid the start-up each time."""
+    as tidy rows ([run,] step, metric, value); `options` as for `analyze_checkpoints`. One job
+    per run analyses its whole trajectory: a job per checkpoint paid the start-up each time."""
     rows = [(step, metric, value)
             for step, folder in (step_folders(checkpoints) if checkpoints else {}).items()
             for metric, value in flatten(analyze_checkpoints(source, folder, None,
                                                              **options)).items()]
-    return pd.DataFrame(rows, columns=["step", "metric", "value"])
+    return with_run(pd.DataFrame(rows, columns=["step", "metric", "value"]), run)
+
+
+def with_run(table: pd.DataFrame, run: str | None) -> pd.DataFrame:
+    """The table with the run's name as its first column (unchanged without a run)."""
+    if run is None:
+        return table
+    # concat, not insert: a wide per-tensor table would be copied column by column
+    return pd.concat([pd.DataFrame({"run": [run] * len(table)}, index=table.index), table],
+                     axis=1)
 
 
 SUMMARY_ROWS = (

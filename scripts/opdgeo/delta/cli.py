@@ -31,7 +31,8 @@ def run_analyze(args: argparse.Namespace) -> None:
     result = analyze_checkpoints(args.source, args.trained, args.out, dtype=args.dtype,
                                  device=args.device, exact_svd_max=args.exact_svd_max,
                                  seed=args.seed, fp32_trained=args.fp32_trained,
-                                 nulls=not args.no_nulls, rounding_null=args.rounding_null)
+                                 nulls=not args.no_nulls, rounding_null=args.rounding_null,
+                                 run=args.run)
     report = _report(args)
     print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)",
           file=report)
@@ -46,7 +47,7 @@ def run_analyze(args: argparse.Namespace) -> None:
         steps = analyze_trajectory(args.source, args.checkpoints, dtype=args.dtype,
                                    device=args.device, exact_svd_max=args.exact_svd_max,
                                    seed=args.seed, nulls=not args.no_nulls,
-                                   rounding_null=args.rounding_null)
+                                   rounding_null=args.rounding_null, run=args.run)
         write_table(steps, args.trajectory)
         print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate checkpoints)",
               file=report)
@@ -111,6 +112,9 @@ def register(subparsers) -> None:
                               "(tidy CSV: step, metric, value; header only without them)")
     analyze.add_argument("--json", action="store_true",
                          help="print the summary (summary.json) on standard output")
+    analyze.add_argument("--run", default=None,
+                         help="the run's name: the first column of every table written, and "
+                              "a key of summary.json")
     analyze.set_defaults(handler=run_analyze)
 
     overlap = subparsers.add_parser(
