@@ -255,6 +255,17 @@ def test_jobs_find_opdgeo_when_the_environment_is_not_activated(tmp_path):
     assert (tmp_path / "results/tables/runs.csv").exists()
 
 
+def test_device_cuda_without_a_gpu_stops_before_any_output_is_deleted(tmp_path):
+    copy_workflow(tmp_path)
+    table = tmp_path / "results/tables/runs.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("an earlier run's table\n")
+    result = snakemake(tmp_path, str(table.relative_to(tmp_path)), "--forcerun", "runs_table",
+                       "--config", "device=cuda", check=False)
+    assert result.returncode != 0 and "no GPU is visible" in result.stderr
+    assert table.read_text() == "an earlier run's table\n"
+
+
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)
