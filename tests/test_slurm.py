@@ -348,7 +348,7 @@ def jobs_run(output: str) -> list[tuple[str, bool, list[str]]]:
 
 
 def training_submission(tmp_path: Path, profile: str) -> tuple[list[str], str]:
-    """The sbatch arguments of the real workflow's first base-model training job under
+    """The sbatch arguments of the real workflow's job training its first base model under
     `--profile profile` with `device: cuda` (fake SLURM commands; no GPU, no cluster), and
     Snakemake's output."""
     repo = copy_repo(tmp_path / "repo")
@@ -358,9 +358,11 @@ def training_submission(tmp_path: Path, profile: str) -> tuple[list[str], str]:
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
     env.pop("SLURM_CONF", None)
     env.pop("SNAKEMAKE_PROFILE", None)
+    models = yaml.safe_load((repo / SMOKE).read_text())["models"]
+    model = next(key for key, spec in models.items() if "build" in spec)
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", SMOKE,
-         "--config", "device=cuda"],
+        [sys.executable, "-m", "snakemake", f"results/models/{model}/final", "--profile",
+         profile, "--configfile", SMOKE, "--config", "device=cuda"],
         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=300,
     )
@@ -378,13 +380,19 @@ def option(argv: list[str], name: str) -> str | None:
     return next((a.split("=", 1)[1] for a in argv if a.startswith(name + "=")), None)
 
 
-@needs_workflow
-def test_training_job_of_the_real_workflow_asks_for_one_gpu(tmp_path):
+@pytest.fixture(scope="module")
+def shipped_submission(tmp_path_factory):
+    """The training job's sbatch arguments under the shipped profile."""
+    if not workflow_ready():
+        pytest.skip("workflow/config not there yet")
+    return training_submission(tmp_path_factory.mktemp("shipped"), "slurm")[0]
+
+
+def test_training_job_of_the_real_workflow_asks_for_one_gpu(shipped_submission):
     """With `device: cuda` the pipeline's own training rule reaches sbatch as --gpus=1 on the
     profile's GPU partition."""
-    train, _ = training_submission(tmp_path, "slurm")
-    assert "--gpus=1" in train
-    assert train[train.index("-p") + 1] == "gpu"
+    assert "--gpus=1" in shipped_submission
+    assert option(shipped_submission, "-p") == "gpu"
 
 
 # A cluster's own profile, knowing nothing of this workflow: how to reach its SLURM.
@@ -396,15 +404,14 @@ default-resources:
 """
 
 
-@needs_workflow
-def test_a_sites_own_profile_gets_the_jobs_gpus_memory_and_runtime(tmp_path):
+def test_a_sites_own_profile_gets_the_jobs_gpus_memory_and_runtime(shipped_submission, tmp_path):
     """`snakemake --profile <the site's>`: the GPU, memory and runtime each rule declares
     reach sbatch as under the shipped profile, with the site's partition, and the workflow's
     own settings (workflow/profiles/default) apply as well."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "config.yaml").write_text(SITE_PROFILE)
-    shipped, _ = training_submission(tmp_path / "shipped", "slurm")
+    shipped = shipped_submission
     theirs, output = training_submission(tmp_path / "theirs", str(site))
 
     assert "workflow specific profile workflow/profiles/default" in output
