@@ -7,8 +7,8 @@ point and the command's handler in the modules that dispatch subcommands (only t
 they reach by name, so another command's handler is not this command's code), and every
 package module those import, transitively and whole. Each module counts as a hash of its
 syntax tree without docstrings, so comments, docstrings and formatting change nothing. The
-pinned versions (envs/requirements.txt) of the distributions those modules import, and of
-what these require in turn, count too: a new torch pin reruns what imports torch.
+pinned versions (envs/requirements.txt) of the distributions those modules import, and of the
+pinned distributions these require, count too: a new torch pin reruns what imports torch.
 """
 
 import ast
@@ -189,10 +189,17 @@ class _Walk:
 
 def pinned_dependencies(imported: frozenset[str], requirements: Path) -> list[str]:
     """The pins in `requirements` of the distributions that provide the imported top-level
-    modules, and of every distribution those require (extras aside), as 'name==version'."""
+    modules, and of the pinned distributions those require, transitively, as 'name==1.2'."""
+    pins = _pins(requirements)
     providers = _providers()
-    dists = set().union(*(_closure(d) for name in imported for d in providers.get(name, [name])))
-    return sorted(pin for name, pin in _pins(requirements).items() if name in dists)
+    todo = [canonicalize_name(d) for name in imported for d in providers.get(name, [name])]
+    needed = set()
+    while todo:
+        dist = todo.pop()
+        if dist in pins and dist not in needed:
+            needed.add(dist)
+            todo.extend(_required(dist))
+    return sorted(pins[dist] for dist in needed)
 
 
 @cache
@@ -201,24 +208,15 @@ def _providers() -> dict[str, list[str]]:
 
 
 @cache
-def _closure(dist: str) -> frozenset[str]:
-    """`dist` and every distribution it requires, transitively (extras aside)."""
-    seen, todo = set(), [dist]
-    while todo:
-        name = canonicalize_name(todo.pop())
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            required = requires(name) or []
-        except PackageNotFoundError:
-            continue
-        for line in required:
-            if "extra" not in line:  # (parsing every optional requirement takes seconds)
-                requirement = Requirement(line)
-                if requirement.marker is None or requirement.marker.evaluate():
-                    todo.append(requirement.name)
-    return frozenset(seen)
+def _required(dist: str) -> list[str]:
+    """The distributions `dist` requires here (extras aside)."""
+    try:
+        lines = requires(dist) or []
+    except PackageNotFoundError:
+        return []
+    requirements = [Requirement(line) for line in lines if "extra" not in line]
+    return [canonicalize_name(r.name) for r in requirements
+            if r.marker is None or r.marker.evaluate()]
 
 
 @cache

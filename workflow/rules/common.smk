@@ -45,11 +45,16 @@ def track_code(defined_rules):
     """Each job depends on the code it runs: the param `code` holds a hash of every package
     module that the `opdgeo` subcommands in its shell command import, and the pins of their
     dependencies (opdgeo.codehash), so Snakemake's params trigger reruns it when that changes."""
+    if workflow.remote_exec:  # a cluster job's own Snakemake records no params: spare it ~1 s
+        return
     requirements = Path(workflow.basedir).parent / "envs" / "requirements.txt"
+    texts = {}
     for each in defined_rules:
-        commands = [word for word in (each.shellcmd or "").split() if word in subcommands()]
+        commands = tuple(word for word in (each.shellcmd or "").split() if word in subcommands())
         if commands:
-            each.set_params(code=code_text(commands, requirements))
+            if commands not in texts:
+                texts[commands] = code_text(list(commands), requirements)
+            each.set_params(code=texts[commands])
 
 
 def as_arg(value, ordered=False):
