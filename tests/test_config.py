@@ -1,10 +1,18 @@
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from opdgeo.config import ConfigError, build_masks, build_runs, validate_config
+from opdgeo.config import (
+    ConfigError,
+    build_masks,
+    build_runs,
+    read_config_file,
+    validate_config,
+)
 from opdgeo.models import VISION_ARCHITECTURES
 from opdgeo.task import has_images
 
@@ -108,6 +116,20 @@ def test_booleans_given_as_strings_by_snakemake_config_are_read(given, read):
     validate_config(config, SCHEMA)
     assert config["preload"] is read and config["training"]["keep_fp32"] is read
     assert config["pairs"]["addition"]["training"]["gradient_checkpointing"] is read
+
+
+def test_a_yaml_error_names_its_line_and_column(tmp_path):
+    bad = tmp_path / "study.yaml"
+    bad.write_text("device: cpu\ntraining:\n  steps: 3\n  seeds: [0, 1\n")
+    with pytest.raises(ConfigError, match=r"study.yaml: .*flow sequence at line 4, column 10"):
+        read_config_file(bad)
+    # as `make reproduce` checks CONFIG before Snakemake reads it
+    check = subprocess.run([sys.executable, "-m", "opdgeo.config", str(bad)],
+                           capture_output=True, text=True)
+    assert check.returncode == 1 and "line 4, column 10" in check.stderr
+    good = subprocess.run([sys.executable, "-m", "opdgeo.config", "config/smoke.yaml"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
 
 
 def test_unknown_model_reference_names_the_fix():

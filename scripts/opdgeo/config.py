@@ -51,6 +51,19 @@ class ConfigError(ValueError):
 YAML_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
+def read_config_file(path) -> dict:
+    """A config file as YAML reads it; a syntax error says where (Snakemake's does not)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from None
+    except yaml.MarkedYAMLError as error:
+        where = [f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+                 for what, mark in ((error.problem, error.problem_mark),
+                                    (error.context, error.context_mark)) if what and mark]
+        raise ConfigError(f"{path}: not valid YAML: {'; '.join(where)}") from None
+
+
 def validate_config(config: dict, schema_path) -> None:
     """Check `config` against the schema and fill in the schema's defaults, in place.
 
@@ -380,3 +393,13 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+if __name__ == "__main__":  # `python -m opdgeo.config FILE`: check a config before a run
+    import sys
+
+    try:
+        validate_config(read_config_file(sys.argv[1]),
+                        Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml")
+    except ConfigError as error:
+        raise SystemExit(f"config: {error}") from None
