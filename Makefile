@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make reproduce [CONFIG=config/smoke.yaml]   set up .venv, run the study, print where results are
 #   make test                                   set up .venv with test tools, run the test suite
-#   make test-fast                              the unit tests only (no training, DAG or SLURM)
+#   make test-fast                              the unit tests only (no training, Snakemake or SLURM)
 # `make report [CONFIG=...]` reports the results of the last `make reproduce` (or of CONFIG).
 LAST_CONFIG := results/.last-config
 CONFIG ?= $(if $(filter report,$(MAKECMDGOALS)),$(shell cat $(LAST_CONFIG) 2>/dev/null))
@@ -57,7 +57,7 @@ test: $(BIN)/.installed-test
 
 test-fast: $(BIN)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not slurm and not train"
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not train and not workflow"
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_analysis.py

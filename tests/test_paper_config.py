@@ -73,6 +73,7 @@ def test_paper_pairs_become_the_papers_runs(paper):
     assert paper["evaluation"]["k"] == 16
 
 
+@pytest.mark.workflow
 def test_paper_dag_resolves_offline(tmp_path):
     """`snakemake -n` with hub ids for every model: ids are no files, so nothing waits on them."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

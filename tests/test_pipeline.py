@@ -243,6 +243,7 @@ def test_report_of_existing_results_retrains_nothing(smoke):
     assert (smoke / "results" / "report.html").stat().st_size > 0
 
 
+@pytest.mark.workflow
 def test_jobs_find_opdgeo_when_the_environment_is_not_activated(tmp_path):
     # `.venv/bin/snakemake ...` from a login node: the venv's bin folder is not on PATH
     copy_workflow(tmp_path)
@@ -255,6 +256,7 @@ def test_jobs_find_opdgeo_when_the_environment_is_not_activated(tmp_path):
     assert (tmp_path / "results/tables/runs.csv").exists()
 
 
+@pytest.mark.workflow
 def test_device_cuda_without_a_gpu_stops_before_any_output_is_deleted(tmp_path):
     copy_workflow(tmp_path)
     table = tmp_path / "results/tables/runs.csv"
@@ -266,6 +268,7 @@ def test_device_cuda_without_a_gpu_stops_before_any_output_is_deleted(tmp_path):
     assert table.read_text() == "an earlier run's table\n"
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)

@@ -169,6 +169,7 @@ def sbatch_calls(tmp_path):
     return run
 
 
+@pytest.mark.workflow
 def test_gpu_rule_asks_sbatch_for_one_gpu(sbatch_calls):
     calls = sbatch_calls()
     train, analyse = calls["train"], calls["analyse"]
@@ -188,6 +189,7 @@ def test_gpu_rule_asks_sbatch_for_one_gpu(sbatch_calls):
     assert analyse[analyse.index("--mem") + 1] == "4000"  # the profile's default
 
 
+@pytest.mark.workflow
 def test_gpu_model_from_set_resources_reaches_sbatch(sbatch_calls):
     # What a cluster user's `set-resources: {train: {gpu_model: ...}}` line turns into.
     calls = sbatch_calls("--set-resources", "train:gpu_model=a100")
@@ -388,6 +390,7 @@ def shipped_submission(tmp_path_factory):
     return training_submission(tmp_path_factory.mktemp("shipped"), "slurm")[0]
 
 
+@pytest.mark.workflow
 def test_training_job_of_the_real_workflow_asks_for_one_gpu(shipped_submission):
     """With `device: cuda` the pipeline's own training rule reaches sbatch as --gpus=1 on the
     profile's GPU partition."""
@@ -404,6 +407,7 @@ default-resources:
 """
 
 
+@pytest.mark.workflow
 def test_a_sites_own_profile_gets_the_jobs_gpus_memory_and_runtime(shipped_submission, tmp_path):
     """`snakemake --profile <the site's>`: the GPU, memory and runtime each rule declares
     reach sbatch as under the shipped profile, with the site's partition, and the workflow's
