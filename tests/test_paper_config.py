@@ -24,6 +24,7 @@ from opdgeo.config import (
     run_table,
     split_reference,
 )
+from opdgeo.resources import PAPER_MODELS, RETRY_GROWTH, GiB, Need, job_resources, model_size
 from opdgeo.task import has_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,95 @@ def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
             assert spec.get("revision"), spec["path"]
     assert split_reference("org/name@abc123") == ("org/name", "abc123")
     assert split_reference("checkpoints/folder") == ("checkpoints/folder", None)
+
+
+def dry_run_jobs(stdout: str) -> list[dict]:
+    """rule, wildcards, resources and shell command of every job of `snakemake -n -p`."""
+    jobs = []
+    for block in stdout.split("\nrule ")[1:]:
+        job = {"rule": block.split(":", 1)[0], "wildcards": {}, "resources": {}}
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith("wildcards: "):
+                job["wildcards"] = dict(kv.split("=", 1) for kv in line[11:].split(", "))
+            elif line.startswith("resources: "):
+                job["resources"] = dict(kv.split("=", 1) for kv in line[11:].split(", "))
+            elif line.startswith("Shell command: "):
+                job["shell"] = line[15:]
+        jobs.append(job)
+    return jobs
+
+
+def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
+    """Every job of the paper's DAG: a command that names cuda has a GPU, and memory at least
+    what the paper's models need (fp32 student, its gradients and AdamW state on the GPU, the
+    bf16 teacher, a checkpoint in fp32 for evaluation, the largest tensor for the analysis)."""
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-p", "--configfile", "config/paper.yaml", "--cores",
+         "8"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = [job for job in dry_run_jobs(result.stdout) if "shell" in job]
+    runs, path = build_runs(paper), {key: spec["path"] for key, spec in paper["models"].items()}
+
+    def paper_size(model):  # a model key, or a given checkpoint org/name@revision
+        return PAPER_MODELS.get(split_reference(path.get(model, model))[0])
+
+    assert {job["rule"] for job in jobs} >= {"train_run", "evaluate_run", "evaluate_model",
+                                             "analyze_run", "make_mask", "overlap"}
+    sized = []
+    for job in jobs:
+        resources, shell = job["resources"], job["shell"]
+        assert "--device cuda" not in shell or int(resources.get("gpu", 0)) >= 1, job
+        if int(resources.get("gpu", 0)) >= 1:
+            assert "--device cpu" not in shell, job
+        mem = int(resources.get("mem_mb", 0)) * 2**20
+        wildcards = job["wildcards"]
+        if job["rule"] == "train_run":
+            spec = runs[wildcards["run"]]
+            student, teacher = paper_size(spec.source), paper_size(spec.teacher)
+            if student and teacher:  # one copy of each on the host while loading
+                assert mem >= 4 * student.params + 2 * teacher.params, job
+                sized.append(job["rule"])
+            assert int(resources["runtime"]) >= 60, job
+        elif job["rule"] in ("evaluate_run", "evaluate_model"):
+            key = runs[wildcards["run"]].source if "run" in wildcards else wildcards["model"]
+            size = paper_size(key)
+            if size:
+                assert mem >= 4 * size.params, job
+                sized.append(job["rule"])
+        elif job["rule"] == "analyze_run":
+            source = runs[wildcards["run"]].source
+            size = paper_size(source)
+            if size:
+                assert mem >= 3 * 4 * size.largest + GiB, job
+                sized.append(job["rule"])
+    # Every job of a pair whose models the table knows (all but qwen3's own teacher folder).
+    assert sized.count("train_run") == 10 and sized.count("analyze_run") >= 13, sized
+    # The teacher of the qwen3 pair is a folder the user provides: sized once it is there.
+    assert "cannot size the jobs that load checkpoints/Qwen3-4B-Base-GRPO" in result.stderr
+    with pytest.raises(ValueError, match="hf download"):
+        model_size("checkpoints/Qwen3-4B-Base-GRPO")
+
+
+def test_a_job_with_a_gpu_runs_on_cuda_and_retries_ask_for_more(tmp_path):
+    """set-resources moves an analysis job onto a GPU (and its command onto cuda); a retry's
+    memory and runtime grow with Snakemake's attempt."""
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    target = "results/analysis/deepscaler-rlvr/final/summary.json"
+    result = subprocess.run(
+        [str(BIN / "snakemake"), target, "-n", "-p", "--configfile", "config/paper.yaml",
+         "--cores", "2", "--set-resources", "analyze_run:gpu=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True)
+    [job] = [job for job in dry_run_jobs(result.stdout) if job["rule"] == "analyze_run"]
+    assert job["resources"]["gpu"] == "1" and "--device cuda" in job["shell"], job
+    need = Need(10 * GiB, 0, 100.0)
+    first, second = job_resources(need, 1), job_resources(need, 2)
+    assert second["mem_mb"] >= first["mem_mb"] * RETRY_GROWTH - 1
+    assert second["runtime"] >= first["runtime"] * RETRY_GROWTH - 1

@@ -107,3 +107,17 @@ def test_every_trained_kind_names_a_trainer_train_run_builds():
 
     built = {trainer.__name__ for trainer in (OPDTrainer, SFTTrainer, GRPOTrainer)}
     assert {kind.trainer for kind in RUN_KINDS.values() if kind.trainer} <= built
+
+
+def test_trackers_come_from_the_config(tmp_path):
+    from trl import DistillationConfig
+
+    from opdgeo.train import _trainer_args
+
+    def args(training):
+        return _trainer_args(DistillationConfig, tmp_path, steps=4, batch_size=8,
+                             optimizer="adamw", opt={"learning_rate": 1e-3}, seed=0,
+                             device="cpu", training=training)
+
+    assert args({"report_to": ["tensorboard"]}).report_to == ["tensorboard"]
+    assert args({}).report_to in ([], ["none"], "none")

@@ -22,7 +22,9 @@ class NonFiniteLossError(RuntimeError):
 
 class CSVLogCallback(TrainerCallback):
     """One row per logging step: loss, grad norm, lr, seconds per step, tokens per second;
-    with `run`, the run's name first (the training-log table is collected from these)."""
+    with `run`, the run's name first (the training-log table is collected from these). A
+    resumed run keeps the rows up to the step it resumes from, so that the log holds every
+    step."""
 
     FIELDS = ("step", "loss", "grad_norm", "learning_rate", "seconds_per_step", "tokens_per_second")
 
@@ -34,9 +36,16 @@ class CSVLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if state.global_step > 0 and self.path.exists():
+            with self.path.open(newline="") as f:
+                step = 0 if self.run is None else 1  # the column of the step
+                kept = [row for row in list(csv.reader(f))[1:]
+                        if int(row[step]) <= state.global_step]
         with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(self._named(self.FIELDS, "run"))
-        self._last_time = time.perf_counter()
+            csv.writer(f).writerows([self._named(self.FIELDS, "run"), *kept])
+        self._last_time, self._last_step = time.perf_counter(), state.global_step
+        self._last_tokens = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

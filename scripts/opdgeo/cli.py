@@ -41,6 +41,7 @@ EXAMPLES = {
     "paper-null": "opdgeo paper-null --std 0.02 0.01 --out results/tables",
     "findings": "opdgeo findings --tables results/tables --out results/findings",
     "rehearse": "opdgeo rehearse config/paper.yaml --out rehearsal",
+    "plan": "opdgeo plan --configfile config/paper.yaml",
 }
 DEBUG_VARIABLE = "OPDGEO_DEBUG"
 
@@ -170,6 +171,13 @@ def cmd_runs(args):
     from opdgeo.config import build_runs, run_table
 
     tables.write_table(run_table(build_runs(args.config)), args.out)
+
+
+def cmd_plan(args):
+    from opdgeo.config import read_config
+    from opdgeo.plan import format_plan, plan
+
+    print(format_plan(*plan(read_config(args.configfile))))
 
 
 def _tidy_inputs(args):
@@ -308,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=_json, required=True, help="the whole config")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("plan", help="a study's bill before it runs: tokens, disk, memory, "
+                       "GPU-hours (at the config's stated throughputs)")
+    p.add_argument("--configfile", type=Path, required=True)
+    p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")
     p.add_argument("name", help="figure name (opdgeo.figures.FIGURES)")

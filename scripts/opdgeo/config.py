@@ -395,11 +395,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def read_config(path) -> dict:
+    """A config file as the Snakefile sees it: checked against the schema, defaults filled."""
+    config = read_config_file(path)
+    validate_config(config, Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml")
+    return config
+
+
 if __name__ == "__main__":  # `python -m opdgeo.config FILE`: check a config before a run
     import sys
 
     try:
-        validate_config(read_config_file(sys.argv[1]),
-                        Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml")
+        read_config(sys.argv[1])
     except ConfigError as error:
         raise SystemExit(f"config: {error}") from None

@@ -75,6 +75,12 @@ def mean_at_k(model, tokenizer, examples: list[Example], task, k: int, temperatu
     return sum(task.score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
 
 
+def generation_dtype(device: str) -> torch.dtype:
+    """Checkpoints are bf16: a GPU generates in bf16 (as vLLM does); a CPU, whose bf16 matrix
+    products are slow, in fp32."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 class ScoreJournal:
     """Scores of the checkpoints an unfinished evaluation job has finished, one JSON file per
     checkpoint in `folder`, each written whole or not at all. A score is reused only for the
@@ -131,7 +137,7 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
             rows += scored
             print(f"{run} step {step}: scored before (journal {journal.folder})", flush=True)
             continue
-        model, tokenizer = load_model(path, device), load_tokenizer(path)
+        model, tokenizer = load_model(path, device, generation_dtype(device)), load_tokenizer(path)
         em = exact_match(model, tokenizer, examples, task, batch_size)
         mk = mean_at_k(model, tokenizer, examples, task, k, temperature, seed, batch_size)
         scored = [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]

@@ -191,11 +191,13 @@ def _pretrained(path: str | Path) -> tuple[str, str | None]:
     return split_reference(str(path))
 
 
-def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """Load a checkpoint with fp32 master weights, whatever dtype it was saved in."""
+def load_model(path: str | Path, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a checkpoint with fp32 master weights (or in `dtype`), whatever dtype it was saved
+    in."""
     auto = AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
     name, revision = _pretrained(path)
-    model = auto.from_pretrained(name, revision=revision, dtype=torch.float32)
+    model = auto.from_pretrained(name, revision=revision, dtype=dtype)
     return model.to(device)
 
 

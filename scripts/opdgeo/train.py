@@ -82,7 +82,7 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
         save_strategy="steps" if resumable else "no",
         save_steps=training.get("save_every", 50),
         save_total_limit=1,
-        report_to=[],
+        report_to=training.get("report_to", []),
         bf16=bf16,
         use_cpu=device == "cpu",
         seed=seed,
@@ -282,8 +282,9 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     main_process = int(os.environ.get("RANK", "0")) == 0
     out_dir.mkdir(parents=True, exist_ok=True)
     # Everything an interrupted attempt must keep lives in trainer/, which is no Snakemake
-    # output (Snakemake deletes a failed job's outputs): the Trainer's last checkpoint and
-    # the bf16 snapshots so far. A rerun resumes from there; the end moves the snapshots.
+    # output (Snakemake deletes a failed job's outputs): the Trainer's last checkpoint, the
+    # bf16 snapshots and the training log so far. A rerun resumes from there; the end moves
+    # the snapshots and the log into place.
     resume = _resume_point(out_dir / "trainer", {
         "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}, "source": str(source),
         "teacher": str(teacher), "task": task_spec, "mask": str(mask_path),
@@ -294,7 +295,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     callbacks = [NonFiniteGuardCallback()]
     if main_process:
         callbacks += [
-            CSVLogCallback(out_dir / "train_log.csv", run=spec.name),
+            CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
             SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
                              snapshots),
             *progress_callbacks(),
@@ -358,6 +359,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     # checkpoints/ is a declared output, even when no snapshot was due.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     snapshots.replace(out_dir / "checkpoints")
+    (out_dir / "trainer" / "train_log.csv").replace(out_dir / "train_log.csv")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
 

@@ -22,15 +22,15 @@ rule analyze_run:
         out=lambda w, output: Path(output.summary).parent,
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
-        device=config["device"],
+        device=job_device,
     log:
         "results/logs/analyze/{run}.log",
     benchmark:
         "results/benchmarks/analyze/{run}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **sized(lambda w: SIZER.analysis(w.run, has_trajectory(w.run))),
+        gpu=0,
     shell:
         "opdgeo analyze --run {wildcards.run} --source {params.source} --trained {params.trained}"
         " --out {params.out} --dtype {params.dtype} {params.fp32}"
@@ -54,8 +54,7 @@ rule overlap:
         "results/benchmarks/overlap/{group}.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **sized(lambda w: SIZER.mask(OVERLAP_GROUPS[w.group][0])),
     shell:
         "opdgeo overlap --source {params.source} --runs {params.runs}"
         " --out {output} > {log} 2>&1"

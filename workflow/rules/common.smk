@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from opdgeo import preload
+from opdgeo import resources as sizing
 from opdgeo.codehash import code_text, subcommands
 from opdgeo.config import (
     ConfigError,
@@ -30,6 +31,7 @@ PAIR_MODELS = list(dict.fromkeys(
     key for pair in config["pairs"].values() for key in (pair["student"], *pair["teachers"])
 ))
 GPU = 1 if config["device"] == "cuda" else 0
+COST = config["cost"]
 
 
 RUN_PATTERN = "|".join(map(re.escape, sorted(RUNS, key=len, reverse=True))) or "NONE"
@@ -55,6 +57,15 @@ def track_code(defined_rules):
             if commands not in texts:
                 texts[commands] = code_text(list(commands), requirements)
             each.set_params(code=texts[commands])
+
+
+def job_device(wildcards, resources):
+    """The device follows the job's resources: cuda with a GPU; without one, the config's
+    device unless that is cuda (no GPU is visible to a job that asked for none). A profile's
+    `set-resources analyze_run:gpu=1` moves that job onto a GPU with nothing else to change."""
+    if int(resources.get("gpu", 0)) > 0:
+        return "cuda"
+    return "cpu" if config["device"] == "cuda" else config["device"]
 
 
 def as_arg(value, ordered=False):
@@ -174,6 +185,11 @@ def train_options(w):
     return options
 
 
+def keep_or_temp(path):
+    """Intermediate checkpoints are deleted once read, unless the config keeps them."""
+    return path if config["keep_checkpoints"] else temp(path)
+
+
 def run_spec_arg(w):
     spec = RUNS[w.run]
     # The task travels as --task (per run: the pair's task).
@@ -274,3 +290,27 @@ def figure_targets():
     return [*figures, *rules.paper_tables.output, *rules.paper_rounding_null.output,
             *rules.findings.output]
 
+
+
+# ---------------------------------------------------------- resources (every model-loading rule)
+# Memory and runtime from the sizes of the models a job loads (opdgeo.resources: the same
+# numbers `opdgeo plan` prints), grown on a retry; set-resources in a profile still overrides
+# them. A model that cannot be sized here (a hub id neither downloaded nor in
+# opdgeo.resources.PAPER_MODELS) gets FALLBACK, with a warning naming the fix.
+SIZER = sizing.Sizer(config, RUNS, on_gpu=GPU > 0)
+FALLBACK = {"mem_mb": 16000, "runtime": 120}
+
+
+def sized(need_of, floor_minutes=10):
+    """Resource callables (mem_mb, runtime) for a rule, from `need_of(wildcards)`."""
+
+    def resource(key):
+        def value(wildcards, attempt):
+            need = need_of(wildcards)
+            if need is None:
+                return int(FALLBACK[key] * sizing.RETRY_GROWTH ** (attempt - 1))
+            return sizing.job_resources(need, attempt, floor_minutes)[key]
+
+        return value
+
+    return {"mem_mb": resource("mem_mb"), "runtime": resource("runtime")}

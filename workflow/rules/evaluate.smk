@@ -11,15 +11,14 @@ rule evaluate_model:
         checkpoint=lambda w: model_path(w.model),
         task=lambda w: task_of_model(w.model),
         evaluation=as_arg(config["evaluation"]),
-        device=config["device"],
+        device=job_device,
     log:
         "results/logs/evaluate_model/{model}.log",
     benchmark:
         "results/benchmarks/evaluate_model/{model}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **sized(lambda w: SIZER.evaluate_model(w.model)),
         gpu=GPU,
     shell:
         "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
@@ -37,15 +36,14 @@ rule evaluate_run:
         step=lambda w: final_steps(w.run),
         task=lambda w: task_of_run(w.run),
         evaluation=as_arg(config["evaluation"]),
-        device=config["device"],
+        device=job_device,
     log:
         "results/logs/evaluate_run/{run}.log",
     benchmark:
         "results/benchmarks/evaluate_run/{run}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **sized(lambda w: SIZER.evaluate_run(w.run)),
         gpu=GPU,
     shell:
         "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"

@@ -17,8 +17,7 @@ rule make_mask:
         "results/benchmarks/make_mask/{mask}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **sized(lambda w: SIZER.mask(mask_spec(w.mask).run)),
     shell:
         "opdgeo make-mask --mask-spec {params.mask_spec} --source {params.source}"
         " --trained {params.trained} --out {output.mask} --densities {output.densities}"

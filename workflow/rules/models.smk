@@ -13,15 +13,14 @@ rule train_model:
         model_spec=lambda w: as_arg(config["models"][w.model]),
         task=lambda w: task_of_model(w.model),
         out=lambda w, output: Path(output.checkpoint).parent,
-        device=config["device"],
+        device=job_device,
     log:
         "results/logs/train_model/{model}.log",
     benchmark:
         "results/benchmarks/train_model/{model}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **sized(lambda w: SIZER.train_model(w.model)),
         gpu=GPU,
     shell:
         "opdgeo train-model --name {wildcards.model} --model-spec {params.model_spec} --task {params.task}"

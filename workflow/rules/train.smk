@@ -8,7 +8,7 @@ rule train_run:
     output:
         final=directory("results/runs/{run}/final"),
         fp32=directory("results/runs/{run}/fp32"),
-        checkpoints=directory("results/runs/{run}/checkpoints"),
+        checkpoints=keep_or_temp(directory("results/runs/{run}/checkpoints")),
         log_csv="results/runs/{run}/train_log.csv",
         optimizer_state="results/runs/{run}/optimizer_state.csv",
     params:
@@ -17,15 +17,14 @@ rule train_run:
         task=lambda w: task_of_run(w.run),
         launcher=launcher,
         out=lambda w, output: Path(output.final).parent,
-        device=config["device"],
+        device=job_device,
     log:
         "results/logs/train_run/{run}.log",
     benchmark:
         "results/benchmarks/train_run/{run}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=240,
+        **sized(lambda w: SIZER.train(w.run)),
         gpu=GPU,
     shell:
         "{params.launcher} train-run --run-spec {params.run_spec} {params.options} --task {params.task}"

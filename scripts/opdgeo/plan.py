@@ -1,0 +1,157 @@
+"""The bill of a study before it runs: per run and in total, optimizer steps, rollout and
+evaluation tokens, checkpoints and their disk, each job's peak memory, and GPU-hours.
+
+Token counts are upper bounds (every completion at `max_new_tokens`); times come from the
+config's `cost` section, which states throughputs as assumptions, not measurements. Memory
+and times are the ones the Snakefile asks for (opdgeo.resources.Sizer).
+"""
+
+import pandas as pd
+
+from opdgeo.config import build_runs, model_task
+from opdgeo.resources import (
+    GiB,
+    Sizer,
+    eval_prompts,
+    evaluation_tokens,
+    optimizer_bytes,
+    task_max_new_tokens,
+)
+
+# A job planned to use more of a GPU's memory than this leaves too little for the CUDA
+# context and fragmentation.
+GPU_HEADROOM = 0.9
+
+
+def _gib(n: float | None) -> float | None:
+    return None if n is None else round(n / GiB, 1)
+
+
+def _gpu_hours(need, gpus: int) -> float | None:
+    return None if need is None else need.minutes * gpus / 60
+
+
+def run_rows(config: dict, sizer: Sizer) -> list[dict]:
+    """One row per trained run: its training and its evaluation jobs."""
+    gpus = 1 if sizer.on_gpu else 0
+    rows = []
+    for name, spec in sizer.runs.items():
+        if not spec.is_trained:
+            continue
+        training, size = spec.training, sizer.size(spec.source)
+        checkpoints = sizer.checkpoints(name)
+        train, evaluate = sizer.train(name), sizer.evaluate_run(name)
+        generations = checkpoints * eval_prompts(spec.task) * (1 + config["evaluation"]["k"])
+        params = size.params if size else None
+        state = None if params is None else 4 * params + optimizer_bytes(
+            spec.optimizer, training["optimizers"][spec.optimizer], params)
+        rows.append({
+            "run": name,
+            "steps": training["steps"],
+            "rollout_tokens": training["steps"] * training["batch_size"]
+            * task_max_new_tokens(spec.task),
+            "eval_generations": generations,
+            "eval_tokens": checkpoints * evaluation_tokens(
+                eval_prompts(spec.task), config["evaluation"]["k"], spec.task),
+            "checkpoints": checkpoints,
+            # Kept at the end: every checkpoint, or the final one (keep_checkpoints: false).
+            "bf16_checkpoints_gib": _gib(None if params is None else 2 * params * (
+                checkpoints if config["keep_checkpoints"] else 1)),
+            "fp32_master_gib": _gib(4 * params if params and training["keep_fp32"] else 0),
+            # The Trainer's own checkpoint (fp32 weights and optimizer state), kept while the
+            # run trains and removed when it ends.
+            "trainer_state_gib": _gib(state),
+            "train_host_gib": _gib(train and train.host),
+            "train_gpu_gib": _gib(train and train.gpu),
+            "eval_gpu_gib": _gib(evaluate and evaluate.gpu),
+            "train_gpu_hours": _gpu_hours(train, gpus),
+            "eval_gpu_hours": _gpu_hours(evaluate, gpus),
+        })
+    return rows
+
+
+def model_rows(config: dict, sizer: Sizer) -> list[dict]:
+    """One row per evaluated base model (every student and teacher)."""
+    gpus = 1 if sizer.on_gpu else 0
+    keys = dict.fromkeys(key for pair in config["pairs"].values()
+                         for key in (pair["student"], *pair["teachers"]))
+    rows = []
+    for key in keys:
+        task, need = model_task(config, key), sizer.evaluate_model(key)
+        rows.append({"run": f"model {key}", "eval_generations": eval_prompts(task)
+                     * (1 + config["evaluation"]["k"]),
+                     "eval_tokens": evaluation_tokens(eval_prompts(task),
+                                                      config["evaluation"]["k"], task),
+                     "eval_gpu_gib": _gib(need and need.gpu),
+                     "eval_gpu_hours": _gpu_hours(need, gpus)})
+    return rows
+
+
+def analysis_hours(config: dict, sizer: Sizer) -> float:
+    """CPU job hours of the delta analyses (every run, with its trajectory where drawn)."""
+    trajectory = config["analysis"]["trajectory"]
+    hours = 0.0
+    for name, spec in sizer.runs.items():
+        need = sizer.analysis(name, trajectory and spec.is_trained and spec.group == "main")
+        hours += need.minutes / 60 if need else 0.0
+    return hours
+
+
+def plan(config: dict, on_gpu: bool | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The bill as a table (one row per run and per evaluated model, and a total) and the
+    notes that go with it: the assumptions, and the jobs that do not fit one GPU."""
+    on_gpu = config["device"] == "cuda" if on_gpu is None else on_gpu
+    sizer = Sizer(config, build_runs(config), on_gpu)
+    table = pd.DataFrame(run_rows(config, sizer) + model_rows(config, sizer))
+    total = table.drop(columns="run").sum(numeric_only=True, min_count=1)
+    for peak in ("train_host_gib", "train_gpu_gib", "eval_gpu_gib", "trainer_state_gib"):
+        total[peak] = table[peak].max()  # peaks of single jobs, not sums
+    table = pd.concat([table, pd.DataFrame([{"run": "total", **total}])], ignore_index=True)
+    cost = config["cost"]
+    notes = [
+        f"assumed (config `cost`, not measured): {cost['gpu']['name']} with "
+        f"{cost['gpu']['memory_gb']} GB, {cost['gpu']['flops']:.2g} FLOP/s in training, "
+        f"generation at {cost['generate_tokens_per_second']['hf']:g} (transformers) and "
+        f"{cost['generate_tokens_per_second']['vllm']:g} (vLLM) tokens/s for a 1.5B model, "
+        f"{cost['prompt_tokens']} prompt tokens; token counts are upper bounds "
+        f"(every completion at max_new_tokens)",
+        f"evaluation engine: {config['evaluation']['engine']}; rollouts: "
+        f"{'vLLM' if config['training'].get('use_vllm') else 'transformers'}",
+        f"delta analysis: {analysis_hours(config, sizer):.1f} CPU job-hours",
+    ]
+    fixes = {"train_gpu_gib": "lower its training.micro_batch_size or plan a larger GPU (cost.gpu)",
+             "eval_gpu_gib": "lower evaluation.batch_size"}
+    for row in table[table["run"] != "total"].to_dict("records"):
+        for column, fix in fixes.items():
+            if row.get(column, 0) * GiB > GPU_HEADROOM * cost["gpu"]["memory_gb"] * GiB:
+                notes.append(f"{row['run']}: {column.split('_')[0]} needs ~{row[column]:.0f} GiB "
+                             f"of GPU memory, over {GPU_HEADROOM:.0%} of one "
+                             f"{cost['gpu']['name']}: {fix}")
+    if sizer.unsized:
+        notes.append(f"not sized (their cells are empty): {', '.join(sizer.unsized)}")
+    return table, notes
+
+
+def format_plan(table: pd.DataFrame, notes: list[str]) -> str:
+    shown = table.copy()
+    for column in shown.columns:
+        if column in ("steps", "checkpoints"):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+        elif column.endswith("_tokens") or column == "eval_generations":
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        elif column.endswith("_hours"):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}")
+    shown = shown.fillna("")
+    return shown.to_string(index=False) + "\n\n" + "\n".join(f"- {note}" for note in notes)
+
+
+def summary(config: dict) -> str:
+    """The bill in one line, for the start of a run."""
+    table, _ = plan(config)
+    total = table.set_index("run").loc["total"]
+    hours = total[["train_gpu_hours", "eval_gpu_hours"]].sum()
+    return (f"plan: {total['steps']:.0f} optimizer steps, {total['rollout_tokens']:.3g} rollout "
+            f"and {total['eval_tokens']:.3g} evaluation tokens at most, "
+            f"{total['bf16_checkpoints_gib'] + total['fp32_master_gib']:,.0f} GiB of "
+            f"checkpoints, {hours:,.0f} GPU-hours at the config's assumed throughputs "
+            f"(`opdgeo plan --configfile CONFIG` prints the bill)")

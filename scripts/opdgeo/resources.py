@@ -1,0 +1,307 @@
+"""What each job needs, from the sizes and dtypes of the models it loads.
+
+The Snakefile asks these functions for every job's `mem_mb`, `runtime` and GPU memory, and
+`opdgeo plan` prints them beside the study's bill. Sizes come from a checkpoint's own files
+(config.json and the safetensors headers: no weights read, no torch), from the Hugging Face
+cache for a hub id, or from `PAPER_MODELS` for the paper's hub ids on a machine that has not
+downloaded them. Memory is an estimate of the peak (weights, gradients, optimizer state,
+logits, generation cache) plus `HOST_OVERHEAD`; throughputs are the config's stated
+assumptions (`cost`), never measurements.
+"""
+
+import json
+import math
+import struct
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+GiB = 1024**3
+# Python, torch, the CUDA context, tokenizers and data of a job, beside its models.
+HOST_OVERHEAD = 3 * GiB
+# The model size at which the config states generation throughputs.
+REFERENCE_PARAMS = 1.5e9
+# Prompts of a benchmark whose `rows` the config does not state.
+DEFAULT_ROWS = 1000
+# A retried job (Snakemake's `attempt`) asks for this much more each time.
+RETRY_GROWTH = 1.5
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int  # parameters, a tied head counted once
+    largest: int  # elements of the largest tensor
+    kv_per_token: int  # key and value elements per generated token, all layers together
+    vocab: int
+
+
+# The paper's hub models, for a machine that has not downloaded them (a folder or a warm cache
+# wins). The language models are counted from their config.json sizes on the meta device; the
+# vision-language totals are their model cards'. Not looked up from this machine (no hub).
+PAPER_MODELS = {
+    "Qwen/Qwen2.5-Math-1.5B": ModelSize(1_543_714_304, 233_373_696, 2 * 28 * 2 * 128, 151936),
+    **{hub_id: ModelSize(1_777_088_000, 233_373_696, 2 * 28 * 2 * 128, 151936) for hub_id in (
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "agentica-org/DeepScaleR-1.5B-Preview",
+        "hbx/JustRL-DeepSeek-1.5B")},
+    "Qwen/Qwen3-1.7B-Base": ModelSize(1_720_574_976, 311_164_928, 2 * 28 * 8 * 128, 151936),
+    "Qwen/Qwen3-4B-Base": ModelSize(4_022_468_096, 388_956_160, 2 * 36 * 8 * 128, 151936),
+    "Qwen/Qwen2.5-VL-3B-Instruct": ModelSize(3_754_622_976, 311_164_928, 2 * 36 * 2 * 128,
+                                             151936),
+    **{hub_id: ModelSize(8_292_166_656, 544_997_376, 2 * 28 * 4 * 128, 152064) for hub_id in (
+        "Qwen/Qwen2.5-VL-7B-Instruct", "xyliu6/NoisyRollout-Geo3K-7B")},
+}
+
+
+def safetensors_tensors(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from a safetensors file's header only."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {name: entry["shape"] for name, entry in header.items()}
+
+
+def folder_size(folder: Path) -> ModelSize | None:
+    """The size of a checkpoint folder from its files, or None without config and weights."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").exists() or not files:
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    text = {**config, **config.get("text_config", {})}
+    shapes = [shape for f in files for shape in safetensors_tensors(f).values()]
+    counts = [math.prod(shape) for shape in shapes]
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    kv = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim
+    return ModelSize(sum(counts), max(counts), kv, text["vocab_size"])
+
+
+def built_size(build: dict) -> ModelSize:
+    """A model the pipeline builds (tiny, character vocabulary): its size from its settings."""
+    h, layers, inner = build["hidden_size"], build["num_hidden_layers"], build["intermediate_size"]
+    heads = build["num_attention_heads"]
+    kv_dim = build.get("num_key_value_heads", heads) * (h // heads)
+    vocab = 64  # characters, special and image tokens
+    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * inner
+    return ModelSize(2 * vocab * h + layers * per_layer, max(vocab * h, h * inner),
+                     2 * layers * kv_dim, vocab)
+
+
+def model_size(path: str, build: dict | None = None) -> ModelSize:
+    """The size of a model given by its build settings, a folder or a hub id (`org/name` or
+    `org/name@revision`)."""
+    from opdgeo.config import split_reference
+
+    if build is not None:
+        return built_size(build)
+    if Path(path).is_dir() and (size := folder_size(Path(path))):
+        return size
+    if not Path(path).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        name, revision = split_reference(path)
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        if isinstance(cached, str) and (size := folder_size(Path(cached).parent)):
+            return size
+        if name in PAPER_MODELS:
+            return PAPER_MODELS[name]
+    raise ValueError(
+        f"cannot size the jobs that load {path}: no config.json and safetensors weights there "
+        f"or in the Hugging Face cache. Download it first (hf download {path}), give a local "
+        f"folder, or set the jobs' mem_mb and runtime in your profile (set-resources)")
+
+
+@dataclass(frozen=True)
+class Need:
+    """A job's peak memory (bytes) on the host and on its GPU, and its runtime (minutes)."""
+
+    host: int
+    gpu: int
+    minutes: float
+
+    def on(self, device_is_gpu: bool) -> "Need":
+        """On a CPU job, what the GPU would hold is on the host."""
+        if device_is_gpu:
+            return self
+        return Need(self.host + self.gpu, 0, self.minutes)
+
+
+def optimizer_bytes(optimizer: str, settings: dict, params: int) -> int:
+    """fp32 state: AdamW's two moments; SGD's momentum buffer when it has one."""
+    if optimizer == "adamw":
+        return 8 * params
+    return 4 * params if settings.get("momentum", 0.0) else 0
+
+
+def sequence_tokens(task: dict, cost: dict) -> int:
+    return cost["prompt_tokens"] + task_max_new_tokens(task)
+
+
+def task_max_new_tokens(task: dict) -> int:
+    """The completion length of a task (the synthetic tasks' answers are a few tokens)."""
+    return task.get("max_new_tokens", 16)
+
+
+def generation_seconds(tokens: int, model: ModelSize, engine: str, cost: dict) -> float:
+    """Generation time at the config's assumed rate for a 1.5B model, slower in proportion
+    to the model's parameters (decoding reads every weight for each token)."""
+    rate = cost["generate_tokens_per_second"][engine] * REFERENCE_PARAMS / model.params
+    return tokens / rate
+
+
+def train_need(student: ModelSize, teacher: ModelSize | None, training: dict,
+               optimizer: str, task: dict, cost: dict) -> Need:
+    """fp32 master weights, gradients and optimizer state of the student, the teacher in
+    bf16, and the logits of one micro-batch (fp32 student, bf16 teacher, and one fp32 copy for
+    the loss); rollouts at the config's generation throughput, updates at its training one."""
+    p = student.params
+    settings = training["optimizers"][optimizer]
+    teacher_bytes = 2 * teacher.params if teacher else 0
+    seq = sequence_tokens(task, cost)
+    logits = training.get("micro_batch_size") or training["batch_size"]
+    logits *= seq * student.vocab * (4 + 2 + 4)
+    gpu = 8 * p + optimizer_bytes(optimizer, settings, p) + teacher_bytes + logits
+    # Loading reads one copy of each model on the host; the bf16 copy of each save is one more.
+    host = HOST_OVERHEAD + 4 * p + teacher_bytes + 2 * p
+    tokens = training["steps"] * training["batch_size"] * task_max_new_tokens(task)
+    engine = "vllm" if training.get("use_vllm") else "hf"
+    seconds = generation_seconds(tokens, student, engine, cost)
+    # Forward and backward of the student, forward of the teacher: 6 and 2 FLOPs per parameter.
+    flops = training["steps"] * training["batch_size"] * seq
+    flops *= 6 * p + 2 * (teacher.params if teacher else 0)
+    return Need(host, gpu, (seconds + flops / cost["gpu"]["flops"]) / 60)
+
+
+def evaluation_tokens(prompts: int, k: int, task: dict) -> int:
+    """Generated tokens of one checkpoint's evaluation at most: greedy, and k samples each."""
+    return prompts * (1 + k) * task_max_new_tokens(task)
+
+
+def eval_prompts(task: dict) -> int:
+    """Held-out prompts of a task: the synthetic tasks' `eval_prompts`, or the benchmarks'
+    `rows` (DEFAULT_ROWS for a benchmark that does not state them)."""
+    if "eval" in task:
+        return sum(spec.get("rows", DEFAULT_ROWS) for spec in task["eval"].values())
+    return task.get("eval_prompts", 256)
+
+
+def evaluation_need(model: ModelSize, evaluation: dict, task: dict, checkpoints: int,
+                    on_gpu: bool, cost: dict) -> Need:
+    """The checkpoint and the generation cache of one batch on transformers (bf16 on a GPU,
+    fp32 on a CPU: opdgeo.evaluate.generation_dtype); vLLM takes its share of the GPU whatever
+    the model. `auto` is sized for the larger of the two engines' memory and time."""
+    seq = sequence_tokens(task, cost)
+    width = 2 if on_gpu else 4
+    cache = evaluation["batch_size"] * seq * model.kv_per_token * width
+    hf_gpu = width * model.params + cache + evaluation["batch_size"] * model.vocab * 4
+    vllm_gpu = int(evaluation["vllm_gpu_memory_utilization"] * cost["gpu"]["memory_gb"] * GiB)
+    engines = {"auto": ["hf", "vllm"] if on_gpu else ["hf"]}.get(evaluation["engine"],
+                                                               [evaluation["engine"]])
+    tokens = checkpoints * evaluation_tokens(eval_prompts(task), evaluation["k"], task)
+    seconds = max(generation_seconds(tokens, model, e, cost) for e in engines)
+    gpu = max(hf_gpu if e == "hf" else vllm_gpu for e in engines)
+    return Need(HOST_OVERHEAD + 4 * model.params, gpu, seconds / 60).on(on_gpu)
+
+
+def analysis_need(model: ModelSize, checkpoints: int, cost: dict) -> Need:
+    """The analysis streams tensor by tensor: the largest one as source, trained and fp32
+    master weights, its delta, and an SVD's factors and workspace, in fp32."""
+    working = 8 * 4 * model.largest
+    seconds = checkpoints * model.params / cost["analysis_params_per_second"]
+    return Need(HOST_OVERHEAD + working, 0, seconds / 60)
+
+
+def mask_need(model: ModelSize) -> Need:
+    """A mask is one bit per parameter; the largest tensor as source, trained and delta."""
+    return Need(HOST_OVERHEAD + model.params // 8 + 3 * 4 * model.largest, 0, 5.0)
+
+
+def job_resources(need: Need, attempt: int, floor_minutes: int = 10) -> dict:
+    """Snakemake resources (mem_mb on the host, runtime in minutes), grown on each retry."""
+    growth = RETRY_GROWTH ** (attempt - 1)
+    return {"mem_mb": math.ceil(need.host * growth / 2**20),
+            "runtime": max(floor_minutes, math.ceil(need.minutes * growth))}
+
+
+class Sizer:
+    """Every job's need under one config: the Snakefile's resources and `opdgeo plan` read
+    the same numbers. `on_gpu`: the config's GPU jobs (training, evaluation) have a GPU."""
+
+    def __init__(self, config: dict, runs: dict, on_gpu: bool):
+        self.config, self.runs, self.on_gpu = config, runs, on_gpu
+        self.cost = config["cost"]
+        self.size = cache(self._size)
+        self.unsized = []  # models that could not be sized, in the order they were asked for
+
+    def _size(self, model: str) -> ModelSize | None:
+        """The size of a model key's checkpoint (built, folder or hub id) or of a path; None,
+        with a warning, when it cannot be sized."""
+        from opdgeo.config import model_reference
+
+        spec = self.config["models"].get(model, {"path": model})
+        try:
+            return model_size(model_reference(spec), spec.get("build"))
+        except ValueError as error:
+            print(f"warning: {error}", file=sys.stderr)
+            self.unsized.append(model)
+            return None
+
+    def teacher(self, run: str) -> str | None:
+        """The teacher a run's job loads (GRPO's reward needs none)."""
+        from opdgeo.kinds import RUN_KINDS
+
+        spec = self.runs[run]
+        return spec.teacher if spec.teacher and RUN_KINDS[spec.kind].needs_teacher else None
+
+    def checkpoints(self, run: str) -> int:
+        """Checkpoints of a trained run: every `save_every` steps and the final one."""
+        return len(self.runs[run].checkpoint_steps()) + 1
+
+    def train(self, run: str) -> Need | None:
+        spec, teacher = self.runs[run], self.teacher(run)
+        student = self.size(spec.source)
+        teacher_size = self.size(teacher) if teacher else None
+        if student is None or (teacher and teacher_size is None):
+            return None
+        need = train_need(student, teacher_size, spec.training, spec.optimizer, spec.task,
+                          self.cost)
+        return need.on(self.on_gpu)
+
+    def train_model(self, key: str) -> Need:
+        """A base model the pipeline builds and trains on the ground truth (no teacher)."""
+        from opdgeo.config import model_task
+
+        train = self.config["models"][key]["train"]
+        training = {"steps": train["max_steps"], "batch_size": train["batch_size"],
+                    "optimizers": {"adamw": {}}}
+        need = train_need(self.size(key), None, training, "adamw",
+                          model_task(self.config, key), self.cost)
+        return need.on(self.on_gpu)
+
+    def _evaluation(self, model: str, task: dict, checkpoints: int) -> Need | None:
+        size = self.size(model)
+        if size is None:
+            return None
+        return evaluation_need(size, self.config["evaluation"], task, checkpoints, self.on_gpu,
+                               self.cost)
+
+    def evaluate_model(self, key: str) -> Need | None:
+        from opdgeo.config import model_task
+
+        return self._evaluation(key, model_task(self.config, key), 1)
+
+    def evaluate_run(self, run: str) -> Need | None:
+        spec = self.runs[run]
+        return self._evaluation(spec.source, spec.task, self.checkpoints(run))
+
+    def analysis(self, run: str, trajectory: bool) -> Need | None:
+        size = self.size(self.runs[run].source)
+        if size is None:
+            return None
+        return analysis_need(size, self.checkpoints(run) if trajectory else 1, self.cost)
+
+    def mask(self, run: str) -> Need | None:
+        """A mask or an overlap job: a run's checkpoint against its source, tensor by tensor."""
+        size = self.size(self.runs[run].source)
+        return None if size is None else mask_need(size)

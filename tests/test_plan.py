@@ -1,0 +1,76 @@
+"""`opdgeo plan`: the paper's bill from its config, and the options that cut it."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opdgeo.config import read_config
+from opdgeo.plan import plan
+from opdgeo.resources import PAPER_MODELS, GiB
+
+ROOT = Path(__file__).resolve().parents[1]
+OPD = "dsqwen-opd-deepscaler-adamw-s0"
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return read_config(ROOT / "config" / "paper.yaml")
+
+
+def test_paper_bill_counts_tokens_checkpoints_and_disk(paper):
+    table, notes = plan(paper)
+    rows = table.set_index("run")
+    opd, training = rows.loc[OPD], paper["training"]
+    assert opd["steps"] == 544
+    assert opd["rollout_tokens"] == 544 * 128 * paper["task"]["max_new_tokens"]
+    # A checkpoint every 10 steps and the final one; each scored greedy and with 16 samples
+    # on AIME24 + AIME25 (30 problems each).
+    assert opd["checkpoints"] == 55
+    assert opd["eval_generations"] == 55 * 60 * (1 + paper["evaluation"]["k"])
+    params = PAPER_MODELS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].params
+    assert opd["bf16_checkpoints_gib"] == pytest.approx(55 * 2 * params / GiB, abs=0.1)
+    assert opd["fp32_master_gib"] == pytest.approx(4 * params / GiB, abs=0.1)
+    # On the GPU: fp32 weights, gradients and AdamW's two moments, and the bf16 teacher.
+    assert opd["train_gpu_gib"] * GiB >= 16 * params + 2 * params
+    total = rows.loc["total"]
+    trained = rows.drop(index="total")
+    assert total["rollout_tokens"] == trained["rollout_tokens"].sum()
+    assert total["train_gpu_hours"] == pytest.approx(trained["train_gpu_hours"].sum())
+    assert total["train_gpu_gib"] == trained["train_gpu_gib"].max()  # a peak, not a sum
+    assert training["micro_batch_size"] <= 2  # 8 would not fit (next test)
+    assert any("assumed" in note and "not measured" in note for note in notes)
+    assert any("not sized" in note and "qwen3-4b-base-grpo" in note for note in notes)
+
+
+def test_options_that_cut_the_bill(paper):
+    table, _ = plan(paper)
+    wide = copy.deepcopy(paper)
+    wide["training"]["micro_batch_size"] = 8
+    _, notes = plan(wide)
+    assert any(note.startswith(f"{OPD}: train needs") and "micro_batch_size" in note
+               for note in notes)
+
+    lean = copy.deepcopy(paper)
+    lean["keep_checkpoints"] = False
+    lean["evaluation"]["engine"] = "vllm"
+    lean_table, _ = plan(lean)
+    before, after = table.set_index("run").loc[OPD], lean_table.set_index("run").loc[OPD]
+    assert after["bf16_checkpoints_gib"] == pytest.approx(before["bf16_checkpoints_gib"] / 55,
+                                                          abs=0.1)
+    ratio = paper["cost"]["generate_tokens_per_second"]["vllm"] / paper["cost"][
+        "generate_tokens_per_second"]["hf"]
+    assert after["eval_gpu_hours"] == pytest.approx(before["eval_gpu_hours"] / ratio)
+
+
+def test_plan_command_prints_the_bill(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "opdgeo.cli", "plan", "--configfile",
+                             str(ROOT / "config" / "paper.yaml")], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert OPD in result.stdout and "total" in result.stdout
+    assert "GPU" in result.stdout and "assumed" in result.stdout
