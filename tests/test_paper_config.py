@@ -225,6 +225,11 @@ def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
     for task in tasks:
         for spec in [task["train"], *task["eval"].values()]:
             assert spec.get("revision"), spec["path"]
+    table = run_table(runs, paper["models"]).set_index("run")
+    assert table.loc["dsqwen-opd-deepscaler-adamw-s0", "source_revision"] == \
+        paper["models"]["ds-qwen"]["revision"]
+    assert table.loc["deepscaler-rlvr", "trained_revision"] == \
+        paper["external"]["deepscaler-rlvr"]["trained_revision"]
     assert split_reference("org/name@abc123") == ("org/name", "abc123")
     assert split_reference("checkpoints/folder") == ("checkpoints/folder", None)
 

@@ -170,7 +170,7 @@ def cmd_runs(args):
     from opdgeo import tables
     from opdgeo.config import build_runs, run_table
 
-    tables.write_table(run_table(build_runs(args.config)), args.out)
+    tables.write_table(run_table(build_runs(args.config), args.config["models"]), args.out)
 
 
 def cmd_plan(args):

@@ -370,19 +370,25 @@ def build_masks(config: dict) -> dict[str, MaskSpec]:
     }
 
 
-def run_table(runs: dict[str, RunSpec]):
-    """One row per run: how it was made (the figures colour and group runs by these)."""
+def run_table(runs: dict[str, RunSpec], models: dict | None = None):
+    """One row per run: how it was made (the figures colour and group runs by these), with the
+    hub revisions its given checkpoints are pinned to (`models`: the config's)."""
     import pandas as pd
 
     rows = []
     for spec in runs.values():
         opt = spec.training.get("optimizers", {}).get(spec.optimizer, {})
+        if spec.is_trained:
+            revisions = ((models or {}).get(spec.source, {}).get("revision"), None)
+        else:
+            revisions = (split_reference(spec.source)[1], split_reference(spec.trained)[1])
         rows.append({
             "run": spec.name, "kind": spec.kind, "pair": spec.pair, "source": spec.source,
             "teacher": spec.teacher, "optimizer": spec.optimizer, "seed": spec.seed,
             "mask": spec.mask, "learning_rate": opt.get("learning_rate"),
             "steps": spec.training.get("steps"), "group": spec.group,
             "modality": "vision-language" if has_images(spec.task) else "language",
+            "source_revision": revisions[0], "trained_revision": revisions[1],
         })
     return pd.DataFrame(rows)
 
