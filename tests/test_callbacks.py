@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 from bench_masking import tiny_models, tiny_opd_trainer
-from transformers import TrainerCallback
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback, TrainerState
+from trl.trainer.utils import RepeatSampler
 
-from opdgeo.callbacks import GradientMaskCallback, OptimizerStateCallback
+from opdgeo.callbacks import DataOrderCallback, GradientMaskCallback, OptimizerStateCallback
 from opdgeo.masks import random_mask_with_density, save_mask
 
 STEPS = 5
@@ -147,3 +149,21 @@ def test_optimizer_state_callback_writes_tidy_rows(tmp_path):
     float32 = torch.finfo(torch.float32).eps
     assert logged[5] == pytest.approx(float(m4 @ m5 / (m4.norm() * m5.norm())),
                                       rel=16 * float32, abs=16 * float32)
+
+
+def test_data_order_of_a_resumed_pass_is_the_uninterrupted_one():
+    prompts = list(range(12))
+
+    def sampler():  # as DistillationTrainer and GRPOTrainer build theirs
+        return RepeatSampler(prompts, mini_repeat_count=2, batch_size=3, seed=0)
+
+    straight = sampler()
+    passes = [list(straight) for _ in range(3)]  # an uninterrupted run: one sampler
+    assert passes[1] != passes[0]  # so a fresh sampler would replay the wrong pass
+    for epoch in (0.0, 1.0, 1.5, 2.25):  # resumed at the start of, or within, a pass
+        fresh = sampler()  # a resumed run's
+        loader = DataLoader(prompts, batch_size=6, sampler=fresh)
+        DataOrderCallback().on_epoch_begin(None, TrainerState(epoch=epoch), None,
+                                           train_dataloader=loader)
+        assert list(fresh) == passes[math.floor(epoch)], epoch
+

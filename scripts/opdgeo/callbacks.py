@@ -129,6 +129,37 @@ class NonFiniteGuardCallback(TrainerCallback):
         )
 
 
+class DataOrderCallback(TrainerCallback):
+    """Exact resume past the first pass over the prompts.
+
+    TRL's DistillationTrainer and GRPOTrainer sample with `RepeatSampler`, which draws the
+    order of every pass from one generator seeded once: a run resumed in a later pass starts
+    a fresh sampler and would replay the first pass's order. Before each pass, the generator
+    is replayed from its seed to that pass: the order of an uninterrupted run."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sampler = _repeat_sampler(train_dataloader)
+        if sampler is None or not sampler.shuffle or sampler.seed is None:
+            return  # other samplers (SFT's) take the epoch from the Trainer themselves
+        sampler.generator.manual_seed(sampler.seed)
+        for _ in range(math.floor(state.epoch)):  # the passes before this one
+            torch.randperm(sampler.num_samples, generator=sampler.generator)
+
+
+def _repeat_sampler(loader):
+    """The RepeatSampler under a (prepared, sharded) data loader, or None."""
+    from trl.trainer.utils import RepeatSampler
+
+    todo = [loader]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, RepeatSampler):
+            return item
+        todo += [getattr(item, name) for name in ("batch_sampler", "sampler")
+                 if getattr(item, name, None) is not None]
+    return None
+
+
 class SnapshotCallback(TrainerCallback):
     """Save a bf16 checkpoint every `every` steps (the curves and trajectories read them)."""
 

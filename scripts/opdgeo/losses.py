@@ -17,8 +17,6 @@ import torch.nn.functional as F
 import trl
 from trl import DistillationTrainer
 
-from opdgeo.sampling import ResumableSampling
-
 TRL_BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}
 # Image inputs that DistillationTrainer keeps beside the token ids of a vision-language batch;
 # both models' forwards need them (the image tokens are placeholders for the vision tower).
@@ -54,9 +52,8 @@ def forward_kl_topk(student_logp, teacher_logp, completion_ids, topk):
 OWN_LOSSES = {"sampled_k1": sampled_k1, "forward_kl_topk": forward_kl_topk}
 
 
-class OPDTrainer(ResumableSampling, DistillationTrainer):
-    """DistillationTrainer with the sampled-token and top-k losses added (and its data order
-    restored on resume, opdgeo.sampling)."""
+class OPDTrainer(DistillationTrainer):
+    """DistillationTrainer with the sampled-token and top-k losses added."""
 
     def __init__(self, *args, loss: str = "reverse_kl", topk: int = 32, **kwargs):
         if loss not in LOSSES:

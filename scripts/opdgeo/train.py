@@ -23,6 +23,7 @@ from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrain
 
 from opdgeo.callbacks import (
     CSVLogCallback,
+    DataOrderCallback,
     EarlyStopOnScoreCallback,
     GradientMaskCallback,
     NonFiniteGuardCallback,
@@ -292,7 +293,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     snapshots = out_dir / "trainer" / "snapshots"
     snapshots.mkdir(exist_ok=True)
     save = partial(save_checkpoint, tokenizer=student_tokenizer)
-    callbacks = [NonFiniteGuardCallback()]
+    callbacks = [NonFiniteGuardCallback(), DataOrderCallback()]
     if main_process:
         callbacks += [
             CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
