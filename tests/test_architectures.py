@@ -6,6 +6,8 @@ work on a CPU: bf16 mixed precision and gradient checkpointing.
 """
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -71,14 +73,28 @@ def test_micro_batches_split_the_batch_over_processes(monkeypatch):
         _micro_batches(128, 48)
 
 
-def test_use_vllm_without_vllm_is_a_clear_error():
+def test_use_vllm_without_vllm_is_a_clear_error(monkeypatch):
+    from trl import DistillationConfig
+
     from opdgeo.train import _generation_backend
 
-    assert _generation_backend({"use_vllm": False}) == {}
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="use_vllm: false"):
-            _generation_backend({"use_vllm": True})
-    else:
-        assert _generation_backend({"use_vllm": True})["use_vllm"]
+    assert _generation_backend({"use_vllm": False}, DistillationConfig) == {}
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(RuntimeError, match="use_vllm: false"):
+        _generation_backend({"use_vllm": True}, DistillationConfig)
+
+
+def test_trl_vllm_settings_pass_through(monkeypatch):
+    from trl import DistillationConfig, GRPOConfig
+
+    from opdgeo.train import _generation_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    vllm = {"gpu_memory_utilization": 0.3, "max_model_length": 9216,
+            "tensor_parallel_size": 2, "enable_sleep_mode": True}
+    for config_cls in (DistillationConfig, GRPOConfig):
+        assert _generation_backend({"use_vllm": True, "vllm": vllm}, config_cls) == {
+            "use_vllm": True, "vllm_mode": "colocate",
+            **{f"vllm_{key}": value for key, value in vllm.items()}}
+    with pytest.raises(ValueError, match="no \\['vllm_gpu_memory'\\]"):
+        _generation_backend({"use_vllm": True, "vllm": {"gpu_memory": 0.3}}, DistillationConfig)

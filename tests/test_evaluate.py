@@ -7,10 +7,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
+from types import SimpleNamespace
 
 import pandas as pd
+import pytest
+import torch
 
-from opdgeo.evaluate import ScoreJournal
+from opdgeo.evaluate import (
+    ScoreJournal,
+    TransformersEngine,
+    VLLMEngine,
+    choose_engine,
+    scores,
+)
+from opdgeo.task import make_task
 
 TASK = {"kind": "addition", "digits": 2, "eval_prompts": 8, "seed": 0}
 SPEC = {"k": 2, "temperature": 1.0, "batch_size": 8}
@@ -74,3 +85,99 @@ def test_journal_reuses_a_score_only_for_the_same_checkpoint_and_settings(
     make_checkpoint(checkpoint, seed=1)
     os.utime(checkpoint / "model.safetensors", ns=(1, 1))
     assert ScoreJournal(tmp_path / "journal", {"k": 2}).read(5, checkpoint) is None
+
+
+class FakeSamplingParams:
+    def __init__(self, **settings):
+        self.__dict__.update(settings)
+
+
+class FakeLLM:
+    """vLLM's LLM as the evaluation calls it, generating with transformers on the CPU: a test
+    double for the wiring (one call, the rendered prompts, the sampling settings); vLLM itself
+    needs a GPU and cannot be installed here."""
+
+    instances = []
+
+    def __init__(self, model, **settings):
+        from opdgeo.models import load_model, load_tokenizer
+
+        self.settings, self.calls = {"model": model, **settings}, []
+        self.model, self.tokenizer = load_model(model), load_tokenizer(model)
+        FakeLLM.instances.append(self)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append((prompts, params))
+        outputs = []
+        for prompt, setting in zip(prompts, params, strict=True):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            sample = setting.temperature > 0
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=setting.max_tokens,
+                do_sample=sample, temperature=setting.temperature if sample else None,
+                top_k=0 if sample else None, top_p=1.0 if sample else None,
+                num_return_sequences=setting.n, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id)
+            texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in texts]))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.instances.clear()
+    return module
+
+
+def test_vllm_engine_renders_scores_and_batches_as_transformers_does(tmp_path, make_checkpoint,
+                                                                     fake_vllm):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=0)
+    task = make_task(TASK)
+    examples = task.eval_examples()
+    engine = VLLMEngine(checkpoint, {"gpu_memory_utilization": 0.5}, seed=3)
+    greedy, sampled = engine.completions(examples, task.max_new_tokens, 4, 0.6, seed=3)
+    [llm] = FakeLLM.instances
+    assert llm.settings["gpu_memory_utilization"] == 0.5 and llm.settings["dtype"] == "bfloat16"
+    # One call: every prompt greedy, and every prompt with its k samples.
+    [(prompts, params)] = llm.calls
+    assert len(prompts) == 2 * len(examples)
+    assert [p.temperature for p in params] == [0.0] * len(examples) + [0.6] * len(examples)
+    assert {(p.n, p.seed) for p in params[len(examples):]} == {(4, 3)}
+    assert all(len(samples) == 4 for samples in sampled)
+    # The prompts are the ones transformers generates from, and so are the greedy answers.
+    tokenizer = engine.tokenizer
+    assert [tokenizer.decode(p["prompt_token_ids"]) for p in prompts[: len(examples)]] == [
+        e.prompt for e in examples]
+    reference = TransformersEngine(checkpoint, "cpu", batch_size=8)
+    hf_greedy, hf_sampled = reference.completions(examples, task.max_new_tokens, 4, 0.6, seed=3)
+    assert greedy == hf_greedy
+    assert scores(task, examples, greedy, sampled)[0] == scores(task, examples, hf_greedy,
+                                                               hf_sampled)[0]
+
+
+def test_engine_choice_and_the_error_naming_the_fix(monkeypatch, fake_vllm):
+    assert choose_engine("auto", "cuda") == "vllm"
+    assert choose_engine("auto", "cpu") == "hf"
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        choose_engine("vllm", "cpu")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    assert choose_engine("auto", "cuda") == "hf"
+    with pytest.raises(RuntimeError, match="pip install vllm"):
+        choose_engine("vllm", "cuda")
+
+
+def test_evaluate_command_without_vllm_stops_with_the_fix(tmp_path, make_checkpoint, capsys,
+                                                          monkeypatch):
+    from opdgeo.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=0)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", "r", "--checkpoint", str(checkpoint), "--task",
+              json.dumps(TASK), "--evaluation", json.dumps({**SPEC, "engine": "vllm"}),
+              "--out", str(tmp_path / "r.csv"), "--device", "cpu"])
+    assert "pip install vllm" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

@@ -141,7 +141,8 @@ def cmd_evaluate(args):
                            {"run": args.run, "task": args.task, "evaluation": evaluation})
     table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
                                  evaluation["temperature"], task.seed,
-                                 resolve_device(args.device), evaluation["batch_size"], journal)
+                                 resolve_device(args.device), evaluation["batch_size"], journal,
+                                 evaluation.get("engine", "hf"), evaluation.get("vllm"))
     _write_csv_atomic(table, args.out)
     journal.clear()
 

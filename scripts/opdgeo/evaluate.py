@@ -1,5 +1,8 @@
 """Held-out scores of a checkpoint: greedy exact match and sampled mean@k.
 
+Completions come from an engine: transformers' `generate` batch by batch, or vLLM, which
+generates the greedy and all k sampled completions of every prompt in one call. Both render
+prompts with `opdgeo.data.render_prompts` and are scored by `scores`, the same for both.
 A job scores a run's checkpoints one after another and journals each one's scores as it
 finishes (`ScoreJournal`), so that a killed or timed-out job's rerun scores only the rest.
 """
@@ -58,21 +61,109 @@ def images_of(examples: list[Example]) -> list | None:
 def exact_match(model, tokenizer, examples: list[Example], task, batch_size: int = 256):
     completions = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens,
                            sample=False, batch_size=batch_size, images=images_of(examples))
-    hits = sum(task.score(c, e.answer) for c, e in zip(completions, examples, strict=True))
-    return hits / len(examples)
+    return scores(task, examples, completions, [])[0]
 
 
-def mean_at_k(model, tokenizer, examples: list[Example], task, k: int, temperature: float,
-              seed: int, batch_size: int = 256) -> float:
-    """Mean exact match over k sampled completions per prompt (seeded)."""
-    torch.manual_seed(seed)
-    prompts = [e.prompt for e in examples for _ in range(k)]
-    answers = [e.answer for e in examples for _ in range(k)]
-    images = images_of(examples)
-    images = [image for image in images for _ in range(k)] if images else None
-    completions = generate(model, tokenizer, prompts, task.max_new_tokens, sample=True,
-                           temperature=temperature, batch_size=batch_size, images=images)
-    return sum(task.score(c, a) for c, a in zip(completions, answers, strict=True)) / len(prompts)
+def scores(task, examples: list[Example], greedy: list[str], sampled: list[list[str]]
+           ) -> tuple[float, float | None]:
+    """Exact match of the greedy completions, and mean@k: the mean over prompts of the share
+    of a prompt's k sampled completions that are right (None without samples)."""
+    em = sum(task.score(c, e.answer) for c, e in zip(greedy, examples, strict=True))
+    if not sampled:
+        return em / len(examples), None
+    hits = sum(task.score(c, e.answer) for samples, e in zip(sampled, examples, strict=True)
+               for c in samples)
+    return em / len(examples), hits / sum(map(len, sampled))
+
+
+class TransformersEngine:
+    """transformers' `generate`, `batch_size` sequences at a time; sampling seeded by torch."""
+
+    def __init__(self, path, device: str, batch_size: int):
+        from opdgeo.models import load_model, load_tokenizer
+
+        self.model = load_model(path, device, generation_dtype(device))
+        self.tokenizer, self.batch_size = load_tokenizer(path), batch_size
+
+    def completions(self, examples: list[Example], max_new_tokens: int, k: int,
+                    temperature: float, seed: int) -> tuple[list[str], list[list[str]]]:
+        """Greedy completions, and k sampled ones per prompt."""
+        images = images_of(examples)
+        greedy = generate(self.model, self.tokenizer, [e.prompt for e in examples],
+                          max_new_tokens, sample=False, batch_size=self.batch_size,
+                          images=images)
+        torch.manual_seed(seed)
+        sampled = generate(self.model, self.tokenizer, [e.prompt for e in examples for _ in
+                                                        range(k)],
+                           max_new_tokens, sample=True, temperature=temperature,
+                           batch_size=self.batch_size,
+                           images=[i for i in images for _ in range(k)] if images else None)
+        return greedy, [sampled[i : i + k] for i in range(0, len(sampled), k)]
+
+
+class VLLMEngine:
+    """vLLM: the greedy and the k sampled completions of every prompt in one `generate` call
+    (a list of sampling settings, one per request), the prompts as `TransformersEngine`
+    renders them. `settings`: the evaluation's vllm_* keys without the prefix."""
+
+    def __init__(self, path, settings: dict, seed: int):
+        from vllm import LLM
+
+        from opdgeo.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
+        images = hasattr(self.tokenizer, "image_processor")
+        self.llm = LLM(model=str(path), dtype="bfloat16", seed=seed,
+                       **({"limit_mm_per_prompt": {"image": 1}} if images else {}), **settings)
+
+    def requests(self, examples: list[Example]) -> list[dict]:
+        """vLLM prompts: token ids of the rendered text, or the text with its image (vLLM
+        expands the image placeholder as the processor does)."""
+        images = images_of(examples)
+        texts, special_tokens = render_prompts(self.tokenizer, [e.prompt for e in examples],
+                                               images)
+        if images:
+            return [{"prompt": text, "multi_modal_data": {"image": image}}
+                    for text, image in zip(texts, images, strict=True)]
+        ids = text_tokenizer(self.tokenizer)(texts, add_special_tokens=special_tokens)
+        return [{"prompt_token_ids": prompt} for prompt in ids["input_ids"]]
+
+    def completions(self, examples: list[Example], max_new_tokens: int, k: int,
+                    temperature: float, seed: int) -> tuple[list[str], list[list[str]]]:
+        from vllm import SamplingParams
+
+        greedy = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
+                                skip_special_tokens=True)
+        sampled = SamplingParams(n=k, temperature=temperature, top_p=1.0, top_k=-1, seed=seed,
+                                 max_tokens=max_new_tokens, skip_special_tokens=True)
+        requests = self.requests(examples)
+        outputs = self.llm.generate(requests + requests,
+                                    [greedy] * len(requests) + [sampled] * len(requests),
+                                    use_tqdm=False)
+        texts = [[choice.text for choice in output.outputs] for output in outputs]
+        return [t[0] for t in texts[: len(requests)]], texts[len(requests) :]
+
+
+def choose_engine(engine: str, device: str) -> str:
+    """`auto`: vLLM on a GPU where it is installed, else transformers. Asking for vLLM where it
+    cannot run is an error that names the fix."""
+    if engine == "hf":
+        return engine
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        if engine == "auto":
+            return "hf"
+        raise RuntimeError(
+            "evaluation.engine is vllm, but vllm cannot be imported here: install it (pip "
+            "install vllm, on a machine with a GPU), or set evaluation.engine: hf or auto"
+        ) from error
+    if not device.startswith("cuda"):
+        if engine == "auto":
+            return "hf"
+        raise RuntimeError(f"evaluation.engine is vllm, which needs a GPU, but this job runs on "
+                           f"{device}: give the job a GPU, or set evaluation.engine: hf or auto")
+    return "vllm"
 
 
 def generation_dtype(device: str) -> torch.dtype:
@@ -122,12 +213,12 @@ class ScoreJournal:
 
 def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                          temperature: float, seed: int, device: str,
-                         batch_size: int = 256, journal: ScoreJournal | None = None
-                         ) -> pd.DataFrame:
+                         batch_size: int = 256, journal: ScoreJournal | None = None,
+                         engine: str = "hf", vllm: dict | None = None) -> pd.DataFrame:
     """Tidy scores (run, step, metric, value) of every checkpoint of one run; with a journal,
-    checkpoints it holds are not scored again and each newly scored one is added to it."""
-    from opdgeo.models import load_model, load_tokenizer
-
+    checkpoints it holds are not scored again and each newly scored one is added to it.
+    `engine`: auto, hf or vllm (see `choose_engine`); `vllm`: vLLM's engine settings."""
+    engine = choose_engine(engine, device)
     examples = task.eval_examples()
     rows = []
     for step, path in progress(sorted(checkpoints.items()), desc=f"evaluate {run}",
@@ -137,12 +228,14 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
             rows += scored
             print(f"{run} step {step}: scored before (journal {journal.folder})", flush=True)
             continue
-        model, tokenizer = load_model(path, device, generation_dtype(device)), load_tokenizer(path)
-        em = exact_match(model, tokenizer, examples, task, batch_size)
-        mk = mean_at_k(model, tokenizer, examples, task, k, temperature, seed, batch_size)
+        generator = (VLLMEngine(path, vllm or {}, seed) if engine == "vllm" else
+                     TransformersEngine(path, device, batch_size))
+        em, mk = scores(task, examples, *generator.completions(
+            examples, task.max_new_tokens, k, temperature, seed))
         scored = [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
         if journal:
             journal.write(step, path, scored)
         rows += scored
-        print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f}", flush=True)
+        print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f} ({engine})",
+              flush=True)
     return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])

@@ -22,6 +22,8 @@ GiB = 1024**3
 HOST_OVERHEAD = 3 * GiB
 # The model size at which the config states generation throughputs.
 REFERENCE_PARAMS = 1.5e9
+# vLLM's own default share of the GPU's memory.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
 # Prompts of a benchmark whose `rows` the config does not state.
 DEFAULT_ROWS = 1000
 # A retried job (Snakemake's `attempt`) asks for this much more each time.
@@ -195,7 +197,8 @@ def evaluation_need(model: ModelSize, evaluation: dict, task: dict, checkpoints:
     width = 2 if on_gpu else 4
     cache = evaluation["batch_size"] * seq * model.kv_per_token * width
     hf_gpu = width * model.params + cache + evaluation["batch_size"] * model.vocab * 4
-    vllm_gpu = int(evaluation["vllm_gpu_memory_utilization"] * cost["gpu"]["memory_gb"] * GiB)
+    share = evaluation["vllm"].get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION)
+    vllm_gpu = int(share * cost["gpu"]["memory_gb"] * GiB)
     engines = {"auto": ["hf", "vllm"] if on_gpu else ["hf"]}.get(evaluation["engine"],
                                                                [evaluation["engine"]])
     tokens = checkpoints * evaluation_tokens(eval_prompts(task), evaluation["k"], task)

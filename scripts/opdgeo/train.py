@@ -3,6 +3,7 @@
 Only this module knows how a run was made; every later stage sees a checkpoint folder.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -108,8 +109,9 @@ def _micro_batches(batch_size: int, micro_batch_size: int | None) -> tuple[int, 
     return micro, batch_size // (micro * world)
 
 
-def _generation_backend(training: dict) -> dict:
-    """TRL's vLLM rollouts when asked for; a clear error when vLLM is not installed."""
+def _generation_backend(training: dict, config_cls) -> dict:
+    """TRL's vLLM rollouts when asked for, with `training.vllm` as TRL's vllm_* settings; a
+    clear error when vLLM is not installed or a setting is not TRL's."""
     if not training.get("use_vllm", False):
         return {}
     try:
@@ -119,7 +121,13 @@ def _generation_backend(training: dict) -> dict:
             "training.use_vllm is true, but vllm cannot be imported here: install a vllm "
             "version that TRL 1.16 supports (pip install 'trl[vllm]'), or set use_vllm: false"
         ) from error
-    return {"use_vllm": True, "vllm_mode": "colocate"}
+    settings = {"vllm_mode": "colocate"} | {f"vllm_{key}": value
+                                            for key, value in training.get("vllm", {}).items()}
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    if unknown := sorted(set(settings) - known):
+        raise ValueError(f"training.vllm: {config_cls.__name__} has no {unknown}; its vLLM "
+                         f"settings: {sorted(k[5:] for k in known if k.startswith('vllm_'))}")
+    return {"use_vllm": True, **settings}
 
 
 def _resume_point(trainer_dir: Path, fingerprint: dict) -> str | None:
@@ -312,7 +320,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         args = _trainer_args(
             DistillationConfig, out_dir, **common, beta=beta,
             temperature=training["temperature"], max_completion_length=completion_tokens,
-            top_k=0, top_p=1.0, **_generation_backend(training),
+            top_k=0, top_p=1.0, **_generation_backend(training, DistillationConfig),
         )
         # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
         # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
@@ -340,7 +348,7 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
         args = _trainer_args(
             GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],
             max_completion_length=completion_tokens, temperature=training["temperature"],
-            beta=0.0, top_k=0, top_p=1.0, **_generation_backend(training),
+            beta=0.0, top_k=0, top_p=1.0, **_generation_backend(training, GRPOConfig),
         )
         trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(task),
                               args=args,
