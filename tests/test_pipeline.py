@@ -7,13 +7,16 @@ every checkpoint, and renders the tables and figures.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
+from events import wait_for
 
 from opdgeo.config import build_masks, build_runs
 
@@ -269,6 +272,33 @@ def test_device_cuda_without_a_gpu_stops_before_any_output_is_deleted(tmp_path):
 
 
 @pytest.mark.workflow
+def test_killing_snakemake_ends_the_jobs_running_in_the_preload_server(tmp_path):
+    copy_workflow(tmp_path)
+    config = yaml.safe_load((tmp_path / "config/smoke.yaml").read_text())
+    # a job that trains until it is killed: no evaluation ever stops it
+    config["models"]["student"]["train"].update(max_steps=10**9, eval_every=10**9)
+    (tmp_path / "endless.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.Popen(
+        [str(BIN / "snakemake"), "--configfile", "endless.yaml", "--cores", "1",
+         "results/models/student/final"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snakemake = psutil.Process(run.pid)
+
+    def preload_workers():
+        servers = [p for p in snakemake.children()
+                   if "opdgeo.preload" in " ".join(p.cmdline())]
+        return [worker for server in servers for worker in server.children()]
+
+    wait_for(lambda: preload_workers(), seconds=120)  # the job runs in a forked worker
+    started = snakemake.children(recursive=True)  # server, worker, job shell, opdgeo command
+    run.send_signal(signal.SIGKILL)  # `kill -9`: Snakemake runs no onerror hook
+    run.wait()
+    for process in started:
+        wait_for(lambda p=process: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE,
+                 seconds=60)
+    assert not (tmp_path / "results/models/student/final").exists()
+
+
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)
