@@ -259,7 +259,8 @@ def overlap_runs_option(w):
 
 
 # ---------------------------------------------------------- figures, tables, findings (figures.smk)
-# (PLOTS, FIGURES and PAPER_TABLES are set at the top of figures.smk)
+# (PLOTS, FIGURES and PAPER_TABLES are set at the top of figures.smk, TIDY at the end of
+# tables.smk)
 
 
 def tidy(names):
