@@ -6,11 +6,18 @@ update), then times in fresh processes, each with its own peak RSS:
 - the full analysis (every metric and null), and the analysis without the isotropic and
   shuffle nulls;
 - the SVD floor: torch.linalg.svd of every source matrix plus torch.linalg.svdvals of every
-  delta, the least any exact spectral analysis of the pair must do.
+  delta, the least any exact spectral analysis of the pair must do;
+- a run's whole analysis as the workflow runs it: the source decomposed once (`decompose`),
+  the final checkpoint against it (`final`, every null), and a trajectory of --checkpoints
+  intermediate checkpoints (`trajectory`; checkpoint i holds i/N of the final update), beside
+  one full analysis (`full`, which decomposes the source itself). Goal: decompose + final +
+  a 5-checkpoint trajectory within 2x one full analysis. N runs on one source cost
+  decompose + N x final, against N x full.
 Target on 2 cores: <= 90 s and <= 2 GB peak RSS. Each line also gives the process's CPU
 time, which on a shared machine measures the work where wall time measures the neighbours.
 
     PYTHONPATH=scripts python scripts/bench_analysis.py [--layers 24] [--threads 2]
+        [--tasks full,decompose,final,trajectory]
 """
 
 import argparse
@@ -92,6 +99,23 @@ def build_pair(root: Path, layers: int, seed: int = 0) -> None:
         index_file.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def build_checkpoints(root: Path, count: int) -> None:
+    """checkpoints/step-i: source + i/count of the final update, rounded to bf16."""
+    for step in range(1, count + 1):
+        folder = root / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        for file in (root / "trained").iterdir():
+            if file.suffix != ".safetensors":
+                (folder / file.name).write_bytes(file.read_bytes())
+                continue
+            with safe_open(root / "source" / file.name, "pt") as source_file, \
+                    safe_open(file, "pt") as trained_file:
+                tensors = {name: (source_file.get_tensor(name).float() + step / count * (
+                    trained_file.get_tensor(name).float() - source_file.get_tensor(name).float())
+                ).bfloat16() for name in trained_file.keys()}
+            save_file(tensors, folder / file.name)
+
+
 def svd_floor(root: Path) -> None:
     """svd of every source matrix + svdvals of every delta, plain torch calls."""
     index = json.loads((root / "source" / "model.safetensors.index.json").read_text())
@@ -109,13 +133,23 @@ def svd_floor(root: Path) -> None:
 def child(task: str, root: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     started = time.perf_counter()
+    geometry = root / "geometry"
     if task == "floor":
         svd_floor(root)
+    elif task == "decompose":
+        from opdgeo.delta.source import write_geometry
+
+        write_geometry(root / "source", geometry)
+    elif task == "trajectory":
+        from opdgeo.delta.analyze import analyze_trajectory
+
+        analyze_trajectory(root / "source", root / "checkpoints", geometry, device="cpu")
     else:
         from opdgeo.delta.analyze import analyze_checkpoints
 
         analyze_checkpoints(root / "source", root / "trained", root / f"out-{task}",
-                            device="cpu", nulls=task == "full")
+                            device="cpu", nulls=task != "issue3",
+                            geometry=geometry if task == "final" else None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": time.perf_counter() - started,
                       "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -145,7 +179,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", default="issue3,full,floor",
-                        help="comma list of: issue3 (no nulls), full, floor")
+                        help="comma list of: issue3 (no nulls), full, floor, and in this order "
+                             "decompose, final, trajectory")
+    parser.add_argument("--checkpoints", type=int, default=5,
+                        help="intermediate checkpoints of the trajectory task")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,13 +193,18 @@ def main() -> None:
         root = Path(tmp)
         started = time.perf_counter()
         build_pair(root, args.layers)
+        if "trajectory" in args.tasks:
+            build_checkpoints(root, args.checkpoints)
         print(f"built the pair ({args.layers} layers) in {time.perf_counter() - started:.0f} s; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
               f"{args.threads} torch threads")
         results = {task: measure(task, root, args.threads) for task in args.tasks.split(",")}
     labels = {"issue3": "analysis without isotropic/shuffle nulls",
               "full": "full analysis (all metrics and nulls)",
-              "floor": "SVD floor (svd of sources + svdvals of deltas)"}
+              "floor": "SVD floor (svd of sources + svdvals of deltas)",
+              "decompose": "source decomposition (once per source)",
+              "final": "final analysis against the decomposition",
+              "trajectory": f"trajectory of {args.checkpoints} checkpoints"}
     for task, result in results.items():
         print(f"{labels[task]:48s} wall {result['seconds']:7.1f} s   "
               f"CPU {result['cpu_seconds']:7.1f} s   peak RSS {result['peak_rss_gb']:.2f} GB")
@@ -172,6 +214,15 @@ def main() -> None:
                 wall = results[task]["seconds"] / results["floor"]["seconds"]
                 cpu = results[task]["cpu_seconds"] / results["floor"]["cpu_seconds"]
                 print(f"{task} / floor: wall {wall:.2f}, CPU {cpu:.2f}")
+    if {"full", "decompose", "final", "trajectory"} <= set(results):
+        for clock in ("seconds", "cpu_seconds"):
+            full, decompose, final, trajectory = (results[task][clock] for task in (
+                "full", "decompose", "final", "trajectory"))
+            print(f"{clock}: decompose + final + {args.checkpoints}-checkpoint trajectory = "
+                  f"{(decompose + final + trajectory) / full:.2f} x one full analysis (goal "
+                  f"<= 2); a trajectory checkpoint {trajectory / args.checkpoints / full:.2f} x; "
+                  + "; ".join(f"{n} runs on one source {(decompose + n * final) / (n * full):.2f}"
+                              f" x {n} full analyses" for n in (1, 3, 10)))
     print(f"load average at the end {os.getloadavg()[0]:.1f}: on a shared machine wall time "
           "includes the neighbours' share; CPU time does not")
 

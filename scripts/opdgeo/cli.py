@@ -21,6 +21,8 @@ Snakemake runs for you (`snakemake -n -p` prints each step's full command)."""
 EXAMPLES = {
     "analyze": "opdgeo analyze --source Qwen/Qwen2.5-1.5B --trained runs/opd/final "
                "--out delta/ --json",
+    "decompose": "opdgeo decompose --source Qwen/Qwen2.5-1.5B --out sources/qwen "
+                 "(then: opdgeo analyze ... --source-geometry sources/qwen)",
     "overlap": "opdgeo overlap --source S --trained-a runs/opd/final --trained-b runs/grpo/final "
                "--out overlap/",
     "train-model": "opdgeo train-model --name teacher --model-spec '{\"build\": ...}' "

@@ -27,7 +27,6 @@ from opdgeo.delta.columns import (  # noqa: E402
     HEADLINE_RATIO,
     LOW_MAGNITUDE_COVERAGE,
     MODULE_FIGURE,
-    NUMERICAL_RANK_FRACTION,
     PRINCIPAL_COVERAGE,
     PRINCIPAL_PROJECTION,
     RELATIVE_NORM,
@@ -347,12 +346,12 @@ def _optimizer_panel(ax, scores, pair_info, primary, plots):
 
 # ------------------------------------------------------------------------- trajectory
 
-TRAJECTORY_PANELS = (SPARSITY, summary_name(NUMERICAL_RANK_FRACTION),
-                     summary_name(PRINCIPAL_PROJECTION))
+TRAJECTORY_PANELS = (SPARSITY, summary_name(TOP16_ENERGY), summary_name(PRINCIPAL_PROJECTION))
 
 
 def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
-    """Sparsity, numerical rank and principal projection of ΔW over training steps."""
+    """Sparsity, top-16 spectral energy and principal projection of ΔW over training steps
+    (what a trajectory checkpoint measures: opdgeo.delta.analyze.TRAJECTORY_NOTE)."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = info[info["kind"].isin(TRAINED_METHODS)]
     data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj

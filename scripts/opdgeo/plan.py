@@ -88,13 +88,14 @@ def model_rows(config: dict, sizer: Sizer) -> list[dict]:
 
 
 def analysis_hours(config: dict, sizer: Sizer) -> float:
-    """CPU job hours of the delta analyses (every run, with its trajectory where drawn)."""
+    """CPU job hours of the delta analyses (every run, with its trajectory where drawn) and of
+    the one decomposition of each source they read."""
     trajectory = config["analysis"]["trajectory"]
-    hours = 0.0
-    for name, spec in sizer.runs.items():
-        need = sizer.analysis(name, trajectory and spec.is_trained and spec.group == "main")
-        hours += need.minutes / 60 if need else 0.0
-    return hours
+    needs = [sizer.analysis(name, trajectory and spec.is_trained and spec.group == "main")
+             for name, spec in sizer.runs.items()]
+    first_on_source = {spec.source: name for name, spec in reversed(sizer.runs.items())}
+    needs += [sizer.decomposition(name) for name in first_on_source.values()]
+    return sum(need.minutes / 60 for need in needs if need)
 
 
 def plan(config: dict, on_gpu: bool | None = None) -> tuple[pd.DataFrame, list[str]]:

@@ -207,11 +207,21 @@ def evaluation_need(model: ModelSize, evaluation: dict, task: dict, checkpoints:
     return Need(HOST_OVERHEAD + 4 * model.params, gpu, seconds / 60).on(on_gpu)
 
 
-def analysis_need(model: ModelSize, checkpoints: int, cost: dict) -> Need:
+# An intermediate checkpoint's analysis (opdgeo.delta.analyze.TRAJECTORY_NOTE) and a source's
+# decomposition, each as a share of one full analysis (CPU time, docs/results.md).
+TRAJECTORY_CHECKPOINT_SHARE = 0.3
+DECOMPOSITION_SHARE = 0.2
+
+
+def analysis_need(model: ModelSize, checkpoints: int, cost: dict,
+                  share: float = 1.0) -> Need:
     """The analysis streams tensor by tensor: the largest one as source, trained and fp32
-    master weights, its delta, and an SVD's factors and workspace, in fp32."""
+    master weights, its delta, and an SVD's factors and workspace, in fp32. `checkpoints`:
+    the final one, a full analysis, and the rest at TRAJECTORY_CHECKPOINT_SHARE; `share`: the
+    whole job's time as a share of that (DECOMPOSITION_SHARE for a source's decomposition)."""
     working = 8 * 4 * model.largest
-    seconds = checkpoints * model.params / cost["analysis_params_per_second"]
+    analyses = share * (1 + TRAJECTORY_CHECKPOINT_SHARE * (checkpoints - 1))
+    seconds = analyses * model.params / cost["analysis_params_per_second"]
     return Need(HOST_OVERHEAD + working, 0, seconds / 60)
 
 
@@ -303,6 +313,11 @@ class Sizer:
         if size is None:
             return None
         return analysis_need(size, self.checkpoints(run) if trajectory else 1, self.cost)
+
+    def decomposition(self, run: str) -> Need | None:
+        """The decomposition of a run's source, which every analysis on that source reads."""
+        size = self.size(self.runs[run].source)
+        return None if size is None else analysis_need(size, 1, self.cost, DECOMPOSITION_SHARE)
 
     def mask(self, run: str) -> Need | None:
         """A mask or an overlap job: a run's checkpoint against its source, tensor by tensor."""

@@ -1,7 +1,35 @@
-# The delta analysis of STUDY.md section 3: one job per run (its final checkpoint, and its
-# intermediate ones for the trajectory), one overlap job per group of runs on one source.
+# The delta analysis of STUDY.md section 3: one decomposition per source checkpoint, one job
+# per run (its final checkpoint, and its intermediate ones for the trajectory) reading it, one
+# overlap job per group of runs on one source.
 
 OVERLAP_GROUPS = overlap_groups()
+# One run per source checkpoint: every analysis on a source reads its one decomposition.
+SOURCES = {source_key(run): run for run in reversed(RUNS)}
+
+
+rule decompose_source:
+    input:
+        lambda w: run_inputs(SOURCES[w.source])["source"],
+    output:
+        geometry=directory("results/sources/{source}"),
+    wildcard_constraints:
+        source="|".join(map(re.escape, SOURCES)) or "NONE",
+    params:
+        source=lambda w: source_path(SOURCES[w.source]),
+        dtype=config["analysis"]["dtype"],
+        exact_svd_max=config["analysis"]["exact_svd_max"],
+        device=job_device,
+    log:
+        "results/logs/decompose/{source}.log",
+    benchmark:
+        "results/benchmarks/decompose/{source}.tsv"
+    threads: config["threads"]
+    resources:
+        **sized(lambda w: SIZER.decomposition(SOURCES[w.source])),
+        gpu=0,
+    shell:
+        "opdgeo decompose --source {params.source} --out {output.geometry} --dtype {params.dtype}"
+        " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
 
 
 rule analyze_run:
@@ -35,7 +63,8 @@ rule analyze_run:
         "opdgeo analyze --run {wildcards.run} --source {params.source} --trained {params.trained}"
         " --out {params.out} --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device}"
-        " {params.checkpoints} --trajectory {output.trajectory} > {log} 2>&1"
+        " --source-geometry {input.geometry} {params.checkpoints}"
+        " --trajectory {output.trajectory} > {log} 2>&1"
 
 
 rule overlap:

@@ -136,18 +136,23 @@ def final_steps(run):
     return RUNS[run].training["steps"]
 
 
+def source_key(run):
+    """A run's source checkpoint as a name: its model key, else its path or hub id made safe."""
+    keys = {model_path(key): key for key in config["models"]}
+    source = source_path(run)
+    return re.sub(r"[^\w.-]+", "-", keys.get(source, source)).strip("-")
+
+
 def overlap_groups():
     """Main runs (masked retrains aside) by the source checkpoint they share: one overlap job
-    per group compares every pair in it. A group is named after its source (model key).
+    per group compares every pair in it. A group is named after its source (`source_key`).
     (Called in analyze.smk, once the rules that write the checkpoints are defined.)"""
     by_source = {}
     main = (r for r, spec in RUNS.items()
             if RUN_KINDS[spec.kind].delta_method and spec.group == "main")
     for name in main:
-        by_source.setdefault(source_path(name), []).append(name)
-    keys = {model_path(key): key for key in config["models"]}
-    return {re.sub(r"[^\w.-]+", "-", keys.get(source, source)).strip("-"): runs
-            for source, runs in by_source.items() if len(runs) > 1}
+        by_source.setdefault(source_key(name), []).append(name)
+    return {key: runs for key, runs in by_source.items() if len(runs) > 1}
 
 
 def all_targets():
@@ -236,7 +241,8 @@ def has_trajectory(run):
 
 
 def analyze_inputs(w):
-    inputs = run_inputs(w.run)
+    geometry = output_of(rules.decompose_source.output.geometry, source=source_key(w.run))
+    inputs = run_inputs(w.run) | {"geometry": geometry}
     if RUNS[w.run].is_trained:
         inputs["fp32"] = output_of(rules.train_run.output.fp32, run=w.run)
     if has_trajectory(w.run):

@@ -1,7 +1,9 @@
 """`analyze_checkpoints`: every metric of STUDY.md section 3 for one source -> trained pair.
 
 Streamed: one tensor pair is in memory at a time (peak memory follows the largest tensor),
-each source matrix is decomposed once and reused by every geometry metric and mask.
+each source matrix is decomposed once (here, or read from the source's geometry folder) and
+reused by every geometry metric and mask. A run's intermediate checkpoints get the measures
+of TRAJECTORY_NOTE, against the same decomposition.
 Outputs (written into a temporary folder beside `out_dir`, renamed when complete):
 tensors.csv, layers.csv, modules.csv, blocks.csv, layer_module.csv, summary.json, summary.md.
 """
@@ -9,7 +11,9 @@ tensors.csv, layers.csv, modules.csv, blocks.csv, layer_module.csv, summary.json
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -25,9 +29,10 @@ from opdgeo.delta.columns import (
     ratio_label,
     threshold_label,
 )
-from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
+from opdgeo.delta.geometry import principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, summary
 from opdgeo.delta.io import (
+    DTYPES,
     TIED_HEAD_NOTE,
     Checkpoint,
     TensorPair,
@@ -53,18 +58,31 @@ from opdgeo.delta.nulls import (
     shuffled_rows,
     tensor_generator,
 )
+from opdgeo.delta.source import GeometryFolder, SourceGeometry, decomposed, source_geometry
 from opdgeo.delta.spectrum import (
     decompose,
     rank_count,
     singular_values,
     spectrum_metrics,
     tall_rows,
+    top_singular_values,
 )
 from opdgeo.device import resolve_device
 from opdgeo.naming import canonical_name, classify
 from opdgeo.progress import progress
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TRAJECTORY_NOTE = """An intermediate checkpoint's measures cost the delta's passes only: the
+source's geometry is decomposed once per source (`opdgeo.delta.source`). As in the final
+analysis (to float32 rounding, 1e-6 relative; tested): every coordinate metric (relative norm,
+sparsity, coordinate energy shares), every coverage (low-magnitude, principal, combined; the
+rounding null), the principal projection (joint, left, right) at 10%. The delta's spectrum
+(`spectrum.top_singular_values`): exact for matrices of at most 2^18 elements; above, from a
+Gram matrix of float32 products, whose top-k energy shares are within 1e-6 and stable rank
+within 1e-5 relative of the exact ones (tested), and whose numerical and entropy ranks are not
+given. Not computed: the nulls, rotation and singular-value drift, the projection at 1, 5 and
+20%."""
+
+
 def _share(part: float, whole: float) -> float:
     return part / whole if whole > 0 else math.nan
 
@@ -103,7 +121,9 @@ class Updates:
 
 
 def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd_max: int,
-                   seed: int, nulls: bool, rounding_null: str = "half_normal") -> dict:
+                   seed: int, nulls: bool, rounding_null: str = "half_normal",
+                   geometry: Callable[[], SourceGeometry] | None = None,
+                   trajectory: bool = False) -> dict:
     """Every per-tensor metric of one pair.
 
     tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32". They
@@ -112,6 +132,9 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     principal magnitudes, or a null's int32 permutation) and its uint8 labels. The delta is
     held whole only by the shuffle null, at the end, in place of the source and trained
     tensors; its other readers compute trained - source chunk by chunk.
+    geometry: reads the source matrix's geometry (`opdgeo.delta.source`) when it is needed;
+    without it, the source is decomposed here.
+    trajectory: the measures of an intermediate checkpoint only (see TRAJECTORY_NOTE).
     """
     source, trained = tensors.pop("source"), tensors.pop("trained")
     group = classify(pair.name)
@@ -150,18 +173,21 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     if source.dim() < 2:
         return add_enrichment(row)
 
-    # Spectrum of the delta; geometry against one decomposition of the source.
+    # Spectrum of the delta; geometry against the one decomposition of the source.
     delta_rows = tall_rows(trained, minus=source)
     short_side = delta_rows.shape[1]
-    values, complete = singular_values(delta_rows, exact_svd_max)
+    values, complete = (top_singular_values if trajectory else singular_values)(
+        delta_rows, exact_svd_max)
     row |= spectrum_metrics(values, short_side, stats.delta_energy, complete)
-    source_decomposition = decompose(tall_rows(source), rank_count(max(MASK_RATIOS), short_side),
-                                     exact_svd_max)
-    row |= principal_projection(delta_rows, source_decomposition)
-    trained_decomposition = decompose(tall_rows(trained), rank_count(HEADLINE_RATIO, short_side),
-                                      exact_svd_max)
-    row |= rotation_and_drift(source_decomposition, trained_decomposition, short_side)
-    del trained_decomposition
+    geometry = geometry() if geometry is not None else source_geometry(source, exact_svd_max)
+    source_decomposition = geometry.decomposition
+    row |= principal_projection(delta_rows, source_decomposition,
+                                (HEADLINE_RATIO,) if trajectory else MASK_RATIOS)
+    if not trajectory:
+        trained_decomposition = decompose(tall_rows(trained),
+                                          rank_count(HEADLINE_RATIO, short_side), exact_svd_max)
+        row |= rotation_and_drift(source_decomposition, trained_decomposition, short_side)
+        del trained_decomposition
     if nulls:
         isotropic = principal_projection(isotropic_rows(delta_rows, generator),
                                          source_decomposition)
@@ -173,22 +199,18 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
 
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
-    magnitudes = principal_magnitudes(source_decomposition,
-                                      rank_count(HEADLINE_RATIO, short_side),
-                                      (source.shape[0], numel // source.shape[0]))
-    del source_decomposition
-    # the top-ratio set is the complement of the (numel - count) smallest
-    (rest,), high = rank_splits(magnitudes, [numel - round(HEADLINE_RATIO * numel)],
-                                labels=updates.labels, n_labels=updates.n_labels)
-    row |= updates.coverage("principal", label, high.sum(dim=1) - rest.sums)
-    counts = mask_counts(magnitudes, rest, source, low_split, updates.labels, updates.n_labels)
+    principal = geometry.principal
+    del geometry, source_decomposition
+    row |= updates.coverage("principal", label,
+                            principal.label_sums(updates.labels, updates.n_labels))
+    counts = mask_counts(principal, source, low_split, updates.labels, updates.n_labels)
     row[f"rounding_null_principal_coverage_{label}"] = _share(
         rounding_null.expected_changed_in(counts.principal_by_exponent),
         rounding_null.expected_changed)
     row[f"combined_density_{label}"] = float(counts.union.sum()) / numel
     row |= updates.coverage("combined", label, counts.union)
     if nulls:  # last, with the rest released: it needs the delta whole and a permutation
-        del magnitudes, updates, delta_rows
+        del principal, updates, delta_rows
         delta = delta_tensor(source, trained)
         del source, trained
         shuffled_values, shuffled_complete = singular_values(
@@ -214,17 +236,22 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
                         dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
                         seed: int = 0, fp32_trained: Path | None = None,
                         nulls: bool = True, rounding_null: str = "half_normal",
-                        run: str | None = None) -> dict:
+                        run: str | None = None, geometry: str | Path | None = None,
+                        trajectory: bool = False) -> dict:
     """Analyse the delta trained - source tensor by tensor; write out_dir (unless None);
     return the summary.
 
     run: the run's name, written as the first column of every table and into the summary
     (the pipeline's tables are collected from these, never from folder names).
     dtype: both checkpoints are cast to it before subtracting (statistics in float32).
+    device: where the tensors and every computation go ("cuda": the same code on the GPU).
     fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
     rounding null. nulls: also compute the isotropic and shuffle nulls (the parametric
     rounding null is always computed: it is nearly free). rounding_null: the parametric
-    null's update magnitudes, "half_normal" or "constant".
+    null's update magnitudes, "half_normal" or "constant". geometry: the source's folder
+    written by `source.write_geometry` (same dtype and exact_svd_max), read instead of
+    decomposing the source. trajectory: an intermediate checkpoint's measures only
+    (TRAJECTORY_NOTE; no nulls).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -236,6 +263,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     torch_device = torch.device(resolve_device(device))
     source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)
     fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
+    geometry_folder = GeometryFolder(geometry, dtype, exact_svd_max) if geometry else None
+    nulls = nulls and not trajectory
     pairs = match_tensors(source_checkpoint, trained_checkpoint)
     rows = []
     for pair in progress(pairs, desc=f"analyze {trained}", unit="tensor"):
@@ -245,8 +274,12 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
                                                                      DTYPES[dtype]),
         }
         if fp32_checkpoint is not None:
-            tensors["trained_fp32"] = fp32_checkpoint.load(_fp32_name(fp32_checkpoint, pair))
-        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls, rounding_null))
+            tensors["trained_fp32"] = fp32_checkpoint.load(
+                _fp32_name(fp32_checkpoint, pair)).to(torch_device)
+        read_geometry = (partial(geometry_folder.load, pair.source_name, pair.shape, torch_device)
+                         if geometry_folder is not None else None)
+        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls, rounding_null,
+                                   read_geometry, trajectory))
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     result = summary(table)
@@ -261,7 +294,7 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
         "source_commit": resolved_commit(source_checkpoint.path),
         "trained_commit": resolved_commit(trained_checkpoint.path),
         "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
-        "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls,
+        "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls, "trajectory": trajectory,
         "rounding_null_distribution": rounding_null,
         "tied_head": next((f"{TIED_HEAD_NOTE} (source {p.source_name}, trained {p.trained_name})"
                            for p in pairs if p.tied_head), None),
@@ -281,14 +314,23 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
 
 
 def analyze_trajectory(source: str | Path, checkpoints: str | Path | None,
-                       run: str | None = None, **options) -> pd.DataFrame:
+                       geometry: str | Path | None = None, run: str | None = None,
+                       **options) -> pd.DataFrame:
     """The summary of every intermediate checkpoint (`checkpoints/step-N`) against the source,
-    as tidy rows ([run,] step, metric, value); `options` as for `analyze_checkpoints`. One job
-    per run analyses its whole trajectory: a job per checkpoint paid the start-up each time."""
-    rows = [(step, metric, value)
-            for step, folder in (step_folders(checkpoints) if checkpoints else {}).items()
-            for metric, value in flatten(analyze_checkpoints(source, folder, None,
-                                                             **options)).items()]
+    as tidy rows ([run,] step, metric, value), with the trajectory's measures
+    (TRAJECTORY_NOTE); `options` as for `analyze_checkpoints`. The source is decomposed once:
+    `geometry` (its folder), else into a temporary folder. One job per run analyses its whole
+    trajectory: a job per checkpoint paid the start-up each time."""
+    folders = step_folders(checkpoints) if checkpoints else {}
+    rows = []
+    if folders:
+        settings = {key: options[key] for key in ("dtype", "exact_svd_max") if key in options}
+        with decomposed(source, geometry, device=resolve_device(options.get("device", "auto")),
+                        **settings) as folder:
+            for step, checkpoint in folders.items():
+                result = analyze_checkpoints(source, checkpoint, None, geometry=folder,
+                                             trajectory=True, **options)
+                rows += [(step, metric, value) for metric, value in flatten(result).items()]
     return with_run(pd.DataFrame(rows, columns=["step", "metric", "value"]), run)
 
 

@@ -1,4 +1,5 @@
-"""`analyze` and `overlap` subcommands; the `opdgeo` command adds them through `register`.
+"""`analyze`, `decompose` and `overlap` subcommands; the `opdgeo` command adds them through
+`register`.
 
 Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --trained B --out D
 """
@@ -6,6 +7,7 @@ Standalone: PYTHONPATH=scripts python -m opdgeo.delta.cli analyze --source A --t
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from opdgeo.delta import columns
@@ -23,34 +25,49 @@ def _report(args: argparse.Namespace):
 
 
 def run_analyze(args: argparse.Namespace) -> None:
-    from opdgeo.delta.analyze import analyze_checkpoints  # torch import only when used
+    # torch imports only when used
+    from opdgeo.delta.analyze import analyze_checkpoints, analyze_trajectory
     from opdgeo.delta.io import check_writable
+    from opdgeo.delta.source import decomposed
+    from opdgeo.device import resolve_device
 
     if args.trajectory:
         check_writable(args.trajectory)
-    result = analyze_checkpoints(args.source, args.trained, args.out, dtype=args.dtype,
-                                 device=args.device, exact_svd_max=args.exact_svd_max,
-                                 seed=args.seed, fp32_trained=args.fp32_trained,
-                                 nulls=not args.no_nulls, rounding_null=args.rounding_null,
-                                 run=args.run)
-    report = _report(args)
-    print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)",
-          file=report)
-    for key in HEADLINE_KEYS:
-        print(f"  {key}: {result.get(key)}", file=report)
-    if args.json:
-        print((args.out / "summary.json").read_text(), end="")
-    if args.trajectory:
-        from opdgeo.delta.analyze import analyze_trajectory
-        from opdgeo.tables import write_table
-
-        steps = analyze_trajectory(args.source, args.checkpoints, dtype=args.dtype,
-                                   device=args.device, exact_svd_max=args.exact_svd_max,
-                                   seed=args.seed, nulls=not args.no_nulls,
-                                   rounding_null=args.rounding_null, run=args.run)
-        write_table(steps, args.trajectory)
-        print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate checkpoints)",
+    options = {"dtype": args.dtype, "device": args.device, "exact_svd_max": args.exact_svd_max,
+               "seed": args.seed, "rounding_null": args.rounding_null}
+    # with a trajectory, the source is decomposed once for the final and every intermediate
+    # checkpoint (into a temporary folder unless --source-geometry gives it)
+    geometry = args.source_geometry
+    with (decomposed(args.source, geometry, args.dtype, resolve_device(args.device),
+                     args.exact_svd_max)
+          if args.trajectory and args.checkpoints else nullcontext(geometry)) as geometry:
+        result = analyze_checkpoints(args.source, args.trained, args.out,
+                                     fp32_trained=args.fp32_trained, nulls=not args.no_nulls,
+                                     geometry=geometry, run=args.run, **options)
+        report = _report(args)
+        print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)",
               file=report)
+        for key in HEADLINE_KEYS:
+            print(f"  {key}: {result.get(key)}", file=report)
+        if args.json:
+            print((args.out / "summary.json").read_text(), end="")
+        if args.trajectory:
+            from opdgeo.tables import write_table
+
+            steps = analyze_trajectory(args.source, args.checkpoints, geometry, run=args.run,
+                                       **options)
+            write_table(steps, args.trajectory)
+            print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate "
+                  f"checkpoints)", file=report)
+
+
+def run_decompose(args: argparse.Namespace) -> None:
+    from opdgeo.delta.source import write_geometry
+    from opdgeo.device import resolve_device
+
+    count = write_geometry(args.source, args.out, args.dtype, resolve_device(args.device),
+                           args.exact_svd_max)
+    print(f"wrote {args.out} ({count} matrices of {args.source})")
 
 
 def _named_run(text: str) -> tuple[str, Path]:
@@ -86,7 +103,7 @@ def run_overlap(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `analyze` and `overlap` to an argparse subparsers object."""
+    """Add `analyze`, `decompose` and `overlap` to an argparse subparsers object."""
     analyze = subparsers.add_parser(
         "analyze", help="every delta metric of two checkpoints (STUDY.md section 3)")
     analyze.add_argument("--source", required=True, type=Path, help="source checkpoint folder")
@@ -115,7 +132,22 @@ def register(subparsers) -> None:
     analyze.add_argument("--run", default=None,
                          help="the run's name: the first column of every table written, and "
                               "a key of summary.json")
+    analyze.add_argument("--source-geometry", type=Path, default=None,
+                         help="the source's decomposition written by `opdgeo decompose` (same "
+                              "--dtype and --exact-svd-max), read instead of decomposing it")
     analyze.set_defaults(handler=run_analyze)
+
+    decompose = subparsers.add_parser(
+        "decompose", help="the source geometry every analysis of a run on it reuses (top "
+                          "singular triplets and principal mask of each matrix)")
+    decompose.add_argument("--source", required=True, type=Path, help="source checkpoint")
+    decompose.add_argument("--out", required=True, type=Path, help="output folder")
+    decompose.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                           help="the analysis dtype, which the source is cast to first")
+    decompose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    decompose.add_argument("--exact-svd-max", type=int, default=4096,
+                           help="as for analyze (the analysis must use the same)")
+    decompose.set_defaults(handler=run_decompose)
 
     overlap = subparsers.add_parser(
         "overlap", help="update-mask overlap of two runs (or of every pair of --runs) that "

@@ -6,25 +6,28 @@ All of it reuses one `Decomposition` of W_src (and one of W_trained for the rota
 import torch
 
 from opdgeo.delta.columns import MASK_RATIOS, ROTATION_RATIO, ratio_label
-from opdgeo.delta.metrics import CHUNK
+from opdgeo.delta.metrics import CHUNK, float64_sum
 from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
 
 
-def principal_projection(delta: TallRows, source: Decomposition) -> dict[str, float]:
+def principal_projection(delta: TallRows, source: Decomposition,
+                         ratios: tuple[float, ...] = MASK_RATIOS) -> dict[str, float]:
     """Share of ||dW||^2 inside the top-k singular subspaces of W_src, for every ratio.
 
     joint = ||U_k^T dW V_k||^2, left = ||U_k^T dW||^2, right = ||dW V_k||^2, each over
     ||dW||^2. One pass over dW's rows with the largest k serves every smaller k.
     """
+    top = rank_count(max(ratios), delta.shape[1])
     long_vectors, short_vectors = (source.right, source.left) if delta.transposed \
         else (source.left, source.right)
+    long_vectors, short_vectors = long_vectors[:, :top], short_vectors[:, :top]
     energy = 0.0
     long_part = torch.zeros(long_vectors.shape[1], delta.shape[1],
                             device=long_vectors.device)  # L^T A
     short_norms = torch.zeros(short_vectors.shape[1], dtype=torch.float64,
                               device=long_vectors.device)  # column norms^2 of A R
     for start, chunk in delta.chunks():
-        energy += float((chunk * chunk).sum(dtype=torch.float64))
+        energy += float64_sum(chunk * chunk)
         long_part.addmm_(long_vectors[start:start + len(chunk)].T, chunk)
         short_norms += ((chunk @ short_vectors) ** 2).sum(dim=0, dtype=torch.float64)
     joint_part = (long_part @ short_vectors).double()
@@ -33,7 +36,7 @@ def principal_projection(delta: TallRows, source: Decomposition) -> dict[str, fl
     left_cumulative, right_cumulative = (short_cumulative, long_cumulative) if delta.transposed \
         else (long_cumulative, short_cumulative)
     metrics = {}
-    for ratio in MASK_RATIOS:
+    for ratio in ratios:
         k = rank_count(ratio, delta.shape[1])
         label = ratio_label(ratio)
         if energy == 0:

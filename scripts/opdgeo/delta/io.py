@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from opdgeo.naming import canonical_name
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 LM_HEAD_SUFFIX = "lm_head.weight"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the analysis dtypes
 _FLOAT_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 # Finiteness is checked this many elements at a time: a check of the whole tensor at once
 # would allocate a boolean copy of the largest tensor.
@@ -281,21 +283,28 @@ def check_writable(path: str | Path) -> None:
         raise ValueError(f"cannot write {path}: {error}") from error
 
 
-def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame]) -> None:
-    """Write every file into a temporary sibling folder, then rename it to out_dir, so a
-    crash leaves either the previous complete output or none. DataFrames become CSV."""
+@contextmanager
+def atomic_folder(out_dir: str | Path):
+    """A temporary sibling folder to write into, renamed to out_dir when the block completes,
+    so a crash leaves either the previous complete output or none."""
     out_dir = Path(out_dir)
     temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        for file_name, content in files.items():
-            if isinstance(content, pd.DataFrame):
-                content.to_csv(temporary / file_name, index=False)
-            else:
-                (temporary / file_name).write_text(content)
+        yield temporary
         if out_dir.exists():
             shutil.rmtree(out_dir)
         temporary.rename(out_dir)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame]) -> None:
+    """Write every file into out_dir at once (`atomic_folder`). DataFrames become CSV."""
+    with atomic_folder(out_dir) as temporary:
+        for file_name, content in files.items():
+            if isinstance(content, pd.DataFrame):
+                content.to_csv(temporary / file_name, index=False)
+            else:
+                (temporary / file_name).write_text(content)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO
-from opdgeo.delta.geometry import principal_magnitudes
 from opdgeo.delta.metrics import (
     HIGH_BINS,
     categories,
@@ -32,7 +31,8 @@ from opdgeo.delta.metrics import (
     mask_counts,
     rank_splits,
 )
-from opdgeo.delta.spectrum import TallRows, decompose, rank_count, tall_rows
+from opdgeo.delta.source import source_geometry
+from opdgeo.delta.spectrum import TallRows
 
 DISTRIBUTIONS = ("half_normal", "constant")
 EXPONENTS = 256  # float32 / bf16 exponent field
@@ -228,11 +228,9 @@ def rounding_null_on_gaussian(sparsity: float, std: float, shape: tuple[int, int
     bin_counts = high[0]
     null = fit_rounding_null(bin_counts, (1 - sparsity) * numel, atol, distribution)
     low_magnitude = null.expected_in_smallest(bin_counts, splits[0].count) / null.expected_changed
-    k = rank_count(ratio, min(shape))
-    magnitudes = principal_magnitudes(decompose(tall_rows(weight), k, min(shape)), k, shape)
-    (rest,), _ = rank_splits(magnitudes, [numel - round(ratio * numel)])
+    principal_mask = source_geometry(weight, min(shape), ratio).principal
     one_label = torch.zeros(shape, dtype=torch.uint8, device=device)
-    counts = mask_counts(magnitudes, rest, weight, splits[0], one_label, 1)
+    counts = mask_counts(principal_mask, weight, splits[0], one_label, 1)
     principal = null.expected_changed_in(counts.principal_by_exponent) / null.expected_changed
     return {"scale": null.scale, "low_magnitude_coverage": low_magnitude,
             "principal_coverage": principal}
