@@ -121,3 +121,46 @@ def test_trackers_come_from_the_config(tmp_path):
 
     assert args({"report_to": ["tensorboard"]}).report_to == ["tensorboard"]
     assert args({}).report_to in ([], ["none"], "none")
+
+
+def test_two_processes_train_one_run_and_only_the_first_writes(tiny_pair, tmp_path):
+    """The multi-GPU path on CPU: torchrun starts two processes (gloo, as `accelerate launch`
+    starts one per GPU), DDP averages their gradients, and the run's files are written once."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    student, teacher = tiny_pair
+    run = spec("opd", steps=4)
+    run = dataclasses.replace(run, training={**run.training, "micro_batch_size": 2})
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "opdgeo.cli",
+         "train-run", "--run-spec", json.dumps(dataclasses.asdict(run)), "--source",
+         str(student), "--teacher", str(teacher), "--task", json.dumps(TASK), "--out",
+         str(tmp_path / "run"), "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank1]" in result.stderr  # the second process trained too
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in log[1:]] == ["1", "2", "3", "4"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoints", "final", "fp32", "optimizer_state.csv", "train_log.csv"]
+    assert moved(student, tmp_path / "run" / "final") > 0
+
+
+def test_each_process_places_its_models_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from opdgeo.device import process_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device("cuda") == "cuda" and process_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device("cuda") == "cuda:3" and chosen == [3]
+    assert process_device("cpu") == "cpu"

@@ -85,12 +85,13 @@ def cmd_train_model(args):
 
 def cmd_train_run(args):
     from opdgeo.config import RunSpec
-    from opdgeo.device import resolve_device
+    from opdgeo.device import process_device, resolve_device
     from opdgeo.train import train_run
 
     _threads(args.threads)
     spec = RunSpec(**args.run_spec)
-    train_run(spec, args.source, args.teacher, args.task, args.out, resolve_device(args.device),
+    train_run(spec, args.source, args.teacher, args.task, args.out,
+              process_device(resolve_device(args.device)),
               mask_path=args.mask)
 
 

@@ -4,6 +4,8 @@ Its own module so that every job (training, evaluation, analysis) can resolve th
 without importing TRL or transformers, which cost seconds per job.
 """
 
+import os
+
 import torch
 
 
@@ -13,3 +15,13 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config asks for device cuda, but no GPU is visible: use auto or cpu")
     return device
+
+
+def process_device(device: str) -> str:
+    """With one process per GPU (`accelerate launch` and torchrun set LOCAL_RANK), the GPU of
+    this process: its models go there when they are loaded, not all onto the first GPU."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device != "cuda" or local_rank is None:
+        return device
+    torch.cuda.set_device(int(local_rank))
+    return f"cuda:{local_rank}"

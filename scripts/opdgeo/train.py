@@ -34,7 +34,7 @@ from opdgeo.callbacks import (
 )
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt
-from opdgeo.evaluate import exact_match, generate, images_of
+from opdgeo.evaluate import exact_match, generate, generation_dtype, images_of
 from opdgeo.kinds import RUN_KINDS
 from opdgeo.losses import TRL_BETA, OPDTrainer
 from opdgeo.models import (
@@ -65,7 +65,7 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
     optim = {"adamw": "adamw_torch", "sgd": "sgd"}[optimizer]
     optim_args = f"momentum={opt.get('momentum', 0.0)}" if optimizer == "sgd" else None
     bf16 = training.get("bf16", "auto") == "on" or (
-        training.get("bf16", "auto") == "auto" and device == "cuda"
+        training.get("bf16", "auto") == "auto" and device.startswith("cuda")
     )
     return config_cls(
         output_dir=str(out_dir / "trainer"),
@@ -277,7 +277,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     if teacher is not None:
         teacher_tokenizer = load_tokenizer(teacher)
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, source, teacher)
-        teacher_model = load_model(teacher, device)
+        # A teacher only runs forward passes: bf16 on a GPU (fp32 on a CPU, as evaluation).
+        teacher_model = load_model(teacher, device, generation_dtype(device))
 
     task_spec, task = task, make_task(task)
     prompts = task.train_examples(training["prompts"], spec.seed)
