@@ -263,6 +263,7 @@ def dry_run_jobs(stdout: str) -> list[dict]:
     return jobs
 
 
+@pytest.mark.workflow
 def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
     """Every job of the paper's DAG: a command that names cuda has a GPU, and memory at least
     what the paper's models need (fp32 student, its gradients and AdamW state on the GPU, the
@@ -315,6 +316,7 @@ def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
         model_size("checkpoints/Qwen3-4B-Base-GRPO")
 
 
+@pytest.mark.workflow
 def test_a_job_with_a_gpu_runs_on_cuda_and_retries_ask_for_more(tmp_path):
     """set-resources moves an analysis job onto a GPU (and its command onto cuda); a retry's
     memory and runtime grow with Snakemake's attempt."""
