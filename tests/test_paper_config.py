@@ -310,6 +310,16 @@ def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
     trained = [spec for spec in runs.values() if spec.is_trained]
     assert sized.count("train_run") == len(trained) - 1 >= 10, sized
     assert sized.count("analyze_run") >= len(trained) - 1, sized
+    # One decomposition per source, read by every analysis on it; main runs draw trajectories.
+    decompositions = {job["wildcards"]["source"] for job in jobs
+                      if job["rule"] == "decompose_source"}
+    analyses = [job for job in jobs if job["rule"] == "analyze_run"]
+    read = {job["shell"].split("--source-geometry results/sources/")[1].split()[0]
+            for job in analyses}
+    assert read == decompositions and len(decompositions) < len(analyses), (read, decompositions)
+    for job in analyses:
+        spec = runs[job["wildcards"]["run"]]
+        assert ("--checkpoints" in job["shell"]) == (spec.is_trained and spec.group == "main")
     # The teacher of the qwen3 pair is a folder the user provides: sized once it is there.
     assert "cannot size the jobs that load checkpoints/Qwen3-4B-Base-GRPO" in result.stderr
     with pytest.raises(ValueError, match="hf download"):
