@@ -284,18 +284,31 @@ def test_killing_snakemake_ends_the_jobs_running_in_the_preload_server(tmp_path)
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snakemake = psutil.Process(run.pid)
 
-    def preload_workers():
-        servers = [p for p in snakemake.children()
-                   if "opdgeo.preload" in " ".join(p.cmdline())]
-        return [worker for server in servers for worker in server.children()]
+    def command_line(process):
+        try:
+            return " ".join(process.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a short-lived child of Snakemake
+            return ""
 
-    wait_for(lambda: preload_workers(), seconds=120)  # the job runs in a forked worker
+    def preload_workers():
+        servers = [p for p in snakemake.children() if "opdgeo.preload" in command_line(p)]
+        try:
+            return [worker for server in servers for worker in server.children()]
+        except psutil.NoSuchProcess:  # a server that has just ended
+            return []
+
+    wait_for(lambda: preload_workers(), seconds=600)  # the job runs in a forked worker
     started = snakemake.children(recursive=True)  # server, worker, job shell, opdgeo command
     run.send_signal(signal.SIGKILL)  # `kill -9`: Snakemake runs no onerror hook
     run.wait()
+    def gone(process):
+        try:
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
     for process in started:
-        wait_for(lambda p=process: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE,
-                 seconds=60)
+        wait_for(lambda p=process: gone(p), seconds=60)
     assert not (tmp_path / "results/models/student/final").exists()
 
 
