@@ -173,3 +173,19 @@ def test_schema_enums_are_the_run_kind_registry():
     assert set(external["enum"]) == set(kinds.EXTERNAL_METHODS)
     assert external["default"] == kinds.OTHER
     assert set(kinds.SWEEP_KINDS) == set(kinds.TRAINED_METHODS)
+
+
+def test_masked_arms_train_every_seed_from_that_seed_s_runs():
+    config = {
+        "models": {"t": {"path": "t"}, "s": {"path": "s"}},
+        "training": {"seeds": [0, 1, 2], "optimizers": {"sgd": {"learning_rate": 1e-3}}},
+        "pairs": {"p": {"student": "s", "teachers": ["t"], "controls": ["grpo"],
+                        "masked": {"seeds": [0, 1, 2],
+                                   "arms": ["opd", "random", "run:grpo", "top:0.1"]}}},
+    }
+    runs, masks = build_runs(config), build_masks(config)
+    for arm, source in (("opd", "p-opd-t-sgd"), ("random", "p-opd-t-sgd"),
+                        ("run-grpo", "p-grpo-sgd"), ("top-0.1", "p-opd-t-sgd")):
+        for seed in (0, 1, 2):
+            mask = masks[runs[f"p-masked-{arm}-s{seed}"].mask]
+            assert (mask.run, mask.seed) == (f"{source}-s{seed}", seed)

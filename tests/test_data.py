@@ -135,6 +135,7 @@ def test_one_opd_step_and_evaluation_on_the_math_task(files, tmp_path, make_chec
                                  k=2, temperature=1.0, seed=0, device="cpu")
     assert set(table["metric"]) == {"exact_match", "mean@2"}
     assert table["value"].between(0, 1).all()
+    assert ((table["low"] <= table["value"]) & (table["value"] <= table["high"])).all()
 
 
 # ---------------------------------------------------------------- Geo3K (vision-language)

@@ -19,7 +19,7 @@ from opdgeo.evaluate import (
     TransformersEngine,
     VLLMEngine,
     choose_engine,
-    scores,
+    prompt_scores,
 )
 from opdgeo.task import make_task
 
@@ -154,8 +154,8 @@ def test_vllm_engine_renders_scores_and_batches_as_transformers_does(tmp_path, m
     reference = TransformersEngine(checkpoint, "cpu", batch_size=8)
     hf_greedy, hf_sampled = reference.completions(examples, task.max_new_tokens, 4, 0.6, seed=3)
     assert greedy == hf_greedy
-    assert scores(task, examples, greedy, sampled)[0] == scores(task, examples, hf_greedy,
-                                                               hf_sampled)[0]
+    assert prompt_scores(task, examples, greedy, sampled)[0] == \
+        prompt_scores(task, examples, hf_greedy, hf_sampled)[0]
 
 
 def test_engine_choice_and_the_error_naming_the_fix(monkeypatch, fake_vllm):

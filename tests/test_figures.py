@@ -252,3 +252,14 @@ def test_every_paper_reference_names_the_table_it_comes_from():
     for name, entry in reference.items():
         assert entry["from"].strip(), name
         assert all(len(values) == len(entry["columns"]) for values in entry["rows"].values()), name
+
+
+def test_score_tables_give_the_95_percent_interval():
+    cfg = tf.config(seeds=(0, 1, 2))
+    frames = tf.tables(cfg)
+    info = run_info(frames["runs"])
+    rows = paper_tables.intervention_rows(info, frames["evaluation"], frames["masks"], "mean@2")
+    table = paper_tables.interventions_table(rows).set_index(["experiment", "arm"])
+    full = table.loc[("masked retraining", "full")]  # OPD over three seeds
+    assert full["seeds"] == 3
+    assert full["final % 95% low"] < full["final %"] < full["final % 95% high"]

@@ -1,4 +1,6 @@
-"""Findings F1-F8 on constructed tidy tables: verdicts follow the numbers, never forced."""
+"""Findings F1-F8 on constructed tidy tables: verdicts follow the intervals, never forced."""
+
+import math
 
 import pandas as pd
 import pytest
@@ -8,172 +10,188 @@ from opdgeo import findings
 from opdgeo.cli import main
 from opdgeo.tidy import run_info
 
-OPD = "addition-opd-teacher-a-adamw-s0"
-SFT = "addition-sft-adamw-s0"
+SEEDS = (0, 1, 2)
+OPD = "addition-opd-teacher-a-adamw"
+SFT = "addition-sft-adamw"
 
 
-def with_values(frames, run, values: dict):
-    """A copy of the tables with some delta_global values of one run replaced."""
+def with_values(frames, series, values: dict):
+    """A copy of the tables with delta_global values of a run group replaced, one value per
+    seed (a list) or the same for every seed."""
     delta = frames["delta_global"]
-    keep = ~((delta["run"] == run) & delta["metric"].isin(values))
-    rows = pd.DataFrame([(run, 40, m, v) for m, v in values.items()], columns=delta.columns)
-    return {**frames, "delta_global": pd.concat([delta[keep], rows], ignore_index=True)}
+    runs = [f"{series}-s{seed}" for seed in SEEDS]
+    keep = ~(delta["run"].isin(runs) & delta["metric"].isin(values))
+    rows = [(run, 40, metric, v[i] if isinstance(v, list) else v)
+            for metric, v in values.items() for i, run in enumerate(runs)]
+    return {**frames, "delta_global": pd.concat(
+        [delta[keep], pd.DataFrame(rows, columns=delta.columns)], ignore_index=True)}
 
 
-def with_curve(frames, run, curve: dict):
+def with_curve(frames, series, finals: list, half: float = 0.02):
+    """Runs of a group end at the given final scores (one per seed, step 40), each with a
+    +-half interval over prompts."""
     evaluation = frames["evaluation"]
-    evaluation = evaluation[evaluation["run"] != run]
-    rows = pd.DataFrame([(run, s, m, v) for s, v in curve.items() for m in ("exact_match",
-                                                                            "mean@2")],
-                        columns=evaluation.columns)
+    runs = [f"{series}-s{seed}" for seed in SEEDS[:len(finals)]]
+    evaluation = evaluation[~evaluation["run"].isin(runs)]
+    rows = pd.DataFrame([(run, step, metric, v * step / 40, v * step / 40 - half,
+                          v * step / 40 + half)
+                         for run, v in zip(runs, finals, strict=True) for step in (20, 40)
+                         for metric in ("exact_match", "mean@2")],
+                        columns=["run", "step", "metric", "value", "low", "high"])
     return {**frames, "evaluation": pd.concat([evaluation, rows], ignore_index=True)}
 
 
-def check(frames, finding, run=OPD, measure=None):
+def check(frames, finding, series=OPD, measure=None):
     table = findings.findings_table(frames, run_info(frames["runs"]), {})
-    rows = table[(table["finding"] == finding) & (table["run"] == run)]
+    rows = table[(table["finding"] == finding) & (table["series"] == series)]
     if measure:
-        rows = rows[rows["measure"] == measure]
+        rows = rows[rows["measure"].str.startswith(measure)]
     assert len(rows) == 1, rows
     return rows.iloc[0]
 
 
 @pytest.fixture(scope="module")
 def frames():
-    return tf.tables(tf.config(arms=("opd", "random", "run:grpo")))
+    cfg = tf.config(seeds=SEEDS, arms=("opd", "random", "run:grpo"))
+    cfg["pairs"]["addition"]["masked"]["seeds"] = list(SEEDS)
+    tables = tf.tables(cfg)
+    scores = tables["evaluation"]["value"]  # every score with its interval over prompts
+    tables["evaluation"] = tables["evaluation"].assign(low=scores - 0.02, high=scores + 0.02)
+    return tables
 
 
 def test_verdict_rules():
-    assert findings.verdict(True, 0.33, 0.2, +1) == findings.HOLDS_BEYOND
-    assert findings.verdict(True, 0.33, 0.323, +1) == findings.EXPLAINED
-    assert findings.verdict(False, 0.05, 0.2, +1) == findings.FAILS
-    assert findings.verdict(True, 0.004, 0.011, -1) == findings.HOLDS_BEYOND
-    assert findings.verdict(True, 0.5) == findings.HOLDS
-    assert findings.verdict(None, 0.5) == findings.NOT_TESTED
-    assert findings.verdict(True, float("nan")) == findings.NOT_TESTED
+    v = findings.verdict
+    assert v(0.6, 0.7, 0.5, +1) == findings.HOLDS
+    assert v(0.6, 0.7, 0.5, +1, (0.1, 0.2)) == findings.HOLDS_BEYOND
+    assert v(0.6, 0.7, 0.5, +1, (-0.01, 0.05)) == findings.EXPLAINED
+    assert v(0.6, 0.7, 0.5, +1, (-0.2, -0.1)) == findings.CONTRADICTS
+    assert v(0.4, 0.6, 0.5, +1) == findings.INCONCLUSIVE
+    assert v(0.3, 0.4, 0.5, +1) == findings.FAILS
+    assert v(0.3, 0.4, 0.5, -1, (-0.2, -0.1)) == findings.HOLDS_BEYOND
+    assert v(1.2, 1.5, 1.0, +1, threshold_is_null=True) == findings.HOLDS_BEYOND
+    assert v(0.6, 0.9, 1.0, +1, threshold_is_null=True) == findings.CONTRADICTS
+    assert v(math.nan, math.nan, 0.5, +1) == findings.INCONCLUSIVE
 
 
-@pytest.mark.parametrize("coverage, null, expected", [
-    (0.33, 0.323, findings.EXPLAINED),  # a toy probe on sampled weights: rounding explains it
-    (0.33, 0.20, findings.HOLDS_BEYOND),
-    (0.12, 0.10, findings.FAILS),  # below the 0.15 threshold: fails, whatever the null
+@pytest.mark.parametrize("sparsity, null, expected", [
+    ([0.80, 0.82, 0.81], [0.60, 0.61, 0.60], findings.HOLDS_BEYOND),
+    ([0.80, 0.82, 0.81], [0.80, 0.83, 0.805], findings.EXPLAINED),
+    ([0.80, 0.82, 0.81], [0.90, 0.91, 0.92], findings.CONTRADICTS),
+    ([0.40, 0.60, 0.50], [0.30, 0.31, 0.30], findings.INCONCLUSIVE),
+    ([0.30, 0.32, 0.31], [0.20, 0.21, 0.20], findings.FAILS),
 ])
-def test_f8_low_magnitude_against_the_exact_null(frames, coverage, null, expected):
-    row = check(with_values(frames, OPD, {"low_magnitude_coverage_10pct": coverage,
-                                          "exact_null_low_magnitude_coverage_10pct": null}),
-                "F8")
+def test_f2_interval_against_threshold_and_exact_null(frames, sparsity, null, expected):
+    row = check(with_values(frames, OPD, {"sparsity_atol_1e-5": sparsity,
+                                          "exact_null_sparsity_atol_1e-5": null}), "F2")
     assert row["verdict"] == expected
-    assert row["observed"] == pytest.approx(coverage)
-    assert row["null"] == pytest.approx(null)
-    assert row["null_kind"] == "exact rounding null"
-    assert row["paper"] == pytest.approx(0.3804)
-    sft = frames["delta_global"].query("run == @SFT and metric == 'low_magnitude_coverage_10pct'")
-    assert row["sft_control"] == pytest.approx(sft["value"].iloc[0])
+    assert row["observed"] == pytest.approx(sum(sparsity) / 3)
+    assert row["low"] < row["observed"] < row["high"]
+    assert row["null"] == pytest.approx(sum(null) / 3)
+    assert row["seeds"] == 3 and row["null_kind"] == "exact rounding null"
+
+
+def test_one_seed_gives_no_interval_and_no_verdict():
+    row = check(tf.tables(tf.config()), "F2")
+    assert math.isnan(row["low"]) and row["verdict"] == findings.INCONCLUSIVE
 
 
 def test_f8_falls_back_to_the_parametric_null(frames):
-    tables = with_values(frames, OPD, {"low_magnitude_coverage_10pct": 0.4,
-                                       "rounding_null_low_magnitude_coverage_10pct": 0.39})
+    tables = with_values(frames, OPD, {"low_magnitude_coverage_10pct": [0.40, 0.41, 0.40],
+                                       "rounding_null_low_magnitude_coverage_10pct": 0.2})
     delta = tables["delta_global"]
-    tables["delta_global"] = delta[~((delta["run"] == OPD) & (
-        delta["metric"] == "exact_null_low_magnitude_coverage_10pct"))]
+    tables["delta_global"] = delta[~delta["metric"].eq("exact_null_low_magnitude_coverage_10pct")]
     row = check(tables, "F8")
     assert row["null_kind"] == "parametric rounding null"
-    assert row["verdict"] == findings.EXPLAINED
+    assert row["verdict"] == findings.HOLDS_BEYOND
+    assert row["paper"] == pytest.approx(0.3804)
 
 
-@pytest.mark.parametrize("opd_norm, expected", [(0.002, findings.HOLDS),
-                                                (0.015, findings.FAILS)])
+@pytest.mark.parametrize("opd_norm, expected", [([0.002, 0.0021, 0.0019], findings.HOLDS),
+                                                ([0.015, 0.016, 0.014], findings.FAILS)])
 def test_f1_against_the_sft_control(frames, opd_norm, expected):
     tables = with_values(with_values(frames, SFT, {"relative_norm": 0.02}), OPD,
                          {"relative_norm": opd_norm})
     row = check(tables, "F1")
     assert row["verdict"] == expected
-    assert row["claim_baseline"] == pytest.approx(findings.F1_MAX_NORM_RATIO * 0.02)
+    assert row["observed"] == pytest.approx(sum(opd_norm) / 3 / 0.02)
+    assert row["sft_control"] == pytest.approx(0.02)
 
 
 def test_f1_without_an_sft_control_is_not_tested():
-    cfg = tf.config()
+    cfg = tf.config(seeds=SEEDS)
     cfg["pairs"]["addition"]["controls"] = ["grpo"]
     row = check(tf.tables(cfg), "F1")
-    assert row["verdict"] == findings.NOT_TESTED
+    assert row["verdict"] == findings.NOT_TESTED and "no SFT control" in row["note"]
 
 
 def test_f1_without_a_matched_control_uses_the_external_offline_distillation_run():
     # config/paper.yaml: no SFT control; the paper's F1 is OPD against Qwen2.5-Math -> DS-Qwen.
-    cfg = tf.config()
+    cfg = tf.config(seeds=SEEDS)
     cfg["pairs"]["addition"]["controls"] = ["grpo"]
     cfg["external"] = {"offline-distill": {"source": "x", "trained": "y", "kind": "sft"}}
-    frames = with_values(tf.tables(cfg), "offline-distill", {"relative_norm": 0.12})
+    frames = tf.tables(cfg)
+    delta = frames["delta_global"]
+    delta.loc[(delta["run"] == "offline-distill") & (delta["metric"] == "relative_norm"),
+              "value"] = 0.12
     info = run_info(frames["runs"], {"offline-distill": "sft"})
-    table = findings.findings_table(frames, info, {}).set_index(["finding", "run"])
+    table = findings.findings_table(frames, info, {}).set_index(["finding", "series"])
     row = table.loc[("F1", OPD)]
-    assert row["verdict"] == findings.HOLDS
-    assert row["claim_baseline"] == pytest.approx(findings.F1_MAX_NORM_RATIO * 0.12)
+    assert row["verdict"] == findings.HOLDS  # ~0.002 / 0.12
+    opd = delta[delta["run"].str.startswith(OPD + "-s") & (delta["metric"] == "relative_norm")]
+    assert row["observed"] == pytest.approx(opd["value"].mean() / 0.12)
     assert "external offline-distillation run offline-distill" in row["note"]
 
 
-def test_f7_principal_projection_against_the_isotropic_null(frames):
-    key, null = "principal_projection_10pct_median", \
-        "isotropic_null_principal_projection_10pct_median"
-    measure = "principal projection at 10% (median)"
-    below = with_values(frames, OPD, {key: 0.004, null: 0.011})
-    assert check(below, "F7", measure=measure)["verdict"] == findings.HOLDS_BEYOND
-    above = with_values(frames, OPD, {key: 0.02, null: 0.011})
-    assert check(above, "F7", measure=measure)["verdict"] == findings.FAILS
-
-
-def test_f3_ffn_share_against_the_parameter_share(frames):
-    # fixture: FFN holds 3 of 7 matrices per layer at twice the size -> 6/10 of parameters
-    row = check(with_values(frames, OPD, {"block_energy_share/ffn": 0.62}), "F3",
-                measure="FFN energy share")
-    assert row["null"] == pytest.approx(0.6)
-    assert row["verdict"] == findings.EXPLAINED
-    row = check(with_values(frames, OPD, {"block_energy_share/ffn": 0.8}), "F3",
-                measure="FFN energy share")
+def test_f4_needs_full_opd_to_improve_over_the_source(frames):
+    # the source (student) scores 0.18 on mean@2 in the fixture
+    tables = with_curve(frames, OPD, [0.50, 0.52, 0.51])
+    tables = with_curve(tables, "addition-masked-opd", [0.50, 0.51, 0.51])
+    worse = with_curve(tables, "addition-masked-random", [0.40, 0.41, 0.39])
+    row = check(worse, "F4", series="addition-masked-opd")
+    assert row["observed"] == pytest.approx((0.50 + 0.51 + 0.51 - 1.53) / 3)
+    assert row["null"] == pytest.approx(0.40)
     assert row["verdict"] == findings.HOLDS_BEYOND
-    row = check(with_values(frames, OPD, {"block_energy_share/ffn": 0.2}), "F3",
-                measure="FFN energy share")
-    assert row["verdict"] == findings.FAILS  # attention (0.3) is then the largest
-
-
-def test_f4_masked_retraining_from_curves(frames):
-    full = {10: 0.5, 20: 0.6, 30: 0.6, 40: 0.62}
-    mask = {10: 0.5, 20: 0.58, 30: 0.61, 40: 0.61}
-    tables = with_curve(with_curve(frames, OPD, full), "addition-masked-opd-s0", mask)
-    worse = with_curve(tables, "addition-masked-random-s0", {10: 0.3, 20: 0.4, 40: 0.45})
-    row = check(worse, "F4")
-    assert row["observed"] == pytest.approx(0.61)  # late average: the last quarter
-    assert row["claim_baseline"] == pytest.approx(0.62)
-    assert row["null"] == pytest.approx(0.45)
-    assert row["verdict"] == findings.HOLDS_BEYOND
-    same = with_curve(tables, "addition-masked-random-s0", {10: 0.5, 20: 0.6, 40: 0.6})
-    assert check(same, "F4")["verdict"] == findings.EXPLAINED
-    poor = with_curve(worse, "addition-masked-opd-s0", {10: 0.3, 40: 0.4})
-    assert check(poor, "F4")["verdict"] == findings.FAILS
+    same = with_curve(tables, "addition-masked-random", [0.50, 0.50, 0.52])
+    assert check(same, "F4", series="addition-masked-opd")["verdict"] == findings.EXPLAINED
+    poor = with_curve(worse, "addition-masked-opd", [0.40, 0.42, 0.41])
+    assert check(poor, "F4", series="addition-masked-opd")["verdict"] == findings.FAILS
+    flat = with_curve(worse, OPD, [0.17, 0.19, 0.18])
+    row = check(flat, "F4", series="addition-masked-opd")
+    assert row["verdict"] == findings.NOT_TESTED and "does not improve" in row["note"]
 
 
 def test_f5_reports_sgd_winning_as_a_failure(frames):
-    tables = with_curve(with_curve(frames, OPD, {10: 0.3, 40: 0.4}),
-                        "addition-opd-teacher-a-sgd-s0", {10: 0.4, 40: 0.5})
+    tables = with_curve(with_curve(frames, OPD, [0.40, 0.41, 0.40]),
+                        "addition-opd-teacher-a-sgd", [0.50, 0.52, 0.51])
     row = check(tables, "F5")
     assert row["verdict"] == findings.FAILS
-    assert (row["observed"], row["claim_baseline"]) == (pytest.approx(0.4), pytest.approx(0.5))
+    assert row["observed"] == pytest.approx((1.21 - 1.53) / 3)
+
+
+def test_f5_with_one_seed_uses_the_intervals_over_prompts():
+    frames = tf.tables(tf.config())
+    close = with_curve(with_curve(frames, OPD, [0.40]), "addition-opd-teacher-a-sgd",
+                       [0.41], half=0.02)
+    row = check(close, "F5")
+    assert row["high"] - row["low"] == pytest.approx(2 * math.hypot(0.02, 0.02))
+    assert row["verdict"] == findings.INCONCLUSIVE
+    apart = with_curve(with_curve(frames, OPD, [0.40]), "addition-opd-teacher-a-sgd", [0.50])
+    assert check(apart, "F5")["verdict"] == findings.FAILS
 
 
 def test_controls_match_the_optimizer(frames):
     # The controls are trained with the primary optimizer (AdamW here): the SGD OPD run has
     # no matched SFT control, and is not compared with AdamW's.
-    assert check(frames, "F1")["sft_control"] == pytest.approx(
-        check(frames, "F1")["claim_baseline"] / findings.F1_MAX_NORM_RATIO)
-    sgd = check(frames, "F1", run="addition-opd-teacher-a-sgd-s0")
+    sgd = check(frames, "F1", series="addition-opd-teacher-a-sgd")
     assert sgd["verdict"] == findings.NOT_TESTED and "no SFT control" in sgd["note"]
 
 
 def test_sweep_and_masked_runs_get_no_delta_findings():
     frames = tf.tables(tf.config(sweep=True))
     table = findings.findings_table(frames, run_info(frames["runs"]), {})
-    assert not table["run"].str.contains("sweep|masked").any()
+    delta_rows = table[~table["finding"].isin(["F4", "F5"])]
+    assert not delta_rows["series"].str.contains("sweep|masked").any()
     assert set(table["finding"]) == set(findings.CLAIMS)
 
 
@@ -184,6 +202,5 @@ def test_cli_writes_markdown_and_csv(frames, tmp_path):
     for finding in findings.CLAIMS:
         assert f"## {finding}:" in text
     table = pd.read_csv(tmp_path / "findings.csv")
-    assert set(table["verdict"]) <= {findings.HOLDS_BEYOND, findings.EXPLAINED, findings.HOLDS,
-                                     findings.FAILS, findings.NOT_TESTED}
+    assert set(table["verdict"]) <= set(findings.VERDICTS)
     assert list(table.columns) == findings.COLUMNS

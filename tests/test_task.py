@@ -1,3 +1,5 @@
+import pytest
+
 from opdgeo.task import answer_length, is_held_out, make_example, score, split_examples
 
 
@@ -38,3 +40,11 @@ def test_exact_match_scoring():
     assert score(" 0861 ", "0861") == 1.0
     assert score("0862", "0861") == 0.0
     assert score("08610", "0861") == 0.0
+
+
+def test_held_out_prompts_are_distinct_and_bounded():
+    held_out = {(a, b) for a in range(100) for b in range(100) if is_held_out(a, b)}
+    prompts = [e.prompt for e in split_examples(2, len(held_out), "eval", seed=0)]
+    assert len(set(prompts)) == len(held_out)  # every held-out pair, each once
+    with pytest.raises(ValueError, match=f"holds out {len(held_out)}"):
+        split_examples(2, len(held_out) + 1, "eval", seed=0)

@@ -141,9 +141,10 @@ def cmd_evaluate(args):
     task, evaluation = make_task(args.task), args.evaluation
     # Beside the table, until it is written: what a killed job had finished.
     journal = ScoreJournal(args.out.with_name(args.out.stem + ".partial"),
-                           {"run": args.run, "task": args.task, "evaluation": evaluation})
+                           {"run": args.run, "task": args.task, "evaluation": evaluation,
+                            "seed": args.seed})
     table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
-                                 evaluation["temperature"], task.seed,
+                                 evaluation["temperature"], args.seed,
                                  resolve_device(args.device), evaluation["batch_size"], journal,
                                  evaluation.get("engine", "hf"), evaluation.get("vllm"))
     _write_csv_atomic(table, args.out)
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=_json, required=True)
     p.add_argument("--evaluation", type=_json, required=True,
                    help="the evaluation settings (config['evaluation'])")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed for mean@k (a run's own seed)")
     _job_options(p)
     p.set_defaults(handler=cmd_evaluate)
 

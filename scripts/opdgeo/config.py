@@ -177,6 +177,12 @@ def pair_task(config: dict, pair: str | None) -> dict:
     return copy.deepcopy({**base, **override})
 
 
+def primary_score(evaluation: dict) -> str:
+    """The evaluation metric that figures, tables and findings use (`evaluation.primary`)."""
+    primary = evaluation["primary"]
+    return f"mean@{evaluation['k']}" if primary == "mean@k" else primary
+
+
 def model_task(config: dict, model: str) -> dict:
     """The task a base model is trained and evaluated on: that of the first pair it is the
     student or a teacher of (the global task when no pair uses it)."""
@@ -278,7 +284,7 @@ def sweep_runs(config: dict, pair: str, training: dict) -> dict[str, RunSpec]:
         for opt, learning_rates in rates.items():
             for lr in learning_rates:
                 for steps in sweep.get("steps", [training["steps"]]):
-                    for seed in training["seeds"]:
+                    for seed in sweep.get("seeds", training["seeds"]):
                         grid = copy.deepcopy(training)
                         grid["steps"], grid["save_every"] = steps, steps
                         settings = grid["optimizers"].get(opt, OPTIMIZER_DEFAULTS)
@@ -309,7 +315,10 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
             primary = primary_run(config, pair, seed)
             other = f"{pair}-{arg}" if arg else None
             if other and not _is_number(arg) and other not in runs:
-                other = next((r for r in runs if r.startswith(other + "-")), other)
+                # the named run's own seed where it has one, else its first run
+                found = [r for r in runs if r.startswith(other + "-")]
+                other = next((r for r in found if r.endswith(f"-s{seed}")),
+                             found[0] if found else other)
                 if other not in runs and runs.get(arg) and runs[arg].kind == EXTERNAL:
                     other = _external_on_source(config, pair, runs[arg], arm)
                 if other not in runs:
@@ -319,12 +328,13 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
                         f"{sorted(r for r in runs if r.startswith(pair))}"
                     )
             if head == "opd" and not arg:
-                mask = MaskSpec(f"{primary}.atol{atol:g}", pair, "atol", primary, atol)
+                mask = MaskSpec(f"{primary}.atol{atol:g}", pair, "atol", primary, atol,
+                                seed=seed)
             elif head == "run" and arg:
-                mask = MaskSpec(f"{other}.atol{atol:g}", pair, "atol", other, atol)
+                mask = MaskSpec(f"{other}.atol{atol:g}", pair, "atol", other, atol, seed=seed)
             elif head == "top" and _is_number(arg):
                 d = float(arg)
-                mask = MaskSpec(f"{primary}.top{d:g}", pair, "top", primary, atol, d)
+                mask = MaskSpec(f"{primary}.top{d:g}", pair, "top", primary, atol, d, seed)
             elif head == "random" and not arg:
                 mask = MaskSpec(
                     f"{primary}.atol{atol:g}.random{seed}", pair, "random_like", primary, atol,

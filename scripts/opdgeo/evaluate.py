@@ -18,6 +18,7 @@ import torch
 from opdgeo.data import render_prompts
 from opdgeo.models import text_tokenizer
 from opdgeo.progress import progress
+from opdgeo.stats import prompt_interval
 from opdgeo.task import Example
 
 
@@ -61,19 +62,18 @@ def images_of(examples: list[Example]) -> list | None:
 def exact_match(model, tokenizer, examples: list[Example], task, batch_size: int = 256):
     completions = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens,
                            sample=False, batch_size=batch_size, images=images_of(examples))
-    return scores(task, examples, completions, [])[0]
+    greedy, _ = prompt_scores(task, examples, completions, [])
+    return sum(greedy) / len(greedy)
 
 
-def scores(task, examples: list[Example], greedy: list[str], sampled: list[list[str]]
-           ) -> tuple[float, float | None]:
-    """Exact match of the greedy completions, and mean@k: the mean over prompts of the share
-    of a prompt's k sampled completions that are right (None without samples)."""
-    em = sum(task.score(c, e.answer) for c, e in zip(greedy, examples, strict=True))
-    if not sampled:
-        return em / len(examples), None
-    hits = sum(task.score(c, e.answer) for samples, e in zip(sampled, examples, strict=True)
-               for c in samples)
-    return em / len(examples), hits / sum(map(len, sampled))
+def prompt_scores(task, examples: list[Example], greedy: list[str], sampled: list[list[str]]
+                  ) -> tuple[list[float], list[float]]:
+    """Per prompt: exact match of the greedy completion (0 or 1), and the share of its k
+    sampled completions that are right (mean@k is their mean over prompts)."""
+    em = [float(task.score(c, e.answer)) for c, e in zip(greedy, examples, strict=True)]
+    mk = [sum(task.score(c, e.answer) for c in samples) / len(samples)
+          for samples, e in zip(sampled, examples, strict=True)]
+    return em, mk
 
 
 class TransformersEngine:
@@ -215,8 +215,10 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                          temperature: float, seed: int, device: str,
                          batch_size: int = 256, journal: ScoreJournal | None = None,
                          engine: str = "hf", vllm: dict | None = None) -> pd.DataFrame:
-    """Tidy scores (run, step, metric, value) of every checkpoint of one run; with a journal,
-    checkpoints it holds are not scored again and each newly scored one is added to it.
+    """Tidy scores (run, step, metric, value, low, high) of every checkpoint of one run: the
+    mean over held-out prompts and its 95% bootstrap interval over those prompts. `seed`
+    seeds the sampling (a run's own seed: the seeds of a run draw different samples). With a
+    journal, checkpoints it holds are not scored again and each newly scored one is added.
     `engine`: auto, hf or vllm (see `choose_engine`); `vllm`: vLLM's engine settings."""
     engine = choose_engine(engine, device)
     examples = task.eval_examples()
@@ -230,12 +232,14 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
             continue
         generator = (VLLMEngine(path, vllm or {}, seed) if engine == "vllm" else
                      TransformersEngine(path, device, batch_size))
-        em, mk = scores(task, examples, *generator.completions(
+        em, mk = prompt_scores(task, examples, *generator.completions(
             examples, task.max_new_tokens, k, temperature, seed))
-        scored = [(run, step, "exact_match", em), (run, step, f"mean@{k}", mk)]
+        scored = [(run, step, "exact_match", *prompt_interval(em)),
+                  (run, step, f"mean@{k}", *prompt_interval(mk))]
         if journal:
             journal.write(step, path, scored)
         rows += scored
-        print(f"{run} step {step}: exact match {em:.3f}, mean@{k} {mk:.3f} ({engine})",
-              flush=True)
-    return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
+        print(f"{run} step {step}: " + ", ".join(
+            f"{m.replace('_', ' ')} {v:.3f} [{lo:.3f}, {hi:.3f}]" for _, _, m, v, lo, hi in scored)
+            + f" ({engine})", flush=True)
+    return pd.DataFrame(rows, columns=["run", "step", "metric", "value", "low", "high"])

@@ -40,6 +40,8 @@ from opdgeo.paper_tables import PAPER_ADAMW_STATE  # noqa: E402
 from opdgeo.tidy import (  # noqa: E402
     OPTIMIZER_LABELS,
     curves,
+    gap,
+    interval,
     main_runs,
     mask_density,
     masked_arm,
@@ -114,16 +116,26 @@ def _labels(info: pd.DataFrame) -> dict[str, str]:
     return dict(zip(info["series"], info["label"], strict=False))
 
 
+INTERVAL = "95% interval over seeds (one seed: over prompts)"
+
+
 def mean_band(frame: pd.DataFrame, x: str, y: str = "value") -> pd.DataFrame:
-    """Mean and standard deviation over seeds at each x (sd 0 with a single seed)."""
-    stats = frame.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
-    stats["std"] = stats["std"].fillna(0.0)
-    return stats
+    """Mean and 95% interval (tidy.interval: over seeds, or one seed's over prompts) at each x."""
+    rows = [(at, *interval(group, y)) for at, group in frame.groupby(x, sort=True)]
+    return pd.DataFrame(rows, columns=[x, "mean", "low", "high"])
+
+
+def error_bars(estimate: tuple[float, float, float], scale: float = 1.0):
+    """matplotlib's asymmetric [[below], [above]] for (mean, low, high); None without one."""
+    mean, low, high = estimate
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    return [[(mean - low) * scale], [(high - mean) * scale]]
 
 
 def draw_lines(ax, data: pd.DataFrame, x: str, colors: dict, labels: dict, scale: float = 1.0,
                key: str = "series"):
-    """One line per `key` value: mean over seeds with a +-1 sd band where seeds > 1. Markers
+    """One line per `key` value: mean over seeds with its 95% interval as a band. Markers
     differ too, so neighbouring colours of the palette stay apart."""
     for i, (group, frame) in enumerate(data.groupby(key, sort=False, observed=True)):
         stats = mean_band(frame, x)
@@ -131,10 +143,9 @@ def draw_lines(ax, data: pd.DataFrame, x: str, colors: dict, labels: dict, scale
         ax.plot(stats[x], stats["mean"] * scale, marker=MARKERS[i % len(MARKERS)], ms=5,
                 color=color,
                 label=labels.get(group, group))
-        if (stats["count"] > 1).any():
-            ax.fill_between(stats[x], (stats["mean"] - stats["std"]) * scale,
-                            (stats["mean"] + stats["std"]) * scale, color=color, alpha=0.2,
-                            lw=0)
+        if stats["low"].notna().any():
+            ax.fill_between(stats[x], stats["low"] * scale, stats["high"] * scale, color=color,
+                            alpha=0.2, lw=0)
 
 
 def metric_scale(column: str) -> float:
@@ -178,7 +189,8 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
             if len(v) == 0:
                 continue
             color = colors[group]
-            ax.errorbar(v.mean(), y[group] + offset, xerr=v.std() if len(v) > 1 else None,
+            ax.errorbar(v.mean(), y[group] + offset,
+                        xerr=error_bars(interval(pd.DataFrame({"value": v}))),
                         fmt=marker, ms=8, color=color, mfc=color if filled else "white",
                         capsize=3, label=label if group == groups[0] else None)
             if len(v) > 1:  # the seeds themselves, small
@@ -205,7 +217,7 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
     for ax in axes:
         ax.grid(axis="y", visible=False)
     fig.suptitle("Final delta ΔW = W_trained − W_source per run "
-                 "(marker: mean over seeds; bar: ±1 s.d.)")
+                 f"(marker: mean over seeds; bar: {INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -303,7 +315,7 @@ def fig3_interventions(evaluation: pd.DataFrame, masks: pd.DataFrame, info: pd.D
         left.set_title(f"{pair}: subnetwork-masked retraining")
         right.set_title(f"{pair}: optimizer ablation (primary teacher)")
     fig.suptitle("Held-out score over training (step 0: the source model; "
-                 "line: mean over seeds, band: ±1 s.d.)")
+                 f"line: mean over seeds, band: {INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -374,7 +386,7 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     handles, names = axes[2].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
                fontsize="small")
-    fig.suptitle("Delta ΔW over training (line: mean over seeds, band: ±1 s.d.)")
+    fig.suptitle(f"Delta ΔW over training (line: mean over seeds, band: {INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -439,7 +451,7 @@ def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots:
     if handles:
         fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
                    fontsize="small")
-    fig.suptitle("Sparsity of the final ΔW at every threshold (mean over seeds, ±1 s.d.)")
+    fig.suptitle(f"Sparsity of the final ΔW at every threshold (mean over seeds, {INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -473,11 +485,12 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
             note(ax, f"{column} not in modules.csv")
             continue
         for i, group in enumerate(groups):
-            stats = table[table["series"] == group].groupby("module")[column].agg(["mean", "std"])
-            stats = stats.reindex(modules) * metric_scale(column)
+            stats = mean_band(table[table["series"] == group], "module", column)
+            stats = stats.set_index("module").reindex(modules) * metric_scale(column)
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, stats["mean"], width,
-                   yerr=stats["std"].fillna(0), color=colors[group], label=labels[group],
-                   capsize=2)
+                   yerr=[(stats["mean"] - stats["low"]).fillna(0),
+                         (stats["high"] - stats["mean"]).fillna(0)],
+                   color=colors[group], label=labels[group], capsize=2)
         ax.set_xticks(x, modules, rotation=45 if len(modules) > 8 else 0,
                       ha="right" if len(modules) > 8 else "center", rotation_mode="anchor")
         ax.set_ylabel(axis_label(column))
@@ -485,7 +498,8 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5),
                fontsize="small")
-    fig.suptitle("Per-module metrics of the final ΔW (bar: mean over seeds, whisker: ±1 s.d.)")
+    fig.suptitle(f"Per-module metrics of the final ΔW (bar: mean over seeds, whisker: "
+                 f"{INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -515,7 +529,9 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
         rows.append({"run": row.run, "method": row.method, "method_label": row.method_label,
                      "pair": row.pair, "optimizer": row.optimizer,
                      "cell": f"{row.optimizer} lr {row.learning_rate:g}, {row.steps:g} steps",
-                     "gain": curve["value"].iloc[-1] - curve["value"].iloc[0],
+                     **dict(zip(("gain", "gain_low", "gain_high"),
+                                gap(curve.tail(1).assign(seed=row.seed), curve.head(1).drop(
+                                    columns="run")), strict=True)),
                      SPARSITY: values.loc[row.run].get(SPARSITY),
                      RELATIVE_NORM: values.loc[row.run].get(RELATIVE_NORM)})
     return pd.DataFrame(rows)
@@ -543,11 +559,13 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
     curves_of = points.groupby(["pair", "method", "optimizer"], sort=False)
     for ax, (x, log) in zip(axes, panels, strict=True):
         for (pair, method, opt), frame in curves_of:
-            cells = frame.groupby("cell").agg(x=(x, "mean"), gain=("gain", "mean"),
-                                              gain_sd=("gain", "std")).sort_values("x")
+            gains = frame.rename(columns={"gain": "value", "gain_low": "low",
+                                          "gain_high": "high"})
+            cells = mean_band(gains.assign(x=gains.groupby("cell")[x].transform("mean")), "x")
             label = f"{frame['method_label'].iloc[0]}, {OPTIMIZER_LABELS.get(opt, opt)}"
-            ax.errorbar(cells["x"] * metric_scale(x), cells["gain"] * 100,
-                        yerr=cells["gain_sd"].fillna(0) * 100,
+            ax.errorbar(cells["x"] * metric_scale(x), cells["mean"] * 100,
+                        yerr=[(cells["mean"] - cells["low"]).fillna(0) * 100,
+                              (cells["high"] - cells["mean"]).fillna(0) * 100],
                         marker=MARKERS[pairs.index(pair) % len(MARKERS)],
                         linestyle=("-", "--", ":")[optimizers.index(opt) % 3], capsize=3,
                         color=colors.get(method),
@@ -559,7 +577,7 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
         ax.set_ylabel(f"gain in held-out {metric} over the source (points)")
     axes[0].legend(fontsize="small")
     fig.suptitle("Matched-gain comparison: one point per learning rate x steps "
-                 "(mean over seeds, ±1 s.d.)")
+                 f"(mean over seeds, {INTERVAL})")
     return save(fig, out, plots)
 
 

@@ -28,6 +28,8 @@ from opdgeo.tidy import (
     OPTIMIZER_LABELS,
     curve_stats,
     curves,
+    gap,
+    interval,
     main_runs,
     mask_density,
     masked_arm,
@@ -36,6 +38,7 @@ from opdgeo.tidy import (
     wide,
 )
 
+NAN = math.nan
 REFERENCE = Path(__file__).resolve().parents[2] / "config" / "paper_reference.yaml"
 
 
@@ -231,10 +234,12 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
         if stats["evaluations"] == 0:
             return
         source = scores[(scores["run"] == run) & (scores["step"] == 0)]["value"]
+        final = scores[scores["run"] == run].sort_values("step").iloc[-1]
         rows.append({"experiment": experiment, "pair": source_run.pair, "arm": arm,
                      "modality": source_run.modality,
                      "seed": source_run.seed, "run": run, "mask density %": density * 100,
-                     "source": source.iloc[0] if len(source) else float("nan"), **stats})
+                     "source": source.iloc[0] if len(source) else float("nan"), **stats,
+                     "final_low": final["low"], "final_high": final["high"]})
 
     for row in info[info["kind"] == "masked"].itertuples():
         add(row.run, "masked retraining", paper_arm(masked_arm(row.run, row.pair), info),
@@ -268,9 +273,15 @@ def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
     grouped = rows.groupby(["experiment", "pair", "arm"], sort=False)
     table = grouped[["mask density %", "source", "peak", "final", "late_average"]].mean()
     table.insert(0, "seeds", grouped.size())
-    for column in ("source", "peak", "final", "late_average"):
+    finals = grouped.apply(lambda g: interval(g.rename(columns={
+        "final": "value", "final_low": "low", "final_high": "high"}))[1:], include_groups=False)
+    table.insert(table.columns.get_loc("final") + 1, "final low", [f[0] for f in finals])
+    table.insert(table.columns.get_loc("final") + 2, "final high", [f[1] for f in finals])
+    for column in ("source", "peak", "final", "final low", "final high", "late_average"):
         table[column] *= 100
     table = table.rename(columns={"source": "source %", "peak": "peak %", "final": "final %",
+                                  "final low": "final % 95% low",
+                                  "final high": "final % 95% high",
                                   "late_average": "late average %"}).reset_index()
     vision_pairs = set(rows.loc[rows["modality"] == "vision-language", "pair"])
     peaks, lates, densities = [], [], []
@@ -307,17 +318,24 @@ def evaluation_summary(info: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataF
             if curve.empty:
                 continue
             stats = curve_stats(curve)
-            source = curve[curve["step"] == 0]["value"]
-            source = source.iloc[0] if len(source) else float("nan")
+            source = curve[curve["step"] == 0]
+            final = curve.sort_values("step").tail(1)
+            _, low, high = gap(final.assign(seed=row.seed), source.drop(columns="run"))
             rows.append({"run": row.run, "method": row.method_label, "metric": metric,
-                         "source %": source * 100, "peak %": stats["peak"] * 100,
-                         "final %": stats["final"] * 100,
+                         "source %": (source["value"].iloc[0] if len(source) else NAN) * 100,
+                         "peak %": stats["peak"] * 100, "final %": stats["final"] * 100,
+                         "final % 95% low": final["low"].iloc[0] * 100,
+                         "final % 95% high": final["high"].iloc[0] * 100,
                          "late average %": stats["late_average"] * 100,
-                         "gain %": (stats["final"] - source) * 100})
+                         "gain %": (stats["final"] - (source["value"].iloc[0] if len(source)
+                                                      else NAN)) * 100,
+                         "gain % 95% low": low * 100, "gain % 95% high": high * 100})
         base = evaluation[(evaluation["metric"] == metric) & ~evaluation["run"].isin(info["run"])]
-        for model, value in base.groupby("run")["value"].last().items():
+        for model, last in base.groupby("run").last().iterrows():
             rows.append({"run": model, "method": "base model", "metric": metric,
-                         "final %": value * 100})
+                         "final %": last["value"] * 100,
+                         "final % 95% low": last.get("low", NAN) * 100,
+                         "final % 95% high": last.get("high", NAN) * 100})
     return pd.DataFrame(rows)
 
 

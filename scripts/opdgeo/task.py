@@ -42,17 +42,24 @@ def split_examples(digits: int, n: int, split: str, seed: int) -> list[Example]:
     Splits are disjoint by construction: a pair (a, b) belongs to `eval` when its hash
     bucket says so, so every seed draws from the same held-out set. The hash is a digest, not
     a linear form in a and b: `(7919a + 104729b) % 10` would select exactly the pairs whose
-    sum ends in 0, a held-out set no training answer resembles.
+    sum ends in 0, a held-out set no training answer resembles. Held-out prompts are distinct
+    (a score's interval over prompts counts each once); training prompts may repeat.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     high = 10**digits
     want_eval = split == "eval"
     rng = random.Random(f"{split}-{seed}")
-    examples = []
+    examples, seen = [], set()
+    draws = 0
     while len(examples) < n:
+        draws += 1
+        if draws > 1000 * n:  # the 2-digit task holds out 1,067 pairs: 1,024 take ~40k draws
+            raise ValueError(f"{n} held-out prompts asked of a {digits}-digit task, which "
+                             f"holds out {len(examples)}: lower task.eval_prompts or add a digit")
         a, b = rng.randrange(high), rng.randrange(high)
-        if is_held_out(a, b) == want_eval:
+        if is_held_out(a, b) == want_eval and not (want_eval and (a, b) in seen):
+            seen.add((a, b))
             examples.append(make_example(a, b, digits))
     return examples
 

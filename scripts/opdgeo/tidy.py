@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from opdgeo.kinds import EXTERNAL, METHOD_LABELS, METHOD_ORDER, OPD, OTHER
+from opdgeo.stats import seed_interval
 
 # Tidy tables the renderers may read (results/tables/{name}.csv). Optional ones may be absent
 # or empty (no masked runs, no AdamW run, ...); renderers then draw a note or skip a row.
@@ -122,17 +123,59 @@ def score_metric(evaluation: pd.DataFrame, preferred: str = "") -> str | None:
 
 
 def curves(evaluation: pd.DataFrame, info: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Score over training steps for every run: run, step, value, with the source model's
-    score as step 0 (the source is evaluated once, as a base model, at step 0)."""
-    scores = evaluation[evaluation["metric"] == metric]
-    source_score = scores[scores["step"] == 0].set_index("run")["value"]
-    rows = [scores[scores["run"].isin(info["run"])][["run", "step", "value"]]]
+    """Score over training steps for every run: run, step, value, low, high (the score's 95%
+    interval over prompts, NaN where the table has none), with the source model's score as
+    step 0 (the source is evaluated once, as a base model, at step 0)."""
+    columns = ["run", "step", "value", "low", "high"]
+    scores = evaluation[evaluation["metric"] == metric].reindex(
+        columns=[*columns, "metric"])
+    source_score = scores[scores["step"] == 0].set_index("run")
+    rows = [scores[scores["run"].isin(info["run"])][columns]]
     for run, source in zip(info["run"], info["source"], strict=True):
         if source in source_score.index and run in set(scores["run"]):
-            rows.append(pd.DataFrame({"run": [run], "step": [0],
-                                      "value": [source_score[source]]}))
-    out = pd.concat(rows, ignore_index=True)
+            rows.append(source_score.loc[[source], columns[2:]].assign(run=run, step=0))
+    out = pd.concat(rows, ignore_index=True)[columns]
     return out.drop_duplicates(["run", "step"], keep="first").sort_values(["run", "step"])
+
+
+def interval(frame: pd.DataFrame, y: str = "value") -> tuple[float, float, float]:
+    """Mean and 95% interval of one quantity over a run group's seeds (rows of `frame`): the
+    t-interval over seeds; with one value (one seed, or one evaluation shared by every seed,
+    as the source's), that value's own interval over prompts (columns low / high) where the
+    table has one."""
+    values = frame[y].dropna()
+    shared = "low" in frame and values.nunique() == 1
+    if len(values) > 1 and not shared:
+        return seed_interval(values)
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    own = [frame[c].mean() if c in frame else math.nan for c in ("low", "high")]
+    return float(values.mean()), *own
+
+
+def gap(a: pd.DataFrame, b: pd.DataFrame, y: str = "value") -> tuple[float, float, float]:
+    """Mean and 95% interval of a - b. Rows pair by `seed` (b without a seed column, as the
+    source, pairs with every row of a). The t-interval over seeds of the differences where
+    several seeds pair; else each side's interval() half-width (over seeds where it varies,
+    over prompts where it does not), combined in quadrature as for independent samples. NaN
+    when nothing pairs, or when a one-seed value has no interval."""
+    paired = (a.merge(b, on="seed", suffixes=("_a", "_b")) if "seed" in b
+              else a.merge(b, how="cross", suffixes=("_a", "_b")))
+    paired = paired.dropna(subset=[f"{y}_a", f"{y}_b"])
+    if paired.empty:
+        return math.nan, math.nan, math.nan
+    diff = paired[f"{y}_a"] - paired[f"{y}_b"]
+    if len(paired) > 1 and "seed" in b:
+        return seed_interval(diff)
+    half = math.hypot(*(_half_width(paired, f"_{side}", y) for side in "ab"))
+    return float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half)
+
+
+def _half_width(frame: pd.DataFrame, suffix: str, y: str) -> float:
+    """Half-width of interval(): over seeds where the values differ, else over prompts."""
+    own = frame[[c + suffix for c in (y, "low", "high") if c + suffix in frame]]
+    mean, low, _ = interval(own.rename(columns=lambda c: c.removesuffix(suffix)), y)
+    return mean - low
 
 
 def curve_stats(curve: pd.DataFrame) -> dict[str, float]:

@@ -34,6 +34,7 @@ rule evaluate_run:
         "results/eval/runs/{run}.csv",
     params:
         step=lambda w: final_steps(w.run),
+        seed=lambda w: RUNS[w.run].seed,
         task=lambda w: task_of_run(w.run),
         evaluation=as_arg(config["evaluation"]),
         device=job_device,
@@ -48,4 +49,5 @@ rule evaluate_run:
     shell:
         "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"
         " --checkpoints {input.checkpoints} --task {params.task} --evaluation {params.evaluation}"
+        " --seed {params.seed}"
         " --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -3,10 +3,11 @@
 # reruns these rules and nothing upstream. All run locally (also under the SLURM profile).
 
 from opdgeo import findings, paper_tables
+from opdgeo.config import primary_score
 from opdgeo.figures import FIGURES
 from opdgeo.paper_tables import PAPER_NULL_TABLE
 
-PLOTS = config["plots"]
+PLOTS = {**config["plots"], "metric": primary_score(config["evaluation"])}
 # Figures (opdgeo.figures.FIGURES), paper tables and findings each declare the tidy tables
 # (results/tables/{name}.csv) they read besides runs.csv; those are their rules' inputs.
 PAPER_TABLES = list(paper_tables.TABLE_NAMES)

@@ -1,0 +1,52 @@
+"""Uncertainty of a reported number: a 95% interval over seeds (Student t), or over prompts
+(percentile bootstrap) where one seed is all there is; and the three-way verdict that reads
+a claim against such an interval."""
+
+import math
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.95
+RESAMPLES = 2000
+HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+NAN = math.nan
+
+
+def seed_interval(values) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of one value per seed (NaNs dropped); no interval (NaN bounds)
+    from fewer than two seeds."""
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
+    if len(values) == 0:
+        return NAN, NAN, NAN
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, NAN, NAN
+    half = stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(
+        len(values))
+    return mean, float(mean - half), float(mean + half)
+
+
+def prompt_interval(scores, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap interval of per-prompt scores (resampled prompts;
+    seeded, so the same scores give the same interval)."""
+    scores = np.asarray(scores, float)
+    if len(scores) == 0:
+        return NAN, NAN, NAN
+    draws = np.random.default_rng(seed).integers(0, len(scores), (RESAMPLES, len(scores)))
+    means = scores[draws].mean(axis=1)
+    low, high = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(scores.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float, threshold: float, direction: int) -> str:
+    """`holds` when the whole interval lies on the claim's side of `threshold` (direction +1:
+    above it, -1: below), `fails` when it lies wholly on the other side, else `inconclusive`
+    (also when there is no interval)."""
+    if any(v is None or not np.isfinite(v) for v in (low, high, threshold)):
+        return INCONCLUSIVE
+    if direction * (low - threshold) > 0 and direction * (high - threshold) > 0:
+        return HOLDS
+    if direction * (low - threshold) < 0 and direction * (high - threshold) < 0:
+        return FAILS
+    return INCONCLUSIVE
