@@ -72,7 +72,7 @@ def prompt_scores(task, examples: list[Example], greedy: list[str], sampled: lis
     sampled completions that are right (mean@k is their mean over prompts)."""
     em = [float(task.score(c, e.answer)) for c, e in zip(greedy, examples, strict=True)]
     mk = [sum(task.score(c, e.answer) for c in samples) / len(samples)
-          for samples, e in zip(sampled, examples, strict=True)]
+          for samples, e in zip(sampled, examples, strict=True)] if sampled else []
     return em, mk
 
 
