@@ -236,7 +236,7 @@ def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
 
 def paper_dry_run(tmp_path, *args) -> subprocess.CompletedProcess:
     """`snakemake -n -p` of config/paper.yaml in a copy of the workflow, offline, with an
-    empty Hugging Face cache (the paper's models sized from opdgeo.resources.PAPER_MODELS)."""
+    empty Hugging Face cache (the paper's models sized from config/hub_models.yaml)."""
     for folder in ("workflow", "config", "scripts", "envs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from opdgeo.config import build_masks, build_runs
 from opdgeo.data import load_examples
+from opdgeo.hub_models import hub_models
 from opdgeo.rehearse import (
-    HUB_MODELS,
     LEARNING_RATE_SCALE,
     RehearsalError,
     rehearsal_config,
@@ -64,7 +64,7 @@ def test_the_rehearsal_has_the_papers_runs_masks_and_settings(paper, tmp_path):
 def test_a_model_or_data_set_without_a_stand_in_is_an_error(paper, tmp_path):
     edited = copy.deepcopy(paper)
     edited["models"]["ds-qwen"]["path"] = "org/unknown-model"
-    with pytest.raises(RehearsalError, match="org/unknown-model.*HUB_MODELS"):
+    with pytest.raises(RehearsalError, match="org/unknown-model.*hub_models.yaml"):
         rehearsal_config(edited, tmp_path)
     edited = copy.deepcopy(paper)
     edited["task"]["train"]["path"] = "org/unknown-data"
@@ -81,7 +81,7 @@ def _stored(folder: Path) -> tuple[dict, list[str]]:
 def test_stand_ins_keep_the_real_models_facts(paper, rehearsal):
     config, out = rehearsal
     for hub_id in study_models(paper):
-        facts = HUB_MODELS[hub_id]
+        facts = hub_models()[hub_id]
         model_config, tensors = _stored(out / "models" / slug(hub_id))
         text = model_config.get("text_config", model_config)
         assert model_config["model_type"] == facts.arch, hub_id

@@ -62,36 +62,6 @@ _, PAPER_OPTIMIZER = paper_reference("optimizer_ablation")  # optimizer -> (peak
 _, PAPER_ADAMW_STATE = paper_reference("adamw_state")  # diagnostic -> mean over the run
 _, PAPER_SOURCES = paper_reference("source_models")  # paper run -> its source checkpoint
 
-# The keys of each source's Hugging Face config.json that fix its tensor shapes.
-_QWEN25_15B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-               "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-               "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936}
-_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 128,
-          "num_key_value_heads": 8, "vocab_size": 151936, "tie_word_embeddings": True}
-PAPER_ARCHITECTURES = {
-    "Qwen2.5-Math-1.5B": _QWEN25_15B | {"tie_word_embeddings": True},
-    "DeepSeek-R1-Distill-Qwen-1.5B": _QWEN25_15B | {"tie_word_embeddings": False},
-    # CHECK: MiniCPM5-1B-SFT's config could not be looked up (no hub access); MiniCPM-1B's
-    # (a Llama-shaped model) stands in.
-    "MiniCPM5-1B-SFT": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                        "hidden_size": 1536, "intermediate_size": 3840,
-                        "num_hidden_layers": 52, "num_attention_heads": 24,
-                        "num_key_value_heads": 8, "vocab_size": 73440,
-                        "tie_word_embeddings": True},
-    "Qwen2.5-VL-3B-Instruct": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "tie_word_embeddings": True,
-        "text_config": {"hidden_size": 2048, "intermediate_size": 11008,
-                        "num_hidden_layers": 36, "num_attention_heads": 16,
-                        "num_key_value_heads": 2, "vocab_size": 151936},
-        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-                          "num_heads": 16, "out_hidden_size": 2048, "patch_size": 14,
-                          "spatial_merge_size": 2, "temporal_patch_size": 2}},
-    "Qwen3-1.7B-Base": _QWEN3 | {"hidden_size": 2048, "intermediate_size": 6144,
-                                 "num_hidden_layers": 28, "num_attention_heads": 16},
-    "Qwen3-4B": _QWEN3 | {"hidden_size": 2560, "intermediate_size": 9728,
-                          "num_hidden_layers": 36, "num_attention_heads": 32},
-}
 PAPER_NULL_TABLE = "table_paper_rounding_null"
 
 # Our global delta columns, in the order of the paper's table: (summary column, header); the
@@ -350,6 +320,7 @@ def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
     the null depends on std and sparsity, not on the shapes.
     """
     from opdgeo.delta.nulls import gaussian_bin_counts, pooled_rounding_null
+    from opdgeo.hub_models import by_name
     from opdgeo.models import parameter_shapes
 
     column = {name: PAPER_GLOBAL_COLUMNS.index(name)
@@ -357,7 +328,7 @@ def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
     rows = []
     for run, model in PAPER_SOURCES.items():
         sizes = Counter(math.prod(shape)
-                        for shape in parameter_shapes(PAPER_ARCHITECTURES[model]).values())
+                        for shape in parameter_shapes(by_name(model).config).values())
         sparsity = PAPER_GLOBAL[run][column["sparsity"]]
         reported = PAPER_GLOBAL[run][column["low_magnitude_coverage"]]
         for std in stds:

@@ -7,9 +7,9 @@ tiny stand-in and every data set by a generated local file in its real schema.
 The rehearsal config is derived from the study's, never written beside it: its pairs, runs,
 masked arms, external runs, evaluation sets and analysis settings are the study's; only model
 and data paths, the device and the sizes (steps, prompts, tokens, samples) change. A stand-in
-keeps what the pipeline depends on (`HUB_MODELS`): the architecture class, a tied or untied
-output head, one vocabulary per family (a teacher shares its student's), bf16 storage, and
-its lineage: a checkpoint trained from another (DS-Qwen from Qwen2.5-Math) is a sparse
+keeps what the pipeline depends on (config/hub_models.yaml): the architecture class, a tied or
+untied output head, one vocabulary per family (a teacher shares its student's), bf16 storage,
+and its lineage: a checkpoint trained from another (DS-Qwen from Qwen2.5-Math) is a sparse
 perturbation of that one's stand-in, so every delta the analysis reads pairs one architecture
 with itself, as the real ones do. A model or data set the tables do not know is an error.
 """
@@ -17,54 +17,16 @@ with itself, as the real ones do. A model or data set the tables do not know is 
 import json
 import re
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from opdgeo.hub_models import hub_models
 
 
 class RehearsalError(ValueError):
     """A study the rehearsal cannot stand in for (an unknown model or data set)."""
 
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a stand-in must share with the real checkpoint. `unverified`: what could not be
-    checked against the hub from this project's machines (no hub access), else ""."""
-
-    arch: str  # opdgeo.models.ARCHITECTURES key
-    tied: bool  # lm_head tied to embed_tokens (the checkpoint stores no head)
-    parent: str | None = None  # the checkpoint it was trained from, when the study pairs them
-    wide: bool = False  # a larger model of the family (a teacher): a wider stand-in
-    unverified: str = ""
-
-
-_QWEN_MATH, _DS_QWEN = "Qwen/Qwen2.5-Math-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-_QWEN_VL, _MINICPM_SFT = "Qwen/Qwen2.5-VL-3B-Instruct", "openbmb/MiniCPM5-1B-SFT"
-HUB_MODELS = {
-    _QWEN_MATH: ModelFacts("qwen2", tied=True),
-    _DS_QWEN: ModelFacts("qwen2", tied=False, parent=_QWEN_MATH),
-    "agentica-org/DeepScaleR-1.5B-Preview": ModelFacts("qwen2", tied=False, parent=_DS_QWEN),
-    "hbx/JustRL-DeepSeek-1.5B": ModelFacts("qwen2", tied=False, parent=_DS_QWEN,
-                                           unverified="the id"),
-    "Qwen/Qwen3-1.7B-Base": ModelFacts("qwen3", tied=True),
-    "checkpoints/Qwen3-4B-Base-GRPO": ModelFacts(
-        "qwen3", tied=True, wide=True,
-        unverified="a user's own checkpoint; Qwen3-4B-Base's facts assumed"),
-    _QWEN_VL: ModelFacts("qwen2_5_vl", tied=True),
-    "xyliu6/NoisyRollout-Geo3K-7B": ModelFacts(
-        "qwen2_5_vl", tied=False, wide=True,
-        unverified="the id; Qwen2.5-VL-7B's facts (untied head) assumed"),
-    "checkpoints/Qwen2.5-VL-3B-Geo3K-GRPO": ModelFacts(
-        "qwen2_5_vl", tied=True, parent=_QWEN_VL,
-        unverified="a user's own checkpoint; Qwen2.5-VL-3B-Instruct's facts assumed"),
-    _MINICPM_SFT: ModelFacts(
-        "minicpm3", tied=True,
-        unverified="both MiniCPM5 ids, the architecture (MiniCPM3, the MiniCPM transformers "
-                   "supports natively, stands in) and the tied head (MiniCPM-1B's)"),
-    "openbmb/MiniCPM5-1B": ModelFacts("minicpm3", tied=True, parent=_MINICPM_SFT,
-                                      unverified="as MiniCPM5-1B-SFT"),
-}
 
 # Stand-in sizes: a student-sized and a wide (teacher) model per architecture, 2 layers.
 _TEXT_DIMS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -147,10 +109,10 @@ def _tasks(config: dict) -> list[dict]:
 
 
 def _known_model(path: str) -> str:
-    if path not in HUB_MODELS:
+    if path not in hub_models():
         raise RehearsalError(
-            f"model {path!r} has no stand-in: add its facts (architecture, tied head, the "
-            "checkpoint it was trained from) to opdgeo.rehearse.HUB_MODELS"
+            f"model {path!r} has no stand-in: add its facts (config.json shapes, the "
+            "checkpoint it was trained from) to config/hub_models.yaml"
         )
     return path
 
@@ -264,7 +226,7 @@ def build_stand_in(hub_id: str, folder: Path, models_dir: Path):
 
     from opdgeo.models import build_model, load_model, save_checkpoint
 
-    facts = HUB_MODELS[hub_id]
+    facts = hub_models()[hub_id]
     dims = {**_TEXT_DIMS, **_ARCH_DIMS.get(facts.arch, {}), "tie_word_embeddings": facts.tied}
     if facts.wide:
         dims |= {"hidden_size": 48, "intermediate_size": 96}
@@ -301,7 +263,7 @@ def study_models(study: dict) -> list[str]:
     ordered: list[str] = []
 
     def add(hub_id):
-        parent = HUB_MODELS[_known_model(hub_id)].parent
+        parent = hub_models()[_known_model(hub_id)].parent
         if parent:
             add(parent)
         if hub_id not in ordered:

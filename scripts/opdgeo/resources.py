@@ -3,10 +3,10 @@
 The Snakefile asks these functions for every job's `mem_mb`, `runtime` and GPU memory, and
 `opdgeo plan` prints them beside the study's bill. Sizes come from a checkpoint's own files
 (config.json and the safetensors headers: no weights read, no torch), from the Hugging Face
-cache for a hub id, or from `PAPER_MODELS` for the paper's hub ids on a machine that has not
-downloaded them. Memory is an estimate of the peak (weights, gradients, optimizer state,
-logits, generation cache) plus `HOST_OVERHEAD`; throughputs are the config's stated
-assumptions (`cost`), never measurements.
+cache for a hub id, or from `PAPER_MODELS` (config/hub_models.yaml) for the paper's hub ids
+on a machine that has not downloaded them. Memory is an estimate of the peak (weights,
+gradients, optimizer state, logits, generation cache) plus `HOST_OVERHEAD`; throughputs are
+the config's stated assumptions (`cost`), never measurements.
 """
 
 import json
@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from opdgeo.hub_models import HubModel, hub_models, kv_per_token, tensor_sizes
 
 GiB = 1024**3
 # Python, torch, the CUDA context, tokenizers and data of a job, beside its models.
@@ -38,21 +40,17 @@ class ModelSize:
     vocab: int
 
 
+def hub_model_size(model: HubModel) -> ModelSize:
+    """A hub model's size from its config.json keys (opdgeo.hub_models)."""
+    sizes = tensor_sizes(model)
+    return ModelSize(sum(sizes), max(sizes), kv_per_token(model.text),
+                     model.text["vocab_size"])
+
+
 # The paper's hub models, for a machine that has not downloaded them (a folder or a warm cache
-# wins). The language models are counted from their config.json sizes on the meta device; the
-# vision-language totals are their model cards'. Not looked up from this machine (no hub).
-PAPER_MODELS = {
-    "Qwen/Qwen2.5-Math-1.5B": ModelSize(1_543_714_304, 233_373_696, 2 * 28 * 2 * 128, 151936),
-    **{hub_id: ModelSize(1_777_088_000, 233_373_696, 2 * 28 * 2 * 128, 151936) for hub_id in (
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "agentica-org/DeepScaleR-1.5B-Preview",
-        "hbx/JustRL-DeepSeek-1.5B")},
-    "Qwen/Qwen3-1.7B-Base": ModelSize(1_720_574_976, 311_164_928, 2 * 28 * 8 * 128, 151936),
-    "Qwen/Qwen3-4B-Base": ModelSize(4_022_468_096, 388_956_160, 2 * 36 * 8 * 128, 151936),
-    "Qwen/Qwen2.5-VL-3B-Instruct": ModelSize(3_754_622_976, 311_164_928, 2 * 36 * 2 * 128,
-                                             151936),
-    **{hub_id: ModelSize(8_292_166_656, 544_997_376, 2 * 28 * 4 * 128, 152064) for hub_id in (
-        "Qwen/Qwen2.5-VL-7B-Instruct", "xyliu6/NoisyRollout-Geo3K-7B")},
-}
+# wins).
+PAPER_MODELS = {hub_id: hub_model_size(model) for hub_id, model in hub_models().items()
+                if model.sized}
 
 
 def safetensors_tensors(path: Path) -> dict[str, list[int]]:
@@ -73,10 +71,7 @@ def folder_size(folder: Path) -> ModelSize | None:
     text = {**config, **config.get("text_config", {})}
     shapes = [shape for f in files for shape in safetensors_tensors(f).values()]
     counts = [math.prod(shape) for shape in shapes]
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    kv = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim
-    return ModelSize(sum(counts), max(counts), kv, text["vocab_size"])
+    return ModelSize(sum(counts), max(counts), kv_per_token(text), text["vocab_size"])
 
 
 def built_size(build: dict) -> ModelSize:

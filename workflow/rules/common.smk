@@ -303,7 +303,7 @@ def figure_targets():
 # Memory and runtime from the sizes of the models a job loads (opdgeo.resources: the same
 # numbers `opdgeo plan` prints), grown on a retry; set-resources in a profile still overrides
 # them. A model that cannot be sized here (a hub id neither downloaded nor in
-# opdgeo.resources.PAPER_MODELS) gets FALLBACK, with a warning naming the fix.
+# config/hub_models.yaml) gets FALLBACK, with a warning naming the fix.
 SIZER = sizing.Sizer(config, RUNS, on_gpu=GPU > 0)
 FALLBACK = {"mem_mb": 16000, "runtime": 120}
 
