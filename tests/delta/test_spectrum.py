@@ -10,6 +10,7 @@ from opdgeo.delta.spectrum import (
     singular_values,
     spectrum_metrics,
     tall_rows,
+    upper_gram,
 )
 
 
@@ -39,6 +40,20 @@ def test_large_matrices_take_the_gram_route(monkeypatch):
     large, complete = singular_values(tall_rows(delta), 4096)
     assert complete
     torch.testing.assert_close(large, direct, rtol=1e-9, atol=1e-12 * float(direct[0]))
+
+
+@pytest.mark.parametrize("shape", [(300, 42), (42, 300)])
+def test_upper_gram_is_the_upper_triangle_of_the_gram_matrix(shape, monkeypatch):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(spectrum, "CHUNK_ELEMENTS", 1000)  # several row chunks, summed
+    upper = upper_gram(tall_rows(matrix))
+    tall = matrix.double() if shape[0] > shape[1] else matrix.double().T
+    exact = tall.T @ tall
+    torch.testing.assert_close(upper.triu(), exact.triu(), rtol=0,
+                               atol=1e-5 * float(exact.max()))
+    eigenvalues = torch.linalg.eigvalsh(upper, UPLO="U")
+    torch.testing.assert_close(eigenvalues, torch.linalg.eigvalsh(exact), rtol=0,
+                               atol=1e-5 * float(exact.max()))
 
 
 def test_decomposition_matches_svd_in_both_orientations():

@@ -141,7 +141,13 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     numel = source.numel()
     row = {"name": pair.name, "layer": group.layer, "module": group.module,
            "block": group.block, "shape": "x".join(map(str, pair.shape)), "numel": numel}
-    category, stats = delta_stats(source, trained)
+    # An intermediate checkpoint reads dW in three passes (statistics, spectrum, projection),
+    # so it is held whole once in float32 (in place of the trained tensor) instead of cast
+    # and subtracted in each.
+    delta = delta_tensor(source, trained) if trajectory else None
+    if delta is not None:
+        trained = None
+    category, stats = delta_stats(source, trained, delta)
     row |= stats.row()
     generator = tensor_generator(pair.name, seed, source.device)
     updates = Updates(category, exact_null="trained_fp32" in tensors)
@@ -174,7 +180,7 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
         return add_enrichment(row)
 
     # Spectrum of the delta; geometry against the one decomposition of the source.
-    delta_rows = tall_rows(trained, minus=source)
+    delta_rows = tall_rows(trained, minus=source) if delta is None else tall_rows(delta)
     short_side = delta_rows.shape[1]
     values, complete = (top_singular_values if trajectory else singular_values)(
         delta_rows, exact_svd_max)

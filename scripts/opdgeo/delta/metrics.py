@@ -215,12 +215,13 @@ def sparsity_thresholds(source_rms: float) -> dict[str, float]:
     return thresholds
 
 
-def delta_stats(source: torch.Tensor, trained: torch.Tensor
-                ) -> tuple[torch.Tensor, CoordinateStats]:
+def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, CoordinateStats]:
     """The update category of every coordinate of dW = trained - source, and the
     scale/sparsity sums. dW itself is computed chunk by chunk and not kept: its later readers
     subtract as they read (`spectrum.tall_rows(trained, minus=source)`); in bf16 the two
-    tensors hold the bytes of one float32 dW, and the source is held anyway."""
+    tensors hold the bytes of one float32 dW, and the source is held anyway. delta: dW
+    already held whole (`delta_tensor`), read instead of subtracting (trained then unused)."""
     numel = source.numel()
     source_energy = sum_of_squares(source)
     thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
@@ -228,13 +229,16 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor
     boundaries = torch.tensor(boundary_list, device=source.device)
     category = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
     flat_category = category.view(-1)
-    flat_source, flat_trained = source.reshape(-1), trained.reshape(-1)
+    flat_source = source.reshape(-1)
+    flat_trained = trained.reshape(-1) if delta is None else None
+    flat_delta = delta.reshape(-1) if delta is not None else None
     bucket_counts = torch.zeros(len(boundaries) + 1, dtype=torch.int64, device=source.device)
     magnitude_counts = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
     magnitude_energy = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
     energy = abs_sum = linf = 0.0
     for sl in chunk_slices(numel):
-        chunk = flat_trained[sl].float() - flat_source[sl].float()
+        chunk = (flat_delta[sl] if flat_delta is not None
+                 else flat_trained[sl].float() - flat_source[sl].float())
         magnitude = chunk.abs()
         flat_category[sl] = categories(magnitude)
         buckets = torch.bucketize(magnitude, boundaries, out_int32=True)

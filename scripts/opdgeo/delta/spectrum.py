@@ -23,6 +23,7 @@ RANDOMIZED_OVERSAMPLING = 10
 RANDOMIZED_POWER_ITERATIONS = 4
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk: 64 MB of float32
 SMALL_MATRIX = 1 << 18  # elements: the trajectory takes every such spectrum exactly
+GRAM_BLOCKS = 4  # column blocks of `upper_gram`: fewer products, still large matrix products
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,17 +71,27 @@ def tall_rows(tensor: torch.Tensor, minus: torch.Tensor | None = None) -> TallRo
     return TallRows(rows, tuple(matrix.shape), transposed)
 
 
-def gram(matrix: TallRows, dtype: torch.dtype = torch.float32,
-         total_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Short-side Gram matrix A^T A, each row chunk's product in `dtype`, their sum in
-    `total_dtype` (default: `dtype`)."""
+def gram(matrix: TallRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Short-side Gram matrix A^T A, accumulated over row chunks."""
     total = None
     for _, chunk in matrix.chunks(dtype):
-        if total_dtype not in (None, dtype):
-            product = (chunk.T @ chunk).to(total_dtype)
-            total = product if total is None else total.add_(product)
-        else:
-            total = chunk.T @ chunk if total is None else total.addmm_(chunk.T, chunk)
+        total = chunk.T @ chunk if total is None else total.addmm_(chunk.T, chunk)
+    return total
+
+
+def upper_gram(matrix: TallRows, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
+    """A^T A where `eigvalsh(..., UPLO="U")` reads it, on and above the diagonal (below the
+    diagonal blocks: zeros): each row chunk's products in float32 over `blocks` column blocks,
+    the diagonal ones and those right of them only (5/8 of the products at 4 blocks), summed
+    in float64."""
+    short = matrix.shape[1]
+    edges = [i * short // blocks for i in range(blocks + 1)]
+    total = None
+    for _, chunk in matrix.chunks():
+        if total is None:
+            total = torch.zeros(short, short, dtype=torch.float64, device=chunk.device)
+        for start, stop in zip(edges[:-1], edges[1:], strict=True):
+            total[start:stop, start:] += chunk[:, start:stop].T @ chunk[:, start:]
     return total
 
 
@@ -128,7 +139,7 @@ def top_singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tens
     long, short = delta.shape
     if long * short <= SMALL_MATRIX or short > exact_svd_max:
         return singular_values(delta, exact_svd_max)
-    eigenvalues = torch.linalg.eigvalsh(gram(delta, torch.float32, torch.float64))
+    eigenvalues = torch.linalg.eigvalsh(upper_gram(delta), UPLO="U")
     return eigenvalues.flip(0).clamp(min=0).sqrt().double().cpu(), False
 
 
