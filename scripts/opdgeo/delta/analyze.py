@@ -207,9 +207,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     # each cost a rank-k product and two passes over the matrix).
     principal = geometry.principal
     del geometry, source_decomposition
-    row |= updates.coverage("principal", label,
-                            principal.label_sums(updates.labels, updates.n_labels))
     counts = mask_counts(principal, source, low_split, updates.labels, updates.n_labels)
+    row |= updates.coverage("principal", label, counts.principal)
     row[f"rounding_null_principal_coverage_{label}"] = _share(
         rounding_null.expected_changed_in(counts.principal_by_exponent),
         rounding_null.expected_changed)

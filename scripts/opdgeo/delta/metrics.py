@@ -278,37 +278,28 @@ class PrincipalMask:
     tied: torch.Tensor  # bool
     tie_share: float
 
-    def label_sums(self, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
-        """Members per label (float64): the inside ones, plus tie_share of each tied one."""
-        flat_inside, flat_tied = self.inside.reshape(-1), self.tied.reshape(-1)
-        flat_labels = labels.reshape(-1)
-        sums = torch.zeros(n_labels, dtype=torch.float64, device=labels.device)
-        for sl in chunk_slices(flat_labels.numel()):
-            chunk_labels = flat_labels[sl]
-            sums += torch.bincount(chunk_labels[flat_inside[sl]], minlength=n_labels)
-            sums += self.tie_share * torch.bincount(chunk_labels[flat_tied[sl]],
-                                                    minlength=n_labels)
-        return sums
-
 
 @dataclass
 class MaskCounts:
     """What one pass over a matrix counts once the mask thresholds are known."""
 
+    principal: torch.Tensor  # (n_labels,) principal-mask members per label
     union: torch.Tensor  # (n_labels,) members of principal OR low-magnitude mask per label
     principal_by_exponent: torch.Tensor  # (256,) principal-mask members per exponent of |W_src|
 
 
 def mask_counts(principal: PrincipalMask, source: torch.Tensor, low: RankSplit,
                 labels: torch.Tensor, n_labels: int) -> MaskCounts:
-    """Count the union of the principal mask and the low-magnitude mask `low`, and the
-    principal mask's members by exponent of |W_src| (which the rounding null weighs).
+    """Count the principal mask's members per label, the union of it and the low-magnitude
+    mask `low`, and the principal mask's members by exponent of |W_src| (which the rounding
+    null weighs), in one pass.
 
     Coordinates strictly inside a mask are counted as integers; the few tied at a threshold
     with their fractional membership, the two masks' tie-breaks independent.
     """
     flat_inside, flat_tied = principal.inside.reshape(-1), principal.tied.reshape(-1)
     flat_source, flat_labels = source.reshape(-1), labels.reshape(-1)
+    principal_sums = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
     union = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
     by_exponent = torch.zeros(256, dtype=torch.float64, device=source.device)
     for sl in chunk_slices(flat_source.numel()):
@@ -316,6 +307,10 @@ def mask_counts(principal: PrincipalMask, source: torch.Tensor, low: RankSplit,
         chunk_labels, exponent = flat_labels[sl], source_key >> 23
         in_principal, principal_tie = flat_inside[sl], flat_tied[sl]
         in_low, low_tie = source_key < low.key, source_key == low.key
+        principal_tied = principal_tie.nonzero().squeeze(1)
+        principal_sums += torch.bincount(chunk_labels[in_principal], minlength=n_labels)
+        principal_sums += principal.tie_share * torch.bincount(chunk_labels[principal_tied],
+                                                               minlength=n_labels)
         inside = in_principal | in_low
         union += torch.bincount(chunk_labels[inside], minlength=n_labels)
         by_exponent += torch.bincount(exponent[in_principal], minlength=256)
@@ -325,7 +320,6 @@ def mask_counts(principal: PrincipalMask, source: torch.Tensor, low: RankSplit,
             share_low = low_tie[tied] * low.tie_fraction
             weight = (share_principal + share_low - share_principal * share_low).double()
             union += torch.bincount(chunk_labels[tied], weights=weight, minlength=n_labels)
-        principal_tied = principal_tie.nonzero().squeeze(1)
         by_exponent += principal.tie_share * torch.bincount(exponent[principal_tied],
                                                             minlength=256)
-    return MaskCounts(union, by_exponent)
+    return MaskCounts(principal_sums, union, by_exponent)
