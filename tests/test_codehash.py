@@ -107,3 +107,24 @@ def test_hashing_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_data_files_a_module_reads_count_as_its_code_but_not_their_comments(tmp_path):
+    package = shutil.copytree(ROOT / "scripts" / "opdgeo", tmp_path / "scripts" / "opdgeo",
+                              ignore=shutil.ignore_patterns("__pycache__"))
+    reference = shutil.copytree(ROOT / "config", tmp_path / "config") / "paper_reference.yaml"
+    before = {c: hashes(c, package) for c in ("figure", "findings", "train-run")}
+    assert "config/paper_reference.yaml" in before["findings"]
+    assert not any(name.startswith("config/") for name in before["train-run"])
+
+    reference.write_text("# a comment\n" + reference.read_text())
+    assert {c: hashes(c, package) for c in before} == before
+
+    text = reference.read_text()
+    number = next(word for word in text.split() if word.rstrip(",]").replace(".", "").isdigit())
+    reference.write_text(text.replace(number, "12345.6", 1))
+    after = {c: hashes(c, package) for c in before}
+    assert after["train-run"] == before["train-run"]
+    for command in ("figure", "findings"):
+        assert {m for m in after[command] if after[command][m] != before[command][m]} == {
+            "config/paper_reference.yaml"}

@@ -13,11 +13,13 @@ pinned distributions these require, count too: a new torch pin reruns what impor
 
 import ast
 import hashlib
+import json
 import sys
 from functools import cache
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -184,7 +186,11 @@ class _Walk:
             statements = [s for s in tree.body if not _is_definition(s)]
             statements += [s for name in sorted(names) for s in _definitions(tree)[name]]
             code[module] = _digest(ast.Module(body=statements, type_ignores=[]))
-        return {name.removeprefix(f"{__package__}."): digest for name, digest in code.items()}
+        code = {name.removeprefix(f"{__package__}."): digest for name, digest in code.items()}
+        for module in [*self.whole, *self.reached]:
+            for data in _data_files(self._tree(module), self.package.parent.parent / "config"):
+                code[f"config/{data.name}"] = _data_digest(data)
+        return code
 
 
 def pinned_dependencies(imported: frozenset[str], requirements: Path) -> list[str]:
@@ -295,6 +301,26 @@ def _normalised(node: ast.AST) -> str:
 def _is_docstring(statement: ast.stmt) -> bool:
     return (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
             and isinstance(statement.value.value, str))
+
+
+def _data_files(tree: ast.Module, folder: Path) -> list[Path]:
+    """The repository's data files a module reads, written as `... / "config" / "name.yaml"`
+    (the paper's reference numbers, the hub models' facts): part of its code."""
+    files = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+                and isinstance(node.right, ast.Constant) and isinstance(node.left, ast.BinOp)
+                and isinstance(node.left.right, ast.Constant)
+                and node.left.right.value == folder.name
+                and (folder / str(node.right.value)).is_file()):
+            files.append(folder / node.right.value)
+    return files
+
+
+def _data_digest(path: Path) -> str:
+    """A YAML file's content, not its comments or layout."""
+    content = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()[:8]
 
 
 @cache

@@ -126,7 +126,7 @@ def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, 
 
 
 def top_singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, bool]:
-    """The spectrum a trajectory checkpoint needs (top-k energy, s_1), at a third of the cost.
+    """The spectrum a trajectory checkpoint needs (top-k energy, s_1), at a fraction of the cost.
 
     A matrix of at most SMALL_MATRIX elements, or wider than `exact_svd_max`: as
     `singular_values`. Otherwise the eigenvalues of the Gram matrix with float32 chunk
