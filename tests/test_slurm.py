@@ -653,7 +653,7 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
 
     findings = pd.read_csv(repo / "results" / "findings.csv")
     f1 = findings[(findings["finding"] == "F1")
-                  & (findings["run"] == "dsqwen-opd-deepscaler-adamw-s0")].iloc[0]
+                  & (findings["series"] == "dsqwen-opd-deepscaler-adamw")].iloc[0]
     assert "external offline-distillation run qwen-math-offline-distill" in f1["note"]
     assert f1["verdict"] != "not tested"
 
