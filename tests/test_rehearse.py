@@ -112,3 +112,15 @@ def test_data_sets_are_written_in_their_real_schemas(rehearsal):
     assert "Answer:" in aime[0].prompt[0]["content"]  # the DAPO template of the paper config
     geo3k = load_examples(config["pairs"]["qwen25vl"]["task"]["eval"]["geo3k"])
     assert geo3k[0].image is not None and "<image>" not in geo3k[0].prompt[0]["content"]
+
+
+def test_a_study_that_is_not_valid_yaml_is_one_line_naming_where(tmp_path, capsys):
+    from opdgeo.cli import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text("training: [\n")
+    with pytest.raises(SystemExit):
+        main(["rehearse", str(study), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert "not valid YAML" in error and "line 2" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from opdgeo.config import read_config_file
 from opdgeo.hub_models import hub_models
 
 
@@ -277,7 +278,7 @@ def study_models(study: dict) -> list[str]:
 def rehearse(study_path: Path, out: Path) -> Path:
     """Write `out/config.yaml`, the stand-ins under `out/models/`, the data under `out/data/`;
     return the config's path. A stand-in already there is kept (they are deterministic)."""
-    study = yaml.safe_load(Path(study_path).read_text())
+    study = read_config_file(study_path)  # a YAML error names its line and column
     config = rehearsal_config(study, out)  # first: an unknown model stops before any work
     models_dir = out / "models"
     for hub_id in study_models(study):
