@@ -7,7 +7,7 @@ import pytest
 import torch
 from bench_masking import tiny_models, tiny_opd_trainer
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl.trainer.utils import RepeatSampler
 
 from opdgeo.callbacks import DataOrderCallback, GradientMaskCallback, OptimizerStateCallback
@@ -138,17 +138,53 @@ def test_optimizer_state_callback_writes_tidy_rows(tmp_path):
     assert sorted({int(r["step"]) for r in rows}) == [2, 4, 5]  # every 2, and the last step
     cosine = [r for r in rows if r["metric"] == "m1_cosine"]
     cv = [r for r in rows if r["metric"] == "m2_cv"]
-    assert {int(r["step"]) for r in cosine} == {4, 5}  # needs a previous logged step
+    assert {int(r["step"]) for r in cosine} == {2, 4, 5}  # against the step before each
     assert all(-1.0 <= float(r["value"]) <= 1.0 for r in cosine)
     assert all(float(r["value"]) >= 0.0 for r in cv)
     assert {r["block"] for r in cv} == {"all", "attention", "ffn", "embedding", "lm_head", "norm"}
     logged = {int(r["step"]): float(r["value"]) for r in cosine if r["block"] == "all"}
-    m4, m5 = first_moments.at[4], first_moments.at[5]
     # The moments are float32 and the callback reduces them in another order than the probe:
     # they agree to float32's precision, not to the last bits.
     float32 = torch.finfo(torch.float32).eps
-    assert logged[5] == pytest.approx(float(m4 @ m5 / (m4.norm() * m5.norm())),
-                                      rel=16 * float32, abs=16 * float32)
+    for step, value in logged.items():
+        before, now = first_moments.at[step - 1], first_moments.at[step]
+        assert value == pytest.approx(float(before @ now / (before.norm() * now.norm())),
+                                      rel=16 * float32, abs=16 * float32), step
+
+
+def test_first_moment_cosine_is_between_consecutive_adamw_steps(tmp_path):
+    """A real torch AdamW driven step by step: the callback's cosine at each logged step is
+    the one between that step's exp_avg and the step before's, and it copies exp_avg only at
+    the step before a logged one."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    callback = OptimizerStateCallback(tmp_path / "state.csv", "toy", every=3)
+    state, control = TrainerState(max_steps=7), TrainerControl()
+    callback.on_train_begin(None, state, control)
+    moments, copied_after = {}, []
+    for step in range(1, state.max_steps + 1):
+        inputs = torch.randn(16, 6, generator=generator)
+        optimizer.zero_grad()
+        model(inputs).square().mean().backward()  # a new batch: the gradient turns each step
+        optimizer.step()
+        state.global_step = step
+        callback.on_step_end(None, state, control, model=model, optimizer=optimizer)
+        moments[step] = torch.cat([optimizer.state[p]["exp_avg"].double().flatten()
+                                   for p in model.parameters()])
+        if callback._previous:
+            copied_after.append(step)
+    assert copied_after == [2, 5, 6]  # before the logged steps 3, 6 and 7 (the last)
+    rows = list(csv.DictReader((tmp_path / "state.csv").open()))
+    logged = {int(r["step"]): float(r["value"]) for r in rows
+              if r["metric"] == "m1_cosine" and r["block"] == "all"}
+    assert sorted(logged) == [3, 6, 7]
+    float32 = torch.finfo(torch.float32).eps
+    for step, value in logged.items():
+        before, now = moments[step - 1], moments[step]
+        expected = float(before @ now / (before.norm() * now.norm()))
+        assert value == pytest.approx(expected, rel=16 * float32, abs=16 * float32), step
+    assert {int(r["step"]) for r in rows if r["metric"] == "m2_cv"} == {3, 6, 7}
 
 
 def test_data_order_of_a_resumed_pass_is_the_uninterrupted_one():

@@ -259,11 +259,14 @@ class GradientMaskCallback(TrainerCallback):
 class OptimizerStateCallback(TrainerCallback):
     """AdamW state every `every` steps: first-moment alignment and second-moment spread.
 
-    - m1_cosine: cosine between exp_avg now and at the previous logged step (none at the
-      first), over all parameters concatenated and per block;
+    - m1_cosine: cosine between exp_avg after this optimizer step and after the one before
+      (consecutive steps, as the paper's "starts ~0.96, ends ~0.01"), over all parameters
+      concatenated and per block; none where the step before was not seen (the first step,
+      a step right after a resume, an early stop's unplanned last step);
     - m2_cv: coefficient of variation std / mean of exp_avg_sq over coordinates.
-    Both are streamed parameter by parameter in float64 sums; the previous first moment is
-    kept as one copy per parameter (one model's worth of memory on the training device).
+    Both are streamed parameter by parameter in float64 sums. exp_avg is copied only at the
+    step before each logged step and dropped at the logged step: one model's worth of memory
+    on the training device, held for one step in `every`.
     Tidy rows: run, step, block ("all" overall), metric, value.
     """
 
@@ -272,34 +275,45 @@ class OptimizerStateCallback(TrainerCallback):
     def __init__(self, path, run: str, every: int):
         self.path, self.run, self.every = Path(path), run, max(int(every), 1)
         self._previous: dict[int, torch.Tensor] = {}
+        self._previous_step: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             csv.writer(f).writerow(self.FIELDS)
-        self._previous = {}
+        self._previous, self._previous_step = {}, None
+
+    def _logged(self, step: int, max_steps: int) -> bool:
+        return step % self.every == 0 or step >= max_steps
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = state.global_step
-        if step % self.every and step < state.max_steps and not control.should_training_stop:
-            return
         if optimizer is None or model is None:
             return
-        rows = [(self.run, step, block, metric, value)
-                for block, metric, value in self._measure(model, optimizer)]
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerows(rows)
+        step = state.global_step
+        if self._logged(step, state.max_steps) or control.should_training_stop:
+            rows = [(self.run, step, block, metric, value)
+                    for block, metric, value in self._measure(model, optimizer, step)]
+            with self.path.open("a", newline="") as f:
+                csv.writer(f).writerows(rows)
+        self._previous, self._previous_step = {}, None
+        if step < state.max_steps and self._logged(step + 1, state.max_steps):
+            self._previous_step = step
+            for param in model.parameters():
+                moments = optimizer.state.get(param, {})
+                if "exp_avg" in moments:
+                    self._previous[id(param)] = moments["exp_avg"].detach().clone()
 
-    def _measure(self, model, optimizer):
+    def _measure(self, model, optimizer, step: int):
         sums: dict[str, list[float]] = {}  # block -> [dot, |m|^2, |m_prev|^2, n, sum v, sum v^2]
-        had_previous = bool(self._previous)
+        consecutive = self._previous_step == step - 1 and bool(self._previous)
         for name, param in model.named_parameters():
             moments = optimizer.state.get(param, {})
             if "exp_avg" not in moments:
                 continue  # not AdamW, or no gradient yet
             m = moments["exp_avg"].detach().double()
             v = moments["exp_avg_sq"].detach().double()
-            previous = self._previous.get(id(param))
+            previous = self._previous.get(id(param)) if consecutive else None
+            previous = previous.double() if previous is not None else None
             terms = (
                 float((m * previous).sum()) if previous is not None else 0.0,
                 float((m * m).sum()),
@@ -312,9 +326,8 @@ class OptimizerStateCallback(TrainerCallback):
                 acc = sums.setdefault(block, [0.0] * 6)
                 for i, term in enumerate(terms):
                     acc[i] += term
-            self._previous[id(param)] = moments["exp_avg"].detach().clone()
         for block, (dot, mm, pp, n, sv, svv) in sorted(sums.items()):
-            if had_previous:
+            if consecutive:
                 norms = math.sqrt(mm * pp)
                 yield block, "m1_cosine", dot / norms if norms > 0 else float("nan")
             mean = sv / n

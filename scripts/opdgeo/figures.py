@@ -393,8 +393,8 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
 # -------------------------------------------------------------------- optimizer state
 
 def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
-    """AdamW diagnostics over steps: first-moment cosine between logged steps and the
-    coefficient of variation of the second moment, over all parameters."""
+    """AdamW diagnostics over steps: first-moment cosine between consecutive optimizer steps
+    and the coefficient of variation of the second moment, over all parameters."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     data = state[state["block"] == "all"] if not state.empty else state
@@ -405,7 +405,7 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
     data = data.merge(info[["run", "series", "method_rank"]], on="run")
     data = data.sort_values(["method_rank", "series", "step"])
     colors, labels = group_colors(info, plots), _labels(info)
-    panels = (("m1_cosine", "cos(m_t, m_previous logged step)", PAPER_ADAMW_STATE["m1_cosine"]),
+    panels = (("m1_cosine", "cos(m_t, m_t-1)", PAPER_ADAMW_STATE["m1_cosine"]),
               ("m2_cv", "std / mean of v_t over coordinates", PAPER_ADAMW_STATE["m2_cv"]))
     for ax, (metric, ylabel, paper) in zip(axes, panels, strict=True):
         draw_lines(ax, data[data["metric"] == metric], "step", colors, labels)
