@@ -6,6 +6,7 @@ import tidy_fixtures as tf
 
 from opdgeo import figures, paper_tables
 from opdgeo.cli import main
+from opdgeo.stats import seed_interval
 from opdgeo.tidy import TABLES, curve_stats, load_tables, main_runs, run_info
 
 PLOTS = {"formats": ["png", "pdf"], "dpi": 50}
@@ -98,21 +99,46 @@ def test_interventions_table_is_computed_from_the_curves():
 def test_global_delta_table_puts_the_paper_beside_matching_runs(full):
     info = main_runs(info_of(full, {"ext-opd": "opd"}))
     match = paper_tables.paper_match(info)
-    table = paper_tables.global_delta_table(info, full["delta_global"], match).set_index("run")
+    table = paper_tables.global_delta_table(info, full["delta_global"], full["tensors"],
+                                            match).set_index("series")
     delta = full["delta_global"].set_index(["run", "metric"])["value"]
-    primary = "addition-opd-teacher-a-adamw-s0"
-    assert table.loc[primary, "rel. norm %"] == pytest.approx(
-        100 * delta[(primary, "relative_norm")])
-    assert table.loc[primary, "paper run"] == "DS-Qwen OPD"
-    assert table.loc[primary, "paper: sparsity@1e-5 %"] == pytest.approx(82.58)
-    assert table.loc["addition-opd-teacher-b-adamw-s0", "paper run"] == \
+    primary = "addition-opd-teacher-a-adamw"
+    norms = [100 * delta[(f"{primary}-s{seed}", "relative_norm")] for seed in (0, 1)]
+    row = table.loc[primary]
+    assert row["seeds"] == 2 and row["interval"] == "seeds"
+    assert row["rel. norm %"] == pytest.approx(sum(norms) / 2)
+    assert (row["rel. norm % 95% low"], row["rel. norm % 95% high"]) == pytest.approx(
+        seed_interval(norms)[1:])
+    assert row["paper run"] == "DS-Qwen OPD"
+    assert row["paper: sparsity@1e-5 %"] == pytest.approx(82.58)
+    assert table.loc["addition-opd-teacher-b-adamw", "paper run"] == \
         "DS-Qwen OPD (JustRL teacher)"
-    assert table.loc["addition-sft-adamw-s0", "paper run"] == "Qwen-Math offline distill"
-    assert table.loc["addition-opd-teacher-a-sgd-s0", "paper run"] == ""  # no paper row
+    assert table.loc["addition-sft-adamw", "paper run"] == "Qwen-Math offline distill"
+    assert table.loc["addition-opd-teacher-a-sgd", "paper run"] == ""  # no paper row
     assert table.loc["ext-opd", "paper run"] == "DS-Qwen OPD"
     assert not any(r.startswith("addition-sweep") for r in table.index)
     override = paper_tables.paper_match(info, {"addition-opd-teacher-a-adamw": ""})
-    assert primary not in override
+    assert f"{primary}-s0" not in override
+
+
+def test_a_one_seed_group_gets_the_bootstrap_over_its_matrices(full):
+    """The external run has one seed: its interval is over its matrices, recomputed from its
+    per-tensor rows (here every tensor has the same relative norm but one)."""
+    tensors = full["tensors"].copy()
+    external = tensors["run"] == "ext-opd"
+    tensors.loc[external, "delta_energy"] = 1e-6
+    tensors.loc[external & tensors["name"].eq("model.layers.0.q.weight"), "delta_energy"] = 4e-6
+    info = main_runs(info_of(full, {"ext-opd": "opd"}))
+    energy = tensors[external][["delta_energy", "source_energy"]].sum()
+    delta = full["delta_global"].copy()
+    delta.loc[(delta["run"] == "ext-opd") & (delta["metric"] == "relative_norm"), "value"] = (
+        energy["delta_energy"] / energy["source_energy"]) ** 0.5
+    row = paper_tables.global_delta_table(info, delta, tensors, {}).set_index("series").loc[
+        "ext-opd"]
+    assert row["seeds"] == 1 and row["interval"] == "matrices (one seed)"
+    # a resample's norm lies between all-even tensors (0.1%) and all on the one moved more
+    assert 0.1 <= row["rel. norm % 95% low"] < row["rel. norm %"] < row["rel. norm % 95% high"]
+    assert row["rel. norm % 95% high"] <= 0.2
 
 
 def test_paper_rounding_null_table_from_the_papers_numbers(tmp_path):
@@ -146,13 +172,16 @@ def test_vision_language_runs_get_their_paper_rows_and_vision_columns(full):
     match = paper_tables.paper_match(info)
     assert match["squares-opd-vl-teacher-adamw-s0"] == "Qwen2.5-VL OPD"
     assert "squares-grpo-adamw-s0" not in match  # the paper has no VL GRPO row
-    energy = paper_tables.module_energy_table(info, full["delta_global"], match).set_index("run")
-    vl = "squares-opd-vl-teacher-adamw-s0"
+    energy = paper_tables.module_energy_table(info, full["delta_global"], full["tensors"],
+                                              match).set_index("series")
+    vl = "squares-opd-vl-teacher-adamw"
     assert energy.loc[vl, "vision %"] == pytest.approx(10.0)
+    assert energy.loc[vl, "vision % 95% low"] == pytest.approx(10.0)  # the same every seed
     assert energy.loc[vl, "projector %"] == pytest.approx(5.0)
     assert energy.loc[vl, "paper: ffn %"] == pytest.approx(81.4)
-    assert pd.isna(energy.loc["addition-opd-teacher-a-adamw-s0", "vision %"])
-    delta = paper_tables.global_delta_table(info, full["delta_global"], match).set_index("run")
+    assert pd.isna(energy.loc["addition-opd-teacher-a-adamw", "vision %"])
+    delta = paper_tables.global_delta_table(info, full["delta_global"], full["tensors"],
+                                            match).set_index("series")
     assert delta.loc[vl, "paper: sparsity@1e-5 %"] == pytest.approx(66.72)
 
 
@@ -171,16 +200,24 @@ def test_vision_language_interventions_use_the_papers_vl_numbers(full):
     assert language.loc["opd", "paper: peak %"] == pytest.approx(35.10)
 
 
-def test_mask_overlap_table_both_directions():
+def test_mask_overlap_table_both_directions_over_seeds():
+    info = pd.DataFrame({"run": ["a-s0", "b-s0", "a-s1", "b-s1"], "seed": [0, 0, 1, 1]})
+    info["series"] = info["run"].str[0]
+    coverage = {("a-s0", "b-s0"): 0.6, ("a-s1", "b-s1"): 0.7, ("a-s0", "b-s1"): 0.1}
     overlap = pd.DataFrame(
-        [("a", "b", m, v) for m, v in (("coverage_a_to_b", 0.6), ("baseline_a_to_b", 0.2),
-                                        ("coverage_b_to_a", 0.3), ("baseline_b_to_a", 0.1),
-                                        ("jaccard", 0.25), ("jaccard_baseline", 0.07),
-                                        ("blocks/ffn/jaccard", 0.9))],
+        [(a, b, m, v) for (a, b), cov in coverage.items()
+         for m, v in (("coverage_a_to_b", cov), ("baseline_a_to_b", 0.2),
+                      ("coverage_b_to_a", 0.3), ("baseline_b_to_a", 0.1),
+                      ("jaccard", 0.25), ("jaccard_baseline", 0.07),
+                      ("blocks/ffn/jaccard", 0.9))],
         columns=["run_a", "run_b", "metric", "value"])
-    table = paper_tables.mask_overlap_table(overlap).set_index(["run a", "run b"])
-    assert table.loc[("a", "b"), "coverage a->b %"] == pytest.approx(60)
-    assert table.loc[("a", "b"), "enrichment"] == pytest.approx(3.0)
+    table = paper_tables.mask_overlap_table(info, overlap).set_index(["series a", "series b"])
+    row = table.loc[("a", "b")]
+    assert row["seeds"] == 2 and row["interval"] == "seeds"  # seed-matched pairs only
+    assert row["coverage a->b %"] == pytest.approx(65)
+    assert (row["coverage a->b % 95% low"], row["coverage a->b % 95% high"]) == \
+        pytest.approx([100 * v for v in seed_interval([0.6, 0.7])[1:]])
+    assert row["enrichment"] == pytest.approx(3.25)
     assert table.loc[("b", "a"), "random baseline %"] == pytest.approx(10)
     assert table.loc[("b", "a"), "jaccard"] == pytest.approx(0.25)  # global, not per block
 

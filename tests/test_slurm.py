@@ -626,7 +626,11 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
     assert sorted(matched["paper run"]) == sorted(set(PAPER_GLOBAL) - {"Qwen3 OPSD"})
     ours = ["rel. norm %", "sparsity@1e-5 %", "top-16 energy %", "stable rank",
             "principal cov. 10% %", "low-mag cov. 10% %"]
-    assert matched[ours].notna().all().all(), matched[["run", *ours]].to_string()
+    assert matched[ours].notna().all().all(), matched[["series", *ours]].to_string()
+    # one seed per run: every number's interval is over that run's matrices
+    assert set(delta["interval"]) == {"matrices (one seed)"}
+    bounds = [f"{c} 95% {side}" for c in ours for side in ("low", "high")]
+    assert matched[bounds].notna().all().all(), matched[["series", *bounds]].to_string()
 
     energy = paper_table(repo, "table_module_energy")
     matched = energy[energy["paper run"].isin(PAPER_ENERGY)]
@@ -635,8 +639,8 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
 
     overlap = paper_table(repo, "table_mask_overlap")
     main = [n for n, spec in runs.items() if spec.kind != "masked"]
-    assert {"deepscaler-rlvr", "dsqwen-opd-deepscaler-adamw-s0"} <= set(overlap["run a"])
-    assert set(overlap["run a"]) <= set(main)
+    assert {"deepscaler-rlvr", "dsqwen-opd-deepscaler-adamw"} <= set(overlap["series a"])
+    assert set(overlap["series a"]) <= {re.sub(r"-s\d+$", "", n) for n in main}
     assert overlap[["coverage a->b %", "random baseline %"]].notna().all().all()
 
     interventions = paper_table(repo, "table_interventions")

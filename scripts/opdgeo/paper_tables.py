@@ -23,11 +23,15 @@ from opdgeo.delta.columns import (
     TOP16_ENERGY,
     summary_name,
 )
+from opdgeo.stats import seed_interval
 from opdgeo.tables import write_table
 from opdgeo.tidy import (
+    NO_INTERVAL,
     OPTIMIZER_LABELS,
+    OVER_SEEDS,
     curve_stats,
     curves,
+    delta_estimates,
     gap,
     interval,
     main_runs,
@@ -85,7 +89,8 @@ NULL_COLUMNS = (
     (f"rounding_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., rounding null %"),
     (f"exact_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., exact rounding null %"),
 )
-READS = ("delta_global", "overlap", "evaluation", "masks")  # tidy tables, besides runs.csv
+# tidy tables, besides runs.csv
+READS = ("delta_global", "tensors", "overlap", "evaluation", "masks")
 TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
                "table_interventions", "table_evaluation_summary")
 
@@ -123,20 +128,36 @@ def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, 
     return match
 
 
-def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame,
+def _groups(info: pd.DataFrame, runs) -> list[pd.DataFrame]:
+    """The run groups (a run over its seeds) with a run among `runs`, in runs.csv order: the
+    info rows of each group's runs that are there."""
+    present = info[info["run"].isin(runs)]
+    return [group for _, group in present.groupby("series", sort=False)]
+
+
+def _with_interval(out: dict, label: str, estimate: tuple, scale: float = 1.0):
+    """`label`, `label 95% low`, `label 95% high` (write_paper_table prints them as one)."""
+    for suffix, value in zip(("", " 95% low", " 95% high"), estimate, strict=True):
+        out[label + suffix] = value * scale
+
+
+def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.DataFrame,
                        match: dict[str, str]) -> pd.DataFrame:
-    """Per run: the paper's six columns (ours), the nulls we have, and the paper's values."""
+    """Per run group: the paper's six columns (ours) and the nulls we have, each the mean over
+    seeds with its 95% interval (tidy.delta_estimates: t over seeds, or the bootstrap over the
+    matrices of a one-seed run); the paper's values beside them."""
     values = wide(delta)
     rows = []
-    for row in info.itertuples():
-        if row.run not in values.index:
-            continue
-        ours = values.loc[row.run]
-        out = {"run": row.run, "method": row.method_label}
+    for runs in _groups(info, values.index):
+        keys = [key for key, _ in GLOBAL_COLUMNS + NULL_COLUMNS if key in values
+                and values.loc[runs["run"], key].notna().any()]
+        estimates, over = delta_estimates(runs, values, tensors, keys)
+        out = {"series": runs["series"].iloc[0], "method": runs["method_label"].iloc[0],
+               "seeds": len(runs), "interval": over}
         for key, label in GLOBAL_COLUMNS + NULL_COLUMNS:
-            if key in ours.index and pd.notna(ours[key]):
-                out[label] = ours[key] * columns.metric(key).scale
-        paper = match.get(row.run)
+            if key in estimates:
+                _with_interval(out, label, estimates[key], columns.metric(key).scale)
+        paper = match.get(runs["run"].iloc[0])
         out["paper run"] = paper or ""
         for (_, label), value in zip(GLOBAL_COLUMNS, PAPER_GLOBAL.get(paper, ()),
                                         strict=False):
@@ -145,21 +166,23 @@ def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame,
     return pd.DataFrame(rows)
 
 
-def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame,
+def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.DataFrame,
                         match: dict[str, str]) -> pd.DataFrame:
-    """Per run: block energy share in % (every block present), the paper's beside it."""
+    """Per run group: block energy share in % (every block present), mean over seeds with its
+    95% interval as in global_delta_table; the paper's beside it."""
     values = wide(delta)
     prefix = "block_energy_share/"
     blocks = [c for c in values.columns if c.startswith(prefix)]
     ordered = [f"{prefix}{b}" for b in PAPER_ENERGY_COLUMNS if f"{prefix}{b}" in blocks]
     ordered += sorted(set(blocks) - set(ordered))
     rows = []
-    for row in info.itertuples():
-        if row.run not in values.index:
-            continue
-        out = {"run": row.run, "method": row.method_label}
-        out |= {f"{c.removeprefix(prefix)} %": values.loc[row.run, c] * 100 for c in ordered}
-        paper = match.get(row.run)
+    for runs in _groups(info, values.index):
+        estimates, over = delta_estimates(runs, values, tensors, ordered)
+        out = {"series": runs["series"].iloc[0], "method": runs["method_label"].iloc[0],
+               "seeds": len(runs), "interval": over}
+        for key in ordered:
+            _with_interval(out, f"{key.removeprefix(prefix)} %", estimates[key], 100)
+        paper = match.get(runs["run"].iloc[0])
         out["paper run"] = paper if paper in PAPER_ENERGY else ""
         for block, value in zip(PAPER_ENERGY_COLUMNS, PAPER_ENERGY.get(paper, ()), strict=False):
             out[f"paper: {block} %"] = value
@@ -167,25 +190,43 @@ def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame,
     return pd.DataFrame(rows)
 
 
-def mask_overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
-    """Both directions of every pair: observed one-sided coverage vs its random baseline."""
+OVERLAP_COLUMNS = (("coverage a->b %", 100), ("random baseline %", 100), ("enrichment", 1),
+                   ("jaccard", 1), ("jaccard baseline", 1))
+
+
+def mask_overlap_table(info: pd.DataFrame, overlap: pd.DataFrame) -> pd.DataFrame:
+    """Both directions of every pair of run groups: observed one-sided coverage vs its random
+    baseline, mean over the seeds where both groups have a run of that seed (an external run,
+    without a seed, pairs with every seed) with its 95% t-interval over those seeds. A pair of
+    one seed has no interval: the overlap is measured per block, not per matrix."""
+    header = ["series a", "series b", "seeds", "interval"]
     if overlap.empty:
-        return pd.DataFrame(columns=["run a", "run b", "coverage a->b %", "random baseline %",
-                                     "enrichment", "jaccard", "jaccard baseline"])
+        return pd.DataFrame(columns=header + [label for label, _ in OVERLAP_COLUMNS])
     glob = overlap[~overlap["metric"].str.contains("/")]
     values = glob.pivot_table(index=["run_a", "run_b"], columns="metric", values="value")
-    rows = []
+    series = dict(zip(info["run"], info["series"], strict=True))
+    seeds = dict(zip(info["run"], info["seed"], strict=True))
+    pairs = []
     for (a, b), v in values.iterrows():
+        if a not in series or b not in series or (
+                pd.notna(seeds[a]) and pd.notna(seeds[b]) and seeds[a] != seeds[b]):
+            continue
         for src, dst, fwd in ((a, b, "a_to_b"), (b, a, "b_to_a")):
-            rows.append({
-                "run a": src, "run b": dst,
-                "coverage a->b %": v[f"coverage_{fwd}"] * 100,
-                "random baseline %": v[f"baseline_{fwd}"] * 100,
-                "enrichment": v[f"coverage_{fwd}"] / v[f"baseline_{fwd}"]
-                if v[f"baseline_{fwd}"] > 0 else float("nan"),
-                "jaccard": v["jaccard"], "jaccard baseline": v["jaccard_baseline"],
-            })
-    return pd.DataFrame(rows)
+            baseline = v[f"baseline_{fwd}"]
+            pairs.append({
+                "series a": series[src], "series b": series[dst],
+                "coverage a->b %": v[f"coverage_{fwd}"], "random baseline %": baseline,
+                "enrichment": v[f"coverage_{fwd}"] / baseline if baseline > 0 else NAN,
+                "jaccard": v["jaccard"], "jaccard baseline": v["jaccard_baseline"]})
+    rows = []
+    for (a, b), group in pd.DataFrame(pairs, columns=header[:2] + [
+            label for label, _ in OVERLAP_COLUMNS]).groupby(header[:2], sort=False):
+        out = {"series a": a, "series b": b, "seeds": len(group),
+               "interval": OVER_SEEDS if len(group) > 1 else NO_INTERVAL}
+        for label, scale in OVERLAP_COLUMNS:
+            _with_interval(out, label, seed_interval(group[label]), scale)
+        rows.append(out)
+    return pd.DataFrame(rows, columns=None if rows else header)
 
 
 def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.DataFrame,
@@ -344,14 +385,25 @@ def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+INTERVAL_SUFFIXES = (" 95% low", " 95% high")
+
+
 def write_paper_table(frame: pd.DataFrame, out: Path):
-    """CSV at full precision; Markdown and LaTeX rounded to 4 significant digits."""
+    """CSV at full precision; Markdown and LaTeX rounded to 4 significant digits, a value and
+    its interval columns (`x`, `x 95% low`, `x 95% high`) in one cell, `mean [low, high]`."""
     write_table(frame, out, ("csv",))
     rounded = frame.copy()
     for column in rounded.select_dtypes("number").columns:
         rounded[column] = rounded[column].map(lambda v: float(f"{v:.4g}") if pd.notna(v) else v)
     # empty cells, not "nan", where a value does not exist (a paper column without a match)
     rounded = rounded.astype(object).where(rounded.notna(), "")
+    for column in frame.columns:
+        low, high = (column + suffix for suffix in INTERVAL_SUFFIXES)
+        if low in rounded and high in rounded:
+            rounded[column] = [f"{v} [{lo}, {hi}]" if lo != "" and hi != "" else v
+                               for v, lo, hi in zip(rounded[column], rounded[low],
+                                                    rounded[high], strict=True)]
+            rounded = rounded.drop(columns=[low, high])
     write_table(rounded, out, ("md", "tex"))
 
 
@@ -362,9 +414,11 @@ def build_tables(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
     match = paper_match(info, plots.get("paper_match"))
     metric = score_metric(tables["evaluation"], plots.get("metric", ""))
     return {
-        "table_global_delta": global_delta_table(info, tables["delta_global"], match),
-        "table_module_energy": module_energy_table(info, tables["delta_global"], match),
-        "table_mask_overlap": mask_overlap_table(tables["overlap"]),
+        "table_global_delta": global_delta_table(info, tables["delta_global"],
+                                                 tables["tensors"], match),
+        "table_module_energy": module_energy_table(info, tables["delta_global"],
+                                                   tables["tensors"], match),
+        "table_mask_overlap": mask_overlap_table(info, tables["overlap"]),
         "table_interventions": interventions_table(
             intervention_rows(info, tables["evaluation"], tables["masks"], metric)),
         "table_evaluation_summary": evaluation_summary(everything, tables["evaluation"]),

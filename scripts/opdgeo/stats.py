@@ -1,6 +1,7 @@
-"""Uncertainty of a reported number: a 95% interval over seeds (Student t), or over prompts
-(percentile bootstrap) where one seed is all there is; and the three-way verdict that reads
-a claim against such an interval."""
+"""Uncertainty of a reported number: a 95% interval over seeds (Student t), or, where one seed
+is all there is, a percentile bootstrap over the units the number aggregates (a score's
+prompts, a delta measure's matrices); and the three-way verdict that reads a claim against
+such an interval."""
 
 import math
 
@@ -27,15 +28,31 @@ def seed_interval(values) -> tuple[float, float, float]:
     return mean, float(mean - half), float(mean + half)
 
 
+def bootstrap(statistic, count: int, seed: int = 0, chunk: int = 250) -> np.ndarray:
+    """The statistic of RESAMPLES resamples of `count` units drawn with replacement (seeded,
+    so the same units give the same resamples). statistic(index) gets the drawn unit indices,
+    an int array (resamples, count), and returns one value, or one row of values, per
+    resample; it is called on `chunk` resamples at a time to bound memory."""
+    draws = np.random.default_rng(seed).integers(0, count, (RESAMPLES, count))
+    return np.concatenate([np.asarray(statistic(draws[start:start + chunk]), float)
+                           for start in range(0, RESAMPLES, chunk)])
+
+
+def percentile_interval(resamples) -> tuple:
+    """95% percentile interval of bootstrap resamples (per column of a 2-D array); resamples
+    where the statistic is undefined (NaN) are left out."""
+    low, high = np.nanquantile(np.asarray(resamples, float), [(1 - LEVEL) / 2, (1 + LEVEL) / 2],
+                               axis=0)
+    return low, high
+
+
 def prompt_interval(scores, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval of per-prompt scores (resampled prompts;
-    seeded, so the same scores give the same interval)."""
+    """Mean and 95% percentile-bootstrap interval of per-prompt scores (resampled prompts)."""
     scores = np.asarray(scores, float)
     if len(scores) == 0:
         return NAN, NAN, NAN
-    draws = np.random.default_rng(seed).integers(0, len(scores), (RESAMPLES, len(scores)))
-    means = scores[draws].mean(axis=1)
-    low, high = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    low, high = percentile_interval(bootstrap(lambda index: scores[index].mean(axis=1),
+                                              len(scores), seed))
     return float(scores.mean()), float(low), float(high)
 
 

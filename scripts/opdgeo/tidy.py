@@ -6,10 +6,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from opdgeo.delta.columns import METRICS, summary_name
+from opdgeo.delta.grouping import aggregate
 from opdgeo.kinds import EXTERNAL, METHOD_LABELS, METHOD_ORDER, OPD, OTHER
-from opdgeo.stats import seed_interval
+from opdgeo.stats import bootstrap, percentile_interval, seed_interval
 
 # Tidy tables the renderers may read (results/tables/{name}.csv). Optional ones may be absent
 # or empty (no masked runs, no AdamW run, ...); renderers then draw a note or skip a row.
@@ -17,6 +20,9 @@ TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "optimi
           "training_log", "masks", "layer_module", "modules", "tensors")
 
 OPTIMIZER_LABELS = {"adamw": "AdamW", "sgd": "SGD"}
+# What a delta measure's interval is over: a run group's seeds, or, where it has one seed, the
+# matrices of that run (between-matrix variability, not seed variability).
+OVER_SEEDS, OVER_MATRICES, NO_INTERVAL = "seeds", "matrices (one seed)", "none (one seed)"
 _SEED = re.compile(r"-s\d+$")
 
 
@@ -197,3 +203,62 @@ def mask_density(masks: pd.DataFrame, mask: str) -> float:
         return math.nan
     row = masks[(masks["mask"] == mask) & (masks["tensor"] == "all")]
     return float(row["density"].iloc[0]) if len(row) else math.nan
+
+
+def tensor_bootstrap(tensors: pd.DataFrame, runs: list[str], statistic) -> pd.DataFrame:
+    """A statistic of the runs' per-tensor rows over resamples of their tensors
+    (opdgeo.stats.bootstrap; seeded): one row per resample. The runs pair by tensor name (a
+    draw takes the same tensor of every run; tensors some run lacks are left out).
+    statistic(rows) gets the drawn rows with a `resample` column and returns one row per
+    resample, indexed by it. Empty where a run has no tensor rows."""
+    if tensors.empty:
+        return pd.DataFrame()
+    groups = [tensors[tensors["run"] == run].drop_duplicates("name").set_index("name")
+              for run in runs]
+    names = sorted(set.intersection(*(set(group.index) for group in groups)))
+    if not names:
+        return pd.DataFrame()
+    groups = [group.loc[names].reset_index() for group in groups]
+
+    def drawn(index: np.ndarray) -> pd.DataFrame:
+        resample = np.repeat(np.arange(len(index)), index.shape[1])
+        rows = pd.concat([group.iloc[index.ravel()] for group in groups], ignore_index=True)
+        return rows.assign(resample=np.tile(resample, len(groups))).copy()  # one block
+
+    columns = statistic(drawn(np.arange(len(names))[None])).columns
+    return pd.DataFrame(bootstrap(lambda index: statistic(drawn(index)).reindex(
+        columns=columns), len(names)), columns=columns)
+
+
+def delta_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """delta_global's metrics recomputed from per-tensor rows by the analysis's own
+    aggregation (opdgeo.delta.grouping), block energy shares included: one row per (run,
+    resample)."""
+    keys = ["run", "resample"]
+    out = aggregate(rows, keys).set_index(keys)
+    out = out.rename(columns=lambda c: summary_name(c) if c in METRICS else c)
+    energy = rows.groupby([*keys, "block"])["delta_energy"].sum().unstack("block", fill_value=0)
+    shares = energy.div(energy.sum(axis=1), axis=0).add_prefix("block_energy_share/")
+    return pd.concat([out, shares], axis=1)
+
+
+def delta_estimates(runs: pd.DataFrame, values: pd.DataFrame, tensors: pd.DataFrame,
+                    keys) -> tuple[dict[str, tuple[float, float, float]], str]:
+    """Mean and 95% interval of delta_global metrics (`values`: wide, one row per run) over a
+    run group's seeds (`runs`: its info rows), and what the interval is over: the t-interval
+    over seeds; with one seed, that run's value with the percentile bootstrap over its
+    tensors (delta_summary of resampled tensors)."""
+    present = runs[runs["run"].isin(values.index)]["run"]
+    if len(present) != 1:
+        return {key: seed_interval(values.loc[present, key]) if key in values
+                else (math.nan,) * 3 for key in keys}, OVER_SEEDS
+    run = present.iloc[0]
+    resamples = tensor_bootstrap(tensors, [run], lambda rows: delta_summary(rows).droplevel(
+        "run"))
+    estimates = {}
+    for key in keys:
+        value = float(values.loc[run, key]) if key in values else math.nan
+        low, high = percentile_interval(resamples[key]) if key in resamples and \
+            not math.isnan(value) else (math.nan, math.nan)
+        estimates[key] = (value, float(low), float(high))
+    return estimates, OVER_MATRICES if len(resamples) else NO_INTERVAL

@@ -42,7 +42,7 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         "linf": grouped["linf"].max(),
     })
     rest = [c for c in frame.columns if c not in out.columns and c not in KEY_COLUMNS
-            and c != "_all"]
+            and c not in ("_all", *keys)]
     how = {c: metric(c).aggregation for c in rest}
     weighted = [c for c in rest if how[c] in ("count", "update")]
     medians = [c for c in rest if how[c] == "median"]
