@@ -111,6 +111,11 @@ def test_global_delta_table_puts_the_paper_beside_matching_runs(full):
         seed_interval(norms)[1:])
     assert row["paper run"] == "DS-Qwen OPD"
     assert row["paper: sparsity@1e-5 %"] == pytest.approx(82.58)
+    for key, label in (("low_magnitude_coverage_10pct", "low-mag cov. 10% %"),
+                       ("low_magnitude_coverage_10pct_median",
+                        "low-mag cov. 10%, median over matrices %")):
+        seeds = [100 * delta[(f"{primary}-s{seed}", key)] for seed in (0, 1)]
+        assert row[label] == pytest.approx(sum(seeds) / 2)
     assert table.loc["addition-opd-teacher-b-adamw", "paper run"] == \
         "DS-Qwen OPD (JustRL teacher)"
     assert table.loc["addition-sft-adamw", "paper run"] == "Qwen-Math offline distill"

@@ -60,6 +60,8 @@ def _summary(kind: str, rng) -> dict[str, float]:
         c.PRINCIPAL_COVERAGE: jitter(0.07),
         f"rounding_null_{c.PRINCIPAL_COVERAGE}": 0.07,
         c.LOW_MAGNITUDE_COVERAGE: jitter(low),
+        c.median_name(c.PRINCIPAL_COVERAGE): jitter(0.08),
+        c.median_name(c.LOW_MAGNITUDE_COVERAGE): jitter(low * 0.9),
         f"rounding_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.98,
         f"exact_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.99,
         f"exact_null_{c.SPARSITY}": sparsity * 0.995,

@@ -459,7 +459,9 @@ def findings_markdown(table: pd.DataFrame) -> str:
              f"OPD improves over the source beyond its interval); F5 AdamW above SGD; F6 rank "
              f"fraction >= {F6_MIN_RANK_FRACTION:g}, top-16 energy above the shuffle null; F7 "
              f"projection below the isotropic null of each matrix, coverage < "
-             f"{F7_RANDOM_MASK:g}; F8 >= {F8_MIN_COVERAGE:g}.", "",
+             f"{F7_RANDOM_MASK:g}; F8 >= {F8_MIN_COVERAGE:g}. Coverages (F7, F8) are pooled "
+             "over the updates of every weight matrix, the global table's headline (its median "
+             "over matrices stands beside it there).", "",
              "F8 in the paper's own runs: `tables/table_paper_rounding_null.md` sets the "
              "low-magnitude coverage the paper reports beside what bf16 rounding alone "
              "predicts at its reported sparsities, on Gaussian weights of its models' shapes.",

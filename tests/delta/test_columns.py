@@ -5,12 +5,13 @@ import math
 import subprocess
 import sys
 
+import numpy
 import pandas as pd
 import pytest
 from delta_checkpoints import perturbed, save_checkpoint, small_model
 from safetensors.torch import save_file
 
-from opdgeo.delta import columns
+from opdgeo.delta import columns, grouping
 from opdgeo.delta.analyze import analyze_checkpoints
 from opdgeo.delta.grouping import aggregate
 
@@ -27,7 +28,10 @@ def test_registry_declares_every_column_the_analysis_writes_and_no_other(tmp_pat
     group_only = {columns.ENERGY_SHARE}  # a share of the group's total: no per-tensor value
     assert written - set(columns.KEY_COLUMNS) == set(columns.METRICS) - group_only
     grouped = set(pd.read_csv(tmp_path / "out" / "modules.csv").columns)
-    assert grouped == set(columns.METRICS) | {"module", "tensor_count"}
+    medians = {columns.median_name(c) for c, m in columns.METRICS.items() if m.matrix_median}
+    assert medians == {f"{columns.PRINCIPAL_COVERAGE}_median",
+                       f"{columns.LOW_MAGNITUDE_COVERAGE}_median"}
+    assert grouped == set(columns.METRICS) | medians | {"module", "tensor_count"}
 
 
 def test_an_undeclared_column_is_an_error_naming_the_registry():
@@ -58,6 +62,30 @@ def test_each_aggregation_as_declared():
     assert row["low_magnitude_enrichment_10pct"] == pytest.approx(expected / 0.1)
     assert row[columns.RELATIVE_NORM] == pytest.approx(math.sqrt(4 / 16))
     assert row["linf"] == pytest.approx(0.3)
+
+
+def test_coverage_is_pooled_over_matrices_and_also_their_median():
+    """A norm vector's coverage is not a matrix's: left out of the pooled value and the
+    median; the median counts each matrix once, the pooled value each update."""
+    sparsity, coverage = columns.SPARSITY, columns.LOW_MAGNITUDE_COVERAGE
+    tensors = pd.DataFrame({
+        "name": ["a", "b", "c", "norm"], "layer": [0] * 4, "module": ["q"] * 4,
+        "block": ["attention"] * 4, "shape": ["10x10", "10x30", "20x20", "10"],
+        "numel": [100, 300, 400, 10], "delta_energy": [1.0, 3.0, 2.0, 1.0],
+        "source_energy": [4.0, 12.0, 8.0, 1.0], "linf": [0.1, 0.3, 0.2, 0.1],
+        sparsity: [0.5, 0.9, 0.75, 0.0], coverage: [0.2, 0.6, 0.3, 1.0],
+    })
+    row = aggregate(tensors, []).iloc[0]
+    updates = numpy.array([100 * 0.5, 300 * 0.1, 400 * 0.25])  # the matrices' numel * (1 - s)
+    values = numpy.array([0.2, 0.6, 0.3])
+    assert row[coverage] == pytest.approx(float(updates @ values / updates.sum()), rel=1e-12)
+    assert row[f"{coverage}_median"] == pytest.approx(float(numpy.median(values)), rel=1e-12)
+    assert row["low_magnitude_enrichment_10pct"] == pytest.approx(row[coverage] / 0.1)
+    summary = grouping.summary(tensors)
+    assert summary[coverage] == row[coverage]
+    assert summary[f"{coverage}_median"] == row[f"{coverage}_median"]
+    assert columns.axis_label(f"{coverage}_median") == \
+        "low-magnitude coverage at 10% (%, median)"
 
 
 def test_summary_names_and_labels():

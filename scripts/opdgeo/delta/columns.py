@@ -11,8 +11,11 @@ Aggregations (STUDY.md section 3):
     max      the largest value (L-infinity)
     energy   from the summed energies (relative norm, RMS, energy share)
     count    mean weighted by parameter count (equals counting coordinates)
-    update   mean weighted by the tensor's number of updated coordinates (`unchanged`: the
-             column whose complement counts them); a coverage is a share of the updates
+    update   mean over the matrices (tensors of two or more dimensions, those the source
+             geometry measures) weighted by the matrix's number of updated coordinates
+             (`unchanged`: the column whose complement counts them): a coverage is a share of
+             the updates, pooled. With `matrix_median`, also the median over the matrices
+             as `<name>_median` (each matrix counts once, whatever its size)
     median   median over the tensors that have it (matrix-level metrics)
     ratio    enrichment = coverage / mask density, recomputed from the aggregated columns
 
@@ -64,6 +67,7 @@ class Metric:
     unchanged: str | None = None  # update: the share of coordinates not updated
     coverage: str | None = None  # ratio: the coverage it divides
     density: str | float | None = None  # ratio: the mask's density (a column or a number)
+    matrix_median: bool = False  # update: also the median over matrices, `<name>_median`
 
     def axis_label(self, *notes: str) -> str:
         """`label (unit, notes...)`; a summary column of a median says so."""
@@ -148,8 +152,11 @@ PRINCIPAL_PROJECTION = f"principal_projection_{ratio_label(HEADLINE_RATIO)}"
 
 # ---- mask coverage (a share of the updated coordinates) and its enrichment ----
 def _coverage(mask: str, ratio: float, null: str = "", atols=(HEADLINE_ATOL, 0.0),
-              density: str | float | None = None):
-    """Coverage columns of one mask (at each atol) and their enrichment (coverage / density)."""
+              density: str | float | None = None, headline: bool = False):
+    """Coverage columns of one mask (at each atol) and their enrichment (coverage / density).
+    headline: the global table's coverage, pooled over every matrix's updates (STUDY.md's
+    |mask AND update| / |update|, counted) and also as the median over matrices (the pooled
+    value is dominated by the largest matrices: embedding, FFN)."""
     text = {"low_magnitude": "low-magnitude", "principal": "principal",
             "combined": "combined"}[mask]
     null_text = {"": "", "exact_null_": "exact rounding null: ",
@@ -159,7 +166,8 @@ def _coverage(mask: str, ratio: float, null: str = "", atols=(HEADLINE_ATOL, 0.0
         at = _plain(atol, HEADLINE_ATOL, ", updates ΔW ≠ 0")
         coverage = _add(f"{null}{mask}_coverage_{r}{suffix}", "update",
                         f"{null_text}{text} coverage at {r[:-3]}%{at}",
-                        unchanged=_unchanged(null, atol))
+                        unchanged=_unchanged(null, atol),
+                        matrix_median=headline and atol == HEADLINE_ATOL)
         _add(f"{null}{mask}_enrichment_{r}{suffix}", "ratio",
              f"{null_text}{text} enrichment at {r[:-3]}%{at}", "coverage / density", 1,
              coverage=coverage, density=ratio if density is None else density)
@@ -173,10 +181,10 @@ def _unchanged(null: str, atol: float) -> str:
 
 
 for _ratio in MASK_RATIOS:
-    _coverage("low_magnitude", _ratio)
+    _coverage("low_magnitude", _ratio, headline=_ratio == HEADLINE_RATIO)
 _headline = ratio_label(HEADLINE_RATIO)
 _coverage("low_magnitude", HEADLINE_RATIO, "exact_null_")
-_coverage("principal", HEADLINE_RATIO)
+_coverage("principal", HEADLINE_RATIO, headline=True)
 _coverage("principal", HEADLINE_RATIO, "exact_null_")
 COMBINED_DENSITY = _add(f"combined_density_{_headline}", "count",
                         f"density of the combined mask at {_headline[:-3]}%")
@@ -214,12 +222,21 @@ def summary_name(name: str) -> str:
     return f"{name}_median" if metric(name).aggregation == "median" else name
 
 
+def median_name(name: str) -> str:
+    """The column of a metric's median over matrices (a `median` metric's summary column, or
+    a pooled coverage's `matrix_median`)."""
+    declared = metric(name)
+    assert declared.aggregation == "median" or declared.matrix_median, name
+    return f"{name}_median"
+
+
 def metric(column: str) -> Metric:
     """The declaration of a per-tensor or summary column; an undeclared one is an error."""
     if column in METRICS:
         return METRICS[column]
     base = SUMMARY_ALIASES.get(column, column).removesuffix("_median")
-    if base in METRICS and METRICS[base].aggregation == "median" and column != base:
+    if base in METRICS and column != base and (METRICS[base].aggregation == "median"
+                                               or METRICS[base].matrix_median):
         return METRICS[base]
     raise KeyError(f"column {column!r} is not a declared metric: declare it in "
                    "opdgeo/delta/columns.py (name, aggregation, label, unit, scale)")
@@ -228,7 +245,7 @@ def metric(column: str) -> Metric:
 def axis_label(column: str, *notes: str) -> str:
     """A column's axis label: a summary median says `median`."""
     declared = metric(column)
-    median = declared.aggregation == "median" and column != declared.name
+    median = column != declared.name
     return declared.axis_label(*notes, *(("median",) if median else ()))
 
 

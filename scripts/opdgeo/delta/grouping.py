@@ -3,9 +3,10 @@
 Aggregation follows STUDY.md section 3: energies add (energy share = group ||dW||^2 / total,
 relative delta = sqrt(group ||dW||^2 / group ||W_src||^2)); coordinate fractions are
 averaged weighted by parameter count, which equals counting coordinates; coverages are
-counted (sum of covered updates / sum of updates), i.e. weighted by each tensor's update
-count; matrix-level metrics (spectrum, projections, rotation, nulls of those) take the
-median over matrices.
+counted over the matrices (sum of covered updates / sum of updates), i.e. weighted by each
+matrix's update count, the headline ones also given as their median over matrices;
+matrix-level metrics (spectrum, projections, rotation, nulls of those) take the median over
+matrices.
 """
 
 import math
@@ -46,14 +47,17 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     how = {c: metric(c).aggregation for c in rest}
     weighted = [c for c in rest if how[c] in ("count", "update")]
     medians = [c for c in rest if how[c] == "median"]
-    weights = pd.DataFrame({c: _update_weight(frame, c) if how[c] == "update"
-                            else frame["numel"] for c in weighted})
+    matrix = frame["shape"].astype(str).str.contains("x")  # 2+ dimensions: "m x n [x ...]"
+    weights = pd.DataFrame({c: _update_weight(frame, c).where(matrix, 0.0)
+                            if how[c] == "update" else frame["numel"] for c in weighted})
     weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
     numerators = (frame[weighted].fillna(0.0) * weights).groupby(by, sort=True).sum()
     denominators = weights.groupby(by, sort=True).sum()
+    matrix_medians = [c for c in rest if metric(c).matrix_median]
+    over_matrices = frame[matrix_medians].where(matrix).groupby(by, sort=True).median()
     # one concat, not ~100 column insertions (which fragment the frame)
     out = pd.concat([out, numerators / denominators.where(denominators > 0),
-                     grouped[medians].median()], axis=1)
+                     grouped[medians].median(), over_matrices.add_suffix("_median")], axis=1)
     out = add_enrichment(out)
     if not keys:
         return out.reset_index(drop=True)
