@@ -132,7 +132,8 @@ def test_a_one_seed_group_gets_the_bootstrap_over_its_matrices(full):
     tensors = full["tensors"].copy()
     external = tensors["run"] == "ext-opd"
     tensors.loc[external, "delta_energy"] = 1e-6
-    tensors.loc[external & tensors["name"].eq("model.layers.0.q.weight"), "delta_energy"] = 4e-6
+    query = tensors["name"].eq("model.layers.0.self_attn.q_proj.weight")
+    tensors.loc[external & query, "delta_energy"] = 4e-6
     info = main_runs(info_of(full, {"ext-opd": "opd"}))
     energy = tensors[external][["delta_energy", "source_energy"]].sum()
     delta = full["delta_global"].copy()
@@ -180,11 +181,15 @@ def test_vision_language_runs_get_their_paper_rows_and_vision_columns(full):
     energy = paper_tables.module_energy_table(info, full["delta_global"], full["tensors"],
                                               match).set_index("series")
     vl = "squares-opd-vl-teacher-adamw"
-    assert energy.loc[vl, "vision %"] == pytest.approx(10.0)
-    assert energy.loc[vl, "vision % 95% low"] == pytest.approx(10.0)  # the same every seed
-    assert energy.loc[vl, "projector %"] == pytest.approx(5.0)
+    # the paper's blocks by module type (the tower's MLP in FFN), the tower on its own beside
+    assert energy.loc[vl, "ffn %"] == pytest.approx(51.0)
+    assert energy.loc[vl, "other %"] == pytest.approx(5.0)
+    assert energy.loc[vl, "vision block (in the above) %"] == pytest.approx(10.0)
+    assert energy.loc[vl, "vision block (in the above) % 95% low"] == pytest.approx(10.0)
+    assert energy.loc[vl, "projector block (in the above) %"] == pytest.approx(5.0)
     assert energy.loc[vl, "paper: ffn %"] == pytest.approx(81.4)
-    assert pd.isna(energy.loc["addition-opd-teacher-a-adamw", "vision %"])
+    assert pd.isna(energy.loc["addition-opd-teacher-a-adamw", "vision block (in the above) %"])
+    assert energy.loc["addition-opd-teacher-a-adamw", "ffn %"] == pytest.approx(60.0)
     delta = paper_tables.global_delta_table(info, full["delta_global"], full["tensors"],
                                             match).set_index("series")
     assert delta.loc[vl, "paper: sparsity@1e-5 %"] == pytest.approx(66.72)

@@ -16,7 +16,7 @@ from opdgeo.models import (
     load_model,
     load_tokenizer,
 )
-from opdgeo.naming import canonical_name, classify
+from opdgeo.naming import canonical_name, classify, type_block
 from opdgeo.task import SquaresTask, make_task
 from opdgeo.train import train_run, verifier_reward
 
@@ -120,6 +120,33 @@ def test_vl_tensor_names_map_to_the_language_scheme_and_vision_blocks():
     assert classify("visual.merger.mlp.0.weight").block == "projector"
     assert classify("model.visual.blocks.0.attn.qkv.weight").block == "vision"
     assert classify("visual.blocks.0.mlp.fc1.weight").layer == 0
+
+
+@pytest.mark.parametrize("architecture, vision", [
+    ("qwen2_vl", {"depth": 1, "embed_dim": 16, "num_heads": 2, "mlp_ratio": 2}),
+    ("qwen2_5_vl", {"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32,
+                    "fullatt_block_indexes": [0]}),
+])
+def test_module_types_count_the_vision_towers_mlp_as_ffn(architecture, vision):
+    """The paper's module energy blocks: the tower's MLP (fc1/fc2 in Qwen2-VL, gate/up/down in
+    Qwen2.5-VL) in FFN, its attention in attention, its norms in norm, its patch embedding and
+    projector in other; a language tensor's type is its block."""
+    model = build_model(architecture, image_text_processor(), 0, hidden_size=16,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                        intermediate_size=32, vision=vision)
+    types = {}
+    for name, _ in model.named_parameters():
+        group = classify(name)
+        if group.block in ("vision", "projector"):
+            types[group.name.removeprefix("visual.")] = type_block(name)
+        else:
+            assert type_block(name) == group.block, name
+    tower = {name: kind for name, kind in types.items() if name.startswith("blocks.0.")}
+    assert {kind for name, kind in tower.items() if ".mlp." in name} == {"ffn"}
+    assert {kind for name, kind in tower.items() if ".attn." in name} == {"attention"}
+    assert {kind for name, kind in tower.items() if ".norm" in name} == {"norm"}
+    assert len(tower) == len([n for n in tower if ".mlp." in n or ".attn." in n or ".norm" in n])
+    assert {kind for name, kind in types.items() if not name.startswith("blocks.")} == {"other"}
 
 
 # ---------------------------------------------------------------- runs with images

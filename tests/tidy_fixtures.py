@@ -25,6 +25,15 @@ KIND_VALUES = {"opd": (0.002, 0.80, 0.40, 0.35), "sft": (0.02, 0.30, 0.20, 0.12)
                "external": (0.004, 0.70, 0.35, 0.30)}
 MODULES = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
            "gate": "ffn", "up": "ffn", "down": "ffn"}
+# A tensor's name per module, as a checkpoint spells it (opdgeo.naming reads the names).
+TENSOR_NAMES = {"q": "model.layers.{layer}.self_attn.q_proj.weight",
+                "k": "model.layers.{layer}.self_attn.k_proj.weight",
+                "v": "model.layers.{layer}.self_attn.v_proj.weight",
+                "o": "model.layers.{layer}.self_attn.o_proj.weight",
+                "gate": "model.layers.{layer}.mlp.gate_proj.weight",
+                "up": "model.layers.{layer}.mlp.up_proj.weight",
+                "down": "model.layers.{layer}.mlp.down_proj.weight",
+                "vision": "visual.blocks.{layer}.mlp.fc1.weight"}
 
 
 def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:grpo"),
@@ -75,8 +84,9 @@ def _summary(kind: str, rng) -> dict[str, float]:
     # under their global-summary names, as the analysis writes them (medians as `_median`)
     values = {c.summary_name(name): value for name, value in metrics.items()}
     values |= {alias: values[name] for alias, name in c.SUMMARY_ALIASES.items()}
-    return values | {"block_energy_share/ffn": 0.6, "block_energy_share/attention": 0.3,
-                     "block_energy_share/embedding": 0.07, "block_energy_share/norm": 0.03}
+    shares = {"ffn": 0.6, "attention": 0.3, "embedding": 0.07, "norm": 0.03}
+    return values | {f"{kind}_energy_share/{block}": share for block, share in shares.items()
+                     for kind in ("block", "type")}
 
 
 def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -99,7 +109,12 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
         summary = _summary(spec.kind, rng)
         if spec.pair == "squares":  # the vision tower and its projector move too
             summary |= {"block_energy_share/ffn": 0.45, "block_energy_share/vision": 0.1,
-                        "block_energy_share/projector": 0.05}
+                        "block_energy_share/projector": 0.05,
+                        # by module type: the tower's MLP, attention and norms, the projector
+                        "type_energy_share/ffn": 0.45 + 0.06,
+                        "type_energy_share/attention": 0.3 + 0.03,
+                        "type_energy_share/norm": 0.03 + 0.01,
+                        "type_energy_share/other": 0.05}
         for metric, value in summary.items():
             delta.append((name, final, metric,
                           value * lr_factor if metric.startswith("sparsity") else value))
@@ -127,7 +142,7 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                                      c.RELATIVE_NORM: 0.002 * (1 + layer + rng.random())})
                 numel = 64 * 128 if block == "ffn" else 64 * 64
                 tensors.append({
-                    "run": name, "name": f"model.layers.{layer}.{module}.weight",
+                    "run": name, "name": TENSOR_NAMES[module].format(layer=layer),
                     "layer": layer, "module": module, "block": block,
                     "shape": "128x64" if block == "ffn" else "64x64", "numel": numel,
                     "delta_energy": 1e-6 * (3 if block == "ffn" else 1),

@@ -92,3 +92,21 @@ def classify(name: str) -> ParamGroup:
         module = "norm" if "norm" in canon else "other"
     block = _MODULE_TO_BLOCK.get(module, "other")
     return ParamGroup(canon, layer, module, block)
+
+
+def type_block(name: str) -> str:
+    """The block of a parameter by its module type wherever it sits: `classify`'s block, but a
+    vision tower's attention, MLP and norms count as attention, FFN and norm, and its patch
+    embedding and projector (merger) as other. The paper's module energy table has only these
+    blocks (STUDY.md section 3 lists no vision block), so its vision-language row counts the
+    tower so; our reading, as the paper does not say where the tower's other parts go."""
+    group = classify(name)
+    if group.block == "projector":
+        return "other"
+    if group.block != "vision":
+        return group.block
+    if ".attn." in group.name:
+        return "attention"
+    if ".mlp." in group.name:
+        return "ffn"
+    return "norm" if "norm" in group.name.rsplit(".", 2)[-2] else "other"

@@ -96,6 +96,10 @@ NULL_COLUMNS = (
     (f"rounding_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., rounding null %"),
     (f"exact_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., exact rounding null %"),
 )
+# Module energy: shares by module type (the paper's blocks), and the blocks a vision-language
+# model has beside them, each shown on its own.
+TYPE_SHARE, BLOCK_SHARE = "type_energy_share/", "block_energy_share/"
+OWN_BLOCKS = ("vision", "projector")
 # tidy tables, besides runs.csv
 READS = ("delta_global", "tensors", "overlap", "evaluation", "masks")
 TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
@@ -176,20 +180,25 @@ def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.Data
 
 def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.DataFrame,
                         match: dict[str, str]) -> pd.DataFrame:
-    """Per run group: block energy share in % (every block present), mean over seeds with its
-    95% interval as in global_delta_table; the paper's beside it."""
+    """Per run group: energy share in % of every module type present, the paper's blocks
+    (a vision tower's attention, MLP and norms in attention, FFN and norm: `naming.type_block`),
+    then the vision tower and its projector as blocks of their own (already counted in the
+    type columns); mean over seeds with its 95% interval as in global_delta_table; the paper's
+    beside it."""
     values = wide(delta)
-    prefix = "block_energy_share/"
-    blocks = [c for c in values.columns if c.startswith(prefix)]
-    ordered = [f"{prefix}{b}" for b in PAPER_ENERGY_COLUMNS if f"{prefix}{b}" in blocks]
-    ordered += sorted(set(blocks) - set(ordered))
+    types = [c for c in values.columns if c.startswith(TYPE_SHARE)]
+    ordered = [f"{TYPE_SHARE}{b}" for b in PAPER_ENERGY_COLUMNS if f"{TYPE_SHARE}{b}" in types]
+    ordered += sorted(set(types) - set(ordered))
+    labels = {key: f"{key.removeprefix(TYPE_SHARE)} %" for key in ordered}
+    labels |= {f"{BLOCK_SHARE}{b}": f"{b} block (in the above) %" for b in OWN_BLOCKS
+               if f"{BLOCK_SHARE}{b}" in values.columns}
     rows = []
     for runs in _groups(info, values.index):
-        estimates, over = delta_estimates(runs, values, tensors, ordered)
+        estimates, over = delta_estimates(runs, values, tensors, list(labels))
         out = {"series": runs["series"].iloc[0], "method": runs["method_label"].iloc[0],
                "seeds": len(runs), "interval": over}
-        for key in ordered:
-            _with_interval(out, f"{key.removeprefix(prefix)} %", estimates[key], 100)
+        for key, label in labels.items():
+            _with_interval(out, label, estimates[key], 100)
         paper = match.get(runs["run"].iloc[0])
         out["paper run"] = paper if paper in PAPER_ENERGY else ""
         for block, value in zip(PAPER_ENERGY_COLUMNS, PAPER_ENERGY.get(paper, ()), strict=False):

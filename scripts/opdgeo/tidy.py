@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from opdgeo.delta.columns import METRICS, summary_name
-from opdgeo.delta.grouping import aggregate
+from opdgeo.delta.grouping import aggregate, energy_shares
 from opdgeo.kinds import EXTERNAL, METHOD_LABELS, METHOD_ORDER, OPD, OTHER
 from opdgeo.stats import bootstrap, percentile_interval, seed_interval
 
@@ -232,14 +232,12 @@ def tensor_bootstrap(tensors: pd.DataFrame, runs: list[str], statistic) -> pd.Da
 
 def delta_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """delta_global's metrics recomputed from per-tensor rows by the analysis's own
-    aggregation (opdgeo.delta.grouping), block energy shares included: one row per (run,
+    aggregation (opdgeo.delta.grouping), energy shares included: one row per (run,
     resample)."""
     keys = ["run", "resample"]
     out = aggregate(rows, keys).set_index(keys)
     out = out.rename(columns=lambda c: summary_name(c) if c in METRICS else c)
-    energy = rows.groupby([*keys, "block"])["delta_energy"].sum().unstack("block", fill_value=0)
-    shares = energy.div(energy.sum(axis=1), axis=0).add_prefix("block_energy_share/")
-    return pd.concat([out, shares], axis=1)
+    return pd.concat([out, energy_shares(rows, keys)], axis=1)
 
 
 def delta_estimates(runs: pd.DataFrame, values: pd.DataFrame, tensors: pd.DataFrame,

@@ -11,6 +11,7 @@ import pytest
 from delta_checkpoints import perturbed, save_checkpoint, small_model
 from safetensors.torch import save_file
 
+from opdgeo import naming
 from opdgeo.delta import columns, grouping
 from opdgeo.delta.analyze import analyze_checkpoints
 from opdgeo.delta.grouping import aggregate
@@ -111,3 +112,20 @@ def _imports(module: str) -> set[str]:
 def test_the_registry_imports_without_torch_and_the_analysis_without_the_table_layer():
     assert "torch" not in _imports("opdgeo.delta.columns")
     assert not {"opdgeo.tables", "opdgeo.tidy"} & _imports("opdgeo.delta.analyze")
+
+
+def test_energy_shares_by_block_and_by_module_type():
+    """A vision tower's MLP is its own block's, and FFN by module type (the paper's table)."""
+    names = {"model.layers.0.mlp.up_proj.weight": 3.0, "model.layers.0.self_attn.q_proj.weight":
+             1.0, "visual.blocks.0.mlp.fc1.weight": 2.0, "visual.blocks.0.attn.qkv.weight": 0.5,
+             "visual.merger.mlp.0.weight": 0.25, "model.norm.weight": 0.25}
+    tensors = pd.DataFrame({"name": list(names), "delta_energy": list(names.values())})
+    tensors["block"] = [naming.classify(name).block for name in names]
+    shares = grouping.energy_shares(tensors, []).iloc[0]
+    total = sum(names.values())
+    expected = {"block_energy_share/ffn": 3.0, "block_energy_share/attention": 1.0,
+                "block_energy_share/vision": 2.5, "block_energy_share/projector": 0.25,
+                "block_energy_share/norm": 0.25, "type_energy_share/ffn": 5.0,
+                "type_energy_share/attention": 1.5, "type_energy_share/other": 0.25,
+                "type_energy_share/norm": 0.25}
+    assert shares.to_dict() == pytest.approx({k: v / total for k, v in expected.items()})

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from opdgeo.delta.columns import KEY_COLUMNS, METRICS, SUMMARY_ALIASES, metric, summary_name
+from opdgeo.naming import type_block
 
 GROUPINGS = {
     "layers": ["layer"],
@@ -105,15 +106,29 @@ def summary(tensors: pd.DataFrame) -> dict:
     result.pop("energy_share")
     for alias, name in SUMMARY_ALIASES.items():
         result[alias] = result.get(name, math.nan)
-    result["block_energy_share"] = _shares(tensors, "block")
+    shares = energy_shares(tensors, []).iloc[0]
+    for prefix in ENERGY_SHARES:
+        result[prefix] = {column.removeprefix(f"{prefix}/"): _plain(value)
+                          for column, value in shares.items() if column.startswith(f"{prefix}/")}
     return result
 
 
-def _shares(tensors: pd.DataFrame, key: str) -> dict[str, float]:
-    energy = tensors.groupby(key)["delta_energy"].sum()
-    total = energy.sum()
-    return {name: _plain(value / total) if total > 0 else math.nan
-            for name, value in energy.items()}
+# Energy shares of the summary: by block (the vision tower and its projector on their own), and
+# by module type (a vision tower's MLP in FFN, as the paper's module energy table counts it).
+ENERGY_SHARES = {"block_energy_share": "block", "type_energy_share": "type_block"}
+
+
+def energy_shares(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each block's and each module type's share of the delta energy, as columns
+    `block_energy_share/<block>` and `type_energy_share/<block>` (opdgeo.naming.type_block);
+    one row per group of `keys` (keys [] -> one row for all)."""
+    frame = tensors.assign(_all=0, type_block=[type_block(name) for name in tensors["name"]])
+    by = keys or ["_all"]
+    parts = []
+    for prefix, column in ENERGY_SHARES.items():
+        energy = frame.groupby([*by, column])["delta_energy"].sum().unstack(column, fill_value=0)
+        parts.append(energy.div(energy.sum(axis=1), axis=0).add_prefix(f"{prefix}/"))
+    return pd.concat(parts, axis=1)
 
 
 def _plain(value):
