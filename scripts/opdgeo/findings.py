@@ -319,7 +319,8 @@ def _f3(ctx: Context, runs: pd.DataFrame) -> list[dict]:
     first = runs["run"].iloc[0]
     paper_row = PAPER_ENERGY.get(ctx.match.get(first))
     paper = paper_row[PAPER_ENERGY_COLUMNS.index("ffn")] / 100 if paper_row else NAN
-    shares = _per_seed(runs, {r: ctx.value(r, "block_energy_share/ffn") for r in runs["run"]})
+    # by module type, as the paper counts it (a vision tower's MLP in FFN)
+    shares = _per_seed(runs, {r: ctx.value(r, "type_energy_share/ffn") for r in runs["run"]})
     return [
         ctx.row("F3", runs, "least-moved layer: energy share / parameter share",
                 _per_seed(runs, {r: v["layer"] for r, v in spread.items()}), F3_MIN_SPREAD, +1,
