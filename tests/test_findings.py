@@ -2,12 +2,15 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import tidy_fixtures as tf
 
 from opdgeo import findings
 from opdgeo.cli import main
+from opdgeo.delta.columns import SPARSITY
+from opdgeo.delta.grouping import summary
 from opdgeo.tidy import run_info
 
 SEEDS = (0, 1, 2)
@@ -41,8 +44,12 @@ def with_curve(frames, series, finals: list, half: float = 0.02):
     return {**frames, "evaluation": pd.concat([evaluation, rows], ignore_index=True)}
 
 
+def check_table(frames) -> pd.DataFrame:
+    return findings.findings_table(frames, run_info(frames["runs"]), {})
+
+
 def check(frames, finding, series=OPD, measure=None):
-    table = findings.findings_table(frames, run_info(frames["runs"]), {})
+    table = check_table(frames)
     rows = table[(table["finding"] == finding) & (table["series"] == series)]
     if measure:
         rows = rows[rows["measure"].str.startswith(measure)]
@@ -91,9 +98,65 @@ def test_f2_interval_against_threshold_and_exact_null(frames, sparsity, null, ex
     assert row["seeds"] == 3 and row["null_kind"] == "exact rounding null"
 
 
-def test_one_seed_gives_no_interval_and_no_verdict():
-    row = check(tf.tables(tf.config()), "F2")
-    assert math.isnan(row["low"]) and row["verdict"] == findings.INCONCLUSIVE
+def one_seed_norms(opd_ratios: list[float]) -> dict:
+    """One seed: the SFT control moves every tensor by a relative norm of 1%, the OPD run
+    moves tensor i by opd_ratios[i] times that; delta_global's relative norms are the
+    analysis's own aggregate of those tensors."""
+    frames = tf.tables(tf.config())
+    tensors = frames["tensors"]
+    for run, ratios in ((f"{SFT}-s0", None), (f"{OPD}-s0", opd_ratios)):
+        rows = tensors["run"] == run
+        ratio = 1.0 if ratios is None else np.resize(ratios, rows.sum())
+        tensors.loc[rows, "delta_energy"] = (0.01 * ratio) ** 2 * tensors.loc[rows,
+                                                                            "source_energy"]
+        delta = frames["delta_global"]
+        delta.loc[(delta["run"] == run) & (delta["metric"] == "relative_norm"), "value"] = \
+            summary(tensors[rows].drop(columns="run"))["relative_norm"]
+    return frames
+
+
+@pytest.mark.parametrize("ratios, expected", [
+    ([0.1, 0.2, 0.3], findings.HOLDS),  # every tensor's ratio below the threshold 0.5
+    ([0.1, 0.7], findings.INCONCLUSIVE),  # tensors on both sides, pooled ratio near 0.5
+    ([0.8, 1.0, 1.2], findings.FAILS),  # every tensor's ratio above it
+])
+def test_one_seed_delta_verdicts_read_the_interval_over_matrices(ratios, expected):
+    frames = one_seed_norms(ratios)
+    row = check(frames, "F1")
+    delta = frames["delta_global"].set_index(["run", "metric"])["value"]
+    pooled = delta[(f"{OPD}-s0", "relative_norm")] / delta[(f"{SFT}-s0", "relative_norm")]
+    assert row["seeds"] == 1 and row["interval"] == "matrices (one seed)"
+    assert row["observed"] == pytest.approx(pooled)
+    # a resample's pooled ratio is a weighted mean of squared per-tensor ratios, square-rooted
+    assert min(ratios) - 1e-12 <= row["low"] <= row["observed"] <= row["high"] \
+        <= max(ratios) + 1e-12
+    assert row["verdict"] == expected
+    assert (row["low"] < findings.F1_MAX_NORM_RATIO < row["high"]) == (
+        expected == findings.INCONCLUSIVE)
+
+
+def test_one_seed_null_gap_pairs_the_null_by_matrix():
+    """Every matrix of the one run is sparser than its own exact rounding null: the gap's
+    interval over matrices clears zero, although the two values' own intervals overlap."""
+    frames = tf.tables(tf.config())
+    tensors = frames["tensors"]
+    rows = tensors["run"] == f"{OPD}-s0"
+    spread = np.linspace(0.55, 0.95, rows.sum())
+    tensors.loc[rows, SPARSITY] = spread
+    tensors.loc[rows, f"exact_null_{SPARSITY}"] = spread - 0.01
+    computed = summary(tensors[rows].drop(columns="run"))
+    delta = frames["delta_global"]
+    for metric in (SPARSITY, f"exact_null_{SPARSITY}"):
+        delta.loc[(delta["run"] == f"{OPD}-s0") & (delta["metric"] == metric), "value"] = \
+            computed[metric]
+    row = check(frames, "F2")
+    assert row["interval"] == "matrices (one seed)" and row["low"] < row["null"] < row["high"]
+    assert row["verdict"] == findings.HOLDS_BEYOND
+
+
+def test_findings_markdown_says_what_a_one_seed_interval_is_over():
+    text = findings.findings_markdown(check_table(one_seed_norms([0.1, 0.2, 0.3])))
+    assert "matrices (one seed)" in text and "not how it would vary between seeds" in text
 
 
 def test_f8_falls_back_to_the_parametric_null(frames):

@@ -1,10 +1,13 @@
 """The paper's findings F1-F8 (STUDY.md section 6) as checks on our runs.
 
 Each row: one finding, one run group (a run over its seeds), one measure, with
-    observed (mean over seeds) | its 95% interval | claim threshold | null | matched controls
-    (SFT, GRPO) | the paper's value | verdict.
-The interval is the t-interval over seeds (for scores with one seed, the bootstrap interval
-over prompts; delta measures of one seed have none). Verdicts read the interval, never the
+    observed (mean over seeds) | its 95% interval and what it is over | claim threshold | null |
+    matched controls (SFT, GRPO) | the paper's value | verdict.
+The interval is the t-interval over seeds. With one seed, a score's is the bootstrap over
+prompts, and a delta measure's the bootstrap over the run's matrices (its tensors resampled,
+the measure recomputed as it is defined; paired by tensor name with a null or a control): a
+reading of how the measure varies between matrices, not between seeds. Verdicts read the
+interval, never the
 mean alone: "holds" when it lies wholly on the claim's side of the threshold, "fails" when
 wholly on the other side, else "inconclusive"; with a null, "holds beyond the null" when the
 interval of observed - null (paired by seed) also clears zero in the claimed direction,
@@ -40,7 +43,21 @@ from opdgeo.paper_tables import (
     paper_match,
 )
 from opdgeo.tables import write_table
-from opdgeo.tidy import curves, gap, interval, main_runs, masked_arm, score_metric, wide
+from opdgeo.tidy import (
+    NO_INTERVAL,
+    OVER_MATRICES,
+    OVER_PROMPTS,
+    OVER_SEEDS,
+    curves,
+    delta_summary,
+    gap,
+    interval,
+    main_runs,
+    masked_arm,
+    score_metric,
+    tensor_bootstrap,
+    wide,
+)
 
 # ---- claim thresholds (each a reading of the paper's wording, stated once) ----
 F1_MAX_NORM_RATIO = 0.5  # "far below": OPD relative norm at most half of its SFT control's
@@ -73,7 +90,8 @@ CLAIMS = {
     "F8": "low-magnitude: coverage of the bottom-10% |W_src| mask well above 10%",
 }
 READS = ("delta_global", "evaluation", "tensors")  # tidy tables, besides runs
-COLUMNS = ["finding", "series", "measure", "observed", "low", "high", "seeds", "threshold",
+COLUMNS = ["finding", "series", "measure", "observed", "low", "high", "interval", "seeds",
+           "threshold",
            "null", "null_kind", "sft_control", "grpo_control", "paper", "paper_run", "verdict",
            "note"]
 NAN = math.nan
@@ -119,6 +137,7 @@ class Context:
         self.match = paper_match(info, plots.get("paper_match"))
         self.metric = score_metric(tables["evaluation"], plots.get("metric", ""))
         self.scores = curves(tables["evaluation"], info, self.metric) if self.metric else None
+        self.resampled: dict[str, pd.DataFrame] = {}
 
     def value(self, run, key) -> float:
         if run is None or run not in self.values.index or key not in self.values.columns:
@@ -152,6 +171,41 @@ class Context:
         names = [self.control(r, kind) for r in runs["run"]]
         return self.info[self.info["run"].isin([n for n in names if n])]
 
+    def one_seed(self, runs: pd.DataFrame) -> pd.DataFrame:
+        """A one-seed group's delta measures over resamples of its run's matrices
+        (delta_measures; paired by tensor name with the run's F1 comparator); empty for a
+        group of several seeds, or without per-tensor rows."""
+        if len(runs) != 1:
+            return pd.DataFrame()
+        run = runs["run"].iloc[0]
+        if run not in self.resampled:
+            comparator = f1_comparator(self, run)[0]
+            tensors = self.tables["tensors"]
+            paired = [run, comparator] if comparator and not tensors.empty and \
+                (tensors["run"] == comparator).any() else [run]
+            self.resampled[run] = tensor_bootstrap(
+                tensors, paired, lambda rows: delta_measures(rows, run, comparator))
+        return self.resampled[run]
+
+    def with_interval(self, runs: pd.DataFrame, observed: pd.DataFrame, column: str
+                      ) -> pd.DataFrame:
+        """observed (per seed) with, for a one-seed group, its interval over matrices."""
+        resamples = self.one_seed(runs)
+        if column not in resamples:
+            return observed
+        low, high = stats.percentile_interval(resamples[column])
+        return observed.assign(low=low, high=high)
+
+    def null_gap(self, runs: pd.DataFrame, observed: pd.DataFrame, column: str,
+                 null: pd.DataFrame, null_column: str) -> tuple | None:
+        """observed - null of a one-seed group, its interval over the same resampled matrices
+        (None for several seeds: ctx.row pairs them by seed)."""
+        resamples = self.one_seed(runs)
+        if not {column, null_column} <= set(resamples):
+            return None
+        low, high = stats.percentile_interval(resamples[column] - resamples[null_column])
+        return float(observed["value"].mean() - null["value"].mean()), low, high
+
     def paper(self, run: str, column: str) -> float:
         """The paper's value for a global-table column, as a fraction (ranks as they are)."""
         row = PAPER_GLOBAL.get(self.match.get(run))
@@ -165,14 +219,17 @@ class Context:
             null: pd.DataFrame | None = None, null_kind: str = "",
             threshold_is_null: bool = False, key: str | None = None, paper: float = NAN,
             note: str = "", null_value: float = NAN,
-            null_gap: tuple[float, float, float] | None = None) -> dict:
+            null_gap: tuple[float, float, float] | None = None,
+            one_seed: str = OVER_MATRICES) -> dict:
         """One findings row for a run group (`runs`: its info rows, one per seed). observed:
         per seed (columns seed, value[, low, high]), or an estimate (mean, low, high) made by
-        the caller. null: per seed like observed (its gap to observed is paired by seed), or
-        the caller's null_value and null_gap (the interval of observed - null)."""
+        the caller. null: per seed like observed (its gap to observed is paired by seed unless
+        the caller gives null_gap), or the caller's null_value and null_gap (the interval of
+        observed - null). one_seed: what a one-seed interval is over."""
         mean, low, high = interval(observed) if isinstance(observed, pd.DataFrame) else observed
         if isinstance(null, pd.DataFrame) and null["value"].notna().any():
-            null_value, null_gap = float(null["value"].mean()), gap(observed, null)
+            null_value = float(null["value"].mean())
+            null_gap = null_gap or gap(observed, null)
         if _missing(mean):
             verdict_ = NOT_TESTED
         else:
@@ -182,8 +239,10 @@ class Context:
                     if key else NAN for kind in ("sft", "grpo")}
         seeds = observed["value"].notna().sum() if isinstance(observed, pd.DataFrame) \
             else len(runs)
+        over = NO_INTERVAL if _missing(low) else OVER_SEEDS if seeds > 1 else one_seed
         return {"finding": finding, "series": runs["series"].iloc[0], "measure": measure,
-                "observed": mean, "low": low, "high": high, "seeds": int(seeds),
+                "observed": mean, "low": low, "high": high, "interval": over,
+                "seeds": int(seeds),
                 "threshold": threshold, "null": null_value, "null_kind": null_kind,
                 "sft_control": controls["sft"], "grpo_control": controls["grpo"],
                 "paper": paper, "paper_run": self.match.get(runs["run"].iloc[0], ""),
@@ -206,15 +265,60 @@ def f1_comparator(ctx: Context, run: str) -> tuple[str | None, str]:
     return None, "SFT control"
 
 
+# Delta measures beyond delta_global's metrics, recomputed from per-tensor rows (delta_measures)
+F1_RATIO, TOP16_RATIO, PROJECTION_RATIO = "f1_ratio", "top16_ratio", "projection_ratio"
+SPREAD = {"layer": "spread_layer", "block": "spread_block", "ffn": "spread_ffn"}
+
+
+def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.DataFrame:
+    """Every delta measure the findings read, per resample of the run's tensors (rows with a
+    `resample` column; opdgeo.tidy.tensor_bootstrap): delta_global's metrics as the analysis
+    aggregates them, the energy spread of F3, the matrix ratios of F6 and F7, and F1's ratio
+    of relative norms to the comparator's (its rows among `rows`, drawn by the same tensor
+    names)."""
+    summary = delta_summary(rows)
+    own = rows[rows["run"] == run]
+    out = summary.xs(run, level="run").copy()
+    out[F1_RATIO] = out[RELATIVE_NORM] / summary.xs(comparator, level="run")[RELATIVE_NORM] \
+        if comparator in set(rows["run"]) else NAN
+    out[TOP16_RATIO] = matrix_ratio(own, TOP16_ENERGY, f"shuffle_null_{TOP16_ENERGY}")
+    out[PROJECTION_RATIO] = matrix_ratio(own, PRINCIPAL_PROJECTION,
+                                         f"isotropic_null_{PRINCIPAL_PROJECTION}")
+    return out.join(energy_spread(own).rename(columns=SPREAD))
+
+
+def _point(ctx: Context, run: str, measure) -> float:
+    """A per-tensor measure (energy_spread, matrix_ratio) of the run's own tensors."""
+    tensors = ctx.tables["tensors"]
+    if tensors.empty:
+        return NAN
+    value = measure(tensors[tensors["run"] == run].assign(resample=0))
+    return float(value.iloc[0]) if len(value) else NAN
+
+
 def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
-    """F1-F3 and F6-F8 for one OPD run group (delta findings), over its seeds."""
+    """F1-F3 and F6-F8 for one OPD run group (delta findings), over its seeds (one seed: over
+    the run's matrices)."""
     first = runs["run"].iloc[0]
     rows = []
 
+    def observed(values: dict[str, float], column: str) -> pd.DataFrame:
+        return ctx.with_interval(runs, _per_seed(runs, values), column)
+
+    def summary(key: str) -> pd.DataFrame:
+        return ctx.with_interval(runs, ctx.metric_of(runs, key), key)
+
+    def against_null(measure, key, threshold, direction, null_keys, **fields) -> dict:
+        value = summary(key)
+        null, null_key = ctx.first_null(runs, null_keys)
+        return ctx.row(measure[0], runs, measure[1], value, threshold, direction, null,
+                       _null_kind(null_key), key=key,
+                       null_gap=ctx.null_gap(runs, value, key, null, null_key), **fields)
+
     norm = ctx.metric_of(runs, RELATIVE_NORM)
     comparators = {r: f1_comparator(ctx, r) for r in runs["run"]}
-    ratio = _per_seed(runs, {r: ctx.value(r, RELATIVE_NORM) / ctx.value(c, RELATIVE_NORM)
-                             for r, (c, _) in comparators.items() if c})
+    ratio = observed({r: ctx.value(r, RELATIVE_NORM) / ctx.value(c, RELATIVE_NORM)
+                      for r, (c, _) in comparators.items() if c}, F1_RATIO)
     described = comparators[first][1]
     rows.append(ctx.row("F1", runs, f"relative norm / its {described.split(' (')[0]}'s", ratio,
                         F1_MAX_NORM_RATIO, -1, key=RELATIVE_NORM,
@@ -223,54 +327,47 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
                              f"{ctx.paper(first, 'relative_norm'):.4g})"
                              + ("" if comparators[first][0] else "; no SFT control")))
 
-    null, null_key = ctx.first_null(runs, [f"exact_null_{SPARSITY}"])
-    rows.append(ctx.row("F2", runs, "sparsity at 1e-5", ctx.metric_of(runs, SPARSITY),
-                        F2_MIN_SPARSITY, +1, null, null_key and "exact rounding null",
-                        key=SPARSITY, paper=ctx.paper(first, "sparsity"),
-                        note=f"claim: >= {F2_MIN_SPARSITY:g}"))
+    rows.append(against_null(("F2", "sparsity at 1e-5"), SPARSITY, F2_MIN_SPARSITY, +1,
+                             [f"exact_null_{SPARSITY}"], paper=ctx.paper(first, "sparsity"),
+                             note=f"claim: >= {F2_MIN_SPARSITY:g}"))
 
-    rows += _f3(ctx, runs)
+    rows += _f3(ctx, runs, observed)
 
     rank_key = summary_name(NUMERICAL_RANK_FRACTION)
     null, _ = ctx.first_null(runs, [summary_name(f"shuffle_null_{NUMERICAL_RANK_FRACTION}")])
-    rows.append(ctx.row("F6", runs, "numerical rank / min(m, n) (median)",
-                        ctx.metric_of(runs, rank_key), F6_MIN_RANK_FRACTION, +1, key=rank_key,
+    rows.append(ctx.row("F6", runs, "numerical rank / min(m, n) (median)", summary(rank_key),
+                        F6_MIN_RANK_FRACTION, +1, key=rank_key,
                         note=f"claim: >= {F6_MIN_RANK_FRACTION:g}; shuffle null "
                              f"{null['value'].mean():.3g} (a random update is full rank too)"))
-    tensors = ctx.tables["tensors"]
     top16 = ctx.metric_of(runs, summary_name(TOP16_ENERGY))["value"].mean()
-    ratio = _per_seed(runs, {r: _matrix_ratio(tensors, r, TOP16_ENERGY,
-                                              f"shuffle_null_{TOP16_ENERGY}")
-                             for r in runs["run"]})
+    ratio = observed({r: _point(ctx, r, lambda t: matrix_ratio(
+        t, TOP16_ENERGY, f"shuffle_null_{TOP16_ENERGY}")) for r in runs["run"]}, TOP16_RATIO)
     rows.append(ctx.row("F6", runs, "top-16 energy / its shuffle null (mean over matrices)",
                         ratio, 1.0, +1, null_kind="shuffle null", threshold_is_null=True,
                         note=f"claim: > 1; top-16 energy (median) {top16:.4g}"
                              f" (paper {ctx.paper(first, 'top16_energy'):.4g}; the paper "
                              f"compares with 16/min(m, n), which an isotropic matrix exceeds)"))
 
-    ratio = _per_seed(runs, {r: _matrix_ratio(tensors, r, PRINCIPAL_PROJECTION,
-                                              f"isotropic_null_{PRINCIPAL_PROJECTION}")
-                             for r in runs["run"]})
+    ratio = observed({r: _point(ctx, r, lambda t: matrix_ratio(
+        t, PRINCIPAL_PROJECTION, f"isotropic_null_{PRINCIPAL_PROJECTION}"))
+        for r in runs["run"]}, PROJECTION_RATIO)
     rows.append(ctx.row("F7", runs, "principal projection at 10% / its isotropic null (mean over "
                         "matrices)", ratio, 1.0, -1, null_kind="isotropic null (k^2/(mn))",
                         threshold_is_null=True,
                         note="claim: < 1 (the paper gives no number for this measure)"))
-    null, null_key = ctx.first_null(runs, [f"exact_null_{PRINCIPAL_COVERAGE}",
-                                           f"rounding_null_{PRINCIPAL_COVERAGE}"])
-    rows.append(ctx.row("F7", runs, "principal-mask coverage at 10%",
-                        ctx.metric_of(runs, PRINCIPAL_COVERAGE), F7_RANDOM_MASK, -1,
-                        null, _null_kind(null_key), key=PRINCIPAL_COVERAGE,
-                        paper=ctx.paper(first, "principal_coverage"),
-                        note="claim: < 10% (random mask)"))
+    coverage_nulls = [f"exact_null_{PRINCIPAL_COVERAGE}", f"rounding_null_{PRINCIPAL_COVERAGE}"]
+    rows.append(against_null(("F7", "principal-mask coverage at 10%"), PRINCIPAL_COVERAGE,
+                             F7_RANDOM_MASK, -1, coverage_nulls,
+                             paper=ctx.paper(first, "principal_coverage"),
+                             note="claim: < 10% (random mask)"))
 
-    null, null_key = ctx.first_null(runs, [f"exact_null_{LOW_MAGNITUDE_COVERAGE}",
-                                           f"rounding_null_{LOW_MAGNITUDE_COVERAGE}"])
-    rows.append(ctx.row("F8", runs, "low-magnitude coverage at 10%",
-                        ctx.metric_of(runs, LOW_MAGNITUDE_COVERAGE), F8_MIN_COVERAGE,
-                        +1, null, _null_kind(null_key), key=LOW_MAGNITUDE_COVERAGE,
-                        paper=ctx.paper(first, "low_magnitude_coverage"),
-                        note=f"claim: >= {F8_MIN_COVERAGE:g} (enrichment >= "
-                             f"{F8_MIN_COVERAGE / 0.1:g})"))
+    low_nulls = [f"exact_null_{LOW_MAGNITUDE_COVERAGE}",
+                 f"rounding_null_{LOW_MAGNITUDE_COVERAGE}"]
+    rows.append(against_null(("F8", "low-magnitude coverage at 10%"), LOW_MAGNITUDE_COVERAGE,
+                             F8_MIN_COVERAGE, +1, low_nulls,
+                             paper=ctx.paper(first, "low_magnitude_coverage"),
+                             note=f"claim: >= {F8_MIN_COVERAGE:g} (enrichment >= "
+                                  f"{F8_MIN_COVERAGE / 0.1:g})"))
     return rows
 
 
@@ -280,14 +377,15 @@ def _null_kind(key: str) -> str:
     return "parametric rounding null" if key else ""
 
 
-def _matrix_ratio(tensors: pd.DataFrame, run: str, observed: str, null: str) -> float:
-    """Mean over the run's matrices of `observed`, over the mean of each matrix's own null:
-    1 for a delta that is its own null. (A median of per-matrix ratios would carry the noise
-    of one null draw per matrix, and a chi-square median's bias below its mean.)"""
-    if tensors.empty or not {observed, null} <= set(tensors.columns):
-        return NAN
-    rows = tensors[(tensors["run"] == run)].dropna(subset=[observed, null])
-    return float(rows[observed].mean() / rows[null].mean()) if len(rows) else NAN
+def matrix_ratio(rows: pd.DataFrame, observed: str, null: str) -> pd.Series:
+    """Per resample (rows: tensor rows with a `resample` column): the mean over matrices of
+    `observed`, over the mean of each matrix's own null; 1 for a delta that is its own null.
+    (A median of per-matrix ratios would carry the noise of one null draw per matrix, and a
+    chi-square median's bias below its mean.)"""
+    if not {observed, null} <= set(rows.columns):
+        return pd.Series(dtype=float)
+    means = rows.dropna(subset=[observed, null]).groupby("resample")[[observed, null]].mean()
+    return means[observed] / means[null]
 
 
 # Blocks of the repeated layers: their energy is compared with their parameter share (the
@@ -295,42 +393,48 @@ def _matrix_ratio(tensors: pd.DataFrame, run: str, observed: str, null: str) -> 
 LAYER_BLOCKS = ("attention", "ffn")
 
 
-def energy_spread(tensors: pd.DataFrame, run: str) -> dict[str, float]:
-    """Energy share / parameter share of the run's least-moved layer and least-moved block
-    (attention, FFN), and of the FFN block; over the tensors of those blocks only."""
-    rows = tensors[(tensors["run"] == run) & tensors["block"].isin(LAYER_BLOCKS)] \
-        if not tensors.empty else tensors
-    if rows.empty or rows["delta_energy"].sum() <= 0:
-        return {"layer": NAN, "block": NAN, "ffn": NAN}
+def energy_spread(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per resample (rows: tensor rows with a `resample` column): energy share / parameter
+    share of the least-moved layer and least-moved block (attention, FFN), and of the FFN
+    block; over the tensors of those blocks only."""
+    rows = rows[rows["block"].isin(LAYER_BLOCKS)]
+    names = ["layer", "block", "ffn"]
+    if rows.empty:
+        return pd.DataFrame(columns=names, dtype=float)
 
     def ratios(key):
-        sums = rows.groupby(key)[["delta_energy", "numel"]].sum()
-        return (sums["delta_energy"] / sums["delta_energy"].sum()) / (
-            sums["numel"] / sums["numel"].sum())
+        sums = rows.groupby(["resample", key])[["delta_energy", "numel"]].sum()
+        totals = sums.groupby(level="resample").transform("sum")
+        shares = sums / totals.where(totals > 0)
+        return shares["delta_energy"] / shares["numel"]
 
     blocks = ratios("block")
-    return {"layer": float(ratios("layer").min()), "block": float(blocks.min()),
-            "ffn": float(blocks.get("ffn", NAN))}
+    ffn = blocks.xs("ffn", level="block") if "ffn" in set(rows["block"]) else NAN
+    return pd.DataFrame({"layer": ratios("layer").groupby(level="resample").min(skipna=False),
+                         "block": blocks.groupby(level="resample").min(skipna=False),
+                         "ffn": ffn}, columns=names)
 
 
-def _f3(ctx: Context, runs: pd.DataFrame) -> list[dict]:
-    tensors = ctx.tables["tensors"]
-    spread = {r: energy_spread(tensors, r) for r in runs["run"]}
+def _f3(ctx: Context, runs: pd.DataFrame, observed) -> list[dict]:
+    spread = {r: {key: _point(ctx, r, lambda t, key=key: energy_spread(t)[key])
+                  for key in SPREAD} for r in runs["run"]}
     first = runs["run"].iloc[0]
     paper_row = PAPER_ENERGY.get(ctx.match.get(first))
     paper = paper_row[PAPER_ENERGY_COLUMNS.index("ffn")] / 100 if paper_row else NAN
     # by module type, as the paper counts it (a vision tower's MLP in FFN)
     shares = _per_seed(runs, {r: ctx.value(r, "type_energy_share/ffn") for r in runs["run"]})
+
+    def values(key):
+        return observed({r: v[key] for r, v in spread.items()}, SPREAD[key])
+
     return [
         ctx.row("F3", runs, "least-moved layer: energy share / parameter share",
-                _per_seed(runs, {r: v["layer"] for r, v in spread.items()}), F3_MIN_SPREAD, +1,
+                values("layer"), F3_MIN_SPREAD, +1,
                 note=f"claim: >= {F3_MIN_SPREAD:g} (attention and FFN tensors; an even "
                      f"spread gives 1)"),
         ctx.row("F3", runs, "least-moved block (attention, FFN): energy share / parameter "
-                "share", _per_seed(runs, {r: v["block"] for r, v in spread.items()}),
-                F3_MIN_SPREAD, +1, note=f"claim: >= {F3_MIN_SPREAD:g}"),
-        ctx.row("F3", runs, "FFN: energy share / parameter share",
-                _per_seed(runs, {r: v["ffn"] for r, v in spread.items()}), 1.0, +1,
+                "share", values("block"), F3_MIN_SPREAD, +1, note=f"claim: >= {F3_MIN_SPREAD:g}"),
+        ctx.row("F3", runs, "FFN: energy share / parameter share", values("ffn"), 1.0, +1,
                 null_kind="even spread (parameter share)", threshold_is_null=True,
                 paper=NAN, note=f"claim: > 1; FFN energy share of all tensors "
                                 f"{shares['value'].mean():.3g} (paper {paper:.3g})"),
@@ -382,6 +486,7 @@ def _f4(ctx, pair, full, scores, arms) -> dict:
                   null_value=random["value"].mean() if len(random) else NAN, null_gap=null,
                   null_kind="random mask, same density" if len(random) else "",
                   paper=(PAPER_MASKED["opd"][1] - PAPER_MASKED["full"][1]) / 100,
+                  one_seed=OVER_PROMPTS,
                   note=f"claim: >= -{F4_TOLERANCE:g}; beyond the null: the OPD mask above the "
                        f"random mask of the same density; grpo_control = the GRPO run's mask"
                        + (f"; OPD mask - random mask {_interval_text(null)}" if null else ""))
@@ -409,6 +514,7 @@ def _f5(ctx, opd: pd.DataFrame, scores) -> dict | None:
     row = ctx.row("F5", by_optimizer["adamw"], f"AdamW final {ctx.metric} - SGD's",
                   gap(adamw, sgd), 0.0, +1,
                   paper=(PAPER_OPTIMIZER["adamw"][1] - PAPER_OPTIMIZER["sgd"][1]) / 100,
+                  one_seed=OVER_PROMPTS,
                   note=f"claim: > 0; AdamW {adamw['value'].mean():.3f}, SGD "
                        f"{sgd['value'].mean():.3f} (paper peaks "
                        f"{PAPER_OPTIMIZER['adamw'][0] / 100:.4f} vs "
@@ -448,7 +554,13 @@ def findings_markdown(table: pd.DataFrame) -> str:
              "`null` is what chance or bf16 rounding alone predicts; `sft_control` and "
              "`grpo_control` are the matched controls (same pair, seed, optimizer, steps).", "",
              "`observed` is the mean over the group's seeds and [`low`, `high`] its 95% "
-             "interval (t over seeds; a score of one seed: bootstrap over prompts). Verdicts "
+             "interval; `over` says what it is over: t over seeds; with one seed, a score's "
+             "bootstrap over prompts, and a delta measure's bootstrap over the run's matrices "
+             "(its tensors resampled with replacement and the measure recomputed as defined, "
+             "paired by tensor name with its null or control). A one-seed interval over "
+             "matrices reads how the measure varies between the matrices of that one run, not "
+             "how it would vary between seeds: a verdict on it says the matrices agree, not "
+             "that another training run would. Verdicts "
              "read the interval: *holds* / *fails* when it lies wholly on one side of the "
              "threshold, else *inconclusive*; against a null (the interval of observed - null, "
              "paired by seed): *holds beyond the null* when it clears the null too, *explained "
@@ -469,15 +581,17 @@ def findings_markdown(table: pd.DataFrame) -> str:
              ""]
     if table.empty:
         return "\n".join(lines + ["No OPD run with results: nothing to check.", ""])
-    shown = ["series", "measure", "observed", "interval", "seeds", "threshold", "null",
-             "null_kind", "sft_control", "grpo_control", "paper", "verdict", "note"]
-    table = table.assign(interval=[f"[{_fmt(lo)}, {_fmt(hi)}]" if not _missing(lo) else "–"
-                                   for lo, hi in zip(table["low"], table["high"], strict=True)])
+    shown = ["series", "measure", "observed", "95% interval", "over", "seeds", "threshold",
+             "null", "null_kind", "sft_control", "grpo_control", "paper", "verdict", "note"]
+    table = table.assign(**{
+        "95% interval": [f"[{_fmt(lo)}, {_fmt(hi)}]" if not _missing(lo) else "–"
+                         for lo, hi in zip(table["low"], table["high"], strict=True)],
+        "over": table["interval"]})
     for finding, rows in table.groupby("finding", sort=False):
         lines += [f"## {finding}: {CLAIMS[finding]}", "",
                   "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-        for row in rows.itertuples():
-            lines.append("| " + " | ".join(_fmt(getattr(row, c)) for c in shown) + " |")
+        for row in rows.to_dict("records"):
+            lines.append("| " + " | ".join(_fmt(row[c]) for c in shown) + " |")
         counts = rows["verdict"].value_counts()
         lines += ["", "Verdicts: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + ".", ""]
     return "\n".join(lines)

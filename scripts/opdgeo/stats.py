@@ -4,6 +4,7 @@ prompts, a delta measure's matrices); and the three-way verdict that reads a cla
 such an interval."""
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -41,8 +42,10 @@ def bootstrap(statistic, count: int, seed: int = 0, chunk: int = 250) -> np.ndar
 def percentile_interval(resamples) -> tuple:
     """95% percentile interval of bootstrap resamples (per column of a 2-D array); resamples
     where the statistic is undefined (NaN) are left out."""
-    low, high = np.nanquantile(np.asarray(resamples, float), [(1 - LEVEL) / 2, (1 + LEVEL) / 2],
-                               axis=0)
+    with warnings.catch_warnings():  # a statistic undefined on every resample: no interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanquantile(np.asarray(resamples, float),
+                                   [(1 - LEVEL) / 2, (1 + LEVEL) / 2], axis=0)
     return low, high
 
 

@@ -20,9 +20,10 @@ TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "optimi
           "training_log", "masks", "layer_module", "modules", "tensors")
 
 OPTIMIZER_LABELS = {"adamw": "AdamW", "sgd": "SGD"}
-# What a delta measure's interval is over: a run group's seeds, or, where it has one seed, the
-# matrices of that run (between-matrix variability, not seed variability).
-OVER_SEEDS, OVER_MATRICES, NO_INTERVAL = "seeds", "matrices (one seed)", "none (one seed)"
+# What an interval is over: a run group's seeds, or, where it has one seed, a score's prompts
+# or the matrices of a delta (between-matrix variability, not seed variability).
+OVER_SEEDS, OVER_PROMPTS, OVER_MATRICES = "seeds", "prompts (one seed)", "matrices (one seed)"
+NO_INTERVAL = "none (one seed)"
 _SEED = re.compile(r"-s\d+$")
 
 
