@@ -211,7 +211,8 @@ def test_vision_language_interventions_use_the_papers_vl_numbers(full):
 
 
 def test_mask_overlap_table_both_directions_over_seeds():
-    info = pd.DataFrame({"run": ["a-s0", "b-s0", "a-s1", "b-s1"], "seed": [0, 0, 1, 1]})
+    info = pd.DataFrame({"run": ["a-s0", "b-s0", "a-s1", "b-s1"], "seed": [0, 0, 1, 1],
+                         "kind": "opd"})
     info["series"] = info["run"].str[0]
     coverage = {("a-s0", "b-s0"): 0.6, ("a-s1", "b-s1"): 0.7, ("a-s0", "b-s1"): 0.1}
     overlap = pd.DataFrame(

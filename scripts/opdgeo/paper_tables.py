@@ -24,6 +24,7 @@ from opdgeo.delta.columns import (
     median_name,
     summary_name,
 )
+from opdgeo.kinds import EXTERNAL
 from opdgeo.stats import seed_interval
 from opdgeo.tables import write_table
 from opdgeo.tidy import (
@@ -222,7 +223,7 @@ def mask_overlap_table(info: pd.DataFrame, overlap: pd.DataFrame) -> pd.DataFram
     glob = overlap[~overlap["metric"].str.contains("/")]
     values = glob.pivot_table(index=["run_a", "run_b"], columns="metric", values="value")
     series = dict(zip(info["run"], info["series"], strict=True))
-    seeds = dict(zip(info["run"], info["seed"], strict=True))
+    seeds = dict(zip(info["run"], info["seed"].where(info["kind"] != EXTERNAL), strict=True))
     pairs = []
     for (a, b), v in values.iterrows():
         if a not in series or b not in series or (
