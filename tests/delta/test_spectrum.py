@@ -1,9 +1,12 @@
 """Spectrum and decomposition on matrices of known rank and geometry."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
-from opdgeo.delta import spectrum
+from opdgeo.delta import columns, spectrum
 from opdgeo.delta.spectrum import (
     decompose,
     rank_count,
@@ -86,3 +89,10 @@ def test_rank_count_is_the_floor_of_ratio_times_the_short_side():
     assert rank_count(0.20, 4864) == 972
     assert rank_count(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996 in binary
     assert rank_count(0.01, 64) == 1  # at least one direction
+    # every ratio the analysis uses, every short side up to 10k: the exact decimal floor
+    ratios = {*columns.MASK_RATIOS, *columns.SINGULAR_VALUE_FRACTIONS, columns.ROTATION_RATIO}
+    for ratio in ratios:
+        exact = Fraction(str(ratio))
+        mismatched = [short for short in range(1, 10_000)
+                      if rank_count(ratio, short) != max(1, math.floor(exact * short))]
+        assert not mismatched, (ratio, mismatched[:5])
