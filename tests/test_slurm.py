@@ -660,6 +660,8 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
                   & (findings["series"] == "dsqwen-opd-deepscaler-adamw")].iloc[0]
     assert "external offline-distillation run qwen-math-offline-distill" in f1["note"]
     assert f1["verdict"] != "not tested"
+    # one seed: the interval over the run's matrices, paired by tensor name with the control
+    assert f1["interval"] == "matrices (one seed)" and f1["low"] <= f1["observed"] <= f1["high"]
 
 
 @pytest.mark.slurm
