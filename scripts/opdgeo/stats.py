@@ -29,12 +29,13 @@ def seed_interval(values) -> tuple[float, float, float]:
     return mean, float(mean - half), float(mean + half)
 
 
-def bootstrap(statistic, count: int, seed: int = 0, chunk: int = 250) -> np.ndarray:
+def bootstrap(statistic, count: int, seed: int = 0, units: int = 100_000) -> np.ndarray:
     """The statistic of RESAMPLES resamples of `count` units drawn with replacement (seeded,
     so the same units give the same resamples). statistic(index) gets the drawn unit indices,
     an int array (resamples, count), and returns one value, or one row of values, per
-    resample; it is called on `chunk` resamples at a time to bound memory."""
+    resample; it is called on about `units` drawn units at a time, to bound memory."""
     draws = np.random.default_rng(seed).integers(0, count, (RESAMPLES, count))
+    chunk = max(1, units // max(count, 1))
     return np.concatenate([np.asarray(statistic(draws[start:start + chunk]), float)
                            for start in range(0, RESAMPLES, chunk)])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opdgeo.delta.columns import METRICS, summary_name
+from opdgeo.delta.columns import KEY_COLUMNS, METRICS, metric, summary_name
 from opdgeo.delta.grouping import aggregate, energy_shares
 from opdgeo.kinds import EXTERNAL, METHOD_LABELS, METHOD_ORDER, OPD, OTHER
 from opdgeo.stats import bootstrap, percentile_interval, seed_interval
@@ -252,8 +252,8 @@ def delta_estimates(runs: pd.DataFrame, values: pd.DataFrame, tensors: pd.DataFr
         return {key: seed_interval(values.loc[present, key]) if key in values
                 else (math.nan,) * 3 for key in keys}, OVER_SEEDS
     run = present.iloc[0]
-    resamples = tensor_bootstrap(tensors, [run], lambda rows: delta_summary(rows).droplevel(
-        "run"))
+    resamples = tensor_bootstrap(tensors[_inputs(keys, tensors)], [run],
+                                 lambda rows: delta_summary(rows).droplevel("run"))
     estimates = {}
     for key in keys:
         value = float(values.loc[run, key]) if key in values else math.nan
@@ -261,3 +261,19 @@ def delta_estimates(runs: pd.DataFrame, values: pd.DataFrame, tensors: pd.DataFr
             not math.isnan(value) else (math.nan, math.nan)
         estimates[key] = (value, float(low), float(high))
     return estimates, OVER_MATRICES if len(resamples) else NO_INTERVAL
+
+
+def _inputs(keys, tensors: pd.DataFrame) -> list[str]:
+    """The per-tensor columns delta_summary needs for `keys` (a metric, the unchanged share
+    its updates count from, a ratio's coverage and density; energy shares need the energies):
+    aggregating only those keeps the bootstrap cheap."""
+    needed = {"run", *KEY_COLUMNS, "numel", "delta_energy", "source_energy", "linf"}
+    for key in keys:
+        try:
+            declared = metric(key)
+        except KeyError:  # an energy share
+            continue
+        needed |= {declared.name, declared.unchanged, declared.coverage, declared.density}
+        if declared.coverage:
+            needed.add(metric(declared.coverage).unchanged)
+    return [c for c in tensors.columns if c in needed]

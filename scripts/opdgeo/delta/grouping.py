@@ -122,7 +122,8 @@ def energy_shares(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Each block's and each module type's share of the delta energy, as columns
     `block_energy_share/<block>` and `type_energy_share/<block>` (opdgeo.naming.type_block);
     one row per group of `keys` (keys [] -> one row for all)."""
-    frame = tensors.assign(_all=0, type_block=[type_block(name) for name in tensors["name"]])
+    types = {name: type_block(name) for name in tensors["name"].unique()}  # once per name
+    frame = tensors.assign(_all=0, type_block=tensors["name"].map(types))
     by = keys or ["_all"]
     parts = []
     for prefix, column in ENERGY_SHARES.items():
