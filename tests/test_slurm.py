@@ -655,6 +655,13 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
                          & (interventions["arm"] == "run-grpo")]
     assert (rlvr["mask density %"] > 0).all()
 
+    # The trajectory, on in the paper's config: every main trained run's intermediate
+    # checkpoints are analysed (against the source's one decomposition) and drawn.
+    trajectory = paper_table(repo, "trajectory")
+    drawn = {name for name, spec in runs.items() if spec.is_trained and spec.group == "main"}
+    assert paper["analysis"]["trajectory"] and drawn <= set(trajectory["run"]), drawn
+    assert list((repo / "results" / "figures").glob("trajectory.*"))
+
     findings = pd.read_csv(repo / "results" / "findings.csv")
     f1 = findings[(findings["finding"] == "F1")
                   & (findings["series"] == "dsqwen-opd-deepscaler-adamw")].iloc[0]

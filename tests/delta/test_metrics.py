@@ -4,8 +4,10 @@ import math
 
 import torch
 
-from opdgeo.delta.columns import HEADLINE_ATOL
+from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO, MASK_RATIOS
 from opdgeo.delta.metrics import (
+    PRINCIPAL_STATES,
+    coordinate_masks,
     delta_stats,
     magnitude_key,
     rank_splits,
@@ -88,3 +90,44 @@ def test_energy_of_a_large_bf16_tensor_matches_a_float64_sum():
     assert abs(stats.delta_energy - reference) < 1e-7 * reference
     absolute = math.fsum(float(row.double().abs().sum()) for row in weight.split(4096))
     assert abs(stats.row()["mean_abs"] * weight.numel() - absolute) < 1e-7 * absolute
+
+
+def test_coordinate_masks_count_every_mask_as_sorting_does():
+    generator = torch.Generator().manual_seed(2)
+    values = (torch.randn(300, 70, generator=generator) * 0.02).bfloat16()  # many ties
+    values[:3] = 0  # ties at zero: the smallest ratios' thresholds coincide
+    numel = values.numel()
+    # a principal mask with members, non-members and coordinates tied at its threshold
+    state = torch.randint(0, PRINCIPAL_STATES, values.shape, generator=generator,
+                          dtype=torch.uint8)
+    tie_share = 0.3
+    magnitudes = values.float().abs().reshape(-1)
+    principal = torch.tensor([0.0, 1.0, tie_share], dtype=torch.float64)[state.reshape(-1).long()]
+    for dtype in (torch.bfloat16, torch.float32):
+        masks = coordinate_masks(values.to(dtype), state, tie_share)
+        for n_labels in (3, 9):  # 9: labels joint with the exact null's
+            labels = torch.randint(0, n_labels, values.shape, generator=generator,
+                                   dtype=torch.uint8)
+            table = masks.count(labels, n_labels)
+            one_hot = torch.nn.functional.one_hot(labels.reshape(-1).long(), n_labels).double()
+            for ratio in MASK_RATIOS:
+                count = round(ratio * numel)
+                threshold = magnitudes.sort().values[count - 1]
+                below, tied = magnitudes < threshold, magnitudes == threshold
+                share = (count - below.sum().double()) / tied.sum()
+                low = below.double() + share * tied.double()
+                torch.testing.assert_close(table @ masks.low_weights(ratio), low @ one_hot,
+                                           rtol=0, atol=1e-9)
+                if ratio == HEADLINE_RATIO:
+                    union = principal + low - principal * low
+                    torch.testing.assert_close(table @ masks.union_weights(ratio),
+                                               union @ one_hot, rtol=0, atol=1e-9)
+            torch.testing.assert_close(table @ masks.principal_weights(), principal @ one_hot,
+                                       rtol=0, atol=1e-9)
+            assert table.sum(dim=1).tolist() == one_hot.sum(dim=0).tolist()
+        exponent = magnitude_key(values.to(dtype).reshape(-1)) >> 23
+        expected = torch.zeros(256, dtype=torch.float64).index_add_(0, exponent, principal)
+        torch.testing.assert_close(masks.principal_by_exponent, expected, rtol=0, atol=1e-9)
+        _, high = rank_splits(values.to(dtype), [1])
+        assert torch.equal(masks.bin_counts, high[0])
+        assert masks.source_energy == sum_of_squares(values.to(dtype))

@@ -92,6 +92,27 @@ def test_a_geometry_of_other_settings_or_another_source_is_refused(pair, tmp_pat
                             geometry=tmp_path / "missing")
 
 
+def test_a_geometry_folder_reads_back_every_source_fact_bit_for_bit(pair, tmp_path):
+    write_geometry(pair / "source", tmp_path / "geometry")
+    tensor = source_tensors()[BIG]
+    direct = source.source_geometry(tensor, 4096)
+    cached = source.GeometryFolder(tmp_path / "geometry", "bf16", 4096).load(
+        BIG, tuple(tensor.shape), torch.device("cpu"))
+    for name in ("classes", "bin_counts", "principal_by_exponent"):
+        assert torch.equal(getattr(direct.masks, name), getattr(cached.masks, name)), name
+    for name in ("low", "principal_tie_share", "source_energy"):
+        assert getattr(direct.masks, name) == getattr(cached.masks, name), name
+    for name in ("values", "left", "right"):
+        assert torch.equal(getattr(direct.decomposition, name),
+                           getattr(cached.decomposition, name)), name
+    # a folder of an earlier format is decomposed again, not misread
+    index = tmp_path / "geometry" / source.INDEX
+    index.write_text(index.read_text().replace(f'"format": {source.FORMAT}', '"format": 1'))
+    with pytest.raises(ValueError, match="decompose the source again"):
+        analyze_checkpoints(pair / "source", pair / "trained", None, device="cpu",
+                            geometry=tmp_path / "geometry")
+
+
 @pytest.mark.parametrize("kind", ["low rank + noise", "isotropic"])
 def test_float32_gram_spectrum_matches_the_exact_top_metrics(kind):
     delta = low_rank_plus_noise(2) if kind != "isotropic" else torch.randn(ROWS, COLS)

@@ -44,11 +44,10 @@ from opdgeo.delta.io import (
 )
 from opdgeo.delta.metrics import (
     N_CATEGORIES,
+    coordinate_masks,
     covered_by_atol,
     delta_stats,
     delta_tensor,
-    mask_counts,
-    rank_splits,
 )
 from opdgeo.delta.nulls import (
     DISTRIBUTIONS,
@@ -89,10 +88,10 @@ def _share(part: float, whole: float) -> float:
 
 @dataclass
 class Updates:
-    """The update category of every coordinate, joint with the exact rounding null's when
-    fp32 weights are known (label = observed + N_CATEGORIES * null), and the update counts."""
+    """Coverage from per-label sums: a coordinate's label is its update category, joint with
+    the exact rounding null's when fp32 weights are known (label = observed + N_CATEGORIES *
+    null); and the update counts."""
 
-    labels: torch.Tensor
     exact_null: bool
     counts: dict[float, float] = field(default_factory=dict)  # atol -> updated coordinates
     null_counts: dict[float, float] | None = None
@@ -141,40 +140,48 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     numel = source.numel()
     row = {"name": pair.name, "layer": group.layer, "module": group.module,
            "block": group.block, "shape": "x".join(map(str, pair.shape)), "numel": numel}
+    if source.dim() >= 2:
+        geometry = geometry() if geometry is not None else source_geometry(source, exact_svd_max)
+        masks = geometry.masks
+    else:
+        masks = coordinate_masks(source)
     # An intermediate checkpoint reads dW in three passes (statistics, spectrum, projection),
     # so it is held whole once in float32 (in place of the trained tensor) instead of cast
     # and subtracted in each.
     delta = delta_tensor(source, trained) if trajectory else None
     if delta is not None:
         trained = None
-    category, stats = delta_stats(source, trained, delta)
+    category, stats = delta_stats(source, trained, delta, masks.source_energy)
     row |= stats.row()
     generator = tensor_generator(pair.name, seed, source.device)
-    updates = Updates(category, exact_null="trained_fp32" in tensors)
+    updates = Updates(exact_null="trained_fp32" in tensors)
+    labels = category
     if updates.exact_null:
         joint = exact_rounding_null_categories(source, tensors.pop("trained_fp32"), generator)
-        updates.labels = joint.mul_(N_CATEGORIES).add_(category)  # in place: no third copy
+        labels = joint.mul_(N_CATEGORIES).add_(category)  # in place: no third copy
     del category
 
-    # Low-magnitude masks (every tensor) and the parametric rounding null fitted on them.
-    low_splits, low_high = rank_splits(source, [round(r * numel) for r in MASK_RATIOS],
-                                       labels=updates.labels, n_labels=updates.n_labels)
-    updates.counts, updates.null_counts = updates.by_atol(low_high.sum(dim=1))
-    for ratio, split in zip(MASK_RATIOS, low_splits, strict=True):
-        columns = updates.coverage("low_magnitude", ratio_label(ratio), split.sums)
+    # Every coverage from one count of the labels per mask class; the rounding null fitted
+    # on the |W_src| histogram.
+    class_counts = masks.count(labels, updates.n_labels)
+    masks.classes = None  # counted: released
+    del labels
+    updates.counts, updates.null_counts = updates.by_atol(class_counts.sum(dim=1))
+    for ratio in MASK_RATIOS:
+        columns = updates.coverage("low_magnitude", ratio_label(ratio),
+                                   class_counts @ masks.low_weights(ratio))
         row |= {k: v for k, v in columns.items()
                 if ratio == HEADLINE_RATIO or not k.startswith("exact_null_")}
     if updates.exact_null:
         for atol, count in updates.null_counts.items():
             row[f"exact_null_sparsity_atol_{threshold_label(atol)}"] = 1 - count / numel
-    bin_counts = low_high[: updates.n_labels].sum(dim=0)
-    rounding_null = fit_rounding_null(bin_counts, updates.counts[HEADLINE_ATOL],
+    rounding_null = fit_rounding_null(masks.bin_counts, updates.counts[HEADLINE_ATOL],
                                       distribution=rounding_null)
-    low_split = low_splits[MASK_RATIOS.index(HEADLINE_RATIO)]
     label = ratio_label(HEADLINE_RATIO)
+    low_count, _, _ = masks.low[MASK_RATIOS.index(HEADLINE_RATIO)]
     row["rounding_null_scale"] = rounding_null.scale
     row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
-        rounding_null.expected_in_smallest(bin_counts, low_split.count),
+        rounding_null.expected_in_smallest(masks.bin_counts, low_count),
         rounding_null.expected_changed)
     if source.dim() < 2:
         return add_enrichment(row)
@@ -185,8 +192,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     values, complete = (top_singular_values if trajectory else singular_values)(
         delta_rows, exact_svd_max)
     row |= spectrum_metrics(values, short_side, stats.delta_energy, complete)
-    geometry = geometry() if geometry is not None else source_geometry(source, exact_svd_max)
     source_decomposition = geometry.decomposition
+    del geometry
     row |= principal_projection(delta_rows, source_decomposition,
                                 (HEADLINE_RATIO,) if trajectory else MASK_RATIOS)
     if not trajectory:
@@ -205,17 +212,16 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
 
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
-    principal = geometry.principal
-    del geometry, source_decomposition
-    counts = mask_counts(principal, source, low_split, updates.labels, updates.n_labels)
-    row |= updates.coverage("principal", label, counts.principal)
+    del source_decomposition
+    row |= updates.coverage("principal", label, class_counts @ masks.principal_weights())
     row[f"rounding_null_principal_coverage_{label}"] = _share(
-        rounding_null.expected_changed_in(counts.principal_by_exponent),
+        rounding_null.expected_changed_in(masks.principal_by_exponent),
         rounding_null.expected_changed)
-    row[f"combined_density_{label}"] = float(counts.union.sum()) / numel
-    row |= updates.coverage("combined", label, counts.union)
+    union = class_counts @ masks.union_weights(HEADLINE_RATIO)
+    row[f"combined_density_{label}"] = float(union.sum()) / numel
+    row |= updates.coverage("combined", label, union)
     if nulls:  # last, with the rest released: it needs the delta whole and a permutation
-        del principal, updates, delta_rows
+        del updates, delta_rows
         delta = delta_tensor(source, trained)
         del source, trained
         shuffled_values, shuffled_complete = singular_values(

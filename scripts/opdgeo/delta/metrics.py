@@ -19,6 +19,7 @@ from opdgeo.delta.columns import (
     ABSOLUTE_EPS,
     COORD_ENERGY_FRACTIONS,
     HEADLINE_ATOL,
+    MASK_RATIOS,
     RELATIVE_TAUS,
     ratio_label,
     threshold_label,
@@ -216,14 +217,17 @@ def sparsity_thresholds(source_rms: float) -> dict[str, float]:
 
 
 def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
-                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, CoordinateStats]:
+                delta: torch.Tensor | None = None,
+                source_energy: float | None = None) -> tuple[torch.Tensor, CoordinateStats]:
     """The update category of every coordinate of dW = trained - source, and the
     scale/sparsity sums. dW itself is computed chunk by chunk and not kept: its later readers
     subtract as they read (`spectrum.tall_rows(trained, minus=source)`); in bf16 the two
     tensors hold the bytes of one float32 dW, and the source is held anyway. delta: dW
-    already held whole (`delta_tensor`), read instead of subtracting (trained then unused)."""
+    already held whole (`delta_tensor`), read instead of subtracting (trained then unused).
+    source_energy: ||W_src||_F^2 when known (`CoordinateMasks`), else computed here."""
     numel = source.numel()
-    source_energy = sum_of_squares(source)
+    if source_energy is None:
+        source_energy = sum_of_squares(source)
     thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
     boundary_list = sorted(set(thresholds.values()))
     boundaries = torch.tensor(boundary_list, device=source.device)
@@ -268,58 +272,92 @@ def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-@dataclass
-class PrincipalMask:
-    """The top-ratio coordinates of |U_k S_k V_k^T|: those strictly inside, and those tied at
-    the threshold, each of which belongs to the mask with `tie_share` (so that the mask holds
-    exactly its ratio of the coordinates, as `metrics.rank_splits` fills it)."""
-
-    inside: torch.Tensor  # bool, the matrix's shape
-    tied: torch.Tensor  # bool
-    tie_share: float
+PRINCIPAL_STATES = 3  # outside the principal mask, inside it, tied at its threshold
+LOW_BANDS = 2 * len(MASK_RATIOS) + 1
+N_CLASSES = LOW_BANDS * PRINCIPAL_STATES
 
 
 @dataclass
-class MaskCounts:
-    """What one pass over a matrix counts once the mask thresholds are known."""
+class CoordinateMasks:
+    """The source's side of every coordinate mask of one tensor: the low-magnitude masks at
+    MASK_RATIOS and the principal mask at HEADLINE_RATIO. None of it depends on the trained
+    checkpoint, so it is found once per source and each checkpoint only counts its labels per
+    class (`count`), one bincount pass.
 
-    principal: torch.Tensor  # (n_labels,) principal-mask members per label
-    union: torch.Tensor  # (n_labels,) members of principal OR low-magnitude mask per label
-    principal_by_exponent: torch.Tensor  # (256,) principal-mask members per exponent of |W_src|
-
-
-def mask_counts(principal: PrincipalMask, source: torch.Tensor, low: RankSplit,
-                labels: torch.Tensor, n_labels: int) -> MaskCounts:
-    """Count the principal mask's members per label, the union of it and the low-magnitude
-    mask `low`, and the principal mask's members by exponent of |W_src| (which the rounding
-    null weighs), in one pass.
-
-    Coordinates strictly inside a mask are counted as integers; the few tied at a threshold
-    with their fractional membership, the two masks' tie-breaks independent.
+    A coordinate's class is band * PRINCIPAL_STATES + principal state; its band places |W_src|
+    among the low-magnitude thresholds (nondecreasing with the ratio): 2c where c thresholds
+    lie below it, 2c + 1 where it also sits at the next one. Coordinates tied at a threshold
+    belong to a mask with its tie fraction (`rank_splits`), the two masks' tie-breaks
+    independent.
     """
-    flat_inside, flat_tied = principal.inside.reshape(-1), principal.tied.reshape(-1)
-    flat_source, flat_labels = source.reshape(-1), labels.reshape(-1)
-    principal_sums = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
-    union = torch.zeros(n_labels, dtype=torch.float64, device=source.device)
+
+    classes: torch.Tensor | None  # uint8, the tensor's shape; None once counted
+    low: list[tuple[int, int, float]]  # per MASK_RATIOS: (count, threshold key, tie fraction)
+    principal_tie_share: float
+    bin_counts: torch.Tensor  # (HIGH_BINS,) coordinates per high-bits bin of |W_src|, float64
+    principal_by_exponent: torch.Tensor  # (256,) principal-mask members per exponent of |W_src|
+    source_energy: float  # ||W_src||_F^2
+
+    def count(self, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
+        """(n_labels, N_CLASSES) coordinates per label and class, float64."""
+        flat_classes, flat_labels = self.classes.reshape(-1), labels.reshape(-1)
+        joint_dtype = torch.uint8 if n_labels * N_CLASSES <= 256 else torch.int32
+        table = torch.zeros(n_labels * N_CLASSES, dtype=torch.float64, device=labels.device)
+        for sl in chunk_slices(flat_labels.numel()):
+            joint = flat_labels[sl].to(joint_dtype) * N_CLASSES + flat_classes[sl]
+            table += torch.bincount(joint, minlength=n_labels * N_CLASSES)
+        return table.view(n_labels, N_CLASSES)
+
+    def low_weights(self, ratio: float) -> torch.Tensor:
+        """(N_CLASSES,) membership of each class in the low-magnitude mask at `ratio`."""
+        index = MASK_RATIOS.index(ratio)
+        _, key, tie_fraction = self.low[index]
+        keys = [threshold_key for _, threshold_key, _ in self.low]
+        weights = torch.zeros(N_CLASSES, dtype=torch.float64)
+        for band in range(LOW_BANDS):
+            below, at_next = divmod(band, 2)
+            if index < below:  # above this threshold
+                continue
+            weight = tie_fraction if at_next and key == keys[below] else 1.0
+            weights[band * PRINCIPAL_STATES:(band + 1) * PRINCIPAL_STATES] = weight
+        return weights
+
+    def principal_weights(self) -> torch.Tensor:
+        """(N_CLASSES,) membership of each class in the principal mask."""
+        return torch.tensor([0.0, 1.0, self.principal_tie_share],
+                            dtype=torch.float64).repeat(LOW_BANDS)
+
+    def union_weights(self, ratio: float) -> torch.Tensor:
+        """(N_CLASSES,) membership in the principal mask or the low-magnitude mask at `ratio`."""
+        principal, low = self.principal_weights(), self.low_weights(ratio)
+        return principal + low - principal * low
+
+
+def coordinate_masks(source: torch.Tensor, principal_state: torch.Tensor | None = None,
+                     principal_tie_share: float = 0.0) -> CoordinateMasks:
+    """The masks of one source tensor. principal_state: uint8 per coordinate, 0 outside the
+    principal mask, 1 inside, 2 tied at its threshold (None: no principal mask, as for a
+    vector)."""
+    numel = source.numel()
+    splits, high = rank_splits(source, [round(r * numel) for r in MASK_RATIOS])
+    low = [(split.count, split.key, split.tie_fraction) for split in splits]
+    classes = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
     by_exponent = torch.zeros(256, dtype=torch.float64, device=source.device)
-    for sl in chunk_slices(flat_source.numel()):
-        source_key = magnitude_key(flat_source[sl])
-        chunk_labels, exponent = flat_labels[sl], source_key >> 23
-        in_principal, principal_tie = flat_inside[sl], flat_tied[sl]
-        in_low, low_tie = source_key < low.key, source_key == low.key
-        principal_tied = principal_tie.nonzero().squeeze(1)
-        principal_sums += torch.bincount(chunk_labels[in_principal], minlength=n_labels)
-        principal_sums += principal.tie_share * torch.bincount(chunk_labels[principal_tied],
-                                                               minlength=n_labels)
-        inside = in_principal | in_low
-        union += torch.bincount(chunk_labels[inside], minlength=n_labels)
-        by_exponent += torch.bincount(exponent[in_principal], minlength=256)
-        tied = ((principal_tie | low_tie) & ~inside).nonzero().squeeze(1)
-        if len(tied):
-            share_principal = principal_tie[tied] * principal.tie_share
-            share_low = low_tie[tied] * low.tie_fraction
-            weight = (share_principal + share_low - share_principal * share_low).double()
-            union += torch.bincount(chunk_labels[tied], weights=weight, minlength=n_labels)
-        by_exponent += principal.tie_share * torch.bincount(exponent[principal_tied],
-                                                            minlength=256)
-    return MaskCounts(principal_sums, union, by_exponent)
+    flat_source, flat_classes = source.reshape(-1), classes.view(-1)
+    flat_state = principal_state.reshape(-1) if principal_state is not None else None
+    for sl in chunk_slices(numel):
+        key = magnitude_key(flat_source[sl])
+        below = sum((key > threshold_key).to(torch.uint8) for _, threshold_key, _ in low)
+        at_next = sum((key == threshold_key).to(torch.uint8) for _, threshold_key, _ in low)
+        band = 2 * below + (at_next > 0).to(torch.uint8)
+        if flat_state is None:
+            flat_classes[sl] = band * PRINCIPAL_STATES
+            continue
+        state = flat_state[sl]
+        flat_classes[sl] = band * PRINCIPAL_STATES + state
+        exponent = key >> 23
+        by_exponent += torch.bincount(exponent[state == 1], minlength=256)
+        tied = torch.bincount(exponent[state == 2], minlength=256)
+        by_exponent += principal_tie_share * tied.double()
+    return CoordinateMasks(classes, low, principal_tie_share, high[0], by_exponent,
+                           sum_of_squares(source))

@@ -28,7 +28,6 @@ from opdgeo.delta.metrics import (
     HIGH_BINS,
     categories,
     chunk_slices,
-    mask_counts,
     rank_splits,
 )
 from opdgeo.delta.source import source_geometry
@@ -228,9 +227,7 @@ def rounding_null_on_gaussian(sparsity: float, std: float, shape: tuple[int, int
     bin_counts = high[0]
     null = fit_rounding_null(bin_counts, (1 - sparsity) * numel, atol, distribution)
     low_magnitude = null.expected_in_smallest(bin_counts, splits[0].count) / null.expected_changed
-    principal_mask = source_geometry(weight, min(shape), ratio).principal
-    one_label = torch.zeros(shape, dtype=torch.uint8, device=device)
-    counts = mask_counts(principal_mask, weight, splits[0], one_label, 1)
-    principal = null.expected_changed_in(counts.principal_by_exponent) / null.expected_changed
+    masks = source_geometry(weight, min(shape), ratio).masks
+    principal = null.expected_changed_in(masks.principal_by_exponent) / null.expected_changed
     return {"scale": null.scale, "low_magnitude_coverage": low_magnitude,
             "principal_coverage": principal}

@@ -1,11 +1,13 @@
 """The geometry of a source checkpoint, computed once and reused by every analysis against it.
 
-Per matrix of W_src: its top 20% singular triplets (`spectrum.decompose`) and its principal
-mask (the top 10% coordinates of |U_k S_k V_k^T|, k = 10%). Neither depends on the trained
-checkpoint, so one decomposition serves a run's final checkpoint, each of its intermediate
-ones, and every other run on that source. `write_geometry` stores it in a folder, one
-safetensors file per matrix (so memory follows the largest tensor, writing and reading), which
-`GeometryFolder` reads back tensor by tensor, bit for bit.
+Per matrix of W_src: its top 20% singular triplets (`spectrum.decompose`) and its coordinate
+masks (`metrics.CoordinateMasks`: the principal mask, the top 10% coordinates of
+|U_k S_k V_k^T| at k = 10%, and the low-magnitude masks, one uint8 class per coordinate, with
+the |W_src| histogram and energy the rounding null and the statistics read). None of it
+depends on the trained checkpoint, so one decomposition serves a run's final checkpoint, each
+of its intermediate ones, and every other run on that source. `write_geometry` stores it in a
+folder, one safetensors file per matrix (so memory follows the largest tensor, writing and
+reading), which `GeometryFolder` reads back tensor by tensor, bit for bit.
 """
 
 import json
@@ -15,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -23,10 +24,17 @@ from safetensors.torch import save_file
 from opdgeo.delta.columns import HEADLINE_RATIO, MASK_RATIOS
 from opdgeo.delta.geometry import principal_magnitudes
 from opdgeo.delta.io import DTYPES, Checkpoint, atomic_folder
-from opdgeo.delta.metrics import PrincipalMask, chunk_slices, magnitude_key, rank_splits
+from opdgeo.delta.metrics import (
+    CoordinateMasks,
+    chunk_slices,
+    coordinate_masks,
+    magnitude_key,
+    rank_splits,
+)
 from opdgeo.delta.spectrum import Decomposition, as_matrix, decompose, rank_count, tall_rows
 
 INDEX = "geometry.json"
+FORMAT = 2  # what each matrix's file holds; a folder of another format is decomposed again
 
 
 @dataclass
@@ -34,13 +42,13 @@ class SourceGeometry:
     """What the analysis of any trained checkpoint needs from one source matrix."""
 
     decomposition: Decomposition  # top max(MASK_RATIOS) singular triplets
-    principal: PrincipalMask  # at HEADLINE_RATIO in the analysis
+    masks: CoordinateMasks  # the principal mask at HEADLINE_RATIO, the low-magnitude masks
 
 
 def source_geometry(source: torch.Tensor, exact_svd_max: int,
                     ratio: float = HEADLINE_RATIO) -> SourceGeometry:
     """Decompose one source matrix (any dtype; read as float32) and find its principal mask
-    at `ratio` (k and the mask's density)."""
+    at `ratio` (k and the mask's density) and its low-magnitude masks."""
     matrix = as_matrix(source)
     short_side, numel = min(matrix.shape), source.numel()
     decomposition = decompose(tall_rows(source), rank_count(max(MASK_RATIOS), short_side),
@@ -49,26 +57,18 @@ def source_geometry(source: torch.Tensor, exact_svd_max: int,
                                       tuple(matrix.shape))
     # the top-ratio set is the complement of the (numel - count) smallest
     (rest,), _ = rank_splits(magnitudes, [numel - round(ratio * numel)])
-    inside = torch.empty(matrix.shape, dtype=torch.bool, device=source.device)
-    tied = torch.empty_like(inside)
-    flat_magnitudes, flat_inside, flat_tied = magnitudes.view(-1), inside.view(-1), tied.view(-1)
+    state = torch.empty(matrix.shape, dtype=torch.uint8, device=source.device)
+    flat_magnitudes, flat_state = magnitudes.view(-1), state.view(-1)
     for sl in chunk_slices(numel):
         keys = magnitude_key(flat_magnitudes[sl])
-        flat_inside[sl], flat_tied[sl] = keys > rest.key, keys == rest.key
-    return SourceGeometry(decomposition, PrincipalMask(inside, tied, 1 - rest.tie_fraction))
-
-
-def _packed(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
-
-
-def _unpacked(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    flat = np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool)
-    return torch.from_numpy(flat).view(shape)
+        flat_state[sl] = (keys > rest.key).to(torch.uint8) + 2 * (keys == rest.key).to(torch.uint8)
+    del magnitudes, flat_magnitudes
+    masks = coordinate_masks(matrix, state, 1 - rest.tie_fraction)
+    return SourceGeometry(decomposition, masks)
 
 
 def _settings(dtype: str, exact_svd_max: int) -> dict:
-    return {"dtype": dtype, "exact_svd_max": exact_svd_max}
+    return {"format": FORMAT, "dtype": dtype, "exact_svd_max": exact_svd_max}
 
 
 def write_geometry(source: str | Path, out_dir: str | Path, dtype: str = "bf16",
@@ -85,13 +85,16 @@ def write_geometry(source: str | Path, out_dir: str | Path, dtype: str = "bf16",
             tensor = checkpoint.load(name).to(device, DTYPES[dtype])
             geometry = source_geometry(tensor, exact_svd_max)
             del tensor
-            decomposition, principal = geometry.decomposition, geometry.principal
+            decomposition, masks = geometry.decomposition, geometry.masks
             file_name = f"{len(files):05d}.safetensors"
             save_file({"values": decomposition.values.cpu(), "left": decomposition.left.cpu(),
-                       "right": decomposition.right.cpu(), "inside": _packed(principal.inside),
-                       "tied": _packed(principal.tied)}, folder / file_name)
-            files[name] = {"file": file_name, "tie_share": principal.tie_share,
-                                           "shape": list(principal.inside.shape)}
+                       "right": decomposition.right.cpu(), "classes": masks.classes.cpu(),
+                       "bin_counts": masks.bin_counts.cpu(),
+                       "principal_by_exponent": masks.principal_by_exponent.cpu()},
+                      folder / file_name)
+            files[name] = {"file": file_name, "shape": list(masks.classes.shape),
+                           "low": masks.low, "principal_tie_share": masks.principal_tie_share,
+                           "source_energy": masks.source_energy}
         index = {"source": str(source), **_settings(dtype, exact_svd_max), "matrices": files}
         (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return len(files)
@@ -135,9 +138,10 @@ class GeometryFolder:
                              f"decompose this source")
         with safe_open(str(self.path / entry["file"]), framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        principal = PrincipalMask(_unpacked(tensors["inside"], tuple(matrix_shape)).to(device),
-                                  _unpacked(tensors["tied"], tuple(matrix_shape)).to(device),
-                                  entry["tie_share"])
+        masks = CoordinateMasks(tensors["classes"].to(device), [tuple(t) for t in entry["low"]],
+                                entry["principal_tie_share"], tensors["bin_counts"].to(device),
+                                tensors["principal_by_exponent"].to(device),
+                                entry["source_energy"])
         decomposition = Decomposition(tensors["values"].to(device), tensors["left"].to(device),
                                       tensors["right"].to(device))
-        return SourceGeometry(decomposition, principal)
+        return SourceGeometry(decomposition, masks)
