@@ -138,9 +138,13 @@ class GeometryFolder:
                              f"decompose this source")
         with safe_open(str(self.path / entry["file"]), framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        # copied: a tensor read from the file keeps the whole file mapped while it lives, so
+        # the small ones, kept to the end of the tensor's analysis, would keep the large
+        # ones' pages resident after they are dropped
         masks = CoordinateMasks(tensors["classes"].to(device), [tuple(t) for t in entry["low"]],
-                                entry["principal_tie_share"], tensors["bin_counts"].to(device),
-                                tensors["principal_by_exponent"].to(device),
+                                entry["principal_tie_share"],
+                                tensors["bin_counts"].to(device, copy=True),
+                                tensors["principal_by_exponent"].to(device, copy=True),
                                 entry["source_energy"])
         decomposition = Decomposition(tensors["values"].to(device), tensors["left"].to(device),
                                       tensors["right"].to(device))
