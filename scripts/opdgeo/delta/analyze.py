@@ -195,7 +195,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     source_decomposition = geometry.decomposition
     del geometry
     row |= principal_projection(delta_rows, source_decomposition,
-                                (HEADLINE_RATIO,) if trajectory else MASK_RATIOS)
+                                (HEADLINE_RATIO,) if trajectory else MASK_RATIOS,
+                                stats.delta_energy)
     if not trajectory:
         trained_decomposition = decompose(tall_rows(trained),
                                           rank_count(HEADLINE_RATIO, short_side), exact_svd_max)

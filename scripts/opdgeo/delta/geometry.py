@@ -11,23 +11,26 @@ from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
 
 
 def principal_projection(delta: TallRows, source: Decomposition,
-                         ratios: tuple[float, ...] = MASK_RATIOS) -> dict[str, float]:
+                         ratios: tuple[float, ...] = MASK_RATIOS,
+                         energy: float | None = None) -> dict[str, float]:
     """Share of ||dW||^2 inside the top-k singular subspaces of W_src, for every ratio.
 
     joint = ||U_k^T dW V_k||^2, left = ||U_k^T dW||^2, right = ||dW V_k||^2, each over
-    ||dW||^2. One pass over dW's rows with the largest k serves every smaller k.
+    ||dW||^2 (`energy` when known, else summed in the same pass). One pass over dW's rows with
+    the largest k serves every smaller k.
     """
     top = rank_count(max(ratios), delta.shape[1])
     long_vectors, short_vectors = (source.right, source.left) if delta.transposed \
         else (source.left, source.right)
     long_vectors, short_vectors = long_vectors[:, :top], short_vectors[:, :top]
-    energy = 0.0
+    summed = 0.0
     long_part = torch.zeros(long_vectors.shape[1], delta.shape[1],
                             device=long_vectors.device)  # L^T A
     short_norms = torch.zeros(short_vectors.shape[1], dtype=torch.float64,
                               device=long_vectors.device)  # column norms^2 of A R
     for start, chunk in delta.chunks():
-        energy += float64_sum(chunk * chunk)
+        if energy is None:
+            summed += float64_sum(chunk * chunk)
         long_part.addmm_(long_vectors[start:start + len(chunk)].T, chunk)
         short_norms += ((chunk @ short_vectors) ** 2).sum(dim=0, dtype=torch.float64)
     joint_part = (long_part @ short_vectors).double()
@@ -35,6 +38,7 @@ def principal_projection(delta: TallRows, source: Decomposition,
     short_cumulative = short_norms.cumsum(0)
     left_cumulative, right_cumulative = (short_cumulative, long_cumulative) if delta.transposed \
         else (long_cumulative, short_cumulative)
+    energy = summed if energy is None else energy
     metrics = {}
     for ratio in ratios:
         k = rank_count(ratio, delta.shape[1])
