@@ -299,14 +299,15 @@ class CoordinateMasks:
     source_energy: float  # ||W_src||_F^2
 
     def count(self, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
-        """(n_labels, N_CLASSES) coordinates per label and class, float64."""
+        """(n_labels, N_CLASSES) coordinates per label and class, float64, on the CPU (where
+        the class weights are)."""
         flat_classes, flat_labels = self.classes.reshape(-1), labels.reshape(-1)
         joint_dtype = torch.uint8 if n_labels * N_CLASSES <= 256 else torch.int32
         table = torch.zeros(n_labels * N_CLASSES, dtype=torch.float64, device=labels.device)
         for sl in chunk_slices(flat_labels.numel()):
             joint = flat_labels[sl].to(joint_dtype) * N_CLASSES + flat_classes[sl]
             table += torch.bincount(joint, minlength=n_labels * N_CLASSES)
-        return table.view(n_labels, N_CLASSES)
+        return table.view(n_labels, N_CLASSES).cpu()
 
     def low_weights(self, ratio: float) -> torch.Tensor:
         """(N_CLASSES,) membership of each class in the low-magnitude mask at `ratio`."""
