@@ -186,6 +186,7 @@ def test_f1_without_an_sft_control_is_not_tested():
     cfg["pairs"]["addition"]["controls"] = ["grpo"]
     row = check(tf.tables(cfg), "F1")
     assert row["verdict"] == findings.NOT_TESTED and "no SFT control" in row["note"]
+    assert row["interval"] == ""  # several seeds, nothing observed: not "none (one seed)"
 
 
 def test_f1_without_a_matched_control_uses_the_external_offline_distillation_run():

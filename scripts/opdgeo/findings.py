@@ -239,7 +239,8 @@ class Context:
                     if key else NAN for kind in ("sft", "grpo")}
         seeds = observed["value"].notna().sum() if isinstance(observed, pd.DataFrame) \
             else len(runs)
-        over = NO_INTERVAL if _missing(low) else OVER_SEEDS if seeds > 1 else one_seed
+        over = "" if _missing(mean) else NO_INTERVAL if _missing(low) \
+            else OVER_SEEDS if seeds > 1 else one_seed  # nothing observed: no interval to name
         return {"finding": finding, "series": runs["series"].iloc[0], "measure": measure,
                 "observed": mean, "low": low, "high": high, "interval": over,
                 "seeds": int(seeds),
