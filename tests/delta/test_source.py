@@ -113,9 +113,14 @@ def test_a_geometry_folder_reads_back_every_source_fact_bit_for_bit(pair, tmp_pa
                             geometry=tmp_path / "geometry")
 
 
-@pytest.mark.parametrize("kind", ["low rank + noise", "isotropic"])
+@pytest.mark.parametrize("kind", ["low rank + noise", "isotropic", "sparse low rank"])
 def test_float32_gram_spectrum_matches_the_exact_top_metrics(kind):
-    delta = low_rank_plus_noise(2) if kind != "isotropic" else torch.randn(ROWS, COLS)
+    generator = torch.Generator().manual_seed(3)
+    delta = {"low rank + noise": lambda: low_rank_plus_noise(2),
+             "isotropic": lambda: torch.randn(ROWS, COLS, generator=generator),
+             # a low-rank update on 20% of the coordinates: most of its energy in the bulk
+             "sparse low rank": lambda: low_rank_plus_noise(2) * (
+                 torch.rand(ROWS, COLS, generator=generator) < 0.2)}[kind]()
     assert delta.numel() > SMALL_MATRIX
     exact, complete = singular_values(tall_rows(delta), 4096)
     top, top_complete = top_singular_values(tall_rows(delta), 4096)

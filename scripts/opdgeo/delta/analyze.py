@@ -75,11 +75,11 @@ source's geometry is decomposed once per source (`opdgeo.delta.source`). As in t
 analysis (to float32 rounding, 1e-6 relative; tested): every coordinate metric (relative norm,
 sparsity, coordinate energy shares), every coverage (low-magnitude, principal, combined; the
 rounding null), the principal projection (joint, left, right) at 10%. The delta's spectrum
-(`spectrum.top_singular_values`): exact for matrices of at most 2^18 elements; above, from a
-Gram matrix of float32 products, whose top-k energy shares are within 1e-6 and stable rank
-within 1e-5 relative of the exact ones (tested), and whose numerical and entropy ranks are not
-given. Not computed: the nulls, rotation and singular-value drift, the projection at 1, 5 and
-20%."""
+(`spectrum.top_singular_values`): exact for matrices of at most 2^18 elements; above, the
+float32 eigenvalues of a Gram matrix of float32 products, whose top-k energy shares are within
+1e-6 and stable rank within 1e-5 relative of the exact ones (tested), and whose numerical and
+entropy ranks are not given. Not computed: the nulls, rotation and singular-value drift, the
+projection at 1, 5 and 20%."""
 
 
 def _share(part: float, whole: float) -> float:
