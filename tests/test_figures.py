@@ -222,7 +222,8 @@ def test_mask_overlap_table_both_directions_over_seeds():
                       ("jaccard", 0.25), ("jaccard_baseline", 0.07),
                       ("blocks/ffn/jaccard", 0.9))],
         columns=["run_a", "run_b", "metric", "value"])
-    table = paper_tables.mask_overlap_table(info, overlap).set_index(["series a", "series b"])
+    table = paper_tables.mask_overlap_table(info, overlap, pd.DataFrame()).set_index(
+        ["series a", "series b"])
     row = table.loc[("a", "b")]
     assert row["seeds"] == 2 and row["interval"] == "seeds"  # seed-matched pairs only
     assert row["coverage a->b %"] == pytest.approx(65)
@@ -245,6 +246,8 @@ def test_cli_writes_tables_and_figures(full, tmp_path):
                   & (summary["metric"] == "exact_match")].iloc[0]
     assert row["gain %"] == pytest.approx(row["final %"] - row["source %"])
     assert "nan" not in (tmp_path / "out" / "table_global_delta.md").read_text()
+    overlap = pd.read_csv(tmp_path / "out" / "table_mask_overlap.csv")
+    assert (overlap["interval"] == "matrices (one seed)").all()  # from overlap_tensors
     main(["figure", "fig1_overview", "--tables", str(folder), "--plots",
           '{"formats": ["png"], "dpi": 40}', "--out", str(tmp_path / "fig" / "fig1")])
     assert (tmp_path / "fig" / "fig1.png").exists()

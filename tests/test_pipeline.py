@@ -111,6 +111,10 @@ def test_smoke_dag_writes_every_output(smoke):
     overlap = pd.read_csv(smoke / "results/tables/overlap.csv")
     assert set(zip(overlap["run_a"], overlap["run_b"], strict=True)) == expected
     assert overlap["value"].notna().any()
+    # ... and its per-matrix mask counts, the one-seed overlap table's resampling units
+    tensors = pd.read_csv(smoke / "results/tables/overlap_tensors.csv")
+    assert set(zip(tensors["run_a"], tensors["run_b"], strict=True)) == expected
+    assert (tensors["count_both"] <= tensors[["count_a", "count_b"]].min(axis=1)).all()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pandas as pd
 
 from opdgeo.config import build_masks, build_runs, run_table
 from opdgeo.delta import columns as c
-from opdgeo.delta.grouping import aggregate
+from opdgeo.delta.grouping import aggregate, overlap_metrics
 
 CONFIG = {
     "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
@@ -156,12 +156,16 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
              for m in build_masks(cfg).values()]
     primary = next(n for n, s in runs.items() if s.kind == "opd")
     others = [n for n, s in runs.items() if s.kind in ("sft", "grpo")]
-    overlap = []
+    # Per-tensor mask counts of each pair, and its pooled values from them as overlap_runs
+    overlap, overlap_tensors = [], []
+    counts = pd.DataFrame({"name": [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)],
+                           "numel": [400, 600, 1000], "count_a": [80, 150, 170],
+                           "count_b": [100, 120, 280], "count_both": [40, 60, 60]})
     for other in others:
-        for metric, value in (("coverage_a_to_b", 0.5), ("baseline_a_to_b", 0.25),
-                              ("coverage_b_to_a", 0.4), ("baseline_b_to_a", 0.2),
-                              ("jaccard", 0.3), ("jaccard_baseline", 0.1),
-                              ("blocks/ffn/jaccard", 0.31)):
+        overlap_tensors.append(counts.assign(run_a=primary, run_b=other))
+        pooled = overlap_metrics(*(float(counts[c].sum())
+                                   for c in ("count_a", "count_b", "count_both", "numel")))
+        for metric, value in (*pooled.items(), ("blocks/ffn/jaccard", 0.31)):
             overlap.append((primary, other, metric, value))
     tidy = ["run", "step", "metric", "value"]
     return {
@@ -174,6 +178,7 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
         "training_log": pd.DataFrame(),
         "masks": pd.DataFrame(masks, columns=["mask", "tensor", "block", "density"]),
         "overlap": pd.DataFrame(overlap, columns=["run_a", "run_b", "metric", "value"]),
+        "overlap_tensors": pd.concat(overlap_tensors, ignore_index=True),
         "layer_module": pd.DataFrame(layer_module),
         "modules": _modules(pd.DataFrame(tensors)),
         "tensors": pd.DataFrame(tensors),

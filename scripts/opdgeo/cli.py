@@ -166,6 +166,8 @@ def cmd_collect(args):
         frame = tables.collect_summaries(args.files, args.final_steps or {})
     elif args.kind == "overlaps":
         frame = tables.collect_overlaps(args.files)
+    elif args.kind == "overlap-tensors":
+        frame = tables.collect_overlap_tensors(args.files)
     else:  # per-run CSVs, each with its own run column
         frame = tables.concat_csvs(args.files)
     tables.write_table(frame, args.out)
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("collect", help="gather per-run outputs into one tidy table")
-    p.add_argument("kind", choices=["summaries", "overlaps", "csv"])
+    p.add_argument("kind", choices=["summaries", "overlaps", "overlap-tensors", "csv"])
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--final-steps", type=_json, help="summaries: run -> final step")
     p.add_argument("--out", type=Path, required=True)

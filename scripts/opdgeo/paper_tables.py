@@ -24,12 +24,14 @@ from opdgeo.delta.columns import (
     median_name,
     summary_name,
 )
+from opdgeo.delta.grouping import overlap_metrics
 from opdgeo.kinds import EXTERNAL
-from opdgeo.stats import seed_interval
+from opdgeo.stats import percentile_interval, seed_interval
 from opdgeo.tables import write_table
 from opdgeo.tidy import (
     NO_INTERVAL,
     OPTIMIZER_LABELS,
+    OVER_MATRICES,
     OVER_SEEDS,
     curve_stats,
     curves,
@@ -41,6 +43,7 @@ from opdgeo.tidy import (
     masked_arm,
     primary_opd_runs,
     score_metric,
+    tensor_bootstrap,
     wide,
 )
 
@@ -102,7 +105,7 @@ NULL_COLUMNS = (
 TYPE_SHARE, BLOCK_SHARE = "type_energy_share/", "block_energy_share/"
 OWN_BLOCKS = ("vision", "projector")
 # tidy tables, besides runs.csv
-READS = ("delta_global", "tensors", "overlap", "evaluation", "masks")
+READS = ("delta_global", "tensors", "overlap", "overlap_tensors", "evaluation", "masks")
 TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap",
                "table_interventions", "table_evaluation_summary")
 
@@ -210,13 +213,44 @@ def module_energy_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.Dat
 
 OVERLAP_COLUMNS = (("coverage a->b %", 100), ("random baseline %", 100), ("enrichment", 1),
                    ("jaccard", 1), ("jaccard baseline", 1))
+OVERLAP_COUNTS = ("count_a", "count_b", "count_both", "numel")
 
 
-def mask_overlap_table(info: pd.DataFrame, overlap: pd.DataFrame) -> pd.DataFrame:
+def _overlap_columns(summary, direction: str) -> dict[str, float]:
+    """One direction ("a_to_b" or "b_to_a") of an overlap summary (overlap.json's metrics) as
+    the table's columns, unscaled."""
+    coverage, baseline = summary[f"coverage_{direction}"], summary[f"baseline_{direction}"]
+    return {"coverage a->b %": coverage, "random baseline %": baseline,
+            "enrichment": coverage / baseline if baseline > 0 else NAN,
+            "jaccard": summary["jaccard"], "jaccard baseline": summary["jaccard_baseline"]}
+
+
+def pooled_overlap(rows: pd.DataFrame, direction: str) -> pd.DataFrame:
+    """The table's columns of one direction per resample of a pair's tensor rows (a
+    `resample` column): the ratios of their summed mask counts, as overlap_runs pools them."""
+    sums = rows.groupby("resample")[list(OVERLAP_COUNTS)].sum()
+    return pd.DataFrame([_overlap_columns(overlap_metrics(*map(float, counts)), direction)
+                         for counts in sums.itertuples(index=False)], index=sums.index)
+
+
+def overlap_resamples(tensors: pd.DataFrame, run_a: str, run_b: str,
+                      direction: str) -> pd.DataFrame:
+    """pooled_overlap of one pair over resamples of its tensors (`tensors`: overlap_tensors);
+    empty without the pair's tensor rows."""
+    if tensors.empty:
+        return pd.DataFrame()
+    own = tensors[(tensors["run_a"] == run_a) & (tensors["run_b"] == run_b)]
+    return tensor_bootstrap(own.assign(run=run_a), [run_a],
+                            lambda rows: pooled_overlap(rows, direction))
+
+
+def mask_overlap_table(info: pd.DataFrame, overlap: pd.DataFrame,
+                       tensors: pd.DataFrame) -> pd.DataFrame:
     """Both directions of every pair of run groups: observed one-sided coverage vs its random
     baseline, mean over the seeds where both groups have a run of that seed (an external run,
     without a seed, pairs with every seed) with its 95% t-interval over those seeds. A pair of
-    one seed has no interval: the overlap is measured per block, not per matrix."""
+    one seed: its pooled value with the percentile bootstrap over its tensors (`tensors`:
+    overlap_tensors, the per-tensor mask counts; no interval without them)."""
     header = ["series a", "series b", "seeds", "interval"]
     if overlap.empty:
         return pd.DataFrame(columns=header + [label for label, _ in OVERLAP_COLUMNS])
@@ -229,20 +263,23 @@ def mask_overlap_table(info: pd.DataFrame, overlap: pd.DataFrame) -> pd.DataFram
         if a not in series or b not in series or (
                 pd.notna(seeds[a]) and pd.notna(seeds[b]) and seeds[a] != seeds[b]):
             continue
-        for src, dst, fwd in ((a, b, "a_to_b"), (b, a, "b_to_a")):
-            baseline = v[f"baseline_{fwd}"]
-            pairs.append({
-                "series a": series[src], "series b": series[dst],
-                "coverage a->b %": v[f"coverage_{fwd}"], "random baseline %": baseline,
-                "enrichment": v[f"coverage_{fwd}"] / baseline if baseline > 0 else NAN,
-                "jaccard": v["jaccard"], "jaccard baseline": v["jaccard_baseline"]})
+        for src, dst, direction in ((a, b, "a_to_b"), (b, a, "b_to_a")):
+            pairs.append({"series a": series[src], "series b": series[dst], "run_a": a,
+                          "run_b": b, "direction": direction, **_overlap_columns(v, direction)})
     rows = []
-    for (a, b), group in pd.DataFrame(pairs, columns=header[:2] + [
-            label for label, _ in OVERLAP_COLUMNS]).groupby(header[:2], sort=False):
-        out = {"series a": a, "series b": b, "seeds": len(group),
-               "interval": OVER_SEEDS if len(group) > 1 else NO_INTERVAL}
+    for (a, b), group in pd.DataFrame(pairs).groupby(header[:2], sort=False):
+        out = {"series a": a, "series b": b, "seeds": len(group), "interval": OVER_SEEDS}
+        resamples = pd.DataFrame()
+        if len(group) == 1:
+            pair = group.iloc[0]
+            resamples = overlap_resamples(tensors, pair["run_a"], pair["run_b"],
+                                          pair["direction"])
+            out["interval"] = OVER_MATRICES if len(resamples) else NO_INTERVAL
         for label, scale in OVERLAP_COLUMNS:
-            _with_interval(out, label, seed_interval(group[label]), scale)
+            value, low, high = seed_interval(group[label])
+            if len(resamples):
+                low, high = map(float, percentile_interval(resamples[label]))
+            _with_interval(out, label, (value, low, high), scale)
         rows.append(out)
     return pd.DataFrame(rows, columns=None if rows else header)
 
@@ -436,7 +473,8 @@ def build_tables(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
                                                  tables["tensors"], match),
         "table_module_energy": module_energy_table(info, tables["delta_global"],
                                                    tables["tensors"], match),
-        "table_mask_overlap": mask_overlap_table(info, tables["overlap"]),
+        "table_mask_overlap": mask_overlap_table(info, tables["overlap"],
+                                                 tables["overlap_tensors"]),
         "table_interventions": interventions_table(
             intervention_rows(info, tables["evaluation"], tables["masks"], metric)),
         "table_evaluation_summary": evaluation_summary(everything, tables["evaluation"]),

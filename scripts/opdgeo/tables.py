@@ -34,16 +34,31 @@ def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.Data
                      ignore_index=True)
 
 
+def _overlap_files(paths: list[Path], name: str) -> list[Path]:
+    """The `{a}__{b}/{name}` files among `paths`, or in the folders among them."""
+    groups = (sorted(p.glob(f"*__*/{name}")) if p.is_dir() else [p] for p in map(Path, paths))
+    return [file for group in groups for file in group]
+
+
 def collect_overlaps(paths: list[Path]) -> pd.DataFrame:
     """`{a}__{b}/overlap.json` files, or folders of them (`results/overlap/{group}`) -> rows
     (a, b, metric, value)."""
     rows = []
-    files = (sorted(p.glob("*__*/overlap.json")) if p.is_dir() else [p] for p in map(Path, paths))
-    for path in (file for group in files for file in group):
+    for path in _overlap_files(paths, "overlap.json"):
         a, b = path.parent.name.split("__")
         for metric, value in flatten(json.loads(path.read_text())).items():
             rows.append((a, b, metric, value))
     return pd.DataFrame(rows, columns=["run_a", "run_b", "metric", "value"])
+
+
+def collect_overlap_tensors(paths: list[Path]) -> pd.DataFrame:
+    """The per-tensor `{a}__{b}/overlap.csv` files (mask counts), found as collect_overlaps
+    finds the JSON beside them, each row with its pair's run_a and run_b."""
+    frames = []
+    for path in _overlap_files(paths, "overlap.csv"):
+        a, b = path.parent.name.split("__")
+        frames.append(pd.read_csv(path).assign(run_a=a, run_b=b))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def concat_csvs(paths: list[Path]) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from opdgeo.stats import bootstrap, percentile_interval, seed_interval
 
 # Tidy tables the renderers may read (results/tables/{name}.csv). Optional ones may be absent
 # or empty (no masked runs, no AdamW run, ...); renderers then draw a note or skip a row.
-TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "optimizer_state",
-          "training_log", "masks", "layer_module", "modules", "tensors")
+TABLES = ("runs", "evaluation", "delta_global", "trajectory", "overlap", "overlap_tensors",
+          "optimizer_state", "training_log", "masks", "layer_module", "modules", "tensors")
 
 OPTIMIZER_LABELS = {"adamw": "AdamW", "sgd": "SGD"}
 # What an interval is over: a run group's seeds, or, where it has one seed, a score's prompts

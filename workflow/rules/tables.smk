@@ -63,13 +63,15 @@ rule overlap_table:
     input:
         expand(rules.overlap.output[0], group=OVERLAP_GROUPS),
     output:
-        "results/tables/overlap.csv",
+        pooled="results/tables/overlap.csv",
+        tensors="results/tables/overlap_tensors.csv",
     log:
         "results/logs/tables/overlap.log",
     benchmark:
         "results/benchmarks/tables/overlap.tsv"
     shell:
-        "opdgeo collect overlaps {input} --out {output} > {log} 2>&1"
+        "(opdgeo collect overlaps {input} --out {output.pooled}"
+        " && opdgeo collect overlap-tensors {input} --out {output.tensors}) > {log} 2>&1"
 
 
 rule optimizer_state_table:

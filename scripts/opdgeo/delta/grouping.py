@@ -6,7 +6,8 @@ averaged weighted by parameter count, which equals counting coordinates; coverag
 counted over the matrices (sum of covered updates / sum of updates), i.e. weighted by each
 matrix's update count, the headline ones also given as their median over matrices;
 matrix-level metrics (spectrum, projections, rotation, nulls of those) take the median over
-matrices.
+matrices. Two runs' update-mask overlap is likewise counted over the matrices: its ratios
+from the summed counts.
 """
 
 import math
@@ -137,3 +138,25 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else math.nan
+
+
+def overlap_metrics(count_a: float, count_b: float, count_both: float,
+                    numel: float) -> dict[str, float]:
+    """Update-mask overlap of two runs from its counts (|a|, |b|, |a AND b|, coordinates) over
+    any set of matrices, pooled: opdgeo.delta.overlap defines the ratios."""
+    density_a, density_b = count_a / numel, count_b / numel
+    return {
+        "density_a": density_a,
+        "density_b": density_b,
+        "coverage_a_to_b": _ratio(count_both, count_a),
+        "baseline_a_to_b": density_b,
+        "coverage_b_to_a": _ratio(count_both, count_b),
+        "baseline_b_to_a": density_a,
+        "jaccard": _ratio(count_both, count_a + count_b - count_both),
+        "jaccard_baseline": _ratio(density_a * density_b,
+                                   density_a + density_b - density_a * density_b),
+    }

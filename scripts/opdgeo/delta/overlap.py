@@ -8,7 +8,6 @@ over all coordinates. Outputs: overlap.csv (per tensor) and overlap.json (global
 """
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -18,30 +17,11 @@ import torch
 
 from opdgeo.delta.analyze import DTYPES
 from opdgeo.delta.columns import HEADLINE_ATOL
+from opdgeo.delta.grouping import overlap_metrics
 from opdgeo.delta.io import Checkpoint, match_tensors, write_atomically
 from opdgeo.delta.metrics import chunk_slices
 from opdgeo.naming import classify
 from opdgeo.progress import progress
-
-
-def _ratio(part: float, whole: float) -> float:
-    return part / whole if whole > 0 else math.nan
-
-
-def overlap_metrics(count_a: float, count_b: float, count_both: float,
-                    numel: float) -> dict[str, float]:
-    density_a, density_b = count_a / numel, count_b / numel
-    return {
-        "density_a": density_a,
-        "density_b": density_b,
-        "coverage_a_to_b": _ratio(count_both, count_a),
-        "baseline_a_to_b": density_b,
-        "coverage_b_to_a": _ratio(count_both, count_b),
-        "baseline_b_to_a": density_a,
-        "jaccard": _ratio(count_both, count_a + count_b - count_both),
-        "jaccard_baseline": _ratio(density_a * density_b,
-                                   density_a + density_b - density_a * density_b),
-    }
 
 
 def _mask_counts(source: torch.Tensor, trained_a: torch.Tensor, trained_b: torch.Tensor,
