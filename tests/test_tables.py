@@ -46,6 +46,16 @@ def test_overlaps_from_files_and_from_group_folders(tmp_path):
         ("a", "b", "jaccard", 0.5), ("a", "c", "jaccard", 0.25)}
 
 
+@pytest.mark.parametrize("given", ["missing/a__b/overlap.json", "a__b/overlap.csv",
+                                   "loose/overlap.json"])
+def test_an_overlap_path_that_is_not_a_pairs_file_is_named(tmp_path, given):
+    for path in (tmp_path / "a__b" / "overlap.csv", tmp_path / "loose" / "overlap.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    with pytest.raises(ValueError, match=f"{given}: expected .*overlap.json file"):
+        collect_overlaps([tmp_path / given])
+
+
 def test_step_folders_are_in_step_order(tmp_path):
     for step in (100, 25, 50):
         (tmp_path / f"step-{step}").mkdir()

@@ -36,8 +36,16 @@ def collect_summaries(paths: list[Path], final_steps: dict[str, int]) -> pd.Data
 
 def _overlap_files(paths: list[Path], name: str) -> list[Path]:
     """The `{a}__{b}/{name}` files among `paths`, or in the folders among them."""
-    groups = (sorted(p.glob(f"*__*/{name}")) if p.is_dir() else [p] for p in map(Path, paths))
-    return [file for group in groups for file in group]
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.glob(f"*__*/{name}"))
+        elif path.is_file() and path.name == name and path.parent.name.count("__") == 1:
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: expected a folder of overlaps or an existing "
+                             f"{{a}}__{{b}}/{name} file (written by `opdgeo overlap`)")
+    return files
 
 
 def collect_overlaps(paths: list[Path]) -> pd.DataFrame:

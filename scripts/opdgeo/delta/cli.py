@@ -102,6 +102,13 @@ def run_overlap(args: argparse.Namespace) -> None:
         print(json.dumps(summaries[""] if "" in summaries else summaries, indent=2))
 
 
+def _decomposition_options(parser, dtype_help: str, svd_help: str) -> None:
+    """The options an analysis and its source's decomposition must share."""
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help=dtype_help)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--exact-svd-max", type=int, default=4096, help=svd_help)
+
+
 def register(subparsers) -> None:
     """Add `analyze`, `decompose` and `overlap` to an argparse subparsers object."""
     analyze = subparsers.add_parser(
@@ -109,11 +116,8 @@ def register(subparsers) -> None:
     analyze.add_argument("--source", required=True, type=Path, help="source checkpoint folder")
     analyze.add_argument("--trained", required=True, type=Path, help="trained checkpoint folder")
     analyze.add_argument("--out", required=True, type=Path, help="output folder")
-    analyze.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
-                         help="cast both checkpoints to this before subtracting")
-    analyze.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    analyze.add_argument("--exact-svd-max", type=int, default=4096,
-                         help="largest min(m, n) decomposed exactly; above: randomized top-k")
+    _decomposition_options(analyze, "cast both checkpoints to this before subtracting",
+                           "largest min(m, n) decomposed exactly; above: randomized top-k")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the null models")
     analyze.add_argument("--fp32-trained", type=Path, default=None,
                          help="fp32 master weights of the trained run (exact rounding null)")
@@ -142,11 +146,8 @@ def register(subparsers) -> None:
                           "singular triplets and principal mask of each matrix)")
     decompose.add_argument("--source", required=True, type=Path, help="source checkpoint")
     decompose.add_argument("--out", required=True, type=Path, help="output folder")
-    decompose.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
-                           help="the analysis dtype, which the source is cast to first")
-    decompose.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    decompose.add_argument("--exact-svd-max", type=int, default=4096,
-                           help="as for analyze (the analysis must use the same)")
+    _decomposition_options(decompose, "the analysis dtype, which the source is cast to first",
+                           "as for analyze (the analysis must use the same)")
     decompose.set_defaults(handler=run_decompose)
 
     overlap = subparsers.add_parser(
