@@ -283,6 +283,29 @@ def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):
     assert per_cell.max() <= 2  # at most one run per seed (the fixture has two seeds)
 
 
+def test_a_mask_arms_label_gives_its_mean_density_over_seeds(full):
+    import matplotlib.pyplot as plt
+
+    from opdgeo.tidy import curves, primary_opd_runs, score_metric
+
+    info = main_runs(info_of(full))
+    pair = info[info["pair"] == "addition"]
+    seed0 = pair[pair["run"] == "addition-masked-opd-s0"].iloc[0]
+    seed1 = seed0.copy()
+    seed1[["run", "seed", "mask"]] = ["addition-masked-opd-s1", 1, "opd-mask-of-seed-1"]
+    pair = pd.concat([pair, seed1.to_frame().T], ignore_index=True)
+    masks = pd.concat([full["masks"], pd.DataFrame(
+        [("opd-mask-of-seed-1", "all", "all", 0.3)], columns=full["masks"].columns)])
+    densities = masks.set_index("mask").loc[[seed0["mask"], seed1["mask"]], "density"]
+    assert densities.nunique() == 2  # the two seeds' masks differ
+    fig, ax = plt.subplots()
+    scores = curves(full["evaluation"], info, score_metric(full["evaluation"]))
+    figures._masked_panel(ax, scores, masks, pair, primary_opd_runs(pair), figures.DEFAULTS)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert f"OPD mask, density {densities.mean():.1%}" in labels
+
+
 def test_a_mask_arm_of_an_external_rlvr_run_is_the_papers_rlvr_arm(full):
     # DS-Qwen's RLVR-mask arm takes the external DeepScaleR run's mask (`run:deepscaler-rlvr`).
     runs = pd.concat([full["runs"], full["runs"].iloc[[0]].assign(

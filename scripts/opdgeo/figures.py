@@ -325,8 +325,9 @@ def _masked_panel(ax, scores, masks, pair_info, primary, plots):
         note(ax, "no masked runs in this config (pairs.<pair>.masked.arms)")
         return
     arms = {row.run: masked_arm(row.run, row.pair) for row in masked.itertuples()}
-    density = {arm: mask_density(masks, mask) for arm, mask in
-               zip(arms.values(), masked["mask"], strict=True)}
+    # An arm's mask differs by seed: its label gives the mean, as the interventions table does.
+    density = pd.Series([mask_density(masks, mask) for mask in masked["mask"]],
+                        index=list(arms.values())).groupby(level=0).mean().to_dict()
     arms |= {run: "full" for run in primary["run"]}
     data = scores[scores["run"].isin(arms)].assign(arm=lambda f: f["run"].map(arms))
     order = ["full"] + list(dict.fromkeys(a for a in arms.values() if a != "full"))
