@@ -117,6 +117,8 @@ def _labels(info: pd.DataFrame) -> dict[str, str]:
 
 
 INTERVAL = "95% interval over seeds (one seed: over prompts)"
+# A delta measure of one seed has no interval in a figure (tables give it over matrices).
+DELTA_INTERVAL = "95% interval over seeds (none with one seed)"
 
 
 def mean_band(frame: pd.DataFrame, x: str, y: str = "value") -> pd.DataFrame:
@@ -217,7 +219,7 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
     for ax in axes:
         ax.grid(axis="y", visible=False)
     fig.suptitle("Final delta ΔW = W_trained − W_source per run "
-                 f"(marker: mean over seeds; bar: {INTERVAL})")
+                 f"(marker: mean over seeds; bar: {DELTA_INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -387,7 +389,7 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     handles, names = axes[2].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
                fontsize="small")
-    fig.suptitle(f"Delta ΔW over training (line: mean over seeds, band: {INTERVAL})")
+    fig.suptitle(f"Delta ΔW over training (line: mean over seeds, band: {DELTA_INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -452,7 +454,7 @@ def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots:
     if handles:
         fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
                    fontsize="small")
-    fig.suptitle(f"Sparsity of the final ΔW at every threshold (mean over seeds, {INTERVAL})")
+    fig.suptitle(f"Sparsity of the final ΔW at every threshold (mean over seeds, {DELTA_INTERVAL})")
     return save(fig, out, plots)
 
 
@@ -500,7 +502,7 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5),
                fontsize="small")
     fig.suptitle(f"Per-module metrics of the final ΔW (bar: mean over seeds, whisker: "
-                 f"{INTERVAL})")
+                 f"{DELTA_INTERVAL})")
     return save(fig, out, plots)
 
 
