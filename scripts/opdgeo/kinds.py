@@ -5,7 +5,8 @@ opdgeo.config makes the runs, the rules wire their inputs, opdgeo.train picks th
 the figures, paper tables and findings group and label runs, all from this table. The
 schema's enums (controls, sweep kinds, external kinds) are checked against it by a test.
 
-To add a kind: declare it here, and give opdgeo.train its trainer (`trainer` names it).
+To add a kind: declare it here, and give opdgeo.train its trainer: `trainer` names it, and
+opdgeo.train.BUILDERS maps that name to the short function that builds it from a run.
 """
 
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ class RunKind:
     label: str  # the method's name in legends and tables
     needs_teacher: bool  # trained against a teacher (its checkpoint is an input)
     is_control: bool  # a matched control of OPD (pairs.<pair>.controls)
-    trainer: str | None  # the trainer class opdgeo.train uses (TRL's, or OPDTrainer, TRL's
+    trainer: str | None  # the trainer class opdgeo.train builds (TRL's, or OPDTrainer, TRL's
     # DistillationTrainer with the study's losses); None: given, not trained
+    divergence: bool = False  # trained on the config's divergence (`training.loss`)
     # Its delta is compared across methods (Fig 1, trajectory, the matched-gain grid); masked
     # retrains are interventions instead, shown in Fig 3.
     delta_method: bool = True
@@ -31,9 +33,9 @@ RUN_KINDS = {kind.name: kind for kind in (
     RunKind("grpo", "RLVR (GRPO)", needs_teacher=False, is_control=True,
             trainer="GRPOTrainer"),
     RunKind("opd", "OPD", needs_teacher=True, is_control=False,
-            trainer="OPDTrainer"),
+            trainer="OPDTrainer", divergence=True),
     RunKind("masked", "masked OPD", needs_teacher=True, is_control=False,
-            trainer="OPDTrainer", delta_method=False),
+            trainer="OPDTrainer", divergence=True, delta_method=False),
     RunKind("external", "other", needs_teacher=False, is_control=False, trainer=None),
 )}
 # An external run is shown as the kind its config declares (external.<name>.kind), or "other".

@@ -64,7 +64,7 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
     optimizer = training["optimizers"][spec.optimizer]
     kind = RUN_KINDS[spec.kind]
     objective = f"{kind.label}, {kind.trainer}" + (
-        f" with the `{training['loss']}` loss" if kind.trainer == "OPDTrainer" else "")
+        f" with the `{training['loss']}` loss" if kind.divergence else "")
     settings = [
         ("run", f"`{spec.name}` (kind `{spec.kind}`, pair `{spec.pair}`, group {spec.group})"),
         ("source (student)", f"`{source}`"),

@@ -10,9 +10,9 @@ import random
 import shutil
 import sys
 import zipfile
-from dataclasses import replace
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -209,8 +209,9 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     )
     args = _trainer_args(
         SFTConfig, out_dir, steps=train["max_steps"], batch_size=train["batch_size"],
-        optimizer="adamw", opt={"learning_rate": train["learning_rate"], "adam_beta2": 0.99},
-        seed=train["seed"], device=device, max_length=64, completion_only_loss=True,
+        optimizer="adamw",
+        opt={"learning_rate": train["learning_rate"], "adam_beta2": train["adam_beta2"]},
+        seed=train["seed"], device=device, max_length=None, completion_only_loss=True,
         packing=False, eos_token=text_tokenizer(tokenizer).eos_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
@@ -264,30 +265,103 @@ def check_images(examples: list[Example], vision: bool, model: str):
 # ---------------------------------------------------------------- runs
 
 
+@dataclass
+class Setup:
+    """What a trainer builder is handed: the run, its models and prompts (rendered for the
+    student), and the settings and callbacks every trainer of a run shares."""
+
+    spec: RunSpec
+    task: Any  # the task (opdgeo.task.make_task): its verifier and completion length
+    model: Any
+    tokenizer: Any
+    teacher: Any  # the teacher model (kinds that need one), None otherwise
+    teacher_tokenizer: Any
+    prompts: list[Example]
+    out_dir: Path
+    callbacks: list
+    common: dict  # _trainer_args's settings shared by every trainer
+
+    @property
+    def training(self) -> dict:
+        return self.spec.training
+
+    def args(self, config_cls, **extra):
+        return _trainer_args(config_cls, self.out_dir, **self.common, **extra)
+
+
+def distillation_trainer(run: Setup):
+    """OPD (and masked OPD): TRL's DistillationTrainer with the study's losses."""
+    training, loss = run.training, run.training["loss"]
+    args = run.args(DistillationConfig, beta=TRL_BETA.get(loss, training["beta"]),
+                    temperature=training["temperature"],
+                    max_completion_length=run.task.max_new_tokens, top_k=0, top_p=1.0,
+                    **_generation_backend(training, DistillationConfig))
+    # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
+    # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
+    n = training["generations_per_prompt"]
+    dataset = Dataset.from_list([prompt_row(e) for e in run.prompts for _ in range(n)])
+    return OPDTrainer(model=run.model, teacher_model=run.teacher, args=args,
+                      train_dataset=dataset, processing_class=run.tokenizer,
+                      callbacks=run.callbacks, loss=loss, topk=training["topk"])
+
+
+def sft_trainer(run: Setup):
+    """Offline distillation: SFTTrainer on completions the teacher samples once, up front.
+    Sequences are never truncated: a completion ends within the task's completion length."""
+    training = run.training
+    n = training["steps"] * training["batch_size"]
+    chosen = (run.prompts * (n // len(run.prompts) + 1))[:n]
+    torch.manual_seed(run.spec.seed)
+    completions = generate(run.teacher, run.teacher_tokenizer, [e.prompt for e in chosen],
+                           run.task.max_new_tokens, sample=True,
+                           temperature=training["temperature"], images=images_of(chosen))
+    dataset = Dataset.from_list([sft_row(e, c) for e, c in zip(chosen, completions, strict=True)])
+    args = run.args(SFTConfig, max_length=None, completion_only_loss=True, packing=False,
+                    eos_token=text_tokenizer(run.tokenizer).eos_token)
+    return SFTTrainer(model=run.model, args=args, train_dataset=dataset,
+                      processing_class=run.tokenizer, callbacks=run.callbacks)
+
+
+def grpo_trainer(run: Setup):
+    """RLVR: GRPOTrainer with the task's verifier as the reward, no KL term."""
+    training = run.training
+    dataset = Dataset.from_list([prompt_row(e, answer=e.answer) for e in run.prompts])
+    args = run.args(GRPOConfig, num_generations=training["generations_per_prompt"],
+                    max_completion_length=run.task.max_new_tokens,
+                    temperature=training["temperature"], beta=0.0, top_k=0, top_p=1.0,
+                    **_generation_backend(training, GRPOConfig))
+    return GRPOTrainer(model=run.model, reward_funcs=verifier_reward(run.task), args=args,
+                       train_dataset=dataset, processing_class=run.tokenizer,
+                       callbacks=run.callbacks)
+
+
+# The builder of each trainer a run kind names (opdgeo.kinds.RunKind.trainer).
+BUILDERS = {
+    OPDTrainer.__name__: distillation_trainer,
+    SFTTrainer.__name__: sft_trainer,
+    GRPOTrainer.__name__: grpo_trainer,
+}
+
+
 def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_dir: Path,
               device: str, mask_path: Path | None = None):
     """Train one run from `source`: final/, fp32/, checkpoints/step-N/, train_log.csv."""
+    build = BUILDERS.get(RUN_KINDS[spec.kind].trainer)
+    if build is None:
+        raise ValueError(f"run {spec.name}: kind {spec.kind!r} is not trained")
     out_dir = Path(out_dir)
-    training = spec.training
-    opt = training["optimizers"][spec.optimizer]
     set_seed(spec.seed)
-    student_tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     model = load_model(source, device)
-    teacher_model = None
+    teacher_model = teacher_tokenizer = None
     if teacher is not None:
         teacher_tokenizer = load_tokenizer(teacher)
-        check_same_vocabulary(student_tokenizer, teacher_tokenizer, source, teacher)
+        check_same_vocabulary(tokenizer, teacher_tokenizer, source, teacher)
         # A teacher only runs forward passes: bf16 on a GPU (fp32 on a CPU, as evaluation).
         teacher_model = load_model(teacher, device, generation_dtype(device))
-
     task_spec, task = task, make_task(task)
-    prompts = task.train_examples(training["prompts"], spec.seed)
+    prompts = task.train_examples(spec.training["prompts"], spec.seed)
     random.Random(spec.name).shuffle(prompts)
-    completion_tokens = task.max_new_tokens
-    common = dict(steps=training["steps"], batch_size=training["batch_size"],
-                  optimizer=spec.optimizer, opt=opt, seed=spec.seed, device=device,
-                  training=training, resumable=True)
-
     # `accelerate launch` starts one process per GPU: only the first one writes files.
     main_process = int(os.environ.get("RANK", "0")) == 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,74 +375,29 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     })
     snapshots = out_dir / "trainer" / "snapshots"
     snapshots.mkdir(exist_ok=True)
-    save = partial(save_checkpoint, tokenizer=student_tokenizer)
-    callbacks = [NonFiniteGuardCallback(), DataOrderCallback()]
-    if main_process:
-        callbacks += [
-            CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
-            SnapshotCallback(lambda path: save(model, path=path), training["save_every"],
-                             snapshots),
-            *progress_callbacks(),
-        ]
-    callbacks += _extra_callbacks(model, mask_path, out_dir, spec, main_process)
-    check_images(prompts, hasattr(student_tokenizer, "image_processor"), source)
-    prompts = [replace(e, prompt=model_prompt(student_tokenizer, e.prompt)) for e in prompts]
-
-    trainer_name = RUN_KINDS[spec.kind].trainer
-    if trainer_name == OPDTrainer.__name__:
-        loss = training["loss"]
-        beta = TRL_BETA.get(loss, training["beta"])
-        args = _trainer_args(
-            DistillationConfig, out_dir, **common, beta=beta,
-            temperature=training["temperature"], max_completion_length=completion_tokens,
-            top_k=0, top_p=1.0, **_generation_backend(training, DistillationConfig),
-        )
-        # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
-        # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
-        n = training["generations_per_prompt"]
-        dataset = Dataset.from_list([prompt_row(e) for e in prompts for _ in range(n)])
-        trainer = OPDTrainer(model=model, teacher_model=teacher_model, args=args,
-                             train_dataset=dataset, processing_class=student_tokenizer,
-                             callbacks=callbacks, loss=loss, topk=training["topk"])
-    elif trainer_name == SFTTrainer.__name__:
-        n = training["steps"] * training["batch_size"]
-        chosen = (prompts * (n // len(prompts) + 1))[:n]
-        torch.manual_seed(spec.seed)
-        completions = generate(teacher_model, teacher_tokenizer, [e.prompt for e in chosen],
-                               completion_tokens, sample=True,
-                               temperature=training["temperature"], images=images_of(chosen))
-        dataset = Dataset.from_list([sft_row(e, c)
-                                     for e, c in zip(chosen, completions, strict=True)])
-        args = _trainer_args(SFTConfig, out_dir, **common, max_length=64,
-                             completion_only_loss=True, packing=False,
-                             eos_token=text_tokenizer(student_tokenizer).eos_token)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
-                             processing_class=student_tokenizer, callbacks=callbacks)
-    elif trainer_name == GRPOTrainer.__name__:
-        dataset = Dataset.from_list([prompt_row(e, answer=e.answer) for e in prompts])
-        args = _trainer_args(
-            GRPOConfig, out_dir, **common, num_generations=training["generations_per_prompt"],
-            max_completion_length=completion_tokens, temperature=training["temperature"],
-            beta=0.0, top_k=0, top_p=1.0, **_generation_backend(training, GRPOConfig),
-        )
-        trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(task),
-                              args=args,
-                              train_dataset=dataset, processing_class=student_tokenizer,
-                              callbacks=callbacks)
-    else:
-        raise ValueError(f"run {spec.name}: kind {spec.kind!r} is not trained")
-
+    callbacks = _callbacks(model, tokenizer, mask_path, out_dir, spec, main_process)
+    check_images(prompts, hasattr(tokenizer, "image_processor"), source)
+    prompts = [replace(e, prompt=model_prompt(tokenizer, e.prompt)) for e in prompts]
+    common = dict(steps=spec.training["steps"], batch_size=spec.training["batch_size"],
+                  optimizer=spec.optimizer, opt=spec.training["optimizers"][spec.optimizer],
+                  seed=spec.seed, device=device, training=spec.training, resumable=True)
+    trainer = build(Setup(spec, task, model, tokenizer, teacher_model, teacher_tokenizer,
+                          prompts, out_dir, callbacks, common))
     trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()
-    if not main_process:
-        return
+    if main_process:
+        _finish(model, tokenizer, spec, out_dir)
+
+
+def _finish(model, tokenizer, spec: RunSpec, out_dir: Path):
+    """Move a trained run's outputs into place: final/, fp32/, checkpoints/, train_log.csv."""
     # fp32/ always exists (a declared output); it holds the master weights when kept.
     (out_dir / "fp32").mkdir(exist_ok=True)
-    fp32 = out_dir / "fp32" / "model.safetensors" if training["keep_fp32"] else None
-    save_checkpoint(model, student_tokenizer, out_dir / "final", fp32_weights=fp32)
+    fp32 = out_dir / "fp32" / "model.safetensors" if spec.training["keep_fp32"] else None
+    save_checkpoint(model, tokenizer, out_dir / "final", fp32_weights=fp32)
     # checkpoints/ is a declared output, even when no snapshot was due.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    snapshots.replace(out_dir / "checkpoints")
+    (out_dir / "trainer" / "snapshots").replace(out_dir / "checkpoints")
     (out_dir / "trainer" / "train_log.csv").replace(out_dir / "train_log.csv")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
@@ -384,12 +413,20 @@ def verifier_reward(task):
     return exact_match_reward
 
 
-def _extra_callbacks(model, mask_path, out_dir, spec, main_process=True):
-    """Gradient mask (masked runs) and optimizer state diagnostics (every run; empty for SGD;
-    written by the first process only)."""
-    every = max(spec.training["steps"] // 20, 1)
-    extra = [OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name, every)]
-    extra = extra if main_process else []
+def _callbacks(model, tokenizer, mask_path, out_dir: Path, spec: RunSpec, main_process: bool):
+    """Every run's callbacks: NaN guard and data order; on the first process the training
+    log, bf16 snapshots, progress and optimizer state diagnostics (empty for SGD); the
+    gradient mask of a masked run."""
+    callbacks = [NonFiniteGuardCallback(), DataOrderCallback()]
+    if main_process:
+        every = max(spec.training["steps"] // 20, 1)
+        callbacks += [
+            CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
+            SnapshotCallback(lambda path: save_checkpoint(model, tokenizer, path),
+                             spec.training["save_every"], out_dir / "trainer" / "snapshots"),
+            *progress_callbacks(),
+            OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name, every),
+        ]
     if mask_path is not None:
-        extra.append(GradientMaskCallback.from_file(mask_path, model))
-    return extra
+        callbacks.append(GradientMaskCallback.from_file(mask_path, model))
+    return callbacks
