@@ -1,4 +1,4 @@
-"""The paper's findings F1-F8 (STUDY.md section 6) as checks on our runs.
+"""The paper's findings F1-F8 (docs/study.md section 6) as checks on our runs.
 
 Each row: one finding, one run group (a run over its seeds), one measure, with
     observed (mean over seeds) | its 95% interval and what it is over | claim threshold | null |
@@ -549,7 +549,7 @@ def _fmt(value) -> str:
 
 def findings_markdown(table: pd.DataFrame) -> str:
     lines = ["# Findings F1-F8 in our runs", "",
-             "Each of the paper's findings (STUDY.md section 6) checked on our runs. Values are "
+             "The paper's findings (docs/study.md section 6) checked on our runs. Values are "
              "fractions (scores and shares in [0, 1]); `paper` is the paper's value for the "
              "corresponding paper run (a reference from a much larger model, not a target). "
              "`null` is what chance or bf16 rounding alone predicts; `sft_control` and "

@@ -46,7 +46,7 @@ def checkpoint_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
 def _deltas(source, trained) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (source tensor name, |W_trained - W_source|) in fp32, one tensor at a time.
 
-    Both tensors are cast to bf16 first, as the analysis reads them (STUDY.md section 3): an
+    Both tensors are cast to bf16 first, as the analysis reads them (docs/study.md section 3): an
     fp32 checkpoint's sub-bf16 changes would otherwise make a far denser mask than the
     sparsity the analysis reports. The subtraction is exact in fp32."""
     src, trn = Checkpoint(source), Checkpoint(trained)

@@ -100,8 +100,8 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
         "| measure | value |", "|---|---|",
         *(f"| {_cell(columns.axis_label(key))} | {_number(_scaled(key, summary.get(key)))} |"
           for key in HEADLINE_KEYS), "",
-        "Definitions: STUDY.md section 3 of the opdgeo repository; every number of the analysis "
-        "is in its `results/analysis/<run>/final/summary.json`.", "",
+        "Definitions: docs/study.md section 3 of the opdgeo repository; every number of the "
+        "analysis is in its `results/analysis/<run>/final/summary.json`.", "",
     ]
     return ModelCard("\n".join(lines))
 

@@ -98,7 +98,7 @@ def type_block(name: str) -> str:
     """The block of a parameter by its module type wherever it sits: `classify`'s block, but a
     vision tower's attention, MLP and norms count as attention, FFN and norm, and its patch
     embedding and projector (merger) as other. The paper's module energy table has only these
-    blocks (STUDY.md section 3 lists no vision block), so its vision-language row counts the
+    blocks (docs/study.md section 3 lists no vision block), so its vision-language row counts the
     tower so; our reading, as the paper does not say where the tower's other parts go."""
     group = classify(name)
     if group.block == "projector":

@@ -1,7 +1,7 @@
 """The paper's tables from our tidy tables, each as CSV, Markdown and LaTeX.
 
 Our numbers sit beside the paper's where one of our runs corresponds to one of its runs
-(columns prefixed `paper_`); the paper's values are references quoted in STUDY.md, never
+(columns prefixed `paper_`); the paper's values are references quoted in docs/study.md, never
 inputs to a computation.
 """
 
@@ -83,8 +83,9 @@ GLOBAL_COLUMNS = (
     (PRINCIPAL_COVERAGE, "principal cov. 10% %"),
     (LOW_MAGNITUDE_COVERAGE, "low-mag cov. 10% %"),
 )
-# The coverages above are the headline: pooled over every matrix's updates, as STUDY.md counts
-# |mask AND update| / |update|. Beside them, each matrix counted once: the median over matrices.
+# The coverages above are the headline: pooled over every matrix's updates, as docs/study.md
+# counts |mask AND update| / |update|. Beside them, each matrix counted once: the median over
+# matrices.
 MEDIAN_COLUMNS = (
     (median_name(PRINCIPAL_COVERAGE), "principal cov. 10%, median over matrices %"),
     (median_name(LOW_MAGNITUDE_COVERAGE), "low-mag cov. 10%, median over matrices %"),

@@ -1,5 +1,5 @@
 """A constructed checkpoint pair whose every observed metric is known: the analysis of it
-(opdgeo.delta.analyze_checkpoints) equals, to 1e-6, the same definitions (STUDY.md section 3)
+(opdgeo.delta.analyze_checkpoints) equals, to 1e-6, the same definitions (docs/study.md section 3)
 evaluated here in float64 numpy on the very bf16 values it reads. The null models are random
 or fitted and have their own tests (test_nulls.py); they are not compared here.
 

@@ -1,4 +1,4 @@
-# The delta analysis of STUDY.md section 3: one decomposition per source checkpoint, one job
+# The delta analysis of docs/study.md section 3: one decomposition per source checkpoint, one job
 # per run (its final checkpoint, and its intermediate ones for the trajectory) reading it, one
 # overlap job per group of runs on one source.
 

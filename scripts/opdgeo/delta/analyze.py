@@ -1,4 +1,5 @@
-"""`analyze_checkpoints`: every metric of STUDY.md section 3 for one source -> trained pair.
+"""`analyze_checkpoints`: every metric of docs/study.md section 3 for one source -> trained
+pair.
 
 Streamed: one tensor pair is in memory at a time (peak memory follows the largest tensor),
 each source matrix is decomposed once (here, or read from the source's geometry folder) and

@@ -112,7 +112,7 @@ def _decomposition_options(parser, dtype_help: str, svd_help: str) -> None:
 def register(subparsers) -> None:
     """Add `analyze`, `decompose` and `overlap` to an argparse subparsers object."""
     analyze = subparsers.add_parser(
-        "analyze", help="every delta metric of two checkpoints (STUDY.md section 3)")
+        "analyze", help="every delta metric of two checkpoints (docs/study.md section 3)")
     analyze.add_argument("--source", required=True, type=Path, help="source checkpoint folder")
     analyze.add_argument("--trained", required=True, type=Path, help="trained checkpoint folder")
     analyze.add_argument("--out", required=True, type=Path, help="output folder")

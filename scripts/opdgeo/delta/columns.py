@@ -6,7 +6,7 @@ registry; a per-tensor column that is not declared here is an error, not a silen
 Torch-free, so that the renderers can import it. The thresholds and ratios the analysis
 measures at live here too: they spell the column names.
 
-Aggregations (STUDY.md section 3):
+Aggregations (docs/study.md section 3):
     sum      added over tensors (parameter count, energies)
     max      the largest value (L-infinity)
     energy   from the summed energies (relative norm, RMS, energy share)
@@ -26,7 +26,7 @@ any figure that names it takes its label and scale from here.
 
 from dataclasses import dataclass
 
-HEADLINE_ATOL = 1e-5  # matches bf16 checkpoint deltas (STUDY.md section 3); also atol 0
+HEADLINE_ATOL = 1e-5  # matches bf16 checkpoint deltas (docs/study.md section 3); also atol 0
 ABSOLUTE_EPS = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 RELATIVE_TAUS = (1e-4, 1e-3, 1e-2)  # thresholds tau * RMS(W_src)
 COORD_ENERGY_FRACTIONS = (0.001, 0.01, 0.05)
@@ -154,7 +154,7 @@ PRINCIPAL_PROJECTION = f"principal_projection_{ratio_label(HEADLINE_RATIO)}"
 def _coverage(mask: str, ratio: float, null: str = "", atols=(HEADLINE_ATOL, 0.0),
               density: str | float | None = None, headline: bool = False):
     """Coverage columns of one mask (at each atol) and their enrichment (coverage / density).
-    headline: the global table's coverage, pooled over every matrix's updates (STUDY.md's
+    headline: the global table's coverage, pooled over every matrix's updates (docs/study.md's
     |mask AND update| / |update|, counted) and also as the median over matrices (the pooled
     value is dominated by the largest matrices: embedding, FFN)."""
     text = {"low_magnitude": "low-magnitude", "principal": "principal",

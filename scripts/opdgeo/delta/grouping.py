@@ -1,7 +1,7 @@
 """Per-tensor rows -> layer / module / block / layer x module tables and the global summary.
 
-Aggregation follows STUDY.md section 3: energies add (energy share = group ||dW||^2 / total,
-relative delta = sqrt(group ||dW||^2 / group ||W_src||^2)); coordinate fractions are
+Aggregation follows docs/study.md section 3: energies add (energy share = group ||dW||^2 /
+total, relative delta = sqrt(group ||dW||^2 / group ||W_src||^2)); coordinate fractions are
 averaged weighted by parameter count, which equals counting coordinates; coverages are
 counted over the matrices (sum of covered updates / sum of updates), i.e. weighted by each
 matrix's update count, the headline ones also given as their median over matrices;
