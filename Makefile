@@ -51,8 +51,8 @@ report: $(BIN)/.installed
 		--allowed-rules $(REPORT_RULES)
 	@echo "Report of $(CONFIG): results/report.html"
 
-test: $(BIN)/.installed-test
-	$(BIN)/ruff check .
+# The workflow catalogue's lint (`snakemake --lint`, ~15 s) runs with every `make test`.
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(BIN)/.installed-test

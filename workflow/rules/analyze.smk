@@ -19,6 +19,8 @@ rule decompose_source:
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/decompose/{source}.log",
     benchmark:
@@ -51,6 +53,8 @@ rule analyze_run:
         dtype=config["analysis"]["dtype"],
         exact_svd_max=config["analysis"]["exact_svd_max"],
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/analyze/{run}.log",
     benchmark:
@@ -77,6 +81,8 @@ rule overlap:
     params:
         source=lambda w: source_path(OVERLAP_GROUPS[w.group][0]),
         runs=overlap_runs_option,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/overlap/{group}.log",
     benchmark:

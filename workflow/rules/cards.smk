@@ -17,6 +17,8 @@ rule model_card:
         run_spec=run_spec_arg,
         options=train_options,
         task=lambda w: task_of_run(w.run),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/model_card/{run}.log",
     benchmark:

@@ -32,6 +32,9 @@ PAIR_MODELS = list(dict.fromkeys(
 ))
 GPU = 1 if config["device"] == "cuda" else 0
 COST = config["cost"]
+# Every rule runs the one `opdgeo` package, so one environment serves them all (with
+# `--sdm conda`; relative to workflow/rules/, where every rule is defined).
+CONDA_ENV = "../../envs/opdgeo.yaml"
 
 
 RUN_PATTERN = "|".join(map(re.escape, sorted(RUNS, key=len, reverse=True))) or "NONE"

@@ -12,6 +12,8 @@ rule evaluate_model:
         task=lambda w: task_of_model(w.model),
         evaluation=as_arg(config["evaluation"]),
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/evaluate_model/{model}.log",
     benchmark:
@@ -38,6 +40,8 @@ rule evaluate_run:
         task=lambda w: task_of_run(w.run),
         evaluation=as_arg(config["evaluation"]),
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/evaluate_run/{run}.log",
     benchmark:

@@ -35,6 +35,8 @@ for _figure, (_, _tables) in FIGURES.items():
             out=lambda w, output: Path(output[0]).with_suffix(""),
             plots=as_arg(PLOTS, ordered=True),
             external=EXTERNAL_KINDS,
+        conda:
+            CONDA_ENV
         log:
             f"results/logs/figures/{_figure}.log",
         benchmark:
@@ -56,6 +58,8 @@ rule paper_tables:
         out=lambda w, output: Path(output[0]).parent,
         plots=TABLE_PLOTS,
         external=EXTERNAL_KINDS,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/figures/paper_tables.log",
     benchmark:
@@ -73,6 +77,8 @@ rule paper_rounding_null:
     params:
         stds=config["analysis"]["paper_null_std"],
         out=lambda w, output: Path(output[0]).parent,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/figures/paper_rounding_null.log",
     benchmark:
@@ -93,6 +99,8 @@ rule findings:
         out=lambda w, output: Path(output.csv).with_suffix(""),
         plots=TABLE_PLOTS,
         external=EXTERNAL_KINDS,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/figures/findings.log",
     benchmark:

@@ -11,6 +11,8 @@ rule make_mask:
         mask_spec=lambda w: as_arg(mask_spec(w.mask).__dict__),
         source=lambda w: source_path(mask_spec(w.mask).run),
         trained=lambda w: trained_path(mask_spec(w.mask).run),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/make_mask/{mask}.log",
     benchmark:

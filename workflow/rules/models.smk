@@ -14,6 +14,8 @@ rule train_model:
         task=lambda w: task_of_model(w.model),
         out=lambda w, output: Path(output.checkpoint).parent,
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/train_model/{model}.log",
     benchmark:

@@ -18,6 +18,8 @@ rule runs_table:
     params:
         # A function: Snakemake would read braces in a string param (task templates) as wildcards.
         config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}, ordered=True),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/runs.log",
     benchmark:
@@ -32,6 +34,8 @@ rule evaluation_table:
         expand(rules.evaluate_run.output[0], run=TRAINED),
     output:
         "results/tables/evaluation.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/evaluation.log",
     benchmark:
@@ -49,6 +53,8 @@ rule delta_tables:
         trajectory="results/tables/trajectory.csv",
     params:
         final_steps=as_arg({run: final_steps(run) for run in TRAINED}),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/delta.log",
     benchmark:
@@ -65,6 +71,8 @@ rule overlap_table:
     output:
         pooled="results/tables/overlap.csv",
         tensors="results/tables/overlap_tensors.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/overlap.log",
     benchmark:
@@ -79,6 +87,8 @@ rule optimizer_state_table:
         expand(rules.train_run.output.optimizer_state, run=TRAINED),
     output:
         "results/tables/optimizer_state.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/optimizer_state.log",
     benchmark:
@@ -92,6 +102,8 @@ rule training_log_table:
         expand(rules.train_run.output.log_csv, run=TRAINED),
     output:
         "results/tables/training_log.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/training_log.log",
     benchmark:
@@ -105,6 +117,8 @@ rule mask_table:
         expand(rules.make_mask.output.densities, mask=MASKS),
     output:
         "results/tables/masks.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/masks.log",
     benchmark:
@@ -122,6 +136,8 @@ rule analysis_tables:
         layer_module="results/tables/layer_module.csv",
         modules="results/tables/modules.csv",
         tensors="results/tables/tensors.csv",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/tables/analysis.log",
     benchmark:

@@ -18,6 +18,8 @@ rule train_run:
         launcher=launcher,
         out=lambda w, output: Path(output.final).parent,
         device=job_device,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/train_run/{run}.log",
     benchmark:
