@@ -123,7 +123,7 @@ def svd_floor(root: Path) -> None:
         with safe_open(root / "source" / file_name, "pt") as source_file, \
                 safe_open(root / "trained" / file_name, "pt") as trained_file:
             source = source_file.get_tensor(name).float()
-            if source.dim() < 2:
+            if source.dim() != 2:
                 continue
             delta = trained_file.get_tensor(name).float() - source
         torch.linalg.svd(source, full_matrices=False)

@@ -129,3 +129,56 @@ def test_a_named_run_is_the_first_column_of_every_table_and_in_the_summary(pair,
     for table in ("tensors", "layers", "modules", "blocks", "layer_module"):
         frame = pd.read_csv(tmp_path / "out" / f"{table}.csv")
         assert frame.columns[0] == "run" and (frame["run"] == "r1").all(), table
+
+
+def test_tensors_of_three_or_more_dimensions_stay_out_of_the_2d_measures(tmp_path):
+    """A Conv3d patch embedding (a VL tower's) gets its own row with coordinate measures only;
+    every 2-D measure of the summary is the one of the matrices alone, and the summary names
+    the tensor."""
+    generator = torch.Generator().manual_seed(3)
+    matrices = {"model.layers.0.mlp.up_proj.weight": torch.randn(48, 32, generator=generator),
+                "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32,
+                                                                      generator=generator)}
+    conv = {"visual.patch_embed.proj.weight": torch.randn(16, 3, 2, 4, 4, generator=generator)}
+    results = {}
+    for name, tensors in (("matrices", matrices), ("with_conv", matrices | conv)):
+        source = {k: (v * 0.02).bfloat16() for k, v in tensors.items()}
+        save_checkpoint(tmp_path / name / "source", source)
+        save_checkpoint(tmp_path / name / "trained", perturbed(source))
+        results[name] = analyze_checkpoints(tmp_path / name / "source",
+                                            tmp_path / name / "trained", tmp_path / name / "out",
+                                            device="cpu", nulls=False)
+    alone, mixed = results["matrices"], results["with_conv"]
+    assert mixed["matrix_count"] == 2 and mixed["tensor_count"] == 3
+    assert mixed["higher_dim_tensors"] == {"visual.patch_embed.proj.weight": "16x3x2x4x4"}
+    for key in ("top16_energy_median", "stable_rank_median", "numerical_rank_fraction_median",
+                "principal_projection_10pct_median", "principal_coverage_10pct",
+                "low_magnitude_coverage_10pct"):
+        assert mixed[key] == pytest.approx(alone[key], rel=1e-12), key
+    assert mixed["relative_norm"] != pytest.approx(alone["relative_norm"])  # counted there
+    tensors = pd.read_csv(tmp_path / "with_conv" / "out" / "tensors.csv").set_index("name")
+    row = tensors.loc["visual.patch_embed.proj.weight"]
+    assert pd.isna(row["top16_energy"]) and pd.isna(row["principal_projection_10pct"])
+    assert pd.notna(row["sparsity_atol_1e-5"]) and row["delta_energy"] > 0
+    text = (tmp_path / "with_conv" / "out" / "summary.md").read_text()
+    assert "visual.patch_embed.proj.weight" in text and "3+ dimensions" in text
+
+
+def test_a_zero_delta_matrix_has_no_rank_and_is_counted(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    source = {f"model.layers.{i}.mlp.up_proj.weight":
+              (torch.randn(40, 24, generator=generator) * 0.02).bfloat16() for i in range(3)}
+    trained = perturbed(source)
+    trained["model.layers.2.mlp.up_proj.weight"] = source["model.layers.2.mlp.up_proj.weight"]
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "trained", trained)
+    result = analyze_checkpoints(tmp_path / "source", tmp_path / "trained", tmp_path / "out",
+                                 device="cpu", nulls=False)
+    tensors = pd.read_csv(tmp_path / "out" / "tensors.csv").set_index("name")
+    moved = tensors.drop("model.layers.2.mlp.up_proj.weight")
+    assert pd.isna(tensors.loc["model.layers.2.mlp.up_proj.weight", "numerical_rank_1e-5"])
+    assert result["zero_delta_matrix_count"] == 1
+    # the median over the two moved matrices only (a rank 0 would pull it down)
+    assert result["numerical_rank_fraction_median"] == pytest.approx(
+        moved["numerical_rank_fraction_1e-5"].median())
+    assert "zero delta" in (tmp_path / "out" / "summary.md").read_text()

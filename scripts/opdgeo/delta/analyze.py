@@ -31,7 +31,7 @@ from opdgeo.delta.columns import (
     threshold_label,
 )
 from opdgeo.delta.geometry import principal_projection, rotation_and_drift
-from opdgeo.delta.grouping import add_enrichment, group_tables, summary
+from opdgeo.delta.grouping import add_enrichment, group_tables, is_matrix, summary
 from opdgeo.delta.io import (
     DTYPES,
     TIED_HEAD_NOTE,
@@ -141,7 +141,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     numel = source.numel()
     row = {"name": pair.name, "layer": group.layer, "module": group.module,
            "block": group.block, "shape": "x".join(map(str, pair.shape)), "numel": numel}
-    if source.dim() >= 2:
+    matrix = source.dim() == 2  # the 2-D measures take matrices only, as the paper's do
+    if matrix:
         geometry = geometry() if geometry is not None else source_geometry(source, exact_svd_max)
         masks = geometry.masks
     else:
@@ -184,7 +185,7 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
         rounding_null.expected_in_smallest(masks.bin_counts, low_count),
         rounding_null.expected_changed)
-    if source.dim() < 2:
+    if not matrix:
         return add_enrichment(row)
 
     # Spectrum of the delta; geometry against the one decomposition of the source.
@@ -296,12 +297,20 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     result = summary(table)
+    matrices = is_matrix(table["shape"])
+    higher = table["shape"].str.count("x") >= 2
     result["rounding_null_sparsity_fit"] = {
         block: float(scale) for block, scale in
         table.groupby("block")["rounding_null_scale"].median().items()}
     result |= {
         "dtype": dtype, "device": str(torch_device), "tensor_count": len(table),
-        "matrix_count": int(table["shape"].str.contains("x").sum()),
+        "matrix_count": int(matrices.sum()),
+        # in no spectrum median: a zero delta has no spectrum (its ranks are NaN, not 0)
+        "zero_delta_matrix_count": int((matrices & (table["delta_energy"] <= 0)).sum()),
+        # tensors of 3+ dimensions (a vision tower's Conv3d patch embedding): coordinate
+        # measures only, outside the spectrum, projection and pooled coverages
+        "higher_dim_tensors": dict(zip(table.loc[higher, "name"], table.loc[higher, "shape"],
+                                       strict=True)),
         "source": str(source), "trained": str(trained),
         # the hub commits read (None: a local checkpoint), so a rerun can pin the same weights
         "source_commit": resolved_commit(source_checkpoint.path),
@@ -381,7 +390,16 @@ def summary_markdown(result: dict) -> str:
     for label, key in SUMMARY_ROWS:
         if result.get(key) is not None:
             lines.append(f"| {label} | {result[key]:.6g} |")
+    if result.get("zero_delta_matrix_count"):
+        lines.append(f"| matrices with a zero delta (not in the rank medians) | "
+                     f"{result['zero_delta_matrix_count']} |")
     lines += ["", "| block | energy share |", "|---|---|"]
     lines += [f"| {block} | {share:.4f} |" for block, share in
               sorted(result["block_energy_share"].items(), key=lambda item: -item[1])]
+    higher = result.get("higher_dim_tensors") or {}
+    if higher:
+        lines += ["", "Tensors of 3+ dimensions, not matrices: coordinate measures only, outside "
+                  "the spectrum, projection and coverage rows above (tensors.csv has their rows).",
+                  "", "| tensor | shape |", "|---|---|"]
+        lines += [f"| {name} | {shape} |" for name, shape in higher.items()]
     return "\n".join(lines) + "\n"

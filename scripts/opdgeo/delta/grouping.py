@@ -49,7 +49,7 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     how = {c: metric(c).aggregation for c in rest}
     weighted = [c for c in rest if how[c] in ("count", "update")]
     medians = [c for c in rest if how[c] == "median"]
-    matrix = frame["shape"].astype(str).str.contains("x")  # 2+ dimensions: "m x n [x ...]"
+    matrix = is_matrix(frame["shape"])
     weights = pd.DataFrame({c: _update_weight(frame, c).where(matrix, 0.0)
                             if how[c] == "update" else frame["numel"] for c in weighted})
     weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
@@ -64,6 +64,12 @@ def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if not keys:
         return out.reset_index(drop=True)
     return out.rename_axis(keys).reset_index()
+
+
+def is_matrix(shapes: pd.Series) -> pd.Series:
+    """Which tensors (their `shape` column, "m x n") are matrices, the only tensors in the
+    2-D measures: a tensor of 3+ dimensions (a convolution kernel) is none, as in the paper."""
+    return shapes.astype(str).str.count("x") == 1
 
 
 def _update_weight(rows: pd.DataFrame, column: str) -> pd.Series:

@@ -11,7 +11,6 @@ reading), which `GeometryFolder` reads back tensor by tensor, bit for bit.
 """
 
 import json
-import math
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from opdgeo.delta.metrics import (
     magnitude_key,
     rank_splits,
 )
-from opdgeo.delta.spectrum import Decomposition, as_matrix, decompose, rank_count, tall_rows
+from opdgeo.delta.spectrum import Decomposition, decompose, rank_count, tall_rows
 
 INDEX = "geometry.json"
 FORMAT = 2  # what each matrix's file holds; a folder of another format is decomposed again
@@ -49,21 +48,20 @@ def source_geometry(source: torch.Tensor, exact_svd_max: int,
                     ratio: float = HEADLINE_RATIO) -> SourceGeometry:
     """Decompose one source matrix (any dtype; read as float32) and find its principal mask
     at `ratio` (k and the mask's density) and its low-magnitude masks."""
-    matrix = as_matrix(source)
-    short_side, numel = min(matrix.shape), source.numel()
+    short_side, numel = min(source.shape), source.numel()
     decomposition = decompose(tall_rows(source), rank_count(max(MASK_RATIOS), short_side),
                               exact_svd_max)
     magnitudes = principal_magnitudes(decomposition, rank_count(ratio, short_side),
-                                      tuple(matrix.shape))
+                                      tuple(source.shape))
     # the top-ratio set is the complement of the (numel - count) smallest
     (rest,), _ = rank_splits(magnitudes, [numel - round(ratio * numel)])
-    state = torch.empty(matrix.shape, dtype=torch.uint8, device=source.device)
+    state = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
     flat_magnitudes, flat_state = magnitudes.view(-1), state.view(-1)
     for sl in chunk_slices(numel):
         keys = magnitude_key(flat_magnitudes[sl])
         flat_state[sl] = (keys > rest.key).to(torch.uint8) + 2 * (keys == rest.key).to(torch.uint8)
     del magnitudes, flat_magnitudes
-    masks = coordinate_masks(matrix, state, 1 - rest.tie_fraction)
+    masks = coordinate_masks(source, state, 1 - rest.tie_fraction)
     return SourceGeometry(decomposition, masks)
 
 
@@ -80,7 +78,7 @@ def write_geometry(source: str | Path, out_dir: str | Path, dtype: str = "bf16",
     files = {}
     with atomic_folder(out_dir) as folder:
         for name in checkpoint.names():
-            if len(checkpoint.shape(name)) < 2:
+            if len(checkpoint.shape(name)) != 2:  # matrices only
                 continue
             tensor = checkpoint.load(name).to(device, DTYPES[dtype])
             geometry = source_geometry(tensor, exact_svd_max)
@@ -131,10 +129,9 @@ class GeometryFolder:
 
     def load(self, name: str, shape: tuple[int, ...], device: torch.device) -> SourceGeometry:
         entry = self.index["matrices"].get(name)
-        matrix_shape = [shape[0], math.prod(shape[1:])]
-        if entry is None or entry["shape"] != matrix_shape:
+        if entry is None or entry["shape"] != list(shape):
             raise ValueError(f"source geometry {self.path} has no {name} of shape "
-                             f"{matrix_shape} (it was written for {self.index['source']}): "
+                             f"{list(shape)} (it was written for {self.index['source']}): "
                              f"decompose this source")
         with safe_open(str(self.path / entry["file"]), framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

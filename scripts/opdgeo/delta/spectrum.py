@@ -2,7 +2,8 @@
 
 Matrices are read tall (long side first, transposing wide ones: LAPACK is several times
 faster on tall matrices) and in row chunks, so a 150k x 1k embedding is never copied whole.
-Tensors with more than two dimensions (convolution kernels) are read as (out, rest) matrices.
+Matrices only: a tensor of 3+ dimensions (a convolution kernel) has no spectrum here, as in the
+paper's definitions.
 """
 
 import math
@@ -24,10 +25,6 @@ RANDOMIZED_POWER_ITERATIONS = 4
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk: 64 MB of float32
 SMALL_MATRIX = 1 << 18  # elements: the trajectory takes every such spectrum exactly
 GRAM_BLOCKS = 8  # column blocks of `upper_gram`: fewer products, still large matrix products
-
-
-def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(tensor.shape[0], -1)
 
 
 def rank_count(ratio: float, short_side: int) -> int:
@@ -57,8 +54,9 @@ class TallRows:
 def tall_rows(tensor: torch.Tensor, minus: torch.Tensor | None = None) -> TallRows:
     """A tensor read tall in chunks; with `minus`, the difference tensor - minus
     (W_trained - W_src = dW) subtracted chunk by chunk, so it is never held whole."""
-    matrix = as_matrix(tensor)
-    subtrahend = as_matrix(minus) if minus is not None else None
+    if tensor.dim() != 2:
+        raise ValueError(f"a spectrum needs a matrix, got a tensor of shape {tuple(tensor.shape)}")
+    matrix, subtrahend = tensor, minus
     transposed = matrix.shape[0] < matrix.shape[1]
     if transposed:
         matrix = matrix.T
@@ -155,10 +153,7 @@ def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: fl
     nan = float("nan")
     energy = float((values**2).sum()) if complete else frobenius_energy
     metrics: dict[str, float] = {}
-    if energy <= 0 or float(values[0]) <= 0:  # no update: no spectrum
-        for tol in RANK_TOLERANCES:
-            metrics[f"numerical_rank_{threshold_label(tol)}"] = 0.0
-            metrics[f"numerical_rank_fraction_{threshold_label(tol)}"] = 0.0
+    if energy <= 0 or float(values[0]) <= 0:  # no update: no spectrum, no rank (not rank 0)
         return metrics
     cumulative = (values**2).cumsum(0) / energy
     for k in SPECTRAL_TOPK:
