@@ -25,6 +25,7 @@ class HubModel:
     wide: bool = False
     sized: bool = True
     unverified: str = ""
+    sources: str = ""
 
     @property
     def arch(self) -> str:

@@ -24,14 +24,20 @@ class RunKind:
     # Its delta is compared across methods (Fig 1, trajectory, the matched-gain grid); masked
     # retrains are interventions instead, shown in Fig 3.
     delta_method: bool = True
+    # The kind of training the paper contrasts OPD with, that runs of this kind stand for
+    # (OFFLINE_DISTILLATION: F1's comparator and the paper's offline-distillation row; RLVR:
+    # the paper's RLVR row and RLVR-mask arm); None for OPD and its interventions.
+    role: str | None = None
 
+
+OFFLINE_DISTILLATION, RLVR = "offline distillation", "RLVR"  # the roles of the controls
 
 # In display order: controls first, then OPD and its interventions.
 RUN_KINDS = {kind.name: kind for kind in (
     RunKind("sft", "offline distillation (SFT)", needs_teacher=True, is_control=True,
-            trainer="SFTTrainer"),
+            trainer="SFTTrainer", role=OFFLINE_DISTILLATION),
     RunKind("grpo", "RLVR (GRPO)", needs_teacher=False, is_control=True,
-            trainer="GRPOTrainer"),
+            trainer="GRPOTrainer", role=RLVR),
     RunKind("opd", "OPD", needs_teacher=True, is_control=False,
             trainer="OPDTrainer", divergence=True),
     RunKind("masked", "masked OPD", needs_teacher=True, is_control=False,
@@ -41,6 +47,8 @@ RUN_KINDS = {kind.name: kind for kind in (
 # An external run is shown as the kind its config declares (external.<name>.kind), or "other".
 OPD, EXTERNAL, OTHER = "opd", "external", "other"
 CONTROLS = tuple(k for k, kind in RUN_KINDS.items() if kind.is_control)
+# The method of each role (an external run declares a method, so it takes its role too).
+ROLE_METHOD = {kind.role: k for k, kind in RUN_KINDS.items() if kind.role}
 SWEEP_KINDS = (OPD, *CONTROLS)  # the matched-gain grid's default methods, in run order
 DELTA_KINDS = tuple(k for k, kind in RUN_KINDS.items() if kind.delta_method)
 # Methods compared on a matched budget: trained, delta-compared (the sweep grid's kinds).

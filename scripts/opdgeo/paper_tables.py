@@ -25,7 +25,7 @@ from opdgeo.delta.columns import (
     summary_name,
 )
 from opdgeo.delta.grouping import overlap_metrics
-from opdgeo.kinds import EXTERNAL
+from opdgeo.kinds import EXTERNAL, OFFLINE_DISTILLATION, RLVR, ROLE_METHOD
 from opdgeo.stats import percentile_interval, seed_interval
 from opdgeo.tables import write_table
 from opdgeo.tidy import (
@@ -72,6 +72,9 @@ _, PAPER_ADAMW_STATE = paper_reference("adamw_state")  # diagnostic -> mean over
 _, PAPER_SOURCES = paper_reference("source_models")  # paper run -> its source checkpoint
 
 PAPER_NULL_TABLE = "table_paper_rounding_null"
+# The paper's run of each control's role (opdgeo.kinds), by our method: its language row.
+ROLE_RUNS = {ROLE_METHOD[OFFLINE_DISTILLATION]: "Qwen-Math offline distill",
+             ROLE_METHOD[RLVR]: "DeepScaleR RLVR"}
 
 # Our global delta columns, in the order of the paper's table: (summary column, header); the
 # scale to the header's unit comes from the metric registry.
@@ -112,9 +115,9 @@ TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap"
 
 
 def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, str]:
-    """Run -> the paper's run it corresponds to. By default: SFT -> offline distillation,
-    GRPO -> DeepScaleR RLVR, OPD on the primary teacher and optimizer -> DS-Qwen OPD, OPD on
-    another teacher -> DS-Qwen OPD (JustRL teacher), external runs by their declared kind.
+    """Run -> the paper's run it corresponds to. By default: the offline-distillation control
+    (SFT) -> offline distillation, the RLVR control (GRPO) -> DeepScaleR RLVR (ROLE_RUNS), OPD
+    on the primary teacher and optimizer -> DS-Qwen OPD, OPD on another teacher -> DS-Qwen OPD (JustRL teacher), external runs by their declared kind.
     Vision-language pairs: the primary OPD run -> Qwen2.5-VL OPD, the others none (the paper
     has no other vision-language row). `overrides` (plots.paper_match) maps a run or run group
     to a paper row ("" for none)."""
@@ -129,10 +132,8 @@ def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, 
             primary_run = row.kind == "opd" and row.optimizer == primary_optimizer.get(row.pair)
             paper = "Qwen2.5-VL OPD" if primary_run and \
                 row.teacher == primary_teacher.get(row.pair) else None
-        elif row.method == "sft":
-            paper = "Qwen-Math offline distill"
-        elif row.method == "grpo":
-            paper = "DeepScaleR RLVR"
+        elif row.method in ROLE_RUNS:
+            paper = ROLE_RUNS[row.method]
         elif row.kind == "external" and row.method == "opd":
             paper = "DS-Qwen OPD"
         elif row.kind == "opd" and row.optimizer == primary_optimizer.get(row.pair):
@@ -327,8 +328,8 @@ def paper_arm(arm: str, info: pd.DataFrame) -> str:
     `run-grpo` arm (the mask of an RLVR run), as the pair's own GRPO control's would be."""
     head, _, run = arm.partition("-")
     method = info.loc[info["run"] == run, "method"]
-    if head in ("run", "random") and len(method) and method.iloc[0] == "grpo":
-        return f"{head}-grpo"
+    if head in ("run", "random") and len(method) and method.iloc[0] == ROLE_METHOD[RLVR]:
+        return f"{head}-{ROLE_METHOD[RLVR]}"
     return arm
 
 
@@ -361,6 +362,9 @@ def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
         elif row.experiment == "masked retraining":
             peak, late = PAPER_MASKED.get(key, (None, None))
             densities.append(PAPER_MASK_DENSITY.get(key))
+        elif row.pair in vision_pairs:  # the paper ablated the optimizer on DS-Qwen only
+            peak, late = None, None
+            densities.append(None)
         else:
             peak, late = PAPER_OPTIMIZER.get(key, (None, None))  # the paper gives the final
             densities.append(None)
