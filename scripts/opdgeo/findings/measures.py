@@ -1,0 +1,77 @@
+"""Delta measures the findings read beyond delta_global's metrics, recomputed from
+per-tensor rows: F1's ratio of relative norms, F3's energy spread, the matrix ratios of F6
+and F7. Each works per resample of a run's tensors (opdgeo.tidy.tensor_bootstrap)."""
+
+import math
+
+import pandas as pd
+
+from opdgeo.delta.columns import (
+    PRINCIPAL_PROJECTION,
+    RELATIVE_NORM,
+    TOP16_ENERGY,
+)
+from opdgeo.tidy import (
+    delta_summary,
+)
+
+NAN = math.nan
+
+# Delta measures beyond delta_global's metrics, recomputed from per-tensor rows (delta_measures)
+F1_RATIO, TOP16_RATIO, PROJECTION_RATIO = "f1_ratio", "top16_ratio", "projection_ratio"
+SPREAD = {"layer": "spread_layer", "block": "spread_block", "ffn": "spread_ffn"}
+
+
+def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.DataFrame:
+    """Every delta measure the findings read, per resample of the run's tensors (rows with a
+    `resample` column; opdgeo.tidy.tensor_bootstrap): delta_global's metrics as the analysis
+    aggregates them, the energy spread of F3, the matrix ratios of F6 and F7, and F1's ratio
+    of relative norms to the comparator's (its rows among `rows`, drawn by the same tensor
+    names)."""
+    summary = delta_summary(rows)
+    own = rows[rows["run"] == run]
+    out = summary.xs(run, level="run").copy()
+    out[F1_RATIO] = out[RELATIVE_NORM] / summary.xs(comparator, level="run")[RELATIVE_NORM] \
+        if comparator in set(rows["run"]) else NAN
+    out[TOP16_RATIO] = matrix_ratio(own, TOP16_ENERGY, f"shuffle_null_{TOP16_ENERGY}")
+    out[PROJECTION_RATIO] = matrix_ratio(own, PRINCIPAL_PROJECTION,
+                                         f"isotropic_null_{PRINCIPAL_PROJECTION}")
+    return out.join(energy_spread(own).rename(columns=SPREAD))
+
+
+def matrix_ratio(rows: pd.DataFrame, observed: str, null: str) -> pd.Series:
+    """Per resample (rows: tensor rows with a `resample` column): the mean over matrices of
+    `observed`, over the mean of each matrix's own null; 1 for a delta that is its own null.
+    (A median of per-matrix ratios would carry the noise of one null draw per matrix, and a
+    chi-square median's bias below its mean.)"""
+    if not {observed, null} <= set(rows.columns):
+        return pd.Series(dtype=float)
+    means = rows.dropna(subset=[observed, null]).groupby("resample")[[observed, null]].mean()
+    return means[observed] / means[null]
+
+
+# Blocks of the repeated layers: their energy is compared with their parameter share (the
+# embedding moves only in the rows of the tokens a task uses, and norms are tiny).
+LAYER_BLOCKS = ("attention", "ffn")
+
+
+def energy_spread(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per resample (rows: tensor rows with a `resample` column): energy share / parameter
+    share of the least-moved layer and least-moved block (attention, FFN), and of the FFN
+    block; over the tensors of those blocks only."""
+    rows = rows[rows["block"].isin(LAYER_BLOCKS)]
+    names = ["layer", "block", "ffn"]
+    if rows.empty:
+        return pd.DataFrame(columns=names, dtype=float)
+
+    def ratios(key):
+        sums = rows.groupby(["resample", key])[["delta_energy", "numel"]].sum()
+        totals = sums.groupby(level="resample").transform("sum")
+        shares = sums / totals.where(totals > 0)
+        return shares["delta_energy"] / shares["numel"]
+
+    blocks = ratios("block")
+    ffn = blocks.xs("ffn", level="block") if "ffn" in set(rows["block"]) else NAN
+    return pd.DataFrame({"layer": ratios("layer").groupby(level="resample").min(skipna=False),
+                         "block": blocks.groupby(level="resample").min(skipna=False),
+                         "ffn": ffn}, columns=names)
