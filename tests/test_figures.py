@@ -208,6 +208,11 @@ def test_vision_language_interventions_use_the_papers_vl_numbers(full):
     language = table[(table["pair"] == "addition")
                      & (table["experiment"] == "masked retraining")].set_index("arm")
     assert language.loc["opd", "paper: peak %"] == pytest.approx(35.10)
+    # the paper ablated the optimizer on DS-Qwen only: nothing beside the VL pair's AdamW/SGD
+    ablation = table[table["experiment"] == "optimizer ablation"]
+    assert set(ablation["pair"]) == {"addition", "squares"}
+    assert ablation.loc[ablation["pair"] == "squares", "paper: peak %"].isna().all()
+    assert ablation.loc[ablation["pair"] == "addition", "paper: peak %"].notna().all()
 
 
 def test_mask_overlap_table_both_directions_over_seeds():
