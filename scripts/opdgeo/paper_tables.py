@@ -117,7 +117,8 @@ TABLE_NAMES = ("table_global_delta", "table_module_energy", "table_mask_overlap"
 def paper_match(info: pd.DataFrame, overrides: dict | None = None) -> dict[str, str]:
     """Run -> the paper's run it corresponds to. By default: the offline-distillation control
     (SFT) -> offline distillation, the RLVR control (GRPO) -> DeepScaleR RLVR (ROLE_RUNS), OPD
-    on the primary teacher and optimizer -> DS-Qwen OPD, OPD on another teacher -> DS-Qwen OPD (JustRL teacher), external runs by their declared kind.
+    on the primary teacher and optimizer -> DS-Qwen OPD, OPD on another teacher -> DS-Qwen
+    OPD (JustRL teacher), external runs by their declared kind.
     Vision-language pairs: the primary OPD run -> Qwen2.5-VL OPD, the others none (the paper
     has no other vision-language row). `overrides` (plots.paper_match) maps a run or run group
     to a paper row ("" for none)."""
