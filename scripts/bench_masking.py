@@ -43,7 +43,7 @@ def tiny_opd_trainer(student, teacher, tokenizer, out_dir, *, steps: int, callba
         learning_rate=learning_rate, weight_decay=weight_decay, optim="adamw_torch",
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=max_grad_norm, logging_steps=1,
         save_strategy="no", report_to=[], bf16=False, use_cpu=True, seed=seed, data_seed=seed,
-        gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+        activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
         beta=1.0, temperature=1.0, max_completion_length=answer_length(DIGITS) + 1,
         top_k=0, top_p=1.0,
     )

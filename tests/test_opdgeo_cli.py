@@ -113,3 +113,15 @@ def test_training_prints_a_progress_line_every_twentieth_of_its_steps(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == [f"step {s}/40" for s in range(2, 41, 2)]
     assert lines[-1].startswith("step 40/40 (100%), ") and lines[-1].endswith(", 0 s left")
+
+
+def test_figure_list_names_every_figure_and_its_tables_without_other_arguments(capsys):
+    from opdgeo.figures import FIGURES
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["figure", "--list"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(FIGURES)
+    for line, (_, reads) in zip(lines, FIGURES.values(), strict=True):
+        assert f"reads {', '.join(reads)}: " in line and not line.endswith(": ")

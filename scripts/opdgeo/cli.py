@@ -8,6 +8,7 @@ Snakemake's back.
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ EXAMPLES = {
                 "--evaluation '{\"k\": 4, ...}' --out eval.csv",
     "collect": "opdgeo collect csv results/eval/runs/*.csv --out results/tables/evaluation.csv",
     "runs": "opdgeo runs --config '{\"pairs\": ..., \"models\": ...}' --out runs.csv",
-    "figure": "opdgeo figure fig1_overview --tables results/tables --out results/figures/fig1",
+    "figure": "opdgeo figure fig1_overview --tables results/tables --out results/figures/fig1 "
+              "(opdgeo figure --list: every figure)",
     "paper-tables": "opdgeo paper-tables --tables results/tables --out results/tables",
     "paper-null": "opdgeo paper-null --std 0.02 0.01 --out results/tables",
     "findings": "opdgeo findings --tables results/tables --out results/findings",
@@ -236,6 +238,23 @@ def cmd_rehearse(args):
     print(f"wrote {rehearse(args.study, args.out)}")
 
 
+class _ListFigures(argparse.Action):
+    """`opdgeo figure --list`: prints and exits before the required arguments are asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from opdgeo.figures import FIGURES
+
+        width = max(map(len, FIGURES))
+        for name, (function, reads) in FIGURES.items():
+            paragraph = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
+            shows = re.split(r"(?<=[.?])\s", paragraph)[0]
+            print(f"{name:<{width}}  reads {', '.join(reads)}: {shows}")
+        parser.exit()
+
+
 def _render_arguments(p):
     p.add_argument("--tables", type=Path, required=True, help="folder of the tidy tables")
     p.add_argument("--plots", type=_json, default={}, help="config['plots']")
@@ -332,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")
-    p.add_argument("name", help="figure name (opdgeo.figures.FIGURES)")
+    p.add_argument("name", help="figure name (opdgeo.figures.FIGURES; --list lists them)")
+    p.add_argument("--list", action=_ListFigures, help="list the figures, the tidy tables each "
+                   "reads and what it shows, and exit")
     _render_arguments(p)
     p.set_defaults(handler=cmd_figure)
 

@@ -89,7 +89,9 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
         use_cpu=device == "cpu",
         seed=seed,
         data_seed=seed,
-        gradient_checkpointing=training.get("gradient_checkpointing", False),
+        # transformers 5 renamed gradient checkpointing; naming the new one also overrides TRL's
+        # config default under the old name, which would warn in every run
+        activation_checkpointing=training.get("gradient_checkpointing", False),
         dataloader_num_workers=0,
         disable_tqdm=not on_terminal(),
         **extra,
