@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from test_train import TASK, spec
 
 from opdgeo.cli import main
-from opdgeo.delta.cli import HEADLINE_KEYS
+from opdgeo.delta import columns
 from opdgeo.version import package_version
 
 
@@ -21,7 +21,8 @@ def write_inputs(tmp_path, run):
     pd.concat([scores(run, 2, 0.5, 0.4), scores(run, 4, 0.75, 0.625)]).to_csv(
         tmp_path / "eval.csv", index=False)
     scores("s", 0, 0.25, 0.125).to_csv(tmp_path / "source.csv", index=False)
-    summary = dict(zip(HEADLINE_KEYS, (0.0123, 0.875, 0.5, 0.25, 0.0625), strict=True))
+    summary = dict(zip(map(columns.summary_name, columns.HEADLINE),
+                       (0.0123, 0.875, 0.5, 0.25, 0.0625), strict=True))
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     (tmp_path / "final").mkdir()
 

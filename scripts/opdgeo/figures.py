@@ -26,13 +26,13 @@ from opdgeo.delta import columns  # noqa: E402
 from opdgeo.delta.columns import (  # noqa: E402
     HEADLINE_RATIO,
     LOW_MAGNITUDE_COVERAGE,
-    MODULE_FIGURE,
     PRINCIPAL_COVERAGE,
     PRINCIPAL_PROJECTION,
     RELATIVE_NORM,
     SPARSITY,
     TOP16_ENERGY,
     axis_label,
+    module_figure,
     summary_name,
 )
 from opdgeo.kinds import DELTA_KINDS, METHOD_ORDER, TRAINED_METHODS  # noqa: E402
@@ -467,7 +467,8 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = _delta_runs(info)
     modules = modules[modules["run"].isin(runs["run"])] if not modules.empty else modules
-    rows = math.ceil(len(MODULE_FIGURE) / 4)
+    panels = module_figure()
+    rows = math.ceil(len(panels) / 4)
     fig, axes = plt.subplots(rows, 4, figsize=(20, 4.25 * rows), squeeze=False)
     if modules.empty:
         for ax in axes.flat:
@@ -481,9 +482,9 @@ def appendix_module_metrics(modules: pd.DataFrame, info: pd.DataFrame, plots: di
     groups = [g for g in groups if g in set(table["series"])]
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(modules))
-    for ax in axes.flat[len(MODULE_FIGURE):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, column in zip(axes.flat, MODULE_FIGURE, strict=False):
+    for ax, column in zip(axes.flat, panels, strict=False):
         if column not in table:
             note(ax, f"{column} not in modules.csv")
             continue

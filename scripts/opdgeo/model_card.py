@@ -14,7 +14,6 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from opdgeo.config import RunSpec, split_reference
 from opdgeo.delta import columns
-from opdgeo.delta.cli import HEADLINE_KEYS
 from opdgeo.kinds import RUN_KINDS
 from opdgeo.version import describe
 
@@ -98,21 +97,12 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
           for metric, value in final.items()), "",
         "## Parameter delta (this checkpoint minus the source)", "",
         "| measure | value |", "|---|---|",
-        *(f"| {_cell(columns.axis_label(key))} | {_number(_scaled(key, summary.get(key)))} |"
-          for key in HEADLINE_KEYS), "",
+        *(columns.markdown_row(key, summary.get(key)) for key in map(columns.summary_name,
+                                                                    columns.HEADLINE)), "",
         "Definitions: docs/study.md section 3 of the opdgeo repository; every number of the "
         "analysis is in its `results/analysis/<run>/final/summary.json`.", "",
     ]
     return ModelCard("\n".join(lines))
-
-
-def _cell(text: str) -> str:
-    """Text for a Markdown table cell (|ΔW| would end the cell)."""
-    return text.replace("|", "\\|")
-
-
-def _scaled(key: str, value):
-    return None if value is None else value * columns.metric(key).scale
 
 
 def write_model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None,

@@ -1,6 +1,7 @@
 """The metric registry: it declares exactly the columns the analysis writes, and grouping
 aggregates each column as declared."""
 
+import json
 import math
 import subprocess
 import sys
@@ -8,13 +9,15 @@ import sys
 import numpy
 import pandas as pd
 import pytest
+import tidy_fixtures
 from delta_checkpoints import perturbed, save_checkpoint, small_model
 from safetensors.torch import save_file
 
-from opdgeo import naming
+from opdgeo import figures, naming
 from opdgeo.delta import columns, grouping
 from opdgeo.delta.analyze import analyze_checkpoints
 from opdgeo.delta.grouping import aggregate
+from opdgeo.tidy import run_info
 
 
 def test_registry_declares_every_column_the_analysis_writes_and_no_other(tmp_path):
@@ -129,3 +132,93 @@ def test_energy_shares_by_block_and_by_module_type():
                 "type_energy_share/attention": 1.5, "type_energy_share/other": 0.25,
                 "type_energy_share/norm": 0.25}
     assert shares.to_dict() == pytest.approx({k: v / total for k, v in expected.items()})
+
+
+SCRATCH_MODULE = '''"""An extension's metrics, declared in one file of its own."""
+from opdgeo.delta import columns
+
+LARGEST_SOURCE = columns.declare(
+    "scratch_largest_source", "max", "largest |W_src|", "weight units", 1, panel=True,
+    compute=lambda source, trained: source.float().abs().max())
+CHANGED = columns.declare(
+    "scratch_changed", "sum", "changed coordinates", "count", 1,
+    compute=lambda source, trained: (trained != source).sum())
+'''
+
+
+@pytest.fixture
+def scratch_metrics(tmp_path, monkeypatch):
+    """Import SCRATCH_MODULE as an extension would; the registry is restored afterwards."""
+    saved = dict(columns.METRICS)
+    (tmp_path / "scratch_metrics.py").write_text(SCRATCH_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield __import__("scratch_metrics")
+    sys.modules.pop("scratch_metrics")
+    columns.METRICS.clear()
+    columns.METRICS.update(saved)
+
+
+def test_a_metric_declared_in_a_scratch_module_reaches_every_table_and_the_module_figure(
+        scratch_metrics, tmp_path, monkeypatch):
+    """No other edit: the per-tensor table, the group tables, summary.json (hence
+    delta_global) and a panel of the per-module figure."""
+    largest, changed = scratch_metrics.LARGEST_SOURCE, scratch_metrics.CHANGED
+    source = small_model(layers=1)
+    trained = perturbed(source)
+    save_checkpoint(tmp_path / "source", source)
+    save_checkpoint(tmp_path / "trained", trained)
+    frames = tidy_fixtures.tables(tidy_fixtures.config(arms=()))
+    run = frames["runs"]["run"].iloc[0]
+    out = tmp_path / "out"
+    analyze_checkpoints(tmp_path / "source", tmp_path / "trained", out, device="cpu",
+                        nulls=False, run=run)
+
+    tensors = pd.read_csv(out / "tensors.csv").set_index("name")
+    for name, tensor in source.items():
+        expected = float(tensor.float().abs().max())
+        assert tensors.loc[naming.canonical_name(name), largest] == expected, name
+        assert tensors.loc[naming.canonical_name(name), changed] == \
+            int((trained[name] != tensor).sum()), name
+    for table, key in (("layers", "layer"), ("modules", "module"), ("blocks", "block")):
+        grouped = pd.read_csv(out / f"{table}.csv").set_index(key)
+        by_group = tensors.groupby(key)
+        assert grouped[largest].to_dict() == by_group[largest].max().to_dict(), table
+        assert grouped[changed].to_dict() == by_group[changed].sum().to_dict(), table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[largest] == tensors[largest].max()
+    assert summary[changed] == tensors[changed].sum() > 0
+
+    drawn = {}
+
+    def keep(fig, path, plots):
+        drawn["fig"] = fig
+        return [path]
+
+    monkeypatch.setattr(figures, "save", keep)
+    modules = pd.read_csv(out / "modules.csv")
+    figures.render("appendix_module_metrics", {"modules": modules}, run_info(frames["runs"]),
+                   {"formats": ["png"]}, tmp_path / "figure")
+    panels = {ax.get_ylabel(): ax for ax in drawn["fig"].axes}
+    panel = panels[columns.axis_label(largest)]
+    heights = sorted(bar.get_height() for bar in panel.patches)
+    assert heights == sorted(modules.set_index("module")[largest].dropna())
+    assert heights[-1] > 0
+
+
+def test_declare_rejects_an_unknown_aggregation_an_energy_without_its_sums_and_a_repeat():
+    before = dict(columns.METRICS)
+    with pytest.raises(ValueError, match="aggregation 'mode' is not one of"):
+        columns.declare("x", "mode", "x")
+    with pytest.raises(ValueError, match="energy metric 'y' needs `of`"):
+        columns.declare("y", "energy", "y", of=(columns.SPARSITY, None))  # not a sum
+    with pytest.raises(ValueError, match="declared twice"):
+        columns.declare(columns.SPARSITY, "count", "again")
+    assert columns.METRICS == before
+
+
+def test_an_aggregation_without_a_function_is_an_error(monkeypatch):
+    monkeypatch.setitem(columns.METRICS, "odd", columns.Metric("odd", "mode", "odd"))
+    tensors = pd.DataFrame({"name": ["a"], "layer": [0], "module": ["q"], "block": ["attention"],
+                            "shape": ["2x2"], "numel": [4], "odd": [0.5]})
+    with pytest.raises(ValueError, match="aggregation mode has no function in"):
+        aggregate(tensors, ["module"])

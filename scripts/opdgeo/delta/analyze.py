@@ -24,10 +24,14 @@ from opdgeo.delta.columns import (
     HEADLINE_ATOL,
     HEADLINE_RATIO,
     MASK_RATIOS,
+    METRICS,
     SHUFFLE_NULL_KEYS,
+    SUMMARY_ROWS,
     coverage_suffix,
     flatten,
+    markdown_row,
     ratio_label,
+    summary_name,
     threshold_label,
 )
 from opdgeo.delta.geometry import principal_projection, rotation_and_drift
@@ -147,6 +151,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
         masks = geometry.masks
     else:
         masks = coordinate_masks(source)
+    # metrics an extension declares with their own `compute` (opdgeo.delta.columns)
+    row |= {m.name: float(m.compute(source, trained)) for m in METRICS.values() if m.compute}
     # An intermediate checkpoint reads dW in three passes (statistics, spectrum, projection),
     # so it is held whole once in float32 (in place of the trained tensor) instead of cast
     # and subtracted in each.
@@ -365,31 +371,12 @@ def with_run(table: pd.DataFrame, run: str | None) -> pd.DataFrame:
                      axis=1)
 
 
-SUMMARY_ROWS = (
-    ("relative Frobenius norm of dW", "relative_norm"),
-    ("sparsity (abs dW <= 1e-5)", "sparsity_atol_1e-5"),
-    ("exact zeros", "exact_zero_fraction"),
-    ("top-16 spectral energy (median)", "top16_energy_median"),
-    ("stable rank (median)", "stable_rank_median"),
-    ("numerical rank / min(m, n) (median)", "numerical_rank_fraction_median"),
-    ("principal projection at 10% (median)", "principal_projection_10pct_median"),
-    ("  isotropic null", "isotropic_null_principal_projection_10pct_median"),
-    ("principal coverage at 10%", "principal_coverage_10pct"),
-    ("  rounding null", "rounding_null_principal_coverage_10pct"),
-    ("low-magnitude coverage at 10%", "low_magnitude_coverage_10pct"),
-    ("  rounding null", "rounding_null_low_magnitude_coverage_10pct"),
-    ("  exact rounding null", "exact_null_low_magnitude_coverage_10pct"),
-    ("subspace rotation at 10% (median)", "subspace_rotation_10pct_median"),
-)
-
-
 def summary_markdown(result: dict) -> str:
     lines = [f"# Delta analysis: {result['trained']} - {result['source']}", "",
              f"{result['tensor_count']} tensors, {result['num_params']:,} parameters, "
              f"analysed in {result['dtype']}.", "", "| metric | value |", "|---|---|"]
-    for label, key in SUMMARY_ROWS:
-        if result.get(key) is not None:
-            lines.append(f"| {label} | {result[key]:.6g} |")
+    lines += [markdown_row(key, result[key], digits=6) for key in map(summary_name, SUMMARY_ROWS)
+              if result.get(key) is not None]
     if result.get("zero_delta_matrix_count"):
         lines.append(f"| matrices with a zero delta (not in the rank medians) | "
                      f"{result['zero_delta_matrix_count']} |")

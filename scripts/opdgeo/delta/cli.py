@@ -14,11 +14,6 @@ from opdgeo.delta import columns
 
 # No torch import here: every `opdgeo` command builds this parser, tables and figures too.
 
-HEADLINE_KEYS = (columns.RELATIVE_NORM, columns.SPARSITY,
-                 columns.summary_name(columns.TOP16_ENERGY), columns.PRINCIPAL_COVERAGE,
-                 columns.LOW_MAGNITUDE_COVERAGE)
-
-
 def _report(args: argparse.Namespace):
     """Where the human-readable lines go: standard error when --json keeps stdout for JSON."""
     return sys.stderr if args.json else sys.stdout
@@ -47,7 +42,7 @@ def run_analyze(args: argparse.Namespace) -> None:
         report = _report(args)
         print(f"wrote {args.out} ({result['tensor_count']} tensors, {result['seconds']:.1f} s)",
               file=report)
-        for key in HEADLINE_KEYS:
+        for key in map(columns.summary_name, columns.HEADLINE):
             print(f"  {key}: {result.get(key)}", file=report)
         if args.json:
             print((args.out / "summary.json").read_text(), end="")

@@ -28,39 +28,24 @@ GROUPINGS = {
 
 def aggregate(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """One summary row per group of tensors (keys [] -> one row for all), each column
-    aggregated as opdgeo.delta.columns declares (an undeclared column is an error)."""
+    aggregated as opdgeo.delta.columns declares it (an undeclared column, or an aggregation
+    without a function in AGGREGATORS, is an error)."""
     frame = tensors.assign(_all=0)
     by = [frame[k] for k in keys] if keys else [frame["_all"]]
     grouped = frame.groupby(by, sort=True)
-    sums = grouped[["numel", "delta_energy", "source_energy"]].sum()
-    total_energy = frame["delta_energy"].sum()
-    out = pd.DataFrame({
-        "tensor_count": grouped.size(),
-        "numel": sums["numel"],
-        "delta_energy": sums["delta_energy"],
-        "source_energy": sums["source_energy"],
-        "energy_share": sums["delta_energy"] / total_energy if total_energy > 0 else math.nan,
-        "relative_norm": np.sqrt(sums["delta_energy"] / sums["source_energy"]),
-        "rms": np.sqrt(sums["delta_energy"] / sums["numel"]),
-        "linf": grouped["linf"].max(),
-    })
-    rest = [c for c in frame.columns if c not in out.columns and c not in KEY_COLUMNS
-            and c not in ("_all", *keys)]
-    how = {c: metric(c).aggregation for c in rest}
-    weighted = [c for c in rest if how[c] in ("count", "update")]
-    medians = [c for c in rest if how[c] == "median"]
-    matrix = is_matrix(frame["shape"])
-    weights = pd.DataFrame({c: _update_weight(frame, c).where(matrix, 0.0)
-                            if how[c] == "update" else frame["numel"] for c in weighted})
-    weights = weights.where(frame[weighted].notna() & (weights > 0), 0.0)
-    numerators = (frame[weighted].fillna(0.0) * weights).groupby(by, sort=True).sum()
-    denominators = weights.groupby(by, sort=True).sum()
-    matrix_medians = [c for c in rest if metric(c).matrix_median]
-    over_matrices = frame[matrix_medians].where(matrix).groupby(by, sort=True).median()
+    declared = {c: metric(c).aggregation for c in frame.columns
+                if c not in KEY_COLUMNS and c not in ("_all", *keys)}
+    unknown = set(declared.values()) - {kind for kinds, _ in AGGREGATORS for kind in kinds}
+    if unknown:
+        raise ValueError(f"aggregation {', '.join(sorted(unknown))} has no function in "
+                         "opdgeo.delta.grouping.AGGREGATORS: add one there")
+    parts = [grouped.size().rename("tensor_count")]
+    for kinds, function in AGGREGATORS:
+        if function is not None:
+            parts.append(function(frame, grouped, by,
+                                  [c for c, a in declared.items() if a in kinds]))
     # one concat, not ~100 column insertions (which fragment the frame)
-    out = pd.concat([out, numerators / denominators.where(denominators > 0),
-                     grouped[medians].median(), over_matrices.add_suffix("_median")], axis=1)
-    out = add_enrichment(out)
+    out = add_enrichment(pd.concat(parts, axis=1))
     if not keys:
         return out.reset_index(drop=True)
     return out.rename_axis(keys).reset_index()
@@ -70,6 +55,72 @@ def is_matrix(shapes: pd.Series) -> pd.Series:
     """Which tensors (their `shape` column, "m x n") are matrices, the only tensors in the
     2-D measures: a tensor of 3+ dimensions (a convolution kernel) is none, as in the paper."""
     return shapes.astype(str).str.count("x") == 1
+
+
+def _sums(frame, grouped, by, names) -> pd.DataFrame:
+    return grouped[names].sum()
+
+
+def _energies(frame, grouped, by, names) -> pd.DataFrame:
+    """Every declared energy metric whose summed columns the tensors have (a per-tensor
+    value, where present, is recomputed from the group's sums)."""
+    energies = {}
+    for declared in METRICS.values():
+        if declared.aggregation != "energy" or not set(declared.of) - {None} <= set(frame):
+            continue
+        numerator, denominator = declared.of
+        sums = grouped[numerator].sum()
+        if denominator is None:  # a share of the whole
+            total = frame[numerator].sum()
+            value = sums / total if total > 0 else math.nan
+        else:
+            value = sums / grouped[denominator].sum()
+        energies[declared.name] = np.sqrt(value) if declared.root else value
+    return pd.DataFrame(energies, index=grouped.size().index)
+
+
+def _maxima(frame, grouped, by, names) -> pd.DataFrame:
+    return grouped[names].max()
+
+
+def _weighted_means(frame, grouped, by, names) -> pd.DataFrame:
+    """count: weighted by parameter count; update: over the matrices, weighted by each
+    matrix's updates."""
+    matrix = is_matrix(frame["shape"])
+    weights = pd.DataFrame({c: _update_weight(frame, c).where(matrix, 0.0)
+                            if metric(c).aggregation == "update" else frame["numel"]
+                            for c in names}, index=frame.index)
+    weights = weights.where(frame[names].notna() & (weights > 0), 0.0)
+    numerators = (frame[names].fillna(0.0) * weights).groupby(by, sort=True).sum()
+    denominators = weights.groupby(by, sort=True).sum()
+    return numerators / denominators.where(denominators > 0)
+
+
+def _medians(frame, grouped, by, names) -> pd.DataFrame:
+    return grouped[names].median()
+
+
+def _matrix_medians(frame, grouped, by, names) -> pd.DataFrame:
+    """`<name>_median`: the median over the matrices of each pooled column that asks for it
+    (`matrix_median`), each matrix counted once."""
+    names = [c for c in names if metric(c).matrix_median]
+    matrix = is_matrix(frame["shape"])
+    return frame[names].where(matrix).groupby(by, sort=True).median() \
+        .add_suffix("_median")
+
+
+# How tensors combine under each aggregation of opdgeo.delta.columns.AGGREGATIONS, in the
+# order of the output's columns (count and update in one pass, in the tensors' column order);
+# ratio (enrichment) is recomputed from the aggregated columns by add_enrichment.
+AGGREGATORS = (
+    (("sum",), _sums),
+    (("energy",), _energies),
+    (("max",), _maxima),
+    (("count", "update"), _weighted_means),
+    (("median",), _medians),
+    (("update",), _matrix_medians),
+    (("ratio",), None),
+)
 
 
 def _update_weight(rows: pd.DataFrame, column: str) -> pd.Series:
