@@ -180,11 +180,47 @@ def test_first_moment_cosine_is_between_consecutive_adamw_steps(tmp_path):
               if r["metric"] == "m1_cosine" and r["block"] == "all"}
     assert sorted(logged) == [3, 6, 7]
     float32 = torch.finfo(torch.float32).eps
+
+    def cosine(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
     for step, value in logged.items():
-        before, now = moments[step - 1], moments[step]
-        expected = float(before @ now / (before.norm() * now.norm()))
-        assert value == pytest.approx(expected, rel=16 * float32, abs=16 * float32), step
+        assert value == pytest.approx(cosine(moments[step - 1], moments[step]),
+                                      rel=16 * float32, abs=16 * float32), step
     assert {int(r["step"]) for r in rows if r["metric"] == "m2_cv"} == {3, 6, 7}
+    # the longer lags: against the logged step before (3 steps, 1 at the last) and against
+    # the first logged step, neither at the first logged step itself
+    for metric, references in (("m1_cosine_interval", {6: 3, 7: 6}),
+                               ("m1_cosine_first", {6: 3, 7: 3})):
+        lagged = {int(r["step"]): float(r["value"]) for r in rows
+                  if r["metric"] == metric and r["block"] == "all"}
+        assert sorted(lagged) == sorted(references), metric
+        for step, reference in references.items():
+            assert lagged[step] == pytest.approx(cosine(moments[reference], moments[step]),
+                                                 rel=16 * float32, abs=16 * float32), metric
+    # the step-before cosine keeps ~beta1 of the moment; a longer lag lets it turn further
+    assert logged[6] > 0.5
+
+
+def test_a_resumed_run_has_no_fixed_reference(tmp_path):
+    """After a resume the first logged step was never seen: no cosine against it, while the
+    other lags resume from the references this process sees."""
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    callback = OptimizerStateCallback(tmp_path / "state.csv", "toy", every=2)
+    state, control = TrainerState(max_steps=10, global_step=4), TrainerControl()
+    callback.on_train_begin(None, state, control)
+    for step in range(5, 11):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).sum().backward()
+        optimizer.step()
+        state.global_step = step
+        callback.on_step_end(None, state, control, model=model, optimizer=optimizer)
+    rows = list(csv.DictReader((tmp_path / "state.csv").open()))
+    metrics = {(int(r["step"]), r["metric"]) for r in rows if r["block"] == "all"}
+    assert not any(metric == "m1_cosine_first" for _, metric in metrics)
+    assert {(8, "m1_cosine_interval"), (10, "m1_cosine_interval"), (6, "m1_cosine")} <= metrics
+    assert (6, "m1_cosine_interval") not in metrics  # step 4 was logged before the resume
 
 
 def test_data_order_of_a_resumed_pass_is_the_uninterrupted_one():

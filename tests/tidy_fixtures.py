@@ -131,7 +131,9 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                 for block in ("all", "ffn", "attention"):
                     optimizer += [(name, step, block, "m2_cv", 4 + rng.random())]
                     if step > 10:
-                        optimizer += [(name, step, block, "m1_cosine", 0.9 - step / 50)]
+                        optimizer += [(name, step, block, "m1_cosine", 0.9 - step / 50),
+                                      (name, step, block, "m1_cosine_interval", 0.8 - step / 50),
+                                      (name, step, block, "m1_cosine_first", 1 - step / 40)]
     for name, spec in runs.items():
         modules = MODULES | ({"vision": "vision"} if spec.pair == "squares" else {})
         for layer in range(2):

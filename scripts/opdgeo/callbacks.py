@@ -259,77 +259,109 @@ class GradientMaskCallback(TrainerCallback):
 class OptimizerStateCallback(TrainerCallback):
     """AdamW state every `every` steps: first-moment alignment and second-moment spread.
 
-    - m1_cosine: cosine between exp_avg after this optimizer step and after the one before
-      (consecutive steps, as the paper's "starts ~0.96, ends ~0.01"), over all parameters
-      concatenated and per block; none where the step before was not seen (the first step,
-      a step right after a resume, an early stop's unplanned last step);
+    - first-moment cosines, over all parameters concatenated and per block, between exp_avg
+      after this optimizer step and a reference (LAGS): the step before (`m1_cosine`; with
+      beta1 = 0.9 it stays near 0.9 or above whatever the gradients do, since m_t keeps 0.9 of
+      m_t-1), the logged step before (`m1_cosine_interval`, a lag of `every` steps) and the
+      first logged step (`m1_cosine_first`, a fixed reference). None where the reference was
+      not seen in this process (the first step, a step right after a resume, an early stop's
+      unplanned last step; after a resume, no `m1_cosine_first`);
     - m2_cv: coefficient of variation std / mean of exp_avg_sq over coordinates.
-    Both are streamed parameter by parameter in float64 sums. exp_avg is copied only at the
-    step before each logged step and dropped at the logged step: one model's worth of memory
-    on the training device, held for one step in `every`.
+    Both are streamed parameter by parameter in float64 sums. Memory: exp_avg is copied on the
+    training device at the step before each logged step and dropped at the logged step (one
+    model's worth, held for one step in `every`); the logged step's and the first logged
+    step's copies are float32 in CPU memory (two models' worth).
     Tidy rows: run, step, block ("all" overall), metric, value.
     """
 
     FIELDS = ("run", "step", "block", "metric", "value")
+    # metric -> its reference: the step before, the logged step before, the first logged step
+    LAGS = {"m1_cosine": "previous", "m1_cosine_interval": "logged", "m1_cosine_first": "first"}
 
     def __init__(self, path, run: str, every: int):
         self.path, self.run, self.every = Path(path), run, max(int(every), 1)
         self._previous: dict[int, torch.Tensor] = {}
         self._previous_step: int | None = None
+        self._logged: dict[int, torch.Tensor] = {}  # exp_avg at the last logged step (CPU)
+        self._first: dict[int, torch.Tensor] | None = {}  # at the first logged step (CPU)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             csv.writer(f).writerow(self.FIELDS)
-        self._previous, self._previous_step = {}, None
+        self._previous, self._previous_step, self._logged = {}, None, {}
+        # a resumed run never saw its first logged step: no fixed reference
+        self._first = {} if state.global_step == 0 else None
 
-    def _logged(self, step: int, max_steps: int) -> bool:
+    def _logged_step(self, step: int, max_steps: int) -> bool:
         return step % self.every == 0 or step >= max_steps
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is None or model is None:
             return
         step = state.global_step
-        if self._logged(step, state.max_steps) or control.should_training_stop:
+        if self._logged_step(step, state.max_steps) or control.should_training_stop:
             rows = [(self.run, step, block, metric, value)
                     for block, metric, value in self._measure(model, optimizer, step)]
             with self.path.open("a", newline="") as f:
                 csv.writer(f).writerows(rows)
+            self._keep_references(model, optimizer)
         self._previous, self._previous_step = {}, None
-        if step < state.max_steps and self._logged(step + 1, state.max_steps):
+        if step < state.max_steps and self._logged_step(step + 1, state.max_steps):
             self._previous_step = step
             for param in model.parameters():
                 moments = optimizer.state.get(param, {})
                 if "exp_avg" in moments:
                     self._previous[id(param)] = moments["exp_avg"].detach().clone()
 
+    def _keep_references(self, model, optimizer):
+        """This logged step's exp_avg: the next logged step's reference, and the fixed one
+        when it is the first logged step of the run."""
+        self._logged = {id(p): optimizer.state[p]["exp_avg"].detach().to("cpu", torch.float32,
+                                                                          copy=True)
+                        for p in model.parameters() if "exp_avg" in optimizer.state.get(p, {})}
+        if self._first == {}:
+            self._first = self._logged
+
     def _measure(self, model, optimizer, step: int):
-        sums: dict[str, list[float]] = {}  # block -> [dot, |m|^2, |m_prev|^2, n, sum v, sum v^2]
-        consecutive = self._previous_step == step - 1 and bool(self._previous)
+        references = {
+            "previous": self._previous if self._previous_step == step - 1 else {},
+            "logged": self._logged,
+            "first": self._first or {},
+        }
+        references = {lag: found for lag, found in references.items() if found}
+        # block -> [|m|^2, n, sum v, sum v^2], and per lag [dot, |reference|^2]
+        sums: dict[str, list[float]] = {}
+        lag_sums: dict[tuple[str, str], list[float]] = {}
         for name, param in model.named_parameters():
             moments = optimizer.state.get(param, {})
             if "exp_avg" not in moments:
                 continue  # not AdamW, or no gradient yet
             m = moments["exp_avg"].detach().double()
             v = moments["exp_avg_sq"].detach().double()
-            previous = self._previous.get(id(param)) if consecutive else None
-            previous = previous.double() if previous is not None else None
-            terms = (
-                float((m * previous).sum()) if previous is not None else 0.0,
-                float((m * m).sum()),
-                float((previous * previous).sum()) if previous is not None else 0.0,
-                float(v.numel()),
-                float(v.sum()),
-                float((v * v).sum()),
-            )
+            terms = (float((m * m).sum()), float(v.numel()), float(v.sum()),
+                     float((v * v).sum()))
+            lag_terms = {}
+            for lag, found in references.items():
+                reference = found.get(id(param))
+                if reference is not None:
+                    reference = reference.to(m.device, torch.float64)
+                    lag_terms[lag] = (float((m * reference).sum()),
+                                      float((reference * reference).sum()))
             for block in ("all", classify(name).block):
-                acc = sums.setdefault(block, [0.0] * 6)
+                acc = sums.setdefault(block, [0.0] * 4)
                 for i, term in enumerate(terms):
                     acc[i] += term
-        for block, (dot, mm, pp, n, sv, svv) in sorted(sums.items()):
-            if consecutive:
-                norms = math.sqrt(mm * pp)
-                yield block, "m1_cosine", dot / norms if norms > 0 else float("nan")
+                for lag, (dot, pp) in lag_terms.items():
+                    acc = lag_sums.setdefault((block, lag), [0.0, 0.0])
+                    acc[0] += dot
+                    acc[1] += pp
+        for block, (mm, n, sv, svv) in sorted(sums.items()):
+            for metric, lag in self.LAGS.items():
+                if (block, lag) in lag_sums:
+                    dot, pp = lag_sums[(block, lag)]
+                    norms = math.sqrt(mm * pp)
+                    yield block, metric, dot / norms if norms > 0 else float("nan")
             mean = sv / n
             variance = max(svv / n - mean * mean, 0.0)
             yield block, "m2_cv", math.sqrt(variance) / mean if mean > 0 else float("nan")
