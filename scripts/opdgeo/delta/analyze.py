@@ -21,18 +21,24 @@ import pandas as pd
 import torch
 
 from opdgeo.delta.columns import (
+    COMBINED_DENSITY,
+    DELTA_ENERGY,
     HEADLINE_ATOL,
     HEADLINE_RATIO,
+    LOW_MAGNITUDE_COVERAGE,
     MASK_RATIOS,
     METRICS,
+    PRINCIPAL_COVERAGE,
+    ROUNDING_NULL_SCALE,
     SHUFFLE_NULL_KEYS,
     SUMMARY_ROWS,
-    coverage_suffix,
+    coverage_name,
+    exact_null_sparsity_name,
     flatten,
     markdown_row,
-    ratio_label,
+    null_name,
+    projection_name,
     summary_name,
-    threshold_label,
 )
 from opdgeo.delta.geometry import principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, is_matrix, summary
@@ -112,13 +118,15 @@ class Updates:
         joint = label_sums[: N_CATEGORIES**2].view(N_CATEGORIES, N_CATEGORIES)  # (null, obs)
         return covered_by_atol(joint.sum(0)), covered_by_atol(joint.sum(1))
 
-    def coverage(self, mask: str, label: str, label_sums: torch.Tensor) -> dict[str, float]:
-        """Coverage columns of one mask: observed, and the exact null's when present."""
+    def coverage(self, mask: str, ratio: float, label_sums: torch.Tensor,
+                 with_null: bool = True) -> dict[str, float]:
+        """Coverage columns of one mask: observed, and the exact null's when present (and
+        `with_null`)."""
         covered, null_covered = self.by_atol(label_sums)
-        columns = {f"{mask}_coverage_{label}{coverage_suffix(atol)}": _share(covered[atol], count)
+        columns = {coverage_name(mask, ratio, atol): _share(covered[atol], count)
                    for atol, count in self.counts.items()}
-        if self.exact_null and mask != "combined":
-            columns |= {f"exact_null_{mask}_coverage_{label}{coverage_suffix(atol)}":
+        if self.exact_null and with_null and mask != "combined":
+            columns |= {coverage_name(mask, ratio, atol, "exact"):
                         _share(null_covered[atol], count)
                         for atol, count in self.null_counts.items()}
         return columns
@@ -176,19 +184,16 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     del labels
     updates.counts, updates.null_counts = updates.by_atol(class_counts.sum(dim=1))
     for ratio in MASK_RATIOS:
-        columns = updates.coverage("low_magnitude", ratio_label(ratio),
-                                   class_counts @ masks.low_weights(ratio))
-        row |= {k: v for k, v in columns.items()
-                if ratio == HEADLINE_RATIO or not k.startswith("exact_null_")}
+        row |= updates.coverage("low_magnitude", ratio, class_counts @ masks.low_weights(ratio),
+                                with_null=ratio == HEADLINE_RATIO)
     if updates.exact_null:
         for atol, count in updates.null_counts.items():
-            row[f"exact_null_sparsity_atol_{threshold_label(atol)}"] = 1 - count / numel
+            row[exact_null_sparsity_name(atol)] = 1 - count / numel
     rounding_null = fit_rounding_null(masks.bin_counts, updates.counts[HEADLINE_ATOL],
                                       distribution=rounding_null)
-    label = ratio_label(HEADLINE_RATIO)
     low_count, _, _ = masks.low[MASK_RATIOS.index(HEADLINE_RATIO)]
-    row["rounding_null_scale"] = rounding_null.scale
-    row[f"rounding_null_low_magnitude_coverage_{label}"] = _share(
+    row[ROUNDING_NULL_SCALE] = rounding_null.scale
+    row[null_name("rounding", LOW_MAGNITUDE_COVERAGE)] = _share(
         rounding_null.expected_in_smallest(masks.bin_counts, low_count),
         rounding_null.expected_changed)
     if not matrix:
@@ -213,8 +218,8 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     if nulls:
         isotropic = principal_projection(isotropic_rows(delta_rows, generator),
                                          source_decomposition)
-        row |= {f"isotropic_null_principal_projection_{ratio_label(r)}":
-                isotropic[f"principal_projection_{ratio_label(r)}"] for r in MASK_RATIOS}
+        row |= {null_name("isotropic", projection_name(r)): isotropic[projection_name(r)]
+                for r in MASK_RATIOS}
 
     if not nulls:  # the shuffle null at the end is the delta's last use
         del trained, delta_rows
@@ -222,13 +227,14 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     # Principal mask: top-10% coordinates of |U_k S_k V_k^T| at k = 10% (other ratios would
     # each cost a rank-k product and two passes over the matrix).
     del source_decomposition
-    row |= updates.coverage("principal", label, class_counts @ masks.principal_weights())
-    row[f"rounding_null_principal_coverage_{label}"] = _share(
+    row |= updates.coverage("principal", HEADLINE_RATIO,
+                            class_counts @ masks.principal_weights())
+    row[null_name("rounding", PRINCIPAL_COVERAGE)] = _share(
         rounding_null.expected_changed_in(masks.principal_by_exponent),
         rounding_null.expected_changed)
     union = class_counts @ masks.union_weights(HEADLINE_RATIO)
-    row[f"combined_density_{label}"] = float(union.sum()) / numel
-    row |= updates.coverage("combined", label, union)
+    row[COMBINED_DENSITY] = float(union.sum()) / numel
+    row |= updates.coverage("combined", HEADLINE_RATIO, union)
     if nulls:  # last, with the rest released: it needs the delta whole and a permutation
         del updates, delta_rows
         delta = delta_tensor(source, trained)
@@ -237,7 +243,7 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
             shuffled_rows(delta, tall_rows(delta), generator), exact_svd_max)
         shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
                                             shuffled_complete)
-        row |= {f"shuffle_null_{key}": shuffled_metrics.get(key, math.nan)
+        row |= {null_name("shuffle", key): shuffled_metrics.get(key, math.nan)
                 for key in SHUFFLE_NULL_KEYS}
     return add_enrichment(row)
 
@@ -307,12 +313,12 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     higher = table["shape"].str.count("x") >= 2
     result["rounding_null_sparsity_fit"] = {
         block: float(scale) for block, scale in
-        table.groupby("block")["rounding_null_scale"].median().items()}
+        table.groupby("block")[ROUNDING_NULL_SCALE].median().items()}
     result |= {
         "dtype": dtype, "device": str(torch_device), "tensor_count": len(table),
         "matrix_count": int(matrices.sum()),
         # in no spectrum median: a zero delta has no spectrum (its ranks are NaN, not 0)
-        "zero_delta_matrix_count": int((matrices & (table["delta_energy"] <= 0)).sum()),
+        "zero_delta_matrix_count": int((matrices & (table[DELTA_ENERGY] <= 0)).sum()),
         # tensors of 3+ dimensions (a vision tower's Conv3d patch embedding): coordinate
         # measures only, outside the spectrum, projection and pooled coverages
         "higher_dim_tensors": dict(zip(table.loc[higher, "name"], table.loc[higher, "shape"],

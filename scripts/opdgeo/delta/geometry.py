@@ -5,7 +5,14 @@ All of it reuses one `Decomposition` of W_src (and one of W_trained for the rota
 
 import torch
 
-from opdgeo.delta.columns import MASK_RATIOS, ROTATION_RATIO, ratio_label
+from opdgeo.delta.columns import (
+    MASK_RATIOS,
+    PROJECTION_SIDES,
+    ROTATION_RATIO,
+    SINGULAR_VALUE_DRIFT,
+    SUBSPACE_ROTATION,
+    projection_name,
+)
 from opdgeo.delta.metrics import CHUNK, float64_sum
 from opdgeo.delta.spectrum import Decomposition, TallRows, rank_count
 
@@ -42,16 +49,14 @@ def principal_projection(delta: TallRows, source: Decomposition,
     metrics = {}
     for ratio in ratios:
         k = rank_count(ratio, delta.shape[1])
-        label = ratio_label(ratio)
         if energy == 0:
             joint = left = right = float("nan")
         else:
             joint = float((joint_part[:k, :k] ** 2).sum()) / energy
             left = float(left_cumulative[k - 1]) / energy
             right = float(right_cumulative[k - 1]) / energy
-        metrics[f"principal_projection_{label}"] = joint
-        metrics[f"principal_projection_left_{label}"] = left
-        metrics[f"principal_projection_right_{label}"] = right
+        for side, value in zip(PROJECTION_SIDES, (joint, left, right), strict=True):
+            metrics[projection_name(ratio, side)] = value
     return metrics
 
 
@@ -76,10 +81,9 @@ def rotation_and_drift(source: Decomposition, trained: Decomposition,
         outside_gram = outside_gram + outside.T @ outside
     sines = torch.linalg.eigvalsh(outside_gram).clamp(min=0, max=1).sqrt()
     drift = torch.linalg.vector_norm(trained.values[:k] - source.values[:k])
-    label = ratio_label(ROTATION_RATIO)
     return {
-        f"subspace_rotation_{label}": float(sines.mean()),
-        f"singular_value_drift_{label}": float(drift / torch.linalg.vector_norm(source.values[:k])),
+        SUBSPACE_ROTATION: float(sines.mean()),
+        SINGULAR_VALUE_DRIFT: float(drift / torch.linalg.vector_norm(source.values[:k])),
     }
 
 

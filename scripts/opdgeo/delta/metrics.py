@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from opdgeo.delta import columns
 from opdgeo.delta.columns import (
     ABSOLUTE_EPS,
     COORD_ENERGY_FRACTIONS,
     HEADLINE_ATOL,
     MASK_RATIOS,
     RELATIVE_TAUS,
-    ratio_label,
-    threshold_label,
 )
 
 CHUNK = 1 << 22  # elements per chunk: 16 MB of float32
@@ -188,20 +187,20 @@ class CoordinateStats:
             above = float(count_cumulative[threshold_bin - 1]) if threshold_bin else 0.0
             energy = float(energy_cumulative[threshold_bin - 1]) if threshold_bin else 0.0
             energy += (k - above) / float(counts[threshold_bin]) * float(energies[threshold_bin])
-            shares[f"coord_energy_top{ratio_label(fraction)}"] = \
+            shares[columns.coord_energy_name(fraction)] = \
                 energy / self.delta_energy if self.delta_energy > 0 else float("nan")
         return shares
 
     def row(self) -> dict[str, float]:
         numel = self.numel
         return {
-            "relative_norm": (self.delta_energy / self.source_energy) ** 0.5
+            columns.RELATIVE_NORM: (self.delta_energy / self.source_energy) ** 0.5
             if self.source_energy > 0 else float("nan"),
-            "linf": self.linf,
-            "mean_abs": self.abs_sum / numel,
-            "rms": (self.delta_energy / numel) ** 0.5,
-            "delta_energy": self.delta_energy,
-            "source_energy": self.source_energy,
+            columns.LINF: self.linf,
+            columns.MEAN_ABS: self.abs_sum / numel,
+            columns.RMS: (self.delta_energy / numel) ** 0.5,
+            columns.DELTA_ENERGY: self.delta_energy,
+            columns.SOURCE_ENERGY: self.source_energy,
             **{name: count / numel for name, count in self.at_most.items()},
             **self.coordinate_energy_shares(),
         }
@@ -209,9 +208,9 @@ class CoordinateStats:
 
 def sparsity_thresholds(source_rms: float) -> dict[str, float]:
     """Column name -> |dW| threshold of every sparsity the study reports."""
-    thresholds = {"exact_zero_fraction": 0.0}
-    thresholds |= {f"sparsity_atol_{threshold_label(eps)}": eps for eps in ABSOLUTE_EPS}
-    thresholds |= {f"sparsity_rel_{threshold_label(tau)}": tau * source_rms
+    thresholds = {columns.EXACT_ZERO: 0.0}
+    thresholds |= {columns.sparsity_name(eps): eps for eps in ABSOLUTE_EPS}
+    thresholds |= {columns.relative_sparsity_name(tau): tau * source_rms
                    for tau in RELATIVE_TAUS}
     return thresholds
 

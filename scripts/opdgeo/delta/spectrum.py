@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from opdgeo.delta import columns
 from opdgeo.delta.columns import (
     RANK_TOLERANCES,
     SINGULAR_VALUE_FRACTIONS,
     SPECTRAL_TOPK,
-    ratio_label,
-    threshold_label,
 )
 
 RANDOMIZED_OVERSAMPLING = 10
@@ -158,22 +157,23 @@ def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: fl
     cumulative = (values**2).cumsum(0) / energy
     for k in SPECTRAL_TOPK:
         index = min(k, short_side) - 1
-        metrics[f"top{k}_energy"] = float(cumulative[index]) if index < len(values) else nan
+        metrics[columns.top_energy_name(k)] = \
+            float(cumulative[index]) if index < len(values) else nan
     for fraction in SINGULAR_VALUE_FRACTIONS:
         k = rank_count(fraction, short_side)
-        metrics[f"top{ratio_label(fraction)}_sv_energy"] = \
+        metrics[columns.sv_energy_name(fraction)] = \
             float(cumulative[k - 1]) if k <= len(values) else nan
-    metrics["stable_rank"] = energy / float(values[0]) ** 2
+    metrics[columns.STABLE_RANK] = energy / float(values[0]) ** 2
     if complete:
         weights = values / values.sum()
         weights = weights[weights > 0]
-        metrics["effective_rank"] = math.exp(float(-(weights * weights.log()).sum()))
+        metrics[columns.EFFECTIVE_RANK] = math.exp(float(-(weights * weights.log()).sum()))
     else:
-        metrics["effective_rank"] = nan
+        metrics[columns.EFFECTIVE_RANK] = nan
     for tol in RANK_TOLERANCES:
         rank = float((values > tol * values[0]).sum()) if complete else nan
-        metrics[f"numerical_rank_{threshold_label(tol)}"] = rank
-        metrics[f"numerical_rank_fraction_{threshold_label(tol)}"] = rank / short_side
+        metrics[columns.numerical_rank_name(tol)] = rank
+        metrics[columns.rank_fraction_name(tol)] = rank / short_side
     return metrics
 
 
