@@ -116,12 +116,14 @@ def test_training_prints_a_progress_line_every_twentieth_of_its_steps(capsys):
 
 
 def test_figure_list_names_every_figure_and_its_tables_without_other_arguments(capsys):
+    from opdgeo.cli import main
     from opdgeo.figures import FIGURES
 
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(["figure", "--list"])
-    assert exit_.value.code == 0
+    main(["figure", "--list"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(FIGURES)
     for line, (_, reads) in zip(lines, FIGURES.values(), strict=True):
         assert f"reads {', '.join(reads)}: " in line and not line.endswith(": ")
+    with pytest.raises(SystemExit):  # without --list, a name, --tables and --out are needed
+        main(["figure", "fig1_overview"])
+    assert "give a figure name, --tables and --out" in capsys.readouterr().err

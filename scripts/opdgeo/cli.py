@@ -33,6 +33,9 @@ EXAMPLES = {
     "model-card": "opdgeo model-card --run-spec '{...}' --source S --teacher T --task '{...}' "
                   "--scores eval.csv --summary delta/summary.json --checkpoint runs/NAME/final "
                   "--out runs/NAME/model_card.md",
+    "base-model-card": "opdgeo base-model-card --name student --model-spec '{...}' "
+                       "--task '{...}' --scores eval/models/student.csv "
+                       "--checkpoint models/student/final --out models/student/model_card.md",
     "make-mask": "opdgeo make-mask --mask-spec '{\"method\": \"atol\", \"atol\": 1e-5}' "
                  "--source S --trained T --out m.safetensors --densities m.csv",
     "evaluate": "opdgeo evaluate --run NAME --checkpoint runs/NAME/final --task '{...}' "
@@ -103,7 +106,16 @@ def cmd_model_card(args):
 
     spec = RunSpec(**args.run_spec, task=args.task)
     write_model_card(spec, args.source, args.teacher, args.mask, args.scores,
-                     args.source_scores, args.summary, args.out, args.checkpoint)
+                     args.source_scores, args.summary, args.out, args.checkpoint,
+                     args.evaluation)
+    print(f"wrote {args.out} and {args.checkpoint / 'README.md'}")
+
+
+def cmd_base_model_card(args):
+    from opdgeo.model_card import write_base_model_card
+
+    write_base_model_card(args.name, args.model_spec, args.task, args.scores, args.out,
+                          args.checkpoint, args.evaluation)
     print(f"wrote {args.out} and {args.checkpoint / 'README.md'}")
 
 
@@ -199,8 +211,18 @@ def _tidy_inputs(args):
 
 
 def cmd_figure(args):
-    from opdgeo.figures import render
+    from opdgeo.figures import FIGURES, render
 
+    if args.list:
+        width = max(map(len, FIGURES))
+        for name, (function, reads) in FIGURES.items():
+            paragraph = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
+            shows = re.split(r"(?<=[.?])\s", paragraph)[0]
+            print(f"{name:<{width}}  reads {', '.join(reads)}: {shows}")
+        return
+    if not (args.name and args.tables and args.out):
+        raise ValueError("give a figure name, --tables and --out (opdgeo figure --list lists "
+                         "the figures)")
     tables, info, plots = _tidy_inputs(args)
     for path in render(args.name, tables, info, plots, args.out):
         print(f"wrote {path}")
@@ -238,28 +260,19 @@ def cmd_rehearse(args):
     print(f"wrote {rehearse(args.study, args.out)}")
 
 
-class _ListFigures(argparse.Action):
-    """`opdgeo figure --list`: prints and exits before the required arguments are asked for."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from opdgeo.figures import FIGURES
-
-        width = max(map(len, FIGURES))
-        for name, (function, reads) in FIGURES.items():
-            paragraph = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
-            shows = re.split(r"(?<=[.?])\s", paragraph)[0]
-            print(f"{name:<{width}}  reads {', '.join(reads)}: {shows}")
-        parser.exit()
+def _card_arguments(p):
+    p.add_argument("--evaluation", type=_json, default={},
+                   help="config['evaluation'] (names the scores)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="the final checkpoint folder (gets a copy as README.md)")
+    p.add_argument("--out", type=Path, required=True)
 
 
-def _render_arguments(p):
-    p.add_argument("--tables", type=Path, required=True, help="folder of the tidy tables")
+def _render_arguments(p, required=True):
+    p.add_argument("--tables", type=Path, required=required, help="folder of the tidy tables")
     p.add_argument("--plots", type=_json, default={}, help="config['plots']")
     p.add_argument("--external", type=_json, default={}, help="external run -> declared kind")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=required)
 
 
 def _job_options(parser):
@@ -306,10 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", type=Path, required=True, help="the run's evaluation CSV")
     p.add_argument("--source-scores", type=Path, help="the source model's evaluation CSV")
     p.add_argument("--summary", type=Path, required=True, help="the run's delta summary.json")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="the final checkpoint folder (gets a copy as README.md)")
-    p.add_argument("--out", type=Path, required=True)
+    _card_arguments(p)
     p.set_defaults(handler=cmd_model_card)
+
+    p = sub.add_parser("base-model-card", help="the model card (README.md) of a base model the "
+                                               "pipeline built and trained: settings, scores")
+    p.add_argument("--name", required=True, help="the model's key in the config")
+    p.add_argument("--model-spec", type=_json, required=True, help="config['models'][name]")
+    p.add_argument("--task", type=_json, required=True)
+    p.add_argument("--scores", type=Path, required=True, help="the model's evaluation CSV")
+    _card_arguments(p)
+    p.set_defaults(handler=cmd_base_model_card)
 
     p = sub.add_parser("make-mask", help="a subnetwork mask from a run's delta, or a random one")
     p.add_argument("--mask-spec", type=_json, required=True, help="the mask spec (opdgeo.config)")
@@ -351,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")
-    p.add_argument("name", help="figure name (opdgeo.figures.FIGURES; --list lists them)")
-    p.add_argument("--list", action=_ListFigures, help="list the figures, the tidy tables each "
-                   "reads and what it shows, and exit")
-    _render_arguments(p)
+    p.add_argument("name", nargs="?", help="figure name (opdgeo.figures.FIGURES; --list lists "
+                   "them)")
+    p.add_argument("--list", action="store_true", help="list the figures, the tidy tables each "
+                   "reads and what it shows (nothing else is needed)")
+    _render_arguments(p, required=False)  # not with --list
     p.set_defaults(handler=cmd_figure)
 
     p = sub.add_parser("paper-tables", help="the paper's tables as CSV, Markdown and LaTeX")
