@@ -6,6 +6,7 @@ inputs to a computation.
 """
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from opdgeo.delta.columns import (
 from opdgeo.delta.grouping import overlap_metrics
 from opdgeo.kinds import EXTERNAL, OFFLINE_DISTILLATION, RLVR, ROLE_METHOD
 from opdgeo.stats import percentile_interval, seed_interval
-from opdgeo.tables import write_table
+from opdgeo.tables import key_columns, write_table
 from opdgeo.tidy import (
     NO_INTERVAL,
     OPTIMIZER_LABELS,
@@ -447,25 +448,57 @@ def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
 
 
 INTERVAL_SUFFIXES = (" 95% low", " 95% high")
+SIGNIFICANT = 3  # digits of a column's typical (median) value; its column shares its decimals
+REPORT_CAPTIONS = Path(__file__).resolve().parents[2] / "workflow" / "report"
+
+
+def report_caption(name: str) -> str:
+    """The report's caption of a table (reStructuredText): the LaTeX table's caption too."""
+    path = REPORT_CAPTIONS / f"{name}.rst"
+    return path.read_text() if path.exists() else ""
+
+
+def decimals(values: pd.Series) -> int:
+    """Decimals that give the column's median magnitude SIGNIFICANT digits (whole numbers:
+    none), so that every cell of a column, interval bounds included, has one precision."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    values = values[(values != 0) & values.abs().lt(math.inf)].abs()
+    if values.empty or (values == values.round()).all():
+        return 0
+    return min(max(SIGNIFICANT - 1 - math.floor(math.log10(values.median())), 0), 6)
+
+
+def display_header(column: str) -> str:
+    """A column's header for a reader: its unit in parentheses ("cov. 10% %" -> "cov. 10%
+    (%)")."""
+    return re.sub(r" %$", " (%)", column)
 
 
 def write_paper_table(frame: pd.DataFrame, out: Path):
-    """CSV at full precision; Markdown and LaTeX rounded to 4 significant digits, a value and
-    its interval columns (`x`, `x 95% low`, `x 95% high`) in one cell, `mean [low, high]`."""
+    """CSV at full precision; Markdown and LaTeX (caption and label from the report's caption)
+    with one precision per column, a value and its interval columns (`x`, `x 95% low`, `x 95%
+    high`) in one cell, `mean [low, high]`, and units in parentheses."""
     write_table(frame, out, ("csv",))
-    rounded = frame.copy()
-    for column in rounded.select_dtypes("number").columns:
-        rounded[column] = rounded[column].map(lambda v: float(f"{v:.4g}") if pd.notna(v) else v)
+    shown = frame.copy().astype(object)
+    for column in frame.select_dtypes("number").columns:
+        if column.endswith(INTERVAL_SUFFIXES):
+            continue
+        bounds = [column + suffix for suffix in INTERVAL_SUFFIXES if column + suffix in frame]
+        places = decimals(frame[column])
+        for each in (column, *bounds):
+            shown[each] = [f"{v:.{places}f}" if pd.notna(v) else "" for v in frame[each]]
+        if len(bounds) == 2:
+            low, high = bounds
+            shown[column] = [f"{v} [{lo}, {hi}]" if lo and hi else v
+                             for v, lo, hi in zip(shown[column], shown[low], shown[high],
+                                                  strict=True)]
+            shown = shown.drop(columns=bounds)
     # empty cells, not "nan", where a value does not exist (a paper column without a match)
-    rounded = rounded.astype(object).where(rounded.notna(), "")
-    for column in frame.columns:
-        low, high = (column + suffix for suffix in INTERVAL_SUFFIXES)
-        if low in rounded and high in rounded:
-            rounded[column] = [f"{v} [{lo}, {hi}]" if lo != "" and hi != "" else v
-                               for v, lo, hi in zip(rounded[column], rounded[low],
-                                                    rounded[high], strict=True)]
-            rounded = rounded.drop(columns=[low, high])
-    write_table(rounded, out, ("md", "tex"))
+    shown = shown.fillna("")
+    name = Path(out).stem
+    write_table(shown.rename(columns=display_header), out, ("md", "tex"),
+                caption=report_caption(name), label=f"tab:{name}",
+                keys=[display_header(c) for c in key_columns(frame)])
 
 
 def build_tables(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
