@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import re
 import shutil
@@ -122,29 +123,18 @@ def _free_memory_mb() -> int:
     return kib // 1024
 
 
-def profile_partitions(profile_dir: Path = PROFILE_DIR) -> list[str]:
-    """Partition names the shipped profile submits to; the test cluster offers all of them.
+def profile_partitions(profile_dir: Path = PROFILE_DIR) -> dict:
+    """The partitions the shipped profile submits to, with their limits (its partition file,
+    read as the executor plugin reads it); the test cluster offers all of them.
 
-    Reading them from the profile (instead of hard-coding one) keeps the test honest: the
-    profile is used unchanged, whatever partition name a maintainer puts there.
-    """
+    Reading them from the profile (instead of hard-coding them) keeps the test honest: the
+    profile is used unchanged, whatever partitions a maintainer puts there."""
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
     config = yaml.safe_load((profile_dir / "config.yaml").read_text()) or {}
-    names: list[str] = []
-
-    def add(resources) -> None:
-        if isinstance(resources, dict):
-            items = resources.items()
-        else:  # list form: ["slurm_partition=gpu", ...]
-            items = (str(r).split("=", 1) for r in resources or [] if "=" in str(r))
-        for key, value in items:
-            value = str(value).strip("'\"")
-            if key == "slurm_partition" and value and value not in names:
-                names.append(value)
-
-    add(config.get("default-resources"))
-    for resources in (config.get("set-resources") or {}).values():
-        add(resources)
-    return names or ["debug"]
+    path = Path(config["slurm-partition-config"])
+    path = path if path.is_absolute() else profile_dir.parent / path
+    return {p.name: p.limits for p in read_partition_file(path)}
 
 
 @dataclass
@@ -154,7 +144,7 @@ class SlurmCluster:
     root: Path
     conf: Path
     node: str
-    partitions: list[str]
+    partitions: dict  # name -> the profile's limits (PartitionLimits)
     cpus: int
     memory_mb: int
     gpus: int
@@ -195,21 +185,39 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
-def _write_configs(root: Path, partitions: list[str], gpus: int) -> SlurmCluster:
+def _limit(value, unlimited: str = "UNLIMITED") -> str:
+    return unlimited if math.isinf(value) else str(int(value))
+
+
+def _write_configs(root: Path, partitions: dict) -> SlurmCluster:
     node = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
-    # Leave headroom for the test process, Snakemake and the daemons themselves; a node
-    # whose RealMemory exceeds what slurmd measures would be drained as "Low RealMemory".
-    memory_mb = max(512, int(_free_memory_mb() * 0.8))
+    # The node is as large as the profile's largest partition (CPUs, memory and GPUs per
+    # node), so that `sbatch --test-only` judges the paper's jobs as the site would; slurmd
+    # reports the configured size instead of the machine's (config_overrides), and nothing
+    # runs on the extra CPUs: the tests that run jobs submit a few at a time.
+    def largest(limit: str, floor: int) -> int:
+        values = [getattr(lim, limit) for lim in partitions.values()]
+        return max([floor, *(int(v) for v in values if not math.isinf(v))])
+
+    cpus = largest("max_threads", os.cpu_count() or 1)
+    # (the machine's share: a node whose RealMemory exceeds what slurmd measures would be
+    # drained as "Low RealMemory" without config_overrides)
+    memory_mb = largest("max_mem_mb", max(512, int(_free_memory_mb() * 0.8)))
+    gpus = max(int(lim.max_gpu) for lim in partitions.values())
     for sub in ("state", "spool/slurmd", "log", "munge"):
         (root / sub).mkdir(parents=True, exist_ok=True)
 
     conf = root / "slurm.conf"
     jobcomp = root / "log" / "jobcomp.txt"
+    # Each partition with the profile's limits: wall time, memory per node, CPUs per node,
+    # one node per job. The node's GPUs are in every partition (one node); the workflow puts
+    # GPU jobs on the partitions with max_gpu, which the dry-run tests check.
     partition_lines = "\n".join(
         f"PartitionName={name} Nodes=ALL Default={'YES' if i == 0 else 'NO'} "
-        "MaxTime=INFINITE State=UP"
-        for i, name in enumerate(partitions)
+        f"MaxTime={_limit(lim.max_runtime, 'INFINITE')} "
+        f"MaxMemPerNode={_limit(lim.max_mem_mb)} MaxCPUsPerNode={_limit(lim.max_threads)} "
+        "MaxNodes=1 State=UP"
+        for i, (name, lim) in enumerate(partitions.items())
     )
     gres_node = f" Gres=gpu:{gpus}" if gpus else ""
     conf.write_text(
@@ -222,7 +230,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root / "munge" / "munge.socket"}
+# cred_expire is also how long a requeued job waits before it may start again (default
+# 120 s); the chained-attempt test requeues its job several times.
+AuthInfo=cred_expire=10,socket={root / "munge" / "munge.socket"}
 StateSaveLocation={root / "state"}
 SlurmdSpoolDir={root / "spool" / "slurmd"}
 SlurmctldPidFile={root / "slurmctld.pid"}
@@ -241,6 +251,10 @@ JobCompType=jobcomp/filetxt
 JobCompLoc={jobcomp}
 MpiDefault=none
 ReturnToService=2
+# A request over a partition's limits is refused at submission (EnforcePartLimits=NO, the
+# default, would queue it to pend forever), as on the clusters the profile targets.
+EnforcePartLimits=ALL
+SlurmdParameters=config_overrides
 # The profile polls with squeue, which only sees a job for MinJobAge after it ends; this is
 # SLURM's default, stated here because the status strategy depends on it.
 MinJobAge=300
@@ -333,11 +347,11 @@ def _exclusive(timeout: float = 600) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_cluster(partitions: list[str] | None = None, gpus: int = 2) -> Iterator[SlurmCluster]:
+def running_cluster(partitions: dict | None = None) -> Iterator[SlurmCluster]:
     """Start munged, slurmctld and slurmd; yield when the node is idle; stop and clean up."""
     with _exclusive():
         root = Path(tempfile.mkdtemp(prefix="opdgeo-slurm-"))
-        cluster = _write_configs(root, partitions or profile_partitions(), gpus)
+        cluster = _write_configs(root, partitions or profile_partitions())
         env = {**os.environ, "SLURM_CONF": str(cluster.conf)}
         # Variables from an enclosing allocation would point sbatch at another cluster/job.
         env = {k: v for k, v in env.items() if not k.startswith(("SLURM_JOB", "SBATCH_"))}

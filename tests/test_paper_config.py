@@ -95,15 +95,6 @@ def test_paper_dag_resolves_offline(tmp_path):
         for model in (pair["student"], *pair["teachers"]):
             assert f"results/eval/models/{model}.csv" in result.stdout, model
 
-    # A training job given several GPUs runs one process per GPU through accelerate.
-    target = "results/runs/dsqwen-opd-deepscaler-adamw-s0/final"
-    result = subprocess.run(
-        [str(BIN / "snakemake"), target, "-n", "-p", "--configfile", "config/paper.yaml",
-         "--cores", "2", "--set-resources", "train_run:gpu=4"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )
-    assert "accelerate launch --multi_gpu --num_processes 4 -m opdgeo.cli train-run" in (
-        result.stdout), result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_vision_language_pair_is_the_papers_qwen25vl_run(paper):
@@ -237,10 +228,11 @@ def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
 def paper_dry_run(tmp_path, *args) -> subprocess.CompletedProcess:
     """`snakemake -n -p` of config/paper.yaml in a copy of the workflow, offline, with an
     empty Hugging Face cache (the paper's models sized from config/hub_models.yaml)."""
-    for folder in ("workflow", "config", "scripts", "envs"):
+    for folder in ("workflow", "config", "scripts", "envs", "slurm"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    env.pop("SNAKEMAKE_SLURM_PARTITIONS", None)
     return subprocess.run([str(BIN / "snakemake"), *args, "-n", "-p", "--configfile",
                            "config/paper.yaml"], cwd=tmp_path, env=env, capture_output=True,
                           text=True)
@@ -338,3 +330,42 @@ def test_a_job_with_a_gpu_runs_on_cuda_and_retries_ask_for_more(tmp_path):
     first, second = job_resources(need, 1), job_resources(need, 2)
     assert second["mem_mb"] >= first["mem_mb"] * RETRY_GROWTH - 1
     assert second["runtime"] >= first["runtime"] * RETRY_GROWTH - 1
+
+
+@pytest.mark.workflow
+def test_four_gpus_per_training_job_keep_gpu_partitions_and_memory(tmp_path):
+    """The README's multi-GPU command as a dry run through the SLURM profile: every job with
+    GPUs is on a partition with that many GPUs per node, the others on a CPU partition, each
+    request within its partition's limits; training jobs get 4 GPUs, one process each, and
+    the host memory of 4 processes."""
+    from opdgeo.resources import read_partitions
+
+    limits = {p.name: p.limits for p in read_partitions(ROOT / "slurm" / "partitions.yaml")}
+    runs = {}
+    for gpus in (1, 4):
+        (tmp_path / str(gpus)).mkdir()
+        result = paper_dry_run(tmp_path / str(gpus), "--profile", "slurm",
+                               "--config", f"training={{gpus: {gpus}}}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        jobs = [job for job in dry_run_jobs(result.stdout) if "shell" in job]
+        for job in jobs:
+            resources = job["resources"]
+            if "slurm_partition" not in resources:  # the plugin places it: not model-sized
+                assert int(resources.get("gpu", 0)) == 0, job
+                continue
+            partition = limits[resources["slurm_partition"]]
+            gpu = int(resources["gpu"])
+            assert partition.max_gpu >= gpu and (gpu > 0) == (partition.max_gpu > 0), job
+            assert int(resources["runtime"]) <= partition.max_runtime, job
+            assert int(resources["mem_mb"]) <= partition.max_mem_mb, job
+            if job["rule"] in ("evaluate_run", "evaluate_model"):
+                assert gpu == 1, job
+        runs[gpus] = {job["wildcards"]["run"]: job for job in jobs if job["rule"] == "train_run"}
+    assert runs[1] and set(runs[1]) == set(runs[4])
+    for run, job in runs[4].items():
+        assert job["resources"]["gpu"] == "4", job
+        assert "accelerate launch --multi_gpu --num_processes 4 -m opdgeo.cli train-run" in (
+            job["shell"]), job
+        one = int(runs[1][run]["resources"]["mem_mb"])
+        if "qwen3" not in run:  # its teacher is the user's folder: a fixed fallback size
+            assert int(job["resources"]["mem_mb"]) >= 4 * one - 4, (job, one)

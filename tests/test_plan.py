@@ -74,3 +74,31 @@ def test_plan_command_prints_the_bill(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert OPD in result.stdout and "total" in result.stdout
     assert "GPU" in result.stdout and "assumed" in result.stdout
+
+
+def test_jobs_are_placed_on_a_partition_and_fitted_to_its_limits(tmp_path):
+    from opdgeo.resources import Need, place, read_partitions
+
+    (tmp_path / "p.yaml").write_text(
+        "partitions:\n"
+        "  short: {max_runtime: 60, max_mem_mb: 8000}\n"
+        "  long: {max_runtime: '2-00:00:00', max_mem_mb: 64000}\n"
+        "  gpu: {max_runtime: 2880, max_mem_mb: 100000, max_gpu: 4}\n")
+    partitions = read_partitions(tmp_path / "p.yaml")
+    assert read_partitions(tmp_path / "none.yaml") == []
+    small, large = Need(2 * GiB, 0, 30.0), Need(90 * GiB, 60 * GiB, 5000.0)
+    # The first partition that holds the whole request; a GPU job on one with its GPUs.
+    assert place(small, 0, 1, partitions) == {"slurm_partition": "short", "mem_mb": 2048,
+                                               "runtime": 30}
+    assert place(Need(2 * GiB, 0, 90.0), 0, 1, partitions)["slurm_partition"] == "long"
+    # Over every limit: the longest wall time, and the request cut to it on every attempt.
+    for attempt in (1, 2):
+        assert place(large, 0, attempt, partitions) == {
+            "slurm_partition": "long", "mem_mb": 64000, "runtime": 2880}
+        assert place(large, 4, attempt, partitions) == {
+            "slurm_partition": "gpu", "mem_mb": 92160 if attempt == 1 else 100000,
+            "runtime": 2880}
+    with pytest.raises(ValueError, match="8 GPUs.*max_gpu"):
+        place(large, 8, 1, partitions)
+    # Without a partition file, the request as sized.
+    assert place(large, 4, 1, []) == {"mem_mb": 92160, "runtime": 5000}

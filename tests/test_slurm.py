@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pandas as pd
@@ -182,8 +184,9 @@ def test_gpu_rule_asks_sbatch_for_one_gpu(sbatch_calls):
     assert not any(a.startswith("--cpus-per-task") for a in train)
     assert train[train.index("--mem") + 1] == "8000"
     assert train[train.index("-t") + 1] == "240"
-    # Partition from the profile's default-resources.
-    assert train[train.index("-p") + 1] == "cpu"
+    # Partitions from the profile's partition file: the plugin puts a GPU job on the GPU one.
+    assert train[train.index("-p") + 1] == "gpu"
+    assert analyse[analyse.index("-p") + 1] == "cpu"
 
     assert not any(a.startswith(("--gpus", "--gres")) for a in analyse)
     assert "--cpus-per-task=2" in analyse
@@ -232,9 +235,10 @@ def test_two_rule_workflow_runs_through_profile(slurm_cluster, tmp_path):
     assert a_line == subs["a"]
     assert b_line.split() == [subs["b"], "1"]  # one (fake) GPU allocated to the gpu=1 job
     finished = slurm_cluster.finished_jobs()
-    for slurm_id in subs.values():
+    for rule, slurm_id in subs.items():
         assert finished[slurm_id]["JobState"] == "COMPLETED"
-        assert finished[slurm_id]["Partition"] == "cpu"
+        # the plugin places each job by the profile's partition file: the GPU job on "gpu"
+        assert finished[slurm_id]["Partition"] == {"a": "cpu", "b": "gpu"}[rule]
 
     # Nothing left to do: a second invocation submits nothing.
     again = snakemake(tmp_path, env=slurm_cluster.env)
@@ -354,7 +358,8 @@ def jobs_run(output: str) -> list[tuple[str, bool, list[str]]]:
     return jobs
 
 
-def training_submission(tmp_path: Path, profile: str) -> tuple[list[str], str]:
+def training_submission(tmp_path: Path, profile: str,
+                        **env_extra: str) -> tuple[list[str], str]:
     """The sbatch arguments of the real workflow's job training its first base model under
     `--profile profile` with `device: cuda` (fake SLURM commands; no GPU, no cluster), and
     Snakemake's output."""
@@ -365,6 +370,8 @@ def training_submission(tmp_path: Path, profile: str) -> tuple[list[str], str]:
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
     env.pop("SLURM_CONF", None)
     env.pop("SNAKEMAKE_PROFILE", None)
+    env.pop("SNAKEMAKE_SLURM_PARTITIONS", None)
+    env.update(env_extra)
     models = yaml.safe_load((repo / SMOKE).read_text())["models"]
     model = next(key for key, spec in models.items() if "build" in spec)
     result = subprocess.run(
@@ -403,12 +410,16 @@ def test_training_job_of_the_real_workflow_asks_for_one_gpu(shipped_submission):
     assert option(shipped_submission, "-p") == "gpu"
 
 
-# A cluster's own profile, knowing nothing of this workflow: how to reach its SLURM.
+# A cluster's own profile, knowing nothing of this workflow: how to reach its SLURM; its
+# partitions in its own partition file, named by the plugin's variable.
 SITE_PROFILE = """\
 executor: slurm
 jobs: 20
-default-resources:
-  slurm_partition: "site-gpu"
+"""
+SITE_PARTITIONS = """\
+partitions:
+  site-cpu: {max_runtime: "3-00:00:00", max_mem_mb: 200000}
+  site-gpu: {max_runtime: "3-00:00:00", max_mem_mb: 200000, max_gpu: 4}
 """
 
 
@@ -420,8 +431,10 @@ def test_a_sites_own_profile_gets_the_jobs_gpus_memory_and_runtime(shipped_submi
     site = tmp_path / "site"
     site.mkdir()
     (site / "config.yaml").write_text(SITE_PROFILE)
+    (site / "partitions.yaml").write_text(SITE_PARTITIONS)
     shipped = shipped_submission
-    theirs, output = training_submission(tmp_path / "theirs", str(site))
+    theirs, output = training_submission(
+        tmp_path / "theirs", str(site), SNAKEMAKE_SLURM_PARTITIONS=str(site / "partitions.yaml"))
 
     assert "workflow specific profile workflow/profiles/default" in output
     assert option(theirs, "-p") == "site-gpu"
@@ -487,7 +500,10 @@ def rehearsal(slurm_cluster, tmp_path_factory):
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", REHEARSAL],
+            # The test node advertises the profile's largest partition (tests/slurm_cluster.py):
+            # at most as many jobs at once as the machine has cores, as on a node of its size.
+            [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", REHEARSAL,
+             "--jobs", str(os.cpu_count() or 1)],
             cwd=repo,
             env=env,
             stdout=out,
@@ -690,3 +706,170 @@ def test_plot_edit_reruns_only_figures_and_tables(rehearsal):
     for rule, _, outputs in jobs:
         assert outputs and all(o.startswith(PRESENTATION_OUTPUTS) for o in outputs), rule
     assert {sub.rule for sub in edited.submissions()} <= {rule for rule, _, _ in jobs}
+
+
+# --- The paper's study as the cluster admits it ----------------------------------------------
+
+
+def paper_cluster_jobs(repo: Path, env: dict[str, str], *args: str) -> list[dict]:
+    """Every job of config/paper.yaml's DAG that the profile would submit: rule, wildcards,
+    threads and resources, from `snakemake --profile slurm -n` (the resources Snakemake hands
+    the executor plugin; --cores only makes the dry run print threads)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", PAPER, "-n",
+         "--cores", "512", *args], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    blocks = JOB_HEADER.split(result.stdout)
+    jobs = []
+    for local, rule, body in zip(blocks[1::3], blocks[2::3], blocks[3::3], strict=True):
+        fields = dict(re.findall(r"^ {4}(\w+): (.*)$", body, re.M))
+        if local or rule == "all":
+            continue
+        resources = {}
+        for item in fields["resources"].split(", "):
+            key, value = item.split("=", 1)
+            resources[key] = int(value) if value.isdigit() else value
+        values = [kv.split("=", 1)[1] for kv in fields.get("wildcards", "").split(", ") if kv]
+        jobs.append({"rule": rule, "wildcards": "_".join(values),  # as the plugin's comment
+                     "threads": int(fields.get("threads", 1)), "resources": resources})
+    return jobs
+
+
+class JobResources(dict):
+    """A job's resources as the plugin reads them: `.get(key)` and `.key`."""
+
+    __getattr__ = dict.get
+
+
+def plugin_sbatch_options(job: dict, partitions: list, profile: dict) -> list[str]:
+    """The sbatch options the executor plugin builds for a job (its own functions: partition
+    choice, submit string, GPU string), without --wrap, logs and names."""
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    resources = JobResources(job["resources"])
+    plugin_job = SimpleNamespace(name=job["rule"], threads=job["threads"], resources=resources)
+    logger = SimpleNamespace(info=lambda *a: None, debug=lambda *a: None,
+                             warning=lambda *a: None)
+    partition = resources.get("slurm_partition") or get_best_partition(
+        partitions, plugin_job, logger)
+    settings = SimpleNamespace(requeue=profile.get("slurm-requeue", False), no_requeue=False,
+                               qos=None, reservation=None)
+    params = {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": f"rule_{job['rule']}",
+              "account": "", "partition": f"-p {partition}", "workdir": None}
+    call = get_submit_command(plugin_job, params, settings) + set_gres_string(plugin_job)
+    argv = shlex.split(call)[1:]
+    for name in ("--job-name", "--output", "--comment"):
+        i = argv.index(name)
+        del argv[i:i + 2]
+    return [a for a in argv if a != "--parsable"]
+
+
+def test_only(cluster, options: list[str]) -> subprocess.CompletedProcess:
+    """`sbatch --test-only`: slurmctld's verdict on a submission, nothing queued."""
+    return cluster.run("sbatch", "--test-only", *options, "--wrap", "true", check=False)
+
+
+@pytest.fixture(scope="module")
+def paper_submissions(tmp_path_factory):
+    """The sbatch options of every job of config/paper.yaml, 1 and 4 GPUs per training job."""
+    if not workflow_ready():
+        pytest.skip("workflow/config not there yet")
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    repo = copy_repo(tmp_path_factory.mktemp("paper"))
+    env = workflow_env(repo, dict(os.environ))
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HUB_CACHE=str(repo / "empty-cache"))
+    env.pop("SNAKEMAKE_SLURM_PARTITIONS", None)
+    profile = yaml.safe_load((PROFILE_DIR / "config.yaml").read_text())
+    partitions = read_partition_file(repo / profile["slurm-partition-config"])
+    submissions = {}
+    for gpus in (1, 4):
+        jobs = paper_cluster_jobs(repo, env, "--config", f"training={{gpus: {gpus}}}")
+        submissions[gpus] = [(job, plugin_sbatch_options(job, partitions, profile))
+                             for job in jobs]
+    return repo, env, submissions
+
+
+@pytest.mark.slurm
+def test_every_paper_job_is_accepted_and_an_over_limit_one_is_refused(
+        paper_submissions, slurm_cluster):
+    """Every job of config/paper.yaml's DAG, with the sbatch options the executor plugin gives
+    it, is accepted by a cluster with the profile's partitions and their limits (48-hour
+    MaxTime, memory per node, a GPU GRES), one and four GPUs per training job; the same
+    jobs over a limit (wall time, memory, GPUs), and the DS-Qwen training job as it asked
+    before its request was fitted to its partition (5.5 days), are refused."""
+    _, _, submissions = paper_submissions
+    for gpus, jobs in submissions.items():
+        assert {job["rule"] for job, _ in jobs} >= {"train_run", "evaluate_run", "analyze_run"}
+        refused = [(job["rule"], job["wildcards"], options, verdict.stderr.strip())
+                   for job, options in jobs
+                   if (verdict := test_only(slurm_cluster, options)).returncode != 0]
+        assert not refused, refused
+        trains = [options for job, options in jobs if job["rule"] == "train_run"]
+        assert all(option(o, "--gpus") == str(gpus) and option(o, "-p") == "gpu"
+                   for o in trains), trains
+
+    # Over each limit of its partition, the longest training job is refused.
+    limits = slurm_cluster.partitions
+    job, options = max(((j, o) for j, o in submissions[1] if j["rule"] == "train_run"),
+                       key=lambda jo: jo[0]["resources"]["runtime"])
+    gpu = limits[option(options, "-p")]
+
+    def replaced(name: str, value) -> list[str]:
+        out = [a for a in options if not a.startswith(f"{name}=")]
+        if name in out:
+            out[out.index(name) + 1] = str(value)
+        else:
+            out.append(f"{name}={value}")
+        return out
+
+    assert test_only(slurm_cluster, options).returncode == 0
+    for name, value, message in (("-t", int(gpu.max_runtime) + 1, "time limit"),
+                                 ("--mem", int(gpu.max_mem_mb) + 1, "Memory"),
+                                 ("--gpus", gpu.max_gpu + 1, "node configuration")):
+        verdict = test_only(slurm_cluster, replaced(name, value))
+        assert verdict.returncode != 0 and message in verdict.stderr, (name, verdict)
+
+    # What the job asked for before its request was fitted to the partition.
+    from opdgeo.config import build_runs, read_config
+    from opdgeo.resources import Sizer, job_resources
+
+    paper = read_config(REPO / PAPER)
+    need = Sizer(paper, build_runs(paper), on_gpu=True).train(job["wildcards"])
+    unfitted = job_resources(need, 1)["runtime"]
+    assert unfitted > gpu.max_runtime
+    verdict = test_only(slurm_cluster, replaced("-t", unfitted))
+    assert verdict.returncode != 0 and "time limit" in verdict.stderr, verdict
+
+
+@pytest.mark.workflow
+def test_plugin_options_are_the_plugins_own(paper_submissions, tmp_path):
+    """The options the acceptance test builds for each job are those the plugin submits: the
+    jobs of config/paper.yaml that are ready at once go through the real executor against a
+    recording sbatch, and every option that a cluster judges is the same."""
+    repo, env, submissions = paper_submissions
+    record = tmp_path / "calls.jsonl"
+    fake_slurm_bin(tmp_path / "bin", record)
+    env = {**env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"}
+    env.pop("SLURM_CONF", None)
+    subprocess.run([sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile",
+                    PAPER], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    recorded = {}
+    for line in record.read_text().splitlines():
+        argv = json.loads(line)
+        if argv[0] == "sbatch":
+            comment = argv[argv.index("--comment") + 1]
+            recorded.setdefault(comment, argv[1:])  # the first attempt (then a retry)
+    built = {f"rule_{job['rule']}_wildcards_{job['wildcards']}": options
+             for job, options in submissions[1]}
+    judged = ("-p", "-t", "--mem", "--gpus", "--cpus-per-task", "--cpus-per-gpu", "--ntasks")
+    assert {comment.split("_wildcards_")[0] for comment in recorded} >= {
+        "rule_train_run", "rule_evaluate_model"}, recorded.keys()
+    for comment, argv in recorded.items():
+        assert {n: option(argv, n) for n in judged} == {
+            n: option(built[comment], n) for n in judged}, comment
+        assert ("--requeue" in argv) == ("--requeue" in built[comment])

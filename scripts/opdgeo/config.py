@@ -39,6 +39,7 @@ TRAINING_DEFAULTS = {
     "bf16": "auto",
     "use_vllm": False,
     "prompts": 4096,
+    "gpus": 1,
 }
 OPTIMIZER_DEFAULTS = {"weight_decay": 0.0, "momentum": 0.0, "adam_beta2": 0.999}
 
@@ -67,7 +68,8 @@ def read_config_file(path) -> dict:
 def validate_config(config: dict, schema_path) -> None:
     """Check `config` against the schema and fill in the schema's defaults, in place.
 
-    Where the schema expects a boolean, a string YAML would read as one is read as one. An
+    Where the schema expects a boolean or an integer, a string YAML would read as one is read
+    as one (Snakemake's `--config` hands nested values over as strings). An
     error is one short line (where, what) instead of jsonschema's dump of the schema."""
     import jsonschema
     from snakemake.utils import validate
@@ -93,6 +95,8 @@ def _read_booleans(value, schema: dict, root: dict):
         if (sub.get("type") == "boolean" and isinstance(item, str)
                 and item.lower() in YAML_BOOLEANS):
             value[key] = YAML_BOOLEANS[item.lower()]
+        elif sub.get("type") == "integer" and isinstance(item, str) and item.isdigit():
+            value[key] = int(item)  # `--config 'training={gpus: 4}'` hands over '4'
         else:
             _read_booleans(item, sub, root)
 

@@ -233,6 +233,60 @@ def job_resources(need: Need, attempt: int, floor_minutes: int = 10) -> dict:
             "runtime": max(floor_minutes, math.ceil(need.minutes * growth))}
 
 
+# ---------------------------------------------------------------- partitions
+# The site's partitions and their limits live in the SLURM profile's partition file
+# (slurm/partitions.yaml, the executor plugin's own `slurm-partition-config` format). Every
+# job is placed on one of them and its request cut to that partition's limits, on every
+# attempt: a job longer than the wall time continues over several attempts instead
+# (opdgeo.attempts), and one needing more memory than any node has is reported by `opdgeo
+# plan`.
+PARTITION_FILE = Path("slurm/partitions.yaml")
+
+
+def read_partitions(path: Path = PARTITION_FILE) -> list:
+    """The partitions of a partition file, read by the executor plugin's own reader (so that
+    both read the same limits, in the same units: minutes, MB); none without the file."""
+    if not Path(path).exists():
+        return []
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    return read_partition_file(Path(path))
+
+
+def choose_partition(partitions: list, gpus: int, request: dict):
+    """The partition of a job asking for `gpus` GPUs: among those with enough GPUs per node (a
+    CPU job: those without GPUs, if any), the first, in the file's order, whose limits hold the
+    whole request, else the one with the longest wall time (the job then runs in several
+    attempts)."""
+    if gpus:
+        fits = [p for p in partitions if p.limits.max_gpu >= gpus]
+    else:
+        fits = [p for p in partitions if not p.limits.max_gpu] or partitions
+    if not fits:
+        most = max((p.limits.max_gpu for p in partitions), default=0)
+        raise ValueError(
+            f"a job asks for {gpus} GPUs, but no partition of {PARTITION_FILE} has more than "
+            f"{most} per node (max_gpu): lower training.gpus, or add the partition")
+    whole = [p for p in fits if request["runtime"] <= p.limits.max_runtime
+             and request["mem_mb"] <= p.limits.max_mem_mb]
+    return whole[0] if whole else max(fits, key=lambda p: p.limits.max_runtime)
+
+
+def place(need: Need, gpus: int, attempt: int, partitions: list,
+          floor_minutes: int = 10) -> dict:
+    """A job's Snakemake resources on its partition: `slurm_partition`, and `mem_mb` and
+    `runtime` grown on a retry and cut to the partition's limits (without partitions, as
+    job_resources gives them)."""
+    request = job_resources(need, attempt, floor_minutes)
+    if not partitions:
+        return request
+    partition = choose_partition(partitions, gpus, request)
+    limits = partition.limits
+    return {"slurm_partition": partition.name,
+            "mem_mb": int(min(request["mem_mb"], limits.max_mem_mb)),
+            "runtime": int(min(request["runtime"], limits.max_runtime))}
+
+
 class Sizer:
     """Every job's need under one config: the Snakefile's resources and `opdgeo plan` read
     the same numbers. `on_gpu`: the config's GPU jobs (training, evaluation) have a GPU."""
@@ -267,15 +321,22 @@ class Sizer:
         """Checkpoints of a trained run: every `save_every` steps and the final one."""
         return len(self.runs[run].checkpoint_steps()) + 1
 
+    def gpus(self, run: str) -> int:
+        """GPUs of a run's training job: `training.gpus` when the config's jobs have GPUs."""
+        return self.runs[run].training["gpus"] if self.on_gpu else 0
+
     def train(self, run: str) -> Need | None:
+        """The whole job: one process per GPU (`accelerate launch`), each holding its own copy
+        of the models on the host, sharing the steps between them."""
         spec, teacher = self.runs[run], self.teacher(run)
         student = self.size(spec.source)
         teacher_size = self.size(teacher) if teacher else None
         if student is None or (teacher and teacher_size is None):
             return None
         need = train_need(student, teacher_size, spec.training, spec.optimizer, spec.task,
-                          self.cost)
-        return need.on(self.on_gpu)
+                          self.cost).on(self.on_gpu)
+        processes = max(self.gpus(run), 1)
+        return Need(need.host * processes, need.gpu, need.minutes / processes)
 
     def train_model(self, key: str) -> Need:
         """A base model the pipeline builds and trains on the ground truth (no teacher)."""

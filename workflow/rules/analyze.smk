@@ -28,7 +28,6 @@ rule decompose_source:
     threads: config["threads"]
     resources:
         **sized(lambda w: SIZER.decomposition(SOURCES[w.source])),
-        gpu=0,
     shell:
         "opdgeo decompose --source {params.source} --out {output.geometry} --dtype {params.dtype}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
@@ -62,7 +61,6 @@ rule analyze_run:
     threads: config["threads"]
     resources:
         **sized(lambda w: SIZER.analysis(w.run, has_trajectory(w.run))),
-        gpu=0,
     shell:
         "opdgeo analyze --run {wildcards.run} --source {params.source} --trained {params.trained}"
         " --out {params.out} --dtype {params.dtype} {params.fp32}"

@@ -1,6 +1,7 @@
 # Input functions: runs, models, masks and the files of each. Names come from opdgeo.config
 # only; rules never spell a run name themselves.
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -304,23 +305,36 @@ def figure_targets():
 
 # ---------------------------------------------------------- resources (every model-loading rule)
 # Memory and runtime from the sizes of the models a job loads (opdgeo.resources: the same
-# numbers `opdgeo plan` prints), grown on a retry; set-resources in a profile still overrides
-# them. A model that cannot be sized here (a hub id neither downloaded nor in
-# config/hub_models.yaml) gets FALLBACK, with a warning naming the fix.
+# numbers `opdgeo plan` prints), grown on a retry, on the partition the job's GPUs call for
+# (the SLURM profile's partition file, slurm/partitions.yaml, or the file that
+# SNAKEMAKE_SLURM_PARTITIONS names, as for the executor plugin) and cut to its limits;
+# set-resources in a profile still overrides them. A model that cannot be sized here (a hub
+# id neither downloaded nor in config/hub_models.yaml) gets FALLBACK, with a warning naming
+# the fix.
 SIZER = sizing.Sizer(config, RUNS, on_gpu=GPU > 0)
-FALLBACK = {"mem_mb": 16000, "runtime": 120}
+FALLBACK = sizing.Need(host=16000 * 2**20, gpu=0, minutes=120)
+try:
+    PARTITIONS = sizing.read_partitions(
+        Path(os.environ.get("SNAKEMAKE_SLURM_PARTITIONS", sizing.PARTITION_FILE)))
+except WorkflowError as error:
+    raise WorkflowError(f"partition file: {error}") from None
 
 
-def sized(need_of, floor_minutes=10):
-    """Resource callables (mem_mb, runtime) for a rule, from `need_of(wildcards)`."""
+def sized(need_of, gpus_of=lambda w: 0, floor_minutes=10):
+    """Resources of a rule (gpu, slurm_partition, mem_mb, runtime) from `need_of(wildcards)`
+    and `gpus_of(wildcards)`."""
 
     def resource(key):
         def value(wildcards, attempt):
-            need = need_of(wildcards)
-            if need is None:
-                return int(FALLBACK[key] * sizing.RETRY_GROWTH ** (attempt - 1))
-            return sizing.job_resources(need, attempt, floor_minutes)[key]
+            need = need_of(wildcards) or FALLBACK
+            try:
+                placed = sizing.place(need, gpus_of(wildcards), attempt, PARTITIONS,
+                                      floor_minutes)
+            except ValueError as error:
+                raise WorkflowError(str(error)) from None
+            return placed[key]
 
         return value
 
-    return {"mem_mb": resource("mem_mb"), "runtime": resource("runtime")}
+    keys = ("mem_mb", "runtime", *(("slurm_partition",) if PARTITIONS else ()))
+    return {"gpu": gpus_of, **{key: resource(key) for key in keys}}

@@ -20,8 +20,7 @@ rule evaluate_model:
         "results/benchmarks/evaluate_model/{model}.tsv"
     threads: config["threads"]
     resources:
-        **sized(lambda w: SIZER.evaluate_model(w.model)),
-        gpu=GPU,
+        **sized(lambda w: SIZER.evaluate_model(w.model), lambda w: GPU),
     shell:
         "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
         " --task {params.task} --evaluation {params.evaluation} --out {output}"
@@ -48,8 +47,7 @@ rule evaluate_run:
         "results/benchmarks/evaluate_run/{run}.tsv"
     threads: config["threads"]
     resources:
-        **sized(lambda w: SIZER.evaluate_run(w.run)),
-        gpu=GPU,
+        **sized(lambda w: SIZER.evaluate_run(w.run), lambda w: GPU),
     shell:
         "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"
         " --checkpoints {input.checkpoints} --task {params.task} --evaluation {params.evaluation}"

@@ -22,8 +22,7 @@ rule train_model:
         "results/benchmarks/train_model/{model}.tsv"
     threads: config["threads"]
     resources:
-        **sized(lambda w: SIZER.train_model(w.model)),
-        gpu=GPU,
+        **sized(lambda w: SIZER.train_model(w.model), lambda w: GPU),
     shell:
         "opdgeo train-model --name {wildcards.model} --model-spec {params.model_spec} --task {params.task}"
         " --out {params.out} --device {params.device} --threads {threads}"

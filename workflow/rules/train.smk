@@ -26,8 +26,7 @@ rule train_run:
         "results/benchmarks/train_run/{run}.tsv"
     threads: config["threads"]
     resources:
-        **sized(lambda w: SIZER.train(w.run)),
-        gpu=GPU,
+        **sized(lambda w: SIZER.train(w.run), lambda w: SIZER.gpus(w.run)),
     shell:
         "{params.launcher} train-run --run-spec {params.run_spec} {params.options} --task {params.task}"
         " --out {params.out} --device {params.device} --threads {threads}"
