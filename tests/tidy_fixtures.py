@@ -8,7 +8,7 @@ import pandas as pd
 
 from opdgeo.config import build_masks, build_runs, run_table
 from opdgeo.delta import columns as c
-from opdgeo.delta.grouping import aggregate, overlap_metrics
+from opdgeo.delta.grouping import add_enrichment, aggregate, overlap_metrics
 
 CONFIG = {
     "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
@@ -56,31 +56,46 @@ def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:
     return cfg
 
 
+def _default(declared: c.Metric) -> float:
+    """A plausible value of a metric, by its unit: every declared metric gets one, so a
+    figure, table or finding that reads a newly declared metric finds it here."""
+    if "weight units" in declared.unit:
+        return 1e-3
+    return {"%": 0.5, "unitless": 8.0, "count": 4096.0}.get(declared.unit, 1.0)
+
+
+# Every declared metric a tensor row or the global summary has (a group's energy share: only
+# in group tables), at its default value; a test's own values replace some.
+DECLARED = {name: _default(declared) for name, declared in c.METRICS.items()
+            if name != c.ENERGY_SHARE}
+
+
 def _summary(kind: str, rng) -> dict[str, float]:
     norm, sparsity, top16, low = KIND_VALUES[kind]
     jitter = lambda v: v * (1 + 0.05 * rng.standard_normal())  # noqa: E731
-    metrics = {
+    metrics = DECLARED | {
         c.RELATIVE_NORM: jitter(norm), c.SPARSITY: jitter(sparsity),
         c.EXACT_ZERO: jitter(sparsity) * 0.99,
         c.TOP16_ENERGY: jitter(top16), c.STABLE_RANK: jitter(8.0),
         c.NUMERICAL_RANK_FRACTION: 0.98,
         c.PRINCIPAL_PROJECTION: jitter(0.006),
-        f"isotropic_null_{c.PRINCIPAL_PROJECTION}": 0.011,
+        c.null_name("isotropic", c.PRINCIPAL_PROJECTION): 0.011,
         c.PRINCIPAL_COVERAGE: jitter(0.07),
-        f"rounding_null_{c.PRINCIPAL_COVERAGE}": 0.07,
+        c.null_name("rounding", c.PRINCIPAL_COVERAGE): 0.07,
         c.LOW_MAGNITUDE_COVERAGE: jitter(low),
         c.median_name(c.PRINCIPAL_COVERAGE): jitter(0.08),
         c.median_name(c.LOW_MAGNITUDE_COVERAGE): jitter(low * 0.9),
-        f"rounding_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.98,
-        f"exact_null_{c.LOW_MAGNITUDE_COVERAGE}": low * 0.99,
-        f"exact_null_{c.SPARSITY}": sparsity * 0.995,
-        f"shuffle_null_{c.TOP16_ENERGY}": 0.25,
-        f"shuffle_null_{c.NUMERICAL_RANK_FRACTION}": 1.0,
+        c.null_name("rounding", c.LOW_MAGNITUDE_COVERAGE): low * 0.98,
+        c.null_name("exact", c.LOW_MAGNITUDE_COVERAGE): low * 0.99,
+        c.null_name("exact", c.SPARSITY): sparsity * 0.995,
+        c.null_name("shuffle", c.TOP16_ENERGY): 0.25,
+        c.null_name("shuffle", c.NUMERICAL_RANK_FRACTION): 1.0,
     }
     for i, eps in enumerate(c.ABSOLUTE_EPS):
-        metrics[f"sparsity_atol_{c.threshold_label(eps)}"] = min(1.0, sparsity * (0.9 + 0.03 * i))
+        metrics[c.sparsity_name(eps)] = min(1.0, sparsity * (0.9 + 0.03 * i))
     for i, tau in enumerate(c.RELATIVE_TAUS):
-        metrics[f"sparsity_rel_{c.threshold_label(tau)}"] = min(1.0, sparsity * (0.95 + 0.04 * i))
+        metrics[c.relative_sparsity_name(tau)] = min(1.0, sparsity * (0.95 + 0.04 * i))
+    metrics = add_enrichment(metrics)  # coverage / density, as the analysis computes it
     # under their global-summary names, as the analysis writes them (medians as `_median`)
     values = {c.summary_name(name): value for name, value in metrics.items()}
     values |= {alias: values[name] for alias, name in c.SUMMARY_ALIASES.items()}
@@ -143,7 +158,7 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                                      c.SPARSITY: sparsity,
                                      c.RELATIVE_NORM: 0.002 * (1 + layer + rng.random())})
                 numel = 64 * 128 if block == "ffn" else 64 * 64
-                tensors.append({
+                tensors.append(add_enrichment(DECLARED | {
                     "run": name, "name": TENSOR_NAMES[module].format(layer=layer),
                     "layer": layer, "module": module, "block": block,
                     "shape": "128x64" if block == "ffn" else "64x64", "numel": numel,
@@ -153,7 +168,7 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                     c.STABLE_RANK: 8 + rng.random(), c.NUMERICAL_RANK_FRACTION: 0.97,
                     c.PRINCIPAL_PROJECTION: 0.006, c.SUBSPACE_ROTATION: 0.01,
                     c.LOW_MAGNITUDE_COVERAGE: 0.3,
-                })
+                }))
     masks = [(m.name, "all", "all", 0.2 if m.method == "atol" else 0.21)
              for m in build_masks(cfg).values()]
     primary = next(n for n, s in runs.items() if s.kind == "opd")
