@@ -4,6 +4,7 @@ Slow (minutes): it trains base models, runs, masks and masked runs, evaluates an
 every checkpoint, and renders the tables and figures.
 """
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from events import wait_for
 
+from opdgeo.captions import captions
 from opdgeo.config import build_masks, build_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +249,14 @@ def test_report_of_existing_results_retrains_nothing(smoke):
     jobs = set(re.findall(r"^(?:local)?rule (\w+):$", report.stdout + report.stderr, re.M))
     assert jobs and not {"train_model", "train_run"} & jobs, jobs
     assert "Report of config/smoke.yaml" in report.stdout
-    assert (smoke / "results" / "report.html").stat().st_size > 0
+    page = (smoke / "results" / "report.html").read_text()
+    # no caption or page with a reStructuredText error (docutils' red "System Message" box)
+    assert "system-message" not in page and "System Message" not in page
+    # the workflow description opens the report; the captions are the package's own
+    assert "opdgeo: the sparsity and geometry of on-policy distillation" in page
+    for text in captions().values():  # as the report embeds it: JSON in a script
+        first = text.split("**")[1]
+        assert json.dumps(first, ensure_ascii=True)[1:-1] in page, first
 
 
 @pytest.mark.workflow

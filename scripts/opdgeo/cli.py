@@ -47,6 +47,7 @@ EXAMPLES = {
     "paper-tables": "opdgeo paper-tables --tables results/tables --out results/tables",
     "paper-null": "opdgeo paper-null --std 0.02 0.01 --out results/tables",
     "findings": "opdgeo findings --tables results/tables --out results/findings",
+    "captions": "opdgeo captions --out results/report",
     "rehearse": "opdgeo rehearse config/paper.yaml --out rehearsal",
     "plan": "opdgeo plan --configfile config/paper.yaml",
 }
@@ -254,6 +255,13 @@ def cmd_findings(args):
     print(table["verdict"].value_counts().to_string() if len(table) else "no findings rows")
 
 
+def cmd_captions(args):
+    from opdgeo.captions import write_captions
+
+    paths = write_captions(args.out)
+    print(f"wrote {len(paths)} captions into {args.out}")
+
+
 def cmd_rehearse(args):
     from opdgeo.rehearse import rehearse
 
@@ -392,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("findings", help="F1-F8 as verdicts with numbers (out.md, out.csv)")
     _render_arguments(p)
     p.set_defaults(handler=cmd_findings)
+
+    p = sub.add_parser("captions", help="the HTML report's captions (one .rst per figure, "
+                       "paper table and the findings), from the constants the figures use")
+    p.add_argument("--out", type=Path, required=True, help="folder of the captions")
+    p.set_defaults(handler=cmd_captions)
 
     p = sub.add_parser("rehearse", help="a study's config on tiny local stand-ins of its hub "
                        "models and data sets (CPU)")

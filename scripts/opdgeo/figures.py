@@ -239,12 +239,14 @@ def fig2_runs(info: pd.DataFrame, plots: dict) -> list[str]:
     return list(opd.groupby("modality", sort=False)["run"].first())
 
 
+FIG2_PANELS = ((SPARSITY, "viridis", ".0f"), (RELATIVE_NORM, "magma", ".2g"))  # colour map, format
+
+
 def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Layer x module heat maps of sparsity and relative movement, one row per OPD run."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = fig2_runs(info, plots) or [None]
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 5 * len(runs)), squeeze=False)
-    panels = ((SPARSITY, "viridis", ".0f"), (RELATIVE_NORM, "magma", ".2g"))
     for run, row_axes in zip(runs, axes, strict=True):
         rows = layer_module[layer_module["run"] == run] if not layer_module.empty \
             else layer_module
@@ -254,7 +256,7 @@ def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dic
             continue
         modules = [m for m in MODULE_ORDER if m in set(rows["module"])]
         modules += sorted(set(rows["module"]) - set(modules))
-        for ax, (column, cmap, fmt) in zip(row_axes, panels, strict=True):
+        for ax, (column, cmap, fmt) in zip(row_axes, FIG2_PANELS, strict=True):
             grid = rows.pivot_table(index="layer", columns="module", values=column)
             grid = grid.reindex(columns=modules) * metric_scale(column)
             annotate = grid.size <= ANNOTATE_MAX_CELLS
@@ -561,6 +563,9 @@ def matched_gain_points(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.
     return pd.DataFrame(rows)
 
 
+GAIN_PANELS = ((SPARSITY, False), (RELATIVE_NORM, True))  # (x axis, log scale)
+
+
 def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.DataFrame,
                      plots: dict, out: Path):
     """At equal gain, does OPD move fewer coordinates? One curve per method over the
@@ -574,14 +579,13 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
         return save(fig, out, plots)
     colors = dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
                       strict=False))
-    panels = ((SPARSITY, False), (RELATIVE_NORM, True))
     # One curve per pair, method and optimizer (a curve through two optimizers' points, or two
     # pairs', would zigzag between unrelated grids): colour = method, line = optimizer,
     # marker = pair.
     pairs = list(dict.fromkeys(points["pair"]))
     optimizers = list(dict.fromkeys(points["optimizer"]))
     curves_of = points.groupby(["pair", "method", "optimizer"], sort=False)
-    for ax, (x, log) in zip(axes, panels, strict=True):
+    for ax, (x, log) in zip(axes, GAIN_PANELS, strict=True):
         for (pair, method, opt), frame in curves_of:
             gains = frame.rename(columns={"gain": "value", "gain_low": "low",
                                           "gain_high": "high"})

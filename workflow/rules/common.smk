@@ -293,13 +293,16 @@ def figure_outputs(name):
 
 
 def in_report(path, name, category):
-    return report(path, caption=f"../report/{name}.rst", category=category)
+    """`path` in the HTML report, with its caption as written by rule report_captions (an
+    absolute path: a relative one would be read from this file's folder)."""
+    caption = Path(rules.report_captions.output[0], f"{name}.rst").absolute()
+    return report(path, caption=str(caption), category=category)
 
 
 def figure_targets():
     figures = [path for name in FIGURES for path in getattr(rules, f"figure_{name}").output]
     return [*figures, *rules.paper_tables.output, *rules.paper_rounding_null.output,
-            *rules.findings.output]
+            *rules.findings.output, *rules.report_captions.output]
 
 
 

@@ -19,6 +19,20 @@ TABLE_PLOTS = as_arg({k: PLOTS[k] for k in ("labels", "metric", "paper_match") i
                      ordered=True)
 
 
+rule report_captions:
+    localrule: True
+    output:
+        directory("results/report"),
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/figures/report_captions.log",
+    benchmark:
+        "results/benchmarks/figures/report_captions.tsv"
+    shell:
+        "opdgeo captions --out {output} > {log} 2>&1"
+
+
 for _figure, (_, _tables) in FIGURES.items():
 
     rule:
