@@ -16,6 +16,35 @@ def info_of(frames, external=None):
     return run_info(frames["runs"], external or {})
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures `figures.save` is handed (then saved as usual), in order."""
+    figs, save = [], figures.save
+
+    def keep(fig, out, plots):
+        figs.append(fig)
+        return save(fig, out, plots)
+
+    monkeypatch.setattr(figures, "save", keep)
+    return figs
+
+
+def empty_panels(fig) -> list[str]:
+    """The visible panels that show no data: a note, or nothing drawn in data coordinates
+    (reference lines such as axhline sit in axes coordinates; colour bars are not panels)."""
+    empty = []
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible() or ax.get_label() == "<colorbar>":
+            continue
+        notes = [text for text in ax.texts if text.get_gid() == figures.NOTE]
+        data = [*ax.patches, *ax.collections, *ax.images,
+                *(line for line in ax.lines if line.get_transform() == ax.transData)]
+        if notes or not data:
+            empty.append(f"panel {i} ({ax.get_title() or ax.get_ylabel() or ax.get_xlabel()}): "
+                         + (notes[0].get_text() if notes else "nothing drawn"))
+    return empty
+
+
 @pytest.fixture(scope="module")
 def full():
     """Two seeds, both optimizers, masked arms, an external OPD run, a sweep grid, and a
@@ -24,9 +53,9 @@ def full():
 
 
 @pytest.mark.parametrize("name", figures.FIGURES)
-def test_every_figure_renders_from_the_tables_it_declares(full, tmp_path, name):
+def test_every_figure_renders_from_the_tables_it_declares(full, tmp_path, name, drawn):
     """The contract figures.smk builds its rules' inputs from: handed only its declared
-    tables, a renderer draws every panel."""
+    tables, a renderer draws data in every panel (none is empty or a note)."""
     reads = figures.FIGURES[name][1]
     assert set(reads) <= set(TABLES)
     # every format once (Fig 1), PNG only for the others: PDF output is slow to write
@@ -36,27 +65,41 @@ def test_every_figure_renders_from_the_tables_it_declares(full, tmp_path, name):
                            tmp_path / name)
     assert [p.suffix for p in paths] == ["." + fmt for fmt in plots["formats"]]
     assert all(p.stat().st_size > 1000 for p in paths)
+    assert len(drawn) == 1 and empty_panels(drawn[0]) == []
 
 
-def test_missing_optional_inputs_render_with_notes(tmp_path):
+def test_missing_optional_inputs_render_with_notes(tmp_path, drawn):
     """No SGD run, no masked runs, no external runs, no sweep, no AdamW state, no trajectory,
-    no per-layer tables: every figure still renders (a panel says what is missing)."""
+    no per-layer tables: every figure still renders (a panel says what is missing), and the
+    panels left without data are the ones the empty check finds."""
     frames = tf.tables(tf.config(optimizers=("adamw",), arms=()))
     for name in ("optimizer_state", "trajectory", "layer_module", "modules", "tensors"):
         frames[name] = pd.DataFrame()
+    empty = {}
     for name in figures.FIGURES:
         paths = figures.render(name, frames, info_of(frames), {"formats": ["png"], "dpi": 40},
                                tmp_path / name)
         assert paths[0].exists(), name
+        empty[name] = empty_panels(drawn[-1])
+    assert {name for name, panels in empty.items() if panels} == {
+        "fig2_layer_module", "fig3_interventions", "trajectory", "optimizer_state",
+        "appendix_module_metrics", "gain_vs_sparsity"}, empty
+    # Fig 3: the masked-retraining panel only; its optimizer panel has the AdamW run
+    [masked] = empty["fig3_interventions"]
+    assert "subnetwork-masked retraining" in masked and "no masked runs" in masked
 
 
-def test_only_runs_table_renders_everything(tmp_path):
+def test_only_runs_table_renders_everything(tmp_path, drawn):
+    """With no data at all every figure still renders, each panel a note: the check the
+    figures pass above finds every one of them empty."""
     frames = {name: pd.DataFrame() for name in tf.tables()}
     frames["runs"] = tf.tables()["runs"]
     info = info_of(frames)
     for name in figures.FIGURES:
         assert figures.render(name, frames, info, {"formats": ["png"], "dpi": 40},
                               tmp_path / name)[0].exists()
+        visible = [ax for ax in drawn[-1].axes if ax.get_visible()]
+        assert len(empty_panels(drawn[-1])) == len(visible) > 0, name
     built = paper_tables.build_tables(frames, info, {})
     assert set(built) == set(paper_tables.TABLE_NAMES)
 
