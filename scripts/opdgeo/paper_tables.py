@@ -23,6 +23,7 @@ from opdgeo.delta.columns import (
     STABLE_RANK,
     TOP16_ENERGY,
     median_name,
+    null_name,
     summary_name,
 )
 from opdgeo.delta.grouping import overlap_metrics
@@ -96,14 +97,14 @@ MEDIAN_COLUMNS = (
 )
 # Null columns, where the analysis computed them: beside the observed ones.
 NULL_COLUMNS = (
-    (f"exact_null_{SPARSITY}", "sparsity, exact rounding null %"),
-    (summary_name(f"shuffle_null_{TOP16_ENERGY}"), "top-16, shuffle null %"),
-    (f"rounding_null_{PRINCIPAL_COVERAGE}", "principal cov., rounding null %"),
-    (summary_name(f"isotropic_null_{PRINCIPAL_PROJECTION}"),
+    (null_name("exact", SPARSITY), "sparsity, exact rounding null %"),
+    (summary_name(null_name("shuffle", TOP16_ENERGY)), "top-16, shuffle null %"),
+    (null_name("rounding", PRINCIPAL_COVERAGE), "principal cov., rounding null %"),
+    (summary_name(null_name("isotropic", PRINCIPAL_PROJECTION)),
      "principal proj. 10%, isotropic null %"),
     (summary_name(PRINCIPAL_PROJECTION), "principal proj. 10% %"),
-    (f"rounding_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., rounding null %"),
-    (f"exact_null_{LOW_MAGNITUDE_COVERAGE}", "low-mag cov., exact rounding null %"),
+    (null_name("rounding", LOW_MAGNITUDE_COVERAGE), "low-mag cov., rounding null %"),
+    (null_name("exact", LOW_MAGNITUDE_COVERAGE), "low-mag cov., exact rounding null %"),
 )
 # Module energy: shares by module type (the paper's blocks), and the blocks a vision-language
 # model has beside them, each shown on its own.

@@ -15,7 +15,15 @@ import math
 import numpy as np
 import pandas as pd
 
-from opdgeo.delta.columns import KEY_COLUMNS, METRICS, SUMMARY_ALIASES, metric, summary_name
+from opdgeo.delta.columns import (
+    DELTA_ENERGY,
+    KEY_COLUMNS,
+    METRICS,
+    NUMEL,
+    SUMMARY_ALIASES,
+    metric,
+    summary_name,
+)
 from opdgeo.naming import type_block
 
 GROUPINGS = {
@@ -88,7 +96,7 @@ def _weighted_means(frame, grouped, by, names) -> pd.DataFrame:
     matrix's updates."""
     matrix = is_matrix(frame["shape"])
     weights = pd.DataFrame({c: _update_weight(frame, c).where(matrix, 0.0)
-                            if metric(c).aggregation == "update" else frame["numel"]
+                            if metric(c).aggregation == "update" else frame[NUMEL]
                             for c in names}, index=frame.index)
     weights = weights.where(frame[names].notna() & (weights > 0), 0.0)
     numerators = (frame[names].fillna(0.0) * weights).groupby(by, sort=True).sum()
@@ -125,7 +133,7 @@ AGGREGATORS = (
 
 def _update_weight(rows: pd.DataFrame, column: str) -> pd.Series:
     """Number of updates a coverage column is a share of (observed or exact-null)."""
-    return rows["numel"] * (1 - rows[metric(column).unchanged])
+    return rows[NUMEL] * (1 - rows[metric(column).unchanged])
 
 
 def add_enrichment(values):
@@ -159,7 +167,7 @@ def summary(tensors: pd.DataFrame) -> dict:
     for column, value in overall.items():
         name = column if column == "tensor_count" else summary_name(column)
         result[name] = _plain(value)
-    result["num_params"] = int(result.pop("numel"))
+    result["num_params"] = int(result.pop(NUMEL))
     result["tensor_count"] = int(result["tensor_count"])
     result.pop("energy_share")
     for alias, name in SUMMARY_ALIASES.items():
@@ -185,7 +193,7 @@ def energy_shares(tensors: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     by = keys or ["_all"]
     parts = []
     for prefix, column in ENERGY_SHARES.items():
-        energy = frame.groupby([*by, column])["delta_energy"].sum().unstack(column, fill_value=0)
+        energy = frame.groupby([*by, column])[DELTA_ENERGY].sum().unstack(column, fill_value=0)
         parts.append(energy.div(energy.sum(axis=1), axis=0).add_prefix(f"{prefix}/"))
     return pd.concat(parts, axis=1)
 

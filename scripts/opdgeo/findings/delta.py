@@ -11,6 +11,7 @@ from opdgeo.delta.columns import (
     RELATIVE_NORM,
     SPARSITY,
     TOP16_ENERGY,
+    null_name,
     summary_name,
 )
 from opdgeo.findings.context import (
@@ -77,20 +78,20 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
                              + ("" if comparators[first][0] else "; no SFT control")))
 
     rows.append(against_null(("F2", "sparsity at 1e-5"), SPARSITY, F2_MIN_SPARSITY, +1,
-                             [f"exact_null_{SPARSITY}"], paper=ctx.paper(first, "sparsity"),
+                             [null_name("exact", SPARSITY)], paper=ctx.paper(first, "sparsity"),
                              note=f"claim: >= {F2_MIN_SPARSITY:g}"))
 
     rows += _f3(ctx, runs, observed)
 
     rank_key = summary_name(NUMERICAL_RANK_FRACTION)
-    null, _ = ctx.first_null(runs, [summary_name(f"shuffle_null_{NUMERICAL_RANK_FRACTION}")])
+    null, _ = ctx.first_null(runs, [summary_name(null_name("shuffle", NUMERICAL_RANK_FRACTION))])
     rows.append(ctx.row("F6", runs, "numerical rank / min(m, n) (median)", summary(rank_key),
                         F6_MIN_RANK_FRACTION, +1, key=rank_key,
                         note=f"claim: >= {F6_MIN_RANK_FRACTION:g}; shuffle null "
                              f"{null['value'].mean():.3g} (a random update is full rank too)"))
     top16 = ctx.metric_of(runs, summary_name(TOP16_ENERGY))["value"].mean()
     ratio = observed({r: _point(ctx, r, lambda t: matrix_ratio(
-        t, TOP16_ENERGY, f"shuffle_null_{TOP16_ENERGY}")) for r in runs["run"]}, TOP16_RATIO)
+        t, TOP16_ENERGY, null_name("shuffle", TOP16_ENERGY))) for r in runs["run"]}, TOP16_RATIO)
     rows.append(ctx.row("F6", runs, "top-16 energy / its shuffle null (mean over matrices)",
                         ratio, 1.0, +1, null_kind="shuffle null", threshold_is_null=True,
                         note=f"claim: > 1; top-16 energy (median) {top16:.4g}"
@@ -98,20 +99,19 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
                              f"compares with 16/min(m, n), which an isotropic matrix exceeds)"))
 
     ratio = observed({r: _point(ctx, r, lambda t: matrix_ratio(
-        t, PRINCIPAL_PROJECTION, f"isotropic_null_{PRINCIPAL_PROJECTION}"))
+        t, PRINCIPAL_PROJECTION, null_name("isotropic", PRINCIPAL_PROJECTION)))
         for r in runs["run"]}, PROJECTION_RATIO)
     rows.append(ctx.row("F7", runs, "principal projection at 10% / its isotropic null (mean over "
                         "matrices)", ratio, 1.0, -1, null_kind="isotropic null (k^2/(mn))",
                         threshold_is_null=True,
                         note="claim: < 1 (the paper gives no number for this measure)"))
-    coverage_nulls = [f"exact_null_{PRINCIPAL_COVERAGE}", f"rounding_null_{PRINCIPAL_COVERAGE}"]
+    coverage_nulls = [null_name(kind, PRINCIPAL_COVERAGE) for kind in ("exact", "rounding")]
     rows.append(against_null(("F7", "principal-mask coverage at 10%"), PRINCIPAL_COVERAGE,
                              F7_RANDOM_MASK, -1, coverage_nulls,
                              paper=ctx.paper(first, "principal_coverage"),
                              note="claim: < 10% (random mask)"))
 
-    low_nulls = [f"exact_null_{LOW_MAGNITUDE_COVERAGE}",
-                 f"rounding_null_{LOW_MAGNITUDE_COVERAGE}"]
+    low_nulls = [null_name(kind, LOW_MAGNITUDE_COVERAGE) for kind in ("exact", "rounding")]
     rows.append(against_null(("F8", "low-magnitude coverage at 10%"), LOW_MAGNITUDE_COVERAGE,
                              F8_MIN_COVERAGE, +1, low_nulls,
                              paper=ctx.paper(first, "low_magnitude_coverage"),

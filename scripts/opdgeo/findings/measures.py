@@ -7,9 +7,12 @@ import math
 import pandas as pd
 
 from opdgeo.delta.columns import (
+    DELTA_ENERGY,
+    NUMEL,
     PRINCIPAL_PROJECTION,
     RELATIVE_NORM,
     TOP16_ENERGY,
+    null_name,
 )
 from opdgeo.tidy import (
     delta_summary,
@@ -33,9 +36,9 @@ def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.D
     out = summary.xs(run, level="run").copy()
     out[F1_RATIO] = out[RELATIVE_NORM] / summary.xs(comparator, level="run")[RELATIVE_NORM] \
         if comparator in set(rows["run"]) else NAN
-    out[TOP16_RATIO] = matrix_ratio(own, TOP16_ENERGY, f"shuffle_null_{TOP16_ENERGY}")
+    out[TOP16_RATIO] = matrix_ratio(own, TOP16_ENERGY, null_name("shuffle", TOP16_ENERGY))
     out[PROJECTION_RATIO] = matrix_ratio(own, PRINCIPAL_PROJECTION,
-                                         f"isotropic_null_{PRINCIPAL_PROJECTION}")
+                                         null_name("isotropic", PRINCIPAL_PROJECTION))
     return out.join(energy_spread(own).rename(columns=SPREAD))
 
 
@@ -65,10 +68,10 @@ def energy_spread(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=names, dtype=float)
 
     def ratios(key):
-        sums = rows.groupby(["resample", key])[["delta_energy", "numel"]].sum()
+        sums = rows.groupby(["resample", key])[[DELTA_ENERGY, NUMEL]].sum()
         totals = sums.groupby(level="resample").transform("sum")
         shares = sums / totals.where(totals > 0)
-        return shares["delta_energy"] / shares["numel"]
+        return shares[DELTA_ENERGY] / shares[NUMEL]
 
     blocks = ratios("block")
     ffn = blocks.xs("ffn", level="block") if "ffn" in set(rows["block"]) else NAN
