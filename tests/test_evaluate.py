@@ -181,3 +181,40 @@ def test_evaluate_command_without_vllm_stops_with_the_fix(tmp_path, make_checkpo
               "--out", str(tmp_path / "r.csv"), "--device", "cpu"])
     assert "pip install vllm" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+class AttemptEnded(Exception):
+    pass
+
+
+def test_evaluation_near_its_wall_time_ends_the_attempt_and_the_next_scores_the_rest(
+        tmp_path, make_checkpoint, monkeypatch):
+    """With a SLURM wall time too short for another checkpoint, the job ends its attempt
+    (opdgeo.attempts.end_attempt: requeue) after one; the next attempt scores the rest, and
+    the table is that of an uninterrupted evaluation."""
+    from opdgeo import evaluate
+    from opdgeo.attempts import WallClock, parse_time_left
+
+    assert parse_time_left("1-02:03:04") == ((26 * 60) + 3) * 60 + 4
+    assert parse_time_left("1:30") == 90 and parse_time_left("UNLIMITED") is None
+    checkpoints = {step: make_checkpoint(tmp_path / f"step-{step}", seed=step)
+                   for step in (1, 2, 3)}
+    task = make_task(TASK)
+    scores = (task, 2, 1.0, 0, "cpu", 8)
+    reference = evaluate.evaluate_checkpoints(checkpoints, "r", *scores)
+
+    ended = []
+
+    def end_attempt(what):
+        ended.append(what)
+        raise AttemptEnded
+
+    monkeypatch.setattr(evaluate, "end_attempt", end_attempt)
+    journal = ScoreJournal(tmp_path / "journal", SPEC)
+    with pytest.raises(AttemptEnded):  # no room for a second checkpoint
+        evaluate.evaluate_checkpoints(checkpoints, "r", *scores, journal=journal,
+                                      clock=WallClock(seconds_left=0))
+    assert ended == ["evaluation of r: 1 of 3 checkpoints scored"]
+    table = evaluate.evaluate_checkpoints(checkpoints, "r", *scores, journal=journal,
+                                          clock=WallClock(seconds_left=1e6))
+    pd.testing.assert_frame_equal(table, reference)

@@ -873,3 +873,76 @@ def test_plugin_options_are_the_plugins_own(paper_submissions, tmp_path):
         assert {n: option(argv, n) for n in judged} == {
             n: option(built[comment], n) for n in judged}, comment
         assert ("--requeue" in argv) == ("--requeue" in built[comment])
+
+
+# --- A job longer than its wall time: a chain of attempts -------------------------------------
+
+CHAINED_STEPS = 3
+CHAINED_TASK = {"digits": 2, "eval_prompts": 16, "seed": 0}
+# The wall time of each attempt (minutes), and a stop margin as long: every attempt has room
+# for one step only, on a fast machine as on a slow one, and stops at a checkpoint after it.
+CHAINED_WALL_MINUTES = 2
+
+CHAINED_SNAKEFILE = """
+import shlex
+
+rule train:
+    output: directory("run/final")
+    params: spec=shlex.quote({spec!r}), task=shlex.quote({task!r})
+    threads: 1
+    resources: runtime={minutes}, mem_mb=2000
+    shell: "opdgeo train-run --run-spec {{params.spec}} --source {source} --teacher {teacher}"
+           " --task {{params.task}} --out run --device cpu --threads 1 >> attempts.log 2>&1"
+"""
+
+
+def chained_spec():
+    from opdgeo.config import RunSpec, pair_training
+
+    config = {"training": {"steps": CHAINED_STEPS, "batch_size": 8, "save_every": 100,
+                           "prompts": 4, "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+              "pairs": {"p": {"student": "s", "teachers": ["t"]}}}
+    return RunSpec("p-opd-t-adamw-s0", "opd", "p", "s", "t", "adamw", 0,
+                   training=pair_training(config, "p"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_longer_than_its_wall_time_finishes_over_attempts(slurm_cluster, tiny_pair,
+                                                                      tmp_path):
+    """A training job whose wall time holds one step per attempt stops at a checkpoint before
+    its time is up, requeues itself and continues, through Snakemake and the profile, over
+    as many attempts as it has steps, to the bytes of an uninterrupted run."""
+    from dataclasses import asdict
+
+    from opdgeo.train import train_run
+
+    student, teacher = tiny_pair
+    spec = chained_spec()
+    straight = tmp_path / "straight"
+    train_run(spec, student, teacher, CHAINED_TASK, straight, "cpu")
+
+    work = tmp_path / "wf"
+    work.mkdir()
+    run_spec = {k: v for k, v in asdict(spec).items() if k != "task"}
+    (work / "Snakefile").write_text(CHAINED_SNAKEFILE.format(
+        minutes=CHAINED_WALL_MINUTES, spec=json.dumps(run_spec), source=student,
+        teacher=teacher, task=json.dumps(CHAINED_TASK)))
+    link_profile(work)
+    env = workflow_env(REPO, slurm_cluster.env)
+    env["OPDGEO_STOP_MARGIN_S"] = str(CHAINED_WALL_MINUTES * 60)
+    run = snakemake(work, env=env, timeout=900)
+    assert_ok(run)
+
+    [submission] = run.submissions()  # one Snakemake job, one SLURM job: no retry
+    log = (work / "attempts.log").read_text()  # no Snakemake log: attempts append to it
+    assert log.count(f"requeueing SLURM job {submission.slurm_id}") == CHAINED_STEPS - 1, log
+    ends = [line for line in slurm_cluster.jobcomp.read_text().splitlines()
+            if f"JobId={submission.slurm_id} " in line]
+    assert len(ends) == CHAINED_STEPS, ends  # each attempt ended once; the last completed
+    assert slurm_cluster.finished_jobs()[submission.slurm_id]["JobState"] == "COMPLETED"
+    for file in ("final/model.safetensors", "fp32/model.safetensors"):
+        assert (work / "run" / file).read_bytes() == (straight / file).read_bytes(), file
+    steps = [int(row.split(",")[1]) for row in
+             (work / "run" / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, CHAINED_STEPS + 1))

@@ -161,6 +161,47 @@ def _repeat_sampler(loader):
     return None
 
 
+class WallTimeCallback(TrainerCallback):
+    """Stop at a Trainer checkpoint while the job's wall time still holds the save.
+
+    After each step, unless the next step and a save (the longest of each seen in this
+    attempt, twice over) end before the clock's margin, the Trainer saves its checkpoint and
+    stops; `stopped` tells the caller to end the attempt (opdgeo.attempts.end_attempt) instead
+    of saving the final checkpoint. Processes of one run decide together (the first one's
+    clock), so that all of them save and stop at the same step."""
+
+    def __init__(self, clock):
+        self.clock, self.stopped = clock, False
+        self._step_began = self._step_ended = None
+        self._longest_step = self._longest_save = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_began = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        self._longest_step = max(self._longest_step, now - self._step_began)
+        self._step_ended = now
+        if state.global_step >= state.max_steps:
+            return
+        stop = not self.clock.room_for(2 * (self._longest_step + self._longest_save))
+        if _agreed(stop):
+            control.should_save = control.should_training_stop = True
+            self.stopped = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._longest_save = max(self._longest_save, time.monotonic() - self._step_ended)
+
+
+def _agreed(decision: bool) -> bool:
+    """The first process's decision, in every process of a distributed run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decision
+    shared = [decision]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 class SnapshotCallback(TrainerCallback):
     """Save a bf16 checkpoint every `every` steps (the curves and trajectories read them)."""
 

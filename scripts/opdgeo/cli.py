@@ -144,6 +144,7 @@ def cmd_make_mask(args):
 
 
 def cmd_evaluate(args):
+    from opdgeo.attempts import WallClock
     from opdgeo.delta.io import step_folders
     from opdgeo.device import resolve_device
     from opdgeo.evaluate import ScoreJournal, evaluate_checkpoints
@@ -161,7 +162,8 @@ def cmd_evaluate(args):
     table = evaluate_checkpoints(checkpoints, args.run, task, evaluation["k"],
                                  evaluation["temperature"], args.seed,
                                  resolve_device(args.device), evaluation["batch_size"], journal,
-                                 evaluation.get("engine", "hf"), evaluation.get("vllm"))
+                                 evaluation.get("engine", "hf"), evaluation.get("vllm"),
+                                 WallClock.from_slurm())
     _write_csv_atomic(table, args.out)
     journal.clear()
 

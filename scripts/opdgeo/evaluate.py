@@ -10,11 +10,13 @@ finishes (`ScoreJournal`), so that a killed or timed-out job's rerun scores only
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from opdgeo.attempts import WallClock, end_attempt
 from opdgeo.data import render_prompts
 from opdgeo.models import text_tokenizer
 from opdgeo.progress import progress
@@ -214,15 +216,19 @@ class ScoreJournal:
 def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                          temperature: float, seed: int, device: str,
                          batch_size: int = 256, journal: ScoreJournal | None = None,
-                         engine: str = "hf", vllm: dict | None = None) -> pd.DataFrame:
+                         engine: str = "hf", vllm: dict | None = None,
+                         clock: WallClock | None = None) -> pd.DataFrame:
     """Tidy scores (run, step, metric, value, low, high) of every checkpoint of one run: the
     mean over held-out prompts and its 95% bootstrap interval over those prompts. `seed`
     seeds the sampling (a run's own seed: the seeds of a run draw different samples). With a
     journal, checkpoints it holds are not scored again and each newly scored one is added.
-    `engine`: auto, hf or vllm (see `choose_engine`); `vllm`: vLLM's engine settings."""
+    `engine`: auto, hf or vllm (see `choose_engine`); `vllm`: vLLM's engine settings.
+    `clock` (a SLURM job's wall time, with a journal): before a checkpoint that might not be
+    scored in time (twice the longest so far), the job requeues itself, and its next attempt
+    scores the rest (opdgeo.attempts)."""
     engine = choose_engine(engine, device)
     examples = task.eval_examples()
-    rows = []
+    rows, longest = [], 0.0
     for step, path in progress(sorted(checkpoints.items()), desc=f"evaluate {run}",
                                unit="checkpoint"):
         scored = journal.read(step, path) if journal else None
@@ -230,6 +236,10 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
             rows += scored
             print(f"{run} step {step}: scored before (journal {journal.folder})", flush=True)
             continue
+        if clock and journal and longest and not clock.room_for(2 * longest):
+            end_attempt(f"evaluation of {run}: {len(rows) // 2} of {len(checkpoints)} "
+                        "checkpoints scored")
+        began = time.monotonic()
         generator = (VLLMEngine(path, vllm or {}, seed) if engine == "vllm" else
                      TransformersEngine(path, device, batch_size))
         em, mk = prompt_scores(task, examples, *generator.completions(
@@ -238,6 +248,7 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                   (run, step, f"mean@{k}", *prompt_interval(mk))]
         if journal:
             journal.write(step, path, scored)
+        longest = max(longest, time.monotonic() - began)
         rows += scored
         print(f"{run} step {step}: " + ", ".join(
             f"{m.replace('_', ' ')} {v:.3f} [{lo:.3f}, {hi:.3f}]" for _, _, m, v, lo, hi in scored)

@@ -22,6 +22,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from opdgeo.attempts import WallClock, end_attempt
 from opdgeo.callbacks import (
     CSVLogCallback,
     DataOrderCallback,
@@ -30,6 +31,7 @@ from opdgeo.callbacks import (
     NonFiniteGuardCallback,
     OptimizerStateCallback,
     SnapshotCallback,
+    WallTimeCallback,
     progress_callbacks,
 )
 from opdgeo.config import RunSpec
@@ -378,6 +380,9 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     snapshots = out_dir / "trainer" / "snapshots"
     snapshots.mkdir(exist_ok=True)
     callbacks = _callbacks(model, tokenizer, mask_path, out_dir, spec, main_process)
+    clock = WallClock.from_slurm()  # a SLURM job's wall time: stop at a checkpoint before it
+    wall_time = WallTimeCallback(clock) if clock else None
+    callbacks += [wall_time] if wall_time else []
     check_images(prompts, hasattr(tokenizer, "image_processor"), source)
     prompts = [replace(e, prompt=model_prompt(tokenizer, e.prompt)) for e in prompts]
     common = dict(steps=spec.training["steps"], batch_size=spec.training["batch_size"],
@@ -387,6 +392,11 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                           prompts, out_dir, callbacks, common))
     trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()
+    if wall_time and wall_time.stopped:  # the job's next attempt resumes from the checkpoint
+        if main_process:
+            end_attempt(f"run {spec.name}: step {trainer.state.global_step} of "
+                        f"{spec.training['steps']}")
+        return
     if main_process:
         _finish(model, tokenizer, spec, out_dir)
 
