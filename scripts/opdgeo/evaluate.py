@@ -157,8 +157,9 @@ def choose_engine(engine: str, device: str) -> str:
         if engine == "auto":
             return "hf"
         raise RuntimeError(
-            "evaluation.engine is vllm, but vllm cannot be imported here: install it (pip "
-            "install vllm, on a machine with a GPU), or set evaluation.engine: hf or auto"
+            "evaluation.engine is vllm, but vllm cannot be imported here: install the GPU "
+            "extras (pip install -r envs/requirements-gpu.txt), or set evaluation.engine: hf "
+            "or auto"
         ) from error
     if not device.startswith("cuda"):
         if engine == "auto":

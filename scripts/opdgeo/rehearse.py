@@ -49,7 +49,7 @@ REHEARSAL_TRAINING = {"steps": 2, "save_every": 1, "prompts": 8}
 # work on (at AdamW 1e-6 two steps change no bf16 coordinate).
 LEARNING_RATE_SCALE = 100
 PROMPTS_PER_STEP = 2
-REHEARSAL_EVALUATION = {"k": 2, "batch_size": 8}
+REHEARSAL_EVALUATION = {"k": 2, "batch_size": 8, "engine": "hf"}  # no vLLM on CPU
 REHEARSAL_MAX_NEW_TOKENS = 8
 
 

@@ -122,8 +122,8 @@ def _generation_backend(training: dict, config_cls) -> dict:
         import vllm  # noqa: F401
     except ImportError as error:
         raise RuntimeError(
-            "training.use_vllm is true, but vllm cannot be imported here: install a vllm "
-            "version that TRL 1.16 supports (pip install 'trl[vllm]'), or set use_vllm: false"
+            "training.use_vllm is true, but vllm cannot be imported here: install the GPU "
+            "extras (pip install -r envs/requirements-gpu.txt), or set use_vllm: false"
         ) from error
     settings = {"vllm_mode": "colocate"} | {f"vllm_{key}": value
                                             for key, value in training.get("vllm", {}).items()}
