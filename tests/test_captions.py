@@ -2,16 +2,17 @@
 valid reStructuredText (an error would show as a red box in the report)."""
 
 import html
+from pathlib import Path
 
 import jinja2
 import pytest
 from docutils.core import publish_parts
 
-from opdgeo import captions, figures, paper_tables
+from opdgeo import captions, figures, paper_tables, report_captions
 from opdgeo.delta import columns
 from opdgeo.findings import VERDICTS
 
-WORKFLOW_PAGE = captions.Path(__file__).resolve().parents[1] / "workflow/report/workflow.rst"
+WORKFLOW_PAGE = Path(__file__).resolve().parents[1] / "workflow/report/workflow.rst"
 
 
 def shown(text: str) -> str:
@@ -26,8 +27,8 @@ def errors(text: str) -> bool:
 
 
 def test_every_report_entry_has_a_caption_that_renders_without_an_error():
-    texts = captions.captions()
-    assert list(texts) == captions.caption_names()
+    texts = report_captions.captions()
+    assert list(texts) == report_captions.caption_names()
     assert set(figures.FIGURES) | set(paper_tables.TABLE_NAMES) <= set(texts)
     bad = [name for name, text in texts.items() if errors(text)]
     assert bad == []
@@ -37,7 +38,7 @@ def test_every_report_entry_has_a_caption_that_renders_without_an_error():
 
 
 def test_captions_name_the_interval_and_the_metrics_their_figures_draw():
-    texts = captions.captions()
+    texts = report_captions.captions()
     for name in ("fig1_overview", "trajectory", "appendix_sparsity_thresholds",
                  "appendix_module_metrics"):
         assert figures.DELTA_INTERVAL in texts[name], name
@@ -54,10 +55,11 @@ def test_captions_name_the_interval_and_the_metrics_their_figures_draw():
 
 
 def test_write_captions_writes_one_file_per_entry(tmp_path):
-    paths = captions.write_captions(tmp_path / "report")
-    assert sorted(p.name for p in paths) == sorted(f"{n}.rst" for n in captions.caption_names())
+    paths = report_captions.write_captions(tmp_path / "report")
+    names = report_captions.caption_names()
+    assert sorted(p.name for p in paths) == sorted(f"{n}.rst" for n in names)
     assert (tmp_path / "report" / "fig1_overview.rst").read_text() == \
-        captions.captions()["fig1_overview"] + "\n"
+        report_captions.captions()["fig1_overview"] + "\n"
     assert not list((tmp_path / "report").glob("*.tmp"))
 
 

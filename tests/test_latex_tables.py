@@ -11,13 +11,9 @@ import pandas as pd
 import pytest
 import tidy_fixtures as tf
 
+from opdgeo.captions import table_captions
 from opdgeo.cli import main
-from opdgeo.paper_tables import (
-    PAPER_NULL_TABLE,
-    TABLE_NAMES,
-    decimals,
-    report_caption,
-)
+from opdgeo.paper_tables import PAPER_NULL_TABLE, TABLE_NAMES, decimals
 from opdgeo.tables import MAX_LATEX_COLUMNS, latex_caption, latex_table
 
 
@@ -49,7 +45,7 @@ def test_every_paper_table_has_caption_label_and_booktabs_rules(written, name):
         assert tex.count(rule) == parts, rule
     assert r"\hline" not in tex
     # the caption is the report's (its title as the short caption), the label the table's
-    short, full = latex_caption(report_caption(name))
+    short, full = latex_caption(table_captions()[name])
     assert short and tex.count(rf"\caption[{short}]{{{full}}}") == 1
     assert tex.count(r"\caption") == parts
     assert rf"\label{{tab:{name}}}" in tex

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from events import wait_for
 
-from opdgeo.captions import captions
 from opdgeo.config import build_masks, build_runs
+from opdgeo.report_captions import captions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

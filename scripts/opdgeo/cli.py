@@ -232,19 +232,22 @@ def cmd_figure(args):
 
 
 def cmd_paper_tables(args):
+    from opdgeo.captions import table_captions
     from opdgeo.paper_tables import build_tables, write_paper_table
 
     tables, info, plots = _tidy_inputs(args)
     for name, frame in build_tables(tables, info, plots).items():
-        write_paper_table(frame, args.out / f"{name}.csv")
+        write_paper_table(frame, args.out / f"{name}.csv", table_captions()[name])
         print(f"wrote {args.out / name}.{{csv,md,tex}} ({len(frame)} rows)")
 
 
 def cmd_paper_null(args):
+    from opdgeo.captions import table_captions
     from opdgeo.paper_tables import PAPER_NULL_TABLE, paper_rounding_null_table, write_paper_table
 
     frame = paper_rounding_null_table(args.std)
-    write_paper_table(frame, args.out / f"{PAPER_NULL_TABLE}.csv")
+    write_paper_table(frame, args.out / f"{PAPER_NULL_TABLE}.csv",
+                      table_captions()[PAPER_NULL_TABLE])
     print(f"wrote {args.out / PAPER_NULL_TABLE}.{{csv,md,tex}} ({len(frame)} rows)")
 
 
@@ -258,7 +261,7 @@ def cmd_findings(args):
 
 
 def cmd_captions(args):
-    from opdgeo.captions import write_captions
+    from opdgeo.report_captions import write_captions
 
     paths = write_captions(args.out)
     print(f"wrote {len(paths)} captions into {args.out}")

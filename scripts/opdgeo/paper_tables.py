@@ -450,15 +450,6 @@ def paper_rounding_null_table(stds: list[float]) -> pd.DataFrame:
 
 INTERVAL_SUFFIXES = (" 95% low", " 95% high")
 SIGNIFICANT = 3  # digits of a column's typical (median) value; its column shares its decimals
-REPORT_CAPTIONS = Path(__file__).resolve().parents[2] / "workflow" / "report"
-
-
-def report_caption(name: str) -> str:
-    """The report's caption of a table (reStructuredText): the LaTeX table's caption too."""
-    path = REPORT_CAPTIONS / f"{name}.rst"
-    return path.read_text() if path.exists() else ""
-
-
 def decimals(values: pd.Series) -> int:
     """Decimals that give the column's median magnitude SIGNIFICANT digits (whole numbers:
     none), so that every cell of a column, interval bounds included, has one precision."""
@@ -475,8 +466,9 @@ def display_header(column: str) -> str:
     return re.sub(r" %$", " (%)", column)
 
 
-def write_paper_table(frame: pd.DataFrame, out: Path):
-    """CSV at full precision; Markdown and LaTeX (caption and label from the report's caption)
+def write_paper_table(frame: pd.DataFrame, out: Path, caption: str = ""):
+    """CSV at full precision; Markdown and LaTeX (the LaTeX caption from the report's caption,
+    `caption` in reStructuredText: opdgeo.captions.table_captions)
     with one precision per column, a value and its interval columns (`x`, `x 95% low`, `x 95%
     high`) in one cell, `mean [low, high]`, and units in parentheses."""
     write_table(frame, out, ("csv",))
@@ -498,7 +490,7 @@ def write_paper_table(frame: pd.DataFrame, out: Path):
     shown = shown.fillna("")
     name = Path(out).stem
     write_table(shown.rename(columns=display_header), out, ("md", "tex"),
-                caption=report_caption(name), label=f"tab:{name}",
+                caption=caption, label=f"tab:{name}",
                 keys=[display_header(c) for c in key_columns(frame)])
 
 
