@@ -167,7 +167,7 @@ def test_schema_enums_are_the_run_kind_registry():
     schema = yaml.safe_load(Path(SCHEMA).read_text())["properties"]
     pair = schema["pairs"]["additionalProperties"]["properties"]
     assert pair["controls"]["items"]["enum"] == list(kinds.CONTROLS)
-    assert pair["controls"]["default"] == list(kinds.CONTROLS)
+    assert pair["controls"]["default"] == list(kinds.DEFAULT_CONTROLS)
     assert set(pair["sweep"]["properties"]["kinds"]["items"]["enum"]) == set(kinds.SWEEP_KINDS)
     external = schema["external"]["additionalProperties"]["properties"]["kind"]
     assert set(external["enum"]) == set(kinds.EXTERNAL_METHODS)
@@ -189,3 +189,22 @@ def test_masked_arms_train_every_seed_from_that_seed_s_runs():
         for seed in (0, 1, 2):
             mask = masks[runs[f"p-masked-{arm}-s{seed}"].mask]
             assert (mask.run, mask.seed) == (f"{source}-s{seed}", seed)
+
+
+def test_self_distillation_runs_and_their_bad_configs():
+    config = load("config/smoke.yaml")
+    config["pairs"]["addition"]["controls"] = ["grpo", "opsd", "op2sd"]
+    runs = build_runs(config)
+    opsd = runs["addition-opsd-sgd-s0"]
+    assert (opsd.kind, opsd.teacher, runs["addition-op2sd-sgd-s0"].kind) == ("opsd", None, "op2sd")
+    # a pair without teachers self-distils only
+    config["pairs"]["solo"] = {"student": "student", "teachers": [], "controls": ["opsd"]}
+    assert [r for r in build_runs(config) if r.startswith("solo-")] == ["solo-opsd-sgd-s0"]
+    for bad, message in [({"controls": ["opsd", "sft"]}, "self-distillation only"),
+                         ({"controls": []}, "self-distillation only"),
+                         ({"task": {"kind": "squares"}}, "has none: give task.train a `solution`"),
+                         ({"training": {"loss": "sampled_k1", "kl_clip": 0.05}}, "kl_clip")]:
+        broken = copy.deepcopy(config)
+        broken["pairs"]["solo"].update(bad)
+        with pytest.raises(ConfigError, match=message):
+            build_runs(broken)

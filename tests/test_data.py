@@ -228,3 +228,55 @@ def test_geo3k_task_trains_and_evaluates_a_vl_pair(tmp_path, make_checkpoint):
     table = evaluate_checkpoints({1: tmp_path / "run" / "final"}, spec.name, make_task(task),
                                  k=2, temperature=1.0, seed=0, device="cpu")
     assert set(table["metric"]) == {"exact_match", "mean@2"}
+
+
+# ---------------------------------------------------------------- self-distillation data
+
+
+def openthoughts_file(path, solutions):
+    """siyanzhao/Openthoughts_math_30k_opsd's schema: problem, solution, Answer."""
+    rows = [{"problem": f"What is {i}+{i}?", "solution": solution, "Answer": str(2 * i),
+             "generated_token_count": len(solution)} for i, solution in enumerate(solutions, 1)]
+    pd.DataFrame(rows).to_parquet(path)
+    return {"path": str(path), "prompt": "problem", "answer": "Answer", "solution": "solution",
+            "template": "Q: {problem}", "privileged_template": "{prompt} S: {context}"}
+
+
+def test_solutions_load_as_privileged_contexts_and_bad_ones_name_the_row(tmp_path):
+    spec = openthoughts_file(tmp_path / "ot.parquet", ["1+1=2", "2+2=4", "3+3=6"])
+    examples = load_examples(spec)
+    assert [(e.context, e.row) for e in examples] == [("1+1=2", 0), ("2+2=4", 1), ("3+3=6", 2)]
+    task = make_task({"kind": "math", "train": spec, "eval": {"x": spec}})
+    assert task.privileged_prompt(examples[0].prompt, "c") == [
+        {"role": "user", "content": "Q: What is 1+1? S: c"}]
+    with pytest.raises(ValueError, match="no column 'reference' \\(its `solution`\\)"):
+        load_examples({**spec, "solution": "reference"})
+    empty = openthoughts_file(tmp_path / "empty.parquet", ["1+1=2", "  ", "3+3=6"])
+    with pytest.raises(ValueError, match="row 1: the solution column 'solution' is empty.*"
+                                         "drop the row"):
+        load_examples(empty)
+
+
+@pytest.mark.train
+def test_self_distillation_on_math_trains_and_checks_the_context_length(tmp_path,
+                                                                          make_checkpoint):
+    """The chat-message path of the teacher's prompt; a solution that makes the teacher's
+    prompt longer than the model's context stops the run before training, naming its row."""
+    student = make_checkpoint(tmp_path / "student", seed=0, tokenizer=chat_tokenizer())
+    config = {"training": {"steps": 1, "batch_size": 4, "save_every": 1, "prompts": 3,
+                           "generations_per_prompt": 2, "loss": "jsd", "kl_clip": 0.05,
+                           "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+              "pairs": {"m": {"student": "s", "teachers": [], "controls": ["opsd"]}}}
+    spec = RunSpec("m-opsd-adamw-s0", "opsd", "m", "s", None, "adamw", 0,
+                   training=pair_training(config, "m"))
+
+    def task(solutions):
+        train = openthoughts_file(tmp_path / f"{len(''.join(solutions))}.parquet", solutions)
+        return {"kind": "math", "max_new_tokens": 8, "train": train, "eval": {"x": train}}
+
+    train_run(spec, student, None, task(["2", "4", "6"]), tmp_path / "run", "cpu")
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="data set row 1: .*over the model's context of 64: "
+                                         "drop the row"):
+        train_run(spec, student, None, task(["2", "4" * 60, "6"]), tmp_path / "bad", "cpu")
+    assert not (tmp_path / "bad" / "final").exists()

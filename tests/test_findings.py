@@ -268,3 +268,39 @@ def test_cli_writes_markdown_and_csv(frames, tmp_path):
     table = pd.read_csv(tmp_path / "findings.csv")
     assert set(table["verdict"]) <= set(findings.VERDICTS)
     assert list(table.columns) == findings.COLUMNS
+
+
+def with_self_teacher(frames, own: float, other: float = 0.05):
+    """The student's scores reading its own context and another example's (+-0.03)."""
+    evaluation = frames["evaluation"]
+    evaluation = evaluation[~evaluation["metric"].str.contains("context")]
+    teacher = pd.DataFrame([("student", 0, f"mean@2 ({whose} context)", v, v - 0.03, v + 0.03)
+                            for whose, v in (("own", own), ("other", other))],
+                           columns=evaluation.columns)
+    return {**frames, "evaluation": pd.concat([evaluation, teacher], ignore_index=True)}
+
+
+def test_self_distillation_is_checked_like_opd_and_against_its_op2sd_control():
+    frames = tf.tables(tf.config(seeds=SEEDS, self_distillation=True))
+    scores = frames["evaluation"]["value"]
+    frames["evaluation"] = frames["evaluation"].assign(low=scores - 0.02, high=scores + 0.02)
+    frames = with_self_teacher(frames, 0.9)
+    opsd, op2sd = "addition-opsd-adamw", "addition-op2sd-adamw"
+    table = check_table(frames)
+    assert {"F1", "F2", "F6", "F7", "F8"} <= set(table[table["series"] == opsd]["finding"])
+    assert check(frames, "SD1", opsd)["verdict"] == findings.HOLDS
+    # a self-teacher no better than the student (0.18 at step 0): nothing to distil
+    assert check(with_self_teacher(frames, 0.1), "SD1", opsd)["verdict"] == findings.FAILS
+    # OPSD sparser, smaller, more low-magnitude than OP2SD (fixture values): the claim holds
+    sd2 = table[(table["finding"] == "SD2") & (table["series"] == opsd)]
+    assert len(sd2) == 4 and (sd2["interval"] == "seeds").all()
+    sparsity = sd2[sd2["measure"].str.startswith("sparsity")].iloc[0]
+    assert sparsity["verdict"] == findings.HOLDS and sparsity["low"] > 0
+    # a control that moved exactly as OPSD did: no privileged effect to claim
+    same = {SPARSITY: [0.8, 0.85, 0.9]}
+    null = with_values(with_values(frames, opsd, same), op2sd, same)
+    assert check(null, "SD2", opsd, "sparsity")["verdict"] == findings.INCONCLUSIVE
+    # the control sparser than OPSD: the claim fails
+    reverse = with_values(with_values(frames, opsd, {SPARSITY: [0.6, 0.61, 0.62]}), op2sd,
+                          {SPARSITY: [0.9, 0.91, 0.92]})
+    assert check(reverse, "SD2", opsd, "sparsity")["verdict"] == findings.FAILS

@@ -48,3 +48,36 @@ def test_held_out_prompts_are_distinct_and_bounded():
     assert len(set(prompts)) == len(held_out)  # every held-out pair, each once
     with pytest.raises(ValueError, match=f"holds out {len(held_out)}"):
         split_examples(2, len(held_out) + 1, "eval", seed=0)
+
+
+def test_privileged_contexts_are_the_example_s_own_or_another_s():
+    from dataclasses import replace
+
+    from opdgeo.task import privileged_contexts
+
+    # training prompts repeat; each prompt's own solution names it, so a context's donor is known
+    examples = [replace(e, context=f"solution of {e.prompt}")
+                for e in split_examples(2, 300, "train", 0)]
+    assert len({e.prompt for e in examples}) < len(examples)
+    assert privileged_contexts(examples, "own", 0) == [e.context for e in examples]
+    other = privileged_contexts(examples, "other", 0)
+    donors = [context.removeprefix("solution of ") for context in other]
+    prompts = {e.prompt for e in examples}
+    assert all(d != e.prompt and d in prompts for d, e in zip(donors, examples, strict=True))
+    given = {}
+    for e, donor in zip(examples, donors, strict=True):
+        assert given.setdefault(e.prompt, donor) == donor  # a repeated prompt: the same donor
+    assert len(set(given.values())) == len(given)  # a permutation: every context given once
+    assert other == privileged_contexts(examples, "other", 0)  # fixed by the seed
+    assert other != privileged_contexts(examples, "other", 1)
+
+
+def test_privileged_prompt_and_missing_context():
+    from dataclasses import replace
+
+    from opdgeo.task import AdditionTask, privileged_contexts
+
+    example = make_example(123, 45, 3)
+    assert AdditionTask.privileged_prompt(example.prompt, example.context) == "8610=123+045="
+    with pytest.raises(ValueError, match="data set row 7 .*no privileged context.*solution"):
+        privileged_contexts([example, replace(example, context="", row=7)], "own", 0)

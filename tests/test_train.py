@@ -161,3 +161,89 @@ def test_each_process_places_its_models_on_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert process_device("cuda") == "cuda:3" and chosen == [3]
     assert process_device("cpu") == "cpu"
+
+
+def self_distillation_spec(kind, self_teacher="source", loss="reverse_kl", kl_clip=None):
+    config = {"training": {"steps": 2, "batch_size": 8, "save_every": 2, "prompts": 32,
+                           "loss": loss, "generations_per_prompt": 4, "kl_clip": kl_clip,
+                           "self_teacher": self_teacher,
+                           "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+              "pairs": {"p": {"student": "s", "teachers": []}}}
+    return RunSpec(f"p-{kind}-adamw-s0", kind, "p", "s", None, "adamw", 0,
+                   training=pair_training(config, "p"))
+
+
+@pytest.mark.parametrize("self_teacher", ["source", "current"])
+@pytest.mark.parametrize("kind", ["opsd", "op2sd"])
+def test_self_teacher_is_the_student_s_model_reading_a_privileged_context(
+        tiny_pair, tmp_path, monkeypatch, kind, self_teacher):
+    """The teacher's logits differ from the student's only through its prompt: at the first
+    step (student = source), the teacher scoring the student's own prompt gives the student's
+    logits exactly, and the student scoring the teacher's prompt gives the teacher's. OPSD's
+    teacher reads the example's own answer, OP2SD's another example's."""
+    import torch
+
+    from opdgeo.losses import TEACHER_PROMPT
+    from opdgeo.task import split_examples
+
+    student, _ = tiny_pair
+    tokenizer = character_tokenizer()
+    compute, calls = OPDTrainer._completion_logits, []
+
+    def spy(model, inputs, prompt="prompt"):
+        logits = compute(model, inputs, prompt)
+        if prompt == TEACHER_PROMPT and len(calls) == 1:  # the first step's teacher pass
+            taught = calls[0][0]
+            assert torch.equal(compute(model, inputs, "prompt"), calls[0][1])
+            assert torch.equal(compute(taught, inputs, TEACHER_PROMPT), logits)
+            assert not torch.equal(logits, calls[0][1])  # the context changes the scores
+            assert (model is taught) == (self_teacher == "current")
+        calls.append((model, logits.detach(), prompt, inputs))
+        return logits
+
+    monkeypatch.setattr(OPDTrainer, "_completion_logits", staticmethod(spy))
+    train_run(self_distillation_spec(kind, self_teacher), student, None, TASK,
+              tmp_path / "run", "cpu")
+    assert [c[2] for c in calls] == ["prompt", TEACHER_PROMPT] * 2
+    answers = {e.prompt: e.answer for e in split_examples(2, 32, "train", 0)}
+    for _, _, _, inputs in calls[1::2]:
+        for plain, taught in zip(tokenizer.batch_decode(inputs["prompt_ids"], True),
+                                 tokenizer.batch_decode(inputs[f"{TEACHER_PROMPT}_ids"], True),
+                                 strict=True):
+            context, _, prompt = taught.partition("=")
+            assert prompt == plain
+            own = answers[plain]
+            if kind == "opsd":
+                assert context == own
+            else:  # another training example's answer
+                assert context in answers.values() and any(
+                    p != plain for p, a in answers.items() if a == context)
+    assert moved(student, tmp_path / "run" / "final") > 0
+    if self_teacher == "source":  # the frozen teacher is still the source after training
+        source = load_file(str(student / "model.safetensors"))
+        teacher = dict(calls[-1][0].named_parameters())
+        assert source.keys() <= teacher.keys()
+        assert all(torch.equal(teacher[name].float(), value.float())
+                   for name, value in source.items())
+
+
+def test_generalized_jsd_is_trl_s_divergence_and_the_cap_bounds_its_terms():
+    import torch
+    import torch.nn.functional as F
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from opdgeo.losses import generalized_jsd
+
+    generator = torch.Generator().manual_seed(0)
+    hidden_s, hidden_t = (torch.randn(2, 5, 8, generator=generator) for _ in range(2))
+    head = torch.randn(11, 8, generator=generator)
+    mask = torch.ones(2, 5)
+    student = F.log_softmax(hidden_s @ head.T, dim=-1)
+    teacher = F.log_softmax(hidden_t @ head.T, dim=-1)
+    for beta in (0.0, 0.5, 1.0):
+        trl_loss, _, _ = _chunked_divergence_loss(hidden_s, hidden_t, head, head, mask, beta)
+        ours = generalized_jsd(student, teacher, beta)
+        assert float(ours.mean()) == pytest.approx(float(trl_loss), rel=1e-5)
+        capped = generalized_jsd(student, teacher, beta, clip=0.01)
+        assert (capped <= 0.01 * 11 + 1e-6).all() and (capped <= ours + 1e-6).all()
+        assert (capped < ours - 1e-6).any()

@@ -22,7 +22,8 @@ CONFIG = {
 # Per kind: (relative norm, sparsity, top-16, low-magnitude coverage) the synthetic runs get.
 KIND_VALUES = {"opd": (0.002, 0.80, 0.40, 0.35), "sft": (0.02, 0.30, 0.20, 0.12),
                "grpo": (0.003, 0.75, 0.30, 0.30), "masked": (0.002, 0.85, 0.40, 0.36),
-               "external": (0.004, 0.70, 0.35, 0.30)}
+               "external": (0.004, 0.70, 0.35, 0.30), "opsd": (0.0015, 0.88, 0.40, 0.45),
+               "op2sd": (0.0025, 0.78, 0.40, 0.33)}
 MODULES = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
            "gate": "ffn", "up": "ffn", "down": "ffn"}
 # A tensor's name per module, as a checkpoint spells it (opdgeo.naming reads the names).
@@ -37,12 +38,14 @@ TENSOR_NAMES = {"q": "model.layers.{layer}.self_attn.q_proj.weight",
 
 
 def config(seeds=(0,), optimizers=("adamw", "sgd"), arms=("opd", "random", "run:grpo"),
-           external=False, sweep=False, vision=False) -> dict:
+           external=False, sweep=False, vision=False, self_distillation=False) -> dict:
     cfg = copy.deepcopy(CONFIG)
     cfg["training"]["seeds"] = list(seeds)
     cfg["training"]["optimizers"] = {k: v for k, v in cfg["training"]["optimizers"].items()
                                      if k in optimizers}
     cfg["pairs"]["addition"]["masked"]["arms"] = list(arms)
+    if self_distillation:
+        cfg["pairs"]["addition"]["controls"] = ["sft", "grpo", "opsd", "op2sd"]
     if sweep:
         cfg["pairs"]["addition"]["sweep"] = {"learning_rates": [1e-5, 1e-3],
                                              "kinds": ["opd", "sft"]}

@@ -163,7 +163,7 @@ def cmd_evaluate(args):
                                  evaluation["temperature"], args.seed,
                                  resolve_device(args.device), evaluation["batch_size"], journal,
                                  evaluation.get("engine", "hf"), evaluation.get("vllm"),
-                                 WallClock.from_slurm())
+                                 WallClock.from_slurm(), tuple(args.contexts))
     _write_csv_atomic(table, args.out)
     journal.clear()
 
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the evaluation settings (config['evaluation'])")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed for mean@k (a run's own seed)")
+    p.add_argument("--contexts", nargs="*", default=[], choices=["own", "other"],
+                   help="also score the prompts with their own privileged context, or another "
+                        "prompt's, in them (a self-distillation teacher's score)")
     _job_options(p)
     p.set_defaults(handler=cmd_evaluate)
 

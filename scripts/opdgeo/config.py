@@ -7,6 +7,8 @@ what a schema cannot (references between sections) and expands the config into r
                                                   on the primary teacher, the first on others)
     {pair}-sft-{optimizer}-s{seed}                offline distillation control (primary teacher)
     {pair}-grpo-{optimizer}-s{seed}               RLVR control
+    {pair}-opsd-{optimizer}-s{seed}               on-policy self-distillation (and op2sd, its
+                                                  control with another example's context)
     {pair}-masked-{arm}-s{seed}                   subnetwork retraining from the source
     {pair}-sweep-{kind}-{opt}-lr{lr}-n{steps}-s{seed}   learning-rate x steps grid
     {name}                                        external run (two given checkpoints)
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from opdgeo.kinds import CONTROLS, EXTERNAL, RUN_KINDS, SWEEP_KINDS
-from opdgeo.task import has_images
+from opdgeo.kinds import DEFAULT_CONTROLS, DEFAULT_SWEEP_KINDS, EXTERNAL, RUN_KINDS
+from opdgeo.task import has_images, has_privileged_context
 
 TRAINING_DEFAULTS = {
     "steps": 200,
@@ -40,6 +42,8 @@ TRAINING_DEFAULTS = {
     "use_vllm": False,
     "prompts": 4096,
     "gpus": 1,
+    "self_teacher": "source",
+    "kl_clip": None,
 }
 OPTIMIZER_DEFAULTS = {"weight_decay": 0.0, "momentum": 0.0, "adam_beta2": 0.999}
 
@@ -196,6 +200,17 @@ def model_task(config: dict, model: str) -> dict:
     return pair_task(config, None)
 
 
+def self_teacher_contexts(config: dict, model: str) -> list[str]:
+    """The privileged contexts (own, other) the self-distillation runs on a base model give
+    their teacher, to score the model with: empty where none runs on it, or where its
+    held-out examples have no context (a benchmark without solutions)."""
+    if not has_privileged_context(model_task(config, model), "eval"):
+        return []
+    kinds = {control for spec in config["pairs"].values() if spec["student"] == model
+             for control in spec.get("controls", DEFAULT_CONTROLS)}
+    return [k.privileged for name, k in RUN_KINDS.items() if k.privileged and name in kinds]
+
+
 def check_references(config: dict):
     models = config["models"]
     for pair, spec in config["pairs"].items():
@@ -208,6 +223,7 @@ def check_references(config: dict):
                 )
         if len(set(spec["teachers"])) != len(spec["teachers"]):
             raise ConfigError(f"pairs.{pair}.teachers lists a teacher twice")
+        check_self_distillation(config, pair)
         student = models[spec["student"]].get("path", spec["student"])
         for teacher in spec["teachers"]:
             if models[teacher].get("path", teacher) == student:
@@ -217,9 +233,40 @@ def check_references(config: dict):
                     "needs a privileged-context teacher, which is a different run kind; "
                     "give the pair another model as teacher."
                 )
+    for name, model in models.items():
+        if model.get("train", {}).get("privileged") and \
+                not has_privileged_context(model_task(config, name)):
+            raise ConfigError(f"models.{name}.train.privileged: its task has no privileged "
+                              "context to put in its prompts (addition, or a math data set "
+                              "naming its `solution`); set it to 0")
     for name in config.get("external", {}):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise ConfigError(f"external run name {name!r}: use letters, digits, '.', '_', '-'")
+
+
+def check_self_distillation(config: dict, pair: str):
+    """A pair without teachers trains self-distillation only; self-distillation needs a task
+    whose examples carry a privileged context, and a divergence that can be capped."""
+    spec = config["pairs"][pair]
+    controls = spec.get("controls", list(DEFAULT_CONTROLS))
+    privileged = [c for c in controls if RUN_KINDS[c].privileged]
+    if not spec["teachers"]:
+        needing = [c for c in controls if RUN_KINDS[c].needs_teacher]
+        if needing or not privileged or spec.get("masked", {}).get("arms") or spec.get("sweep"):
+            raise ConfigError(
+                f"pairs.{pair} has no teachers, so it can train self-distillation only: list "
+                f"controls from {[k for k, kind in RUN_KINDS.items() if kind.privileged]} and "
+                "no teacher-based controls, masked arms or sweep, or give it a teacher")
+    task = pair_task(config, pair)
+    if privileged and not has_privileged_context(task):
+        raise ConfigError(
+            f"pairs.{pair}.controls lists {privileged}, whose teacher reads a privileged context "
+            f"(the reference solution), but the pair's task ({task.get('kind', 'addition')}) has "
+            "none: give task.train a `solution` column (math data sets), or drop them")
+    training = pair_training(config, pair)
+    if privileged and training["kl_clip"] is not None and training["loss"] == "sampled_k1":
+        raise ConfigError(f"pairs.{pair}: training.kl_clip caps the divergence's terms, and "
+                          "sampled_k1 has none; use another loss or kl_clip: null")
 
 
 def build_runs(config: dict) -> dict[str, RunSpec]:
@@ -234,7 +281,8 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
     for pair, spec in config["pairs"].items():
         training = pair_training(config, pair)
         optimizers = list(training["optimizers"])
-        primary_teacher, primary_opt = spec["teachers"][0], optimizers[0]
+        primary_teacher = spec["teachers"][0] if spec["teachers"] else None
+        primary_opt = optimizers[0]
         for seed in training["seeds"]:
             # The optimizer ablation runs on the primary teacher; other teachers use the
             # primary optimizer (as the paper's second-teacher run used AdamW only).
@@ -244,12 +292,12 @@ def build_runs(config: dict) -> dict[str, RunSpec]:
                     runs[name] = RunSpec(
                         name, "opd", pair, spec["student"], teacher, opt, seed, training=training
                     )
-            for control in spec.get("controls", list(CONTROLS)):
+            for control in spec.get("controls", list(DEFAULT_CONTROLS)):
                 name = f"{pair}-{control}-{primary_opt}-s{seed}"
-                runs[name] = RunSpec(
-                    name, control, pair, spec["student"], primary_teacher, primary_opt, seed,
-                    training=training,
-                )
+                # A self-distillation run's teacher is its own model.
+                teacher = None if RUN_KINDS[control].privileged else primary_teacher
+                runs[name] = RunSpec(name, control, pair, spec["student"], teacher, primary_opt,
+                                     seed, training=training)
         # A mask may come from an external run on the same source (the paper's VL GRPO run).
         for arm, masks in masked_arms(config, pair, {**runs, **external}).items():
             for mask in masks:
@@ -284,7 +332,7 @@ def sweep_runs(config: dict, pair: str, training: dict) -> dict[str, RunSpec]:
     if not isinstance(rates, dict):
         rates = {list(training["optimizers"])[0]: rates}
     runs = {}
-    for kind in sweep.get("kinds", list(SWEEP_KINDS)):
+    for kind in sweep.get("kinds", list(DEFAULT_SWEEP_KINDS)):
         for opt, learning_rates in rates.items():
             for lr in learning_rates:
                 for steps in sweep.get("steps", [training["steps"]]):

@@ -3,7 +3,8 @@
 The `math` task of the paper: DAPO-Math-17K prompts for training, AIME24 + AIME25 for
 evaluation (mean@k), answers checked by math-verify. Every data set is named by a spec
 
-    {path, name?, split?, revision?, prompt?, answer?, template?}
+    {path, name?, split?, revision?, prompt?, answer?, template?, image?, solution?,
+     privileged_template?}
 
 where `path` is a Hugging Face id or a local data file / folder (tests write tiny files in
 the real schema and read them through this same code). With HF_HUB_OFFLINE=1 `datasets`
@@ -13,6 +14,10 @@ Prompts are chat messages ([{"role": "user", "content": ...}]): a column that al
 messages (DAPO) is kept as it is, a string column (AIME `problem`) becomes one user message
 through `template`. Models with a chat template see them through it (TRL applies it when
 training; `render_prompts` when evaluating); models without one see the text alone.
+
+A training set may name a `solution` column: each prompt's reference solution, the privileged
+context an on-policy self-distillation teacher reads, placed after the prompt's last message
+by `privileged_template` ({prompt}: that message, {context}: the solution).
 """
 
 import random
@@ -21,6 +26,10 @@ from pathlib import Path
 
 from opdgeo.task import Example
 
+# The self-distillation teacher's prompt when a data set gives no `privileged_template`.
+PRIVILEGED_TEMPLATE = ("{prompt}\n\nA reference solution to this problem, shown to you alone:\n"
+                       "{context}\n\nWith that solution understood, solve the problem above in "
+                       "your own words.")
 # Builders of `datasets` for local data files, by suffix.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -57,9 +66,12 @@ def load_examples(spec: dict) -> list[Example]:
     rows = load_rows(spec)
     prompt_key, answer_key = spec.get("prompt", "prompt"), spec.get("answer", "answer")
     template, image_key = spec.get("template", "{problem}"), spec.get("image")
-    for key in (prompt_key, answer_key.split(".")[0], image_key):
+    solution_key = spec.get("solution")
+    for role, key in (("prompt", prompt_key), ("answer", answer_key.split(".")[0]),
+                      ("image", image_key), ("solution", solution_key)):
         if key is not None and key not in rows.column_names:
-            raise ValueError(f"{spec['path']}: no column {key!r}; columns: {rows.column_names}")
+            raise ValueError(f"{spec['path']}: no column {key!r} (its `{role}`); columns: "
+                             f"{rows.column_names}. Name one of them as the data set's `{role}`.")
     if image_key:
         rows = _undecoded_images(rows, image_key)
     examples, seen = [], set()
@@ -77,8 +89,22 @@ def load_examples(spec: dict) -> list[Example]:
             key += (image.tobytes(),)  # one question about two figures is two examples
         if key not in seen:
             seen.add(key)
-            examples.append(Example(prompt, str(_field(row, answer_key)).strip(), image))
+            context = _solution(row, solution_key, f"{spec['path']} row {i}") \
+                if solution_key else None
+            examples.append(Example(prompt, str(_field(row, answer_key)).strip(), image,
+                                    context, i))
     return examples
+
+
+def _solution(row: dict, key: str, where: str) -> str:
+    """A row's reference solution; an empty one stops the run before any training."""
+    solution = _field(row, key)
+    solution = "" if solution is None else str(solution).strip()
+    if not solution:
+        raise ValueError(f"{where}: the solution column {key!r} is empty, and the "
+                         "self-distillation teacher reads every prompt's reference solution: "
+                         "fill it or drop the row")
+    return solution
 
 
 def _undecoded_images(rows, key: str):
@@ -201,6 +227,16 @@ class MathTask:
     def eval_examples(self) -> list[Example]:
         """Every benchmark's problems, in config order (AIME24 then AIME25)."""
         return [e for spec in self.eval_specs.values() for e in _examples(spec)]
+
+    def privileged_prompt(self, prompt, context: str):
+        """The prompt (chat messages, or their text for a model without a chat template) with
+        a reference solution after its last message, through `privileged_template`."""
+        template = self.train_spec.get("privileged_template", PRIVILEGED_TEMPLATE)
+        if isinstance(prompt, str):
+            return template.format(prompt=prompt, context=context)
+        last = prompt[-1]
+        return [*prompt[:-1], {**last, "content": template.format(prompt=last["content"],
+                                                                  context=context)}]
 
     @staticmethod
     def score(completion: str, answer: str) -> float:

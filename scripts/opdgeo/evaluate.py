@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,7 @@ from opdgeo.data import render_prompts
 from opdgeo.models import text_tokenizer
 from opdgeo.progress import progress
 from opdgeo.stats import prompt_interval
-from opdgeo.task import Example
+from opdgeo.task import Example, context_metric, privileged_contexts
 
 
 @torch.no_grad()
@@ -218,7 +219,8 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
                          temperature: float, seed: int, device: str,
                          batch_size: int = 256, journal: ScoreJournal | None = None,
                          engine: str = "hf", vllm: dict | None = None,
-                         clock: WallClock | None = None) -> pd.DataFrame:
+                         clock: WallClock | None = None,
+                         contexts: tuple[str, ...] = ()) -> pd.DataFrame:
     """Tidy scores (run, step, metric, value, low, high) of every checkpoint of one run: the
     mean over held-out prompts and its 95% bootstrap interval over those prompts. `seed`
     seeds the sampling (a run's own seed: the seeds of a run draw different samples). With a
@@ -226,9 +228,15 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
     `engine`: auto, hf or vllm (see `choose_engine`); `vllm`: vLLM's engine settings.
     `clock` (a SLURM job's wall time, with a journal): before a checkpoint that might not be
     scored in time (twice the longest so far), the job requeues itself, and its next attempt
-    scores the rest (opdgeo.attempts)."""
+    scores the rest (opdgeo.attempts). `contexts` (own, other): also the scores with each
+    prompt's privileged context, or another prompt's, in it (`context_metric`): what a
+    self-distillation teacher of this model scores."""
     engine = choose_engine(engine, device)
     examples = task.eval_examples()
+    sets = {"": examples} | {whose: [
+        replace(e, prompt=task.privileged_prompt(e.prompt, c))
+        for e, c in zip(examples, privileged_contexts(examples, whose, task.seed), strict=True)]
+        for whose in contexts}
     rows, longest = [], 0.0
     for step, path in progress(sorted(checkpoints.items()), desc=f"evaluate {run}",
                                unit="checkpoint"):
@@ -243,10 +251,13 @@ def evaluate_checkpoints(checkpoints: dict[int, Path], run: str, task, k: int,
         began = time.monotonic()
         generator = (VLLMEngine(path, vllm or {}, seed) if engine == "vllm" else
                      TransformersEngine(path, device, batch_size))
-        em, mk = prompt_scores(task, examples, *generator.completions(
-            examples, task.max_new_tokens, k, temperature, seed))
-        scored = [(run, step, "exact_match", *prompt_interval(em)),
-                  (run, step, f"mean@{k}", *prompt_interval(mk))]
+        scored = []
+        for whose, prompts in sets.items():
+            em, mk = prompt_scores(task, prompts, *generator.completions(
+                prompts, task.max_new_tokens, k, temperature, seed))
+            scored += [(run, step, context_metric(metric, whose) if whose else metric,
+                        *prompt_interval(values))
+                       for metric, values in (("exact_match", em), (f"mean@{k}", mk))]
         if journal:
             journal.write(step, path, scored)
         longest = max(longest, time.monotonic() - began)

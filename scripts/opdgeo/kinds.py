@@ -17,7 +17,8 @@ class RunKind:
     name: str
     label: str  # the method's name in legends and tables
     needs_teacher: bool  # trained against a teacher (its checkpoint is an input)
-    is_control: bool  # a matched control of OPD (pairs.<pair>.controls)
+    is_control: bool  # made for a pair that lists it under pairs.<pair>.controls, matched to
+    # OPD's seeds, optimizer, steps and batch
     trainer: str | None  # the trainer class opdgeo.train builds (TRL's, or OPDTrainer, TRL's
     # DistillationTrainer with the study's losses); None: given, not trained
     divergence: bool = False  # trained on the config's divergence (`training.loss`)
@@ -28,16 +29,27 @@ class RunKind:
     # (OFFLINE_DISTILLATION: F1's comparator and the paper's offline-distillation row; RLVR:
     # the paper's RLVR row and RLVR-mask arm); None for OPD and its interventions.
     role: str | None = None
+    default_control: bool = True  # a control made when a pair lists no `controls`
+    # Self-distillation: the teacher is the student's own model, scoring with a privileged
+    # context in its prompt: the example's own (OWN) or another example's (OTHER); None: not
+    # a self-distillation kind.
+    privileged: str | None = None
 
 
 OFFLINE_DISTILLATION, RLVR = "offline distillation", "RLVR"  # the roles of the controls
+OWN, OTHER_EXAMPLE = "own", "other"  # whose privileged context a self-teacher reads
 
-# In display order: controls first, then OPD and its interventions.
+# In display order: controls and self-distillation first, then OPD and its interventions.
 RUN_KINDS = {kind.name: kind for kind in (
     RunKind("sft", "offline distillation (SFT)", needs_teacher=True, is_control=True,
             trainer="SFTTrainer", role=OFFLINE_DISTILLATION),
     RunKind("grpo", "RLVR (GRPO)", needs_teacher=False, is_control=True,
             trainer="GRPOTrainer", role=RLVR),
+    RunKind("opsd", "on-policy self-distillation (OPSD)", needs_teacher=False, is_control=True,
+            trainer="OPSDTrainer", divergence=True, default_control=False, privileged=OWN),
+    RunKind("op2sd", "OPSD, another example's context (OP2SD)", needs_teacher=False,
+            is_control=True, trainer="OPSDTrainer", divergence=True, default_control=False,
+            privileged=OTHER_EXAMPLE),
     RunKind("opd", "OPD", needs_teacher=True, is_control=False,
             trainer="OPDTrainer", divergence=True),
     RunKind("masked", "masked OPD", needs_teacher=True, is_control=False,
@@ -49,7 +61,11 @@ OPD, EXTERNAL, OTHER = "opd", "external", "other"
 CONTROLS = tuple(k for k, kind in RUN_KINDS.items() if kind.is_control)
 # The method of each role (an external run declares a method, so it takes its role too).
 ROLE_METHOD = {kind.role: k for k, kind in RUN_KINDS.items() if kind.role}
-SWEEP_KINDS = (OPD, *CONTROLS)  # the matched-gain grid's default methods, in run order
+DEFAULT_CONTROLS = tuple(k for k in CONTROLS if RUN_KINDS[k].default_control)
+# Self-distillation with the example's own context, and its control with another's.
+SELF_DISTILLATION = {kind.privileged: k for k, kind in RUN_KINDS.items() if kind.privileged}
+SWEEP_KINDS = (OPD, *CONTROLS)  # the methods the matched-gain grid may train, in run order
+DEFAULT_SWEEP_KINDS = (OPD, *DEFAULT_CONTROLS)
 DELTA_KINDS = tuple(k for k, kind in RUN_KINDS.items() if kind.delta_method)
 # Methods compared on a matched budget: trained, delta-compared (the sweep grid's kinds).
 TRAINED_METHODS = tuple(k for k in DELTA_KINDS if RUN_KINDS[k].trainer)

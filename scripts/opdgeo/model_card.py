@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from opdgeo.config import RunSpec, split_reference
 from opdgeo.delta import columns
-from opdgeo.kinds import RUN_KINDS
+from opdgeo.kinds import OWN, RUN_KINDS
 from opdgeo.task import has_images
 from opdgeo.version import describe
 
@@ -252,6 +252,16 @@ def _scores_table(scores: pd.DataFrame, before: pd.DataFrame | None,
             "(also in the metadata's `model-index`).", "", *_table(header, rows)]
 
 
+def _self_teacher(kind, training: dict) -> str:
+    """A self-distillation run's teacher: its own model, with a privileged context."""
+    if not kind.privileged:
+        return "none"
+    weights = "the frozen source" if training["self_teacher"] == "source" else \
+        "the student's current weights"
+    whose = "its own" if kind.privileged == OWN else "another example's"
+    return f"{weights}, reading {whose} reference solution in its prompt"
+
+
 def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None,
                scores: pd.DataFrame, source_scores: pd.DataFrame | None,
                summary: dict, evaluation: dict | None = None) -> ModelCard:
@@ -274,7 +284,7 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
     settings = [
         ("run", f"`{spec.name}` (kind `{spec.kind}`, pair `{spec.pair}`, group {spec.group})"),
         ("source (student)", f"`{source}`"),
-        ("teacher", f"`{teacher}`" if teacher else "none"),
+        ("teacher", f"`{teacher}`" if teacher else _self_teacher(kind, training)),
         ("method", f"{kind.label}: {trainer}"),
         ("optimizer", f"{spec.optimizer}, learning rate {optimizer['learning_rate']:g}, "
                       f"weight decay {optimizer.get('weight_decay', 0.0):g}"),

@@ -311,11 +311,14 @@ class Sizer:
             return None
 
     def teacher(self, run: str) -> str | None:
-        """The teacher a run's job loads (GRPO's reward needs none)."""
+        """The teacher a run's job loads (GRPO's reward needs none; self-distillation's is a
+        frozen copy of the source, unless it is the current weights)."""
         from opdgeo.kinds import RUN_KINDS
 
-        spec = self.runs[run]
-        return spec.teacher if spec.teacher and RUN_KINDS[spec.kind].needs_teacher else None
+        spec, kind = self.runs[run], RUN_KINDS[self.runs[run].kind]
+        if kind.privileged:
+            return spec.source if spec.training["self_teacher"] == "source" else None
+        return spec.teacher if spec.teacher and kind.needs_teacher else None
 
     def checkpoints(self, run: str) -> int:
         """Checkpoints of a trained run: every `save_every` steps and the final one."""

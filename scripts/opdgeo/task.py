@@ -2,13 +2,16 @@
 
 `make_task(config)` returns an object with `train_examples(n, seed)`, `eval_examples()`,
 `score(completion, answer)` and `max_new_tokens`; examples are `Example(prompt, answer,
-image)`. The kinds:
+image, context)`. A task whose examples carry a privileged `context` (what an on-policy
+self-distillation teacher reads: the reference solution) also has `privileged_prompt(prompt,
+context)`, the prompt with the context in it. The kinds:
 
 - `addition` (AdditionTask, the default's language pair): fixed-width addition with the answer
   digits reversed, `123+045=` -> `8610` (the sum 0168 least significant digit first, so that a
   left-to-right model can carry as it goes). Every prompt and answer has one length, so
   batches need no padding and exact match is a string comparison; the held-out split is a
-  digest of the operands (`is_held_out`).
+  digest of the operands (`is_held_out`). The privileged context is the worked answer,
+  written before the prompt: `8610=123+045=`.
 - `squares` (SquaresTask, the default's vision-language pair): a generated picture of squares
   and a one-digit question about it (their colour, or how many there are).
 - `math` (opdgeo.data.MathTask, the paper's study): real data sets through `datasets`
@@ -28,12 +31,16 @@ class Example:
     prompt: str | list  # text, or chat messages [{"role", "content"}] (opdgeo.data)
     answer: str
     image: Any = None  # a PIL image the prompt is about (vision-language tasks)
+    # The privileged context a self-distillation teacher reads: the reference solution (the
+    # addition task: the answer), None when the task has none; `row`: its data set row.
+    context: str | None = None
+    row: int | None = None
 
 
 def make_example(a: int, b: int, digits: int) -> Example:
     prompt = f"{a:0{digits}d}+{b:0{digits}d}="
     answer = f"{a + b:0{digits + 1}d}"[::-1]
-    return Example(prompt, answer)
+    return Example(prompt, answer, context=answer)
 
 
 def split_examples(digits: int, n: int, split: str, seed: int) -> list[Example]:
@@ -95,6 +102,12 @@ class AdditionTask:
     @staticmethod
     def score(completion: str, answer: str) -> float:
         return score(completion, answer)
+
+    @staticmethod
+    def privileged_prompt(prompt: str, context: str) -> str:
+        """The worked answer before the prompt, `=` after it: `8610=123+045=` (a prompt
+        starts with an operand, so a model tells the two forms apart at the first `=`)."""
+        return f"{context}={prompt}"
 
 
 class SquaresTask:
@@ -185,9 +198,68 @@ def has_images(config: dict) -> bool:
     return config.get("kind") == "squares" or any("image" in spec for spec in datasets)
 
 
+def has_privileged_context(config: dict, split: str = "train") -> bool:
+    """Whether a task's training (or held-out) examples carry a privileged context for a
+    self-distillation teacher: the addition task's worked answer, a math data set's
+    `solution` column (every benchmark's, for the held-out ones)."""
+    kind = config.get("kind", "addition")
+    if kind != "math":
+        return kind == "addition"
+    specs = [config.get("train") or {}] if split == "train" else \
+        list((config.get("eval") or {}).values())
+    return bool(specs) and all("solution" in spec for spec in specs)
+
+
 def make_task(config: dict):
     """The task of a config's `task:` section (a pair's: see opdgeo.config.pair_task)."""
     kind = config.get("kind", "addition")
     if kind not in TASKS:
         raise ValueError(f"unknown task kind {kind!r}; known: {sorted(TASKS)}")
     return TASKS[kind](**config)
+
+
+def privileged_contexts(examples: list[Example], whose: str, seed: int) -> list[str]:
+    """The privileged context a self-distillation teacher reads beside each example: its own
+    (`own`), or that of another example (`other`): a derangement of the distinct prompts,
+    fixed by `seed`, so that no prompt is ever given its own context (a repeated prompt gets
+    the same other one each time)."""
+    missing = [i for i, e in enumerate(examples) if not e.context]
+    if missing:
+        e = examples[missing[0]]
+        where = f"data set row {e.row}" if e.row is not None else f"training prompt {missing[0]}"
+        raise ValueError(f"{where} ({_excerpt(e.prompt)}) has no privileged context (reference "
+                         "solution): self-distillation needs one for every prompt. Name the "
+                         "solution column as task.train.solution, fill the empty ones or drop "
+                         "those rows.")
+    if whose == "own":
+        return [e.context for e in examples]
+    if whose != "other":
+        raise ValueError(f"unknown privileged context {whose!r}: own or other")
+    first = {}
+    for e in examples:
+        first.setdefault(_prompt_key(e.prompt), e.context)
+    keys = sorted(first)
+    if len(keys) < 2:
+        raise ValueError("another example's context needs at least two distinct prompts")
+    # Sattolo's algorithm: a uniformly drawn single cycle, a permutation without fixed points.
+    order, rng = list(range(len(keys))), random.Random(f"other-context-{seed}")
+    for i in range(len(order) - 1, 0, -1):
+        j = rng.randrange(i)
+        order[i], order[j] = order[j], order[i]
+    other = {key: first[keys[order[i]]] for i, key in enumerate(keys)}
+    return [other[_prompt_key(e.prompt)] for e in examples]
+
+
+def context_metric(metric: str, whose: str) -> str:
+    """A score of a model reading a privileged context (`own` or `other`) in its prompts: a
+    self-distillation teacher's score (opdgeo.evaluate --contexts)."""
+    return f"{metric} ({whose} context)"
+
+
+def _prompt_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else repr([(m["role"], m["content"]) for m in prompt])
+
+
+def _excerpt(prompt, width: int = 60) -> str:
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return repr(text[:width] + ("..." if len(text) > width else ""))

@@ -35,10 +35,10 @@ from opdgeo.callbacks import (
     progress_callbacks,
 )
 from opdgeo.config import RunSpec
-from opdgeo.data import model_prompt
+from opdgeo.data import model_prompt, render_prompts
 from opdgeo.evaluate import exact_match, generate, generation_dtype, images_of
 from opdgeo.kinds import RUN_KINDS
-from opdgeo.losses import TRL_BETA, OPDTrainer
+from opdgeo.losses import TEACHER_PROMPT, TRL_BETA, OPDTrainer, OPSDTrainer
 from opdgeo.models import (
     VISION_ARCHITECTURES,
     build_model,
@@ -51,7 +51,7 @@ from opdgeo.models import (
     text_tokenizer,
 )
 from opdgeo.progress import on_terminal
-from opdgeo.task import Example, make_task
+from opdgeo.task import Example, make_task, privileged_contexts
 
 # Per-example progress bars of dataset preprocessing drown the training progress in the logs.
 datasets.disable_progress_bars()
@@ -200,7 +200,8 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     task = make_task(task)
     # Epochs cycle; pictures cost time to draw and to store, so image tasks cycle sooner.
     n_train = min(train["max_steps"] * train["batch_size"], 4_096 if vision else 20_000)
-    train_examples = task.train_examples(n_train, train["seed"])
+    train_examples = with_privileged_prompts(task, task.train_examples(n_train, train["seed"]),
+                                             train["privileged"], train["seed"])
     eval_examples = task.eval_examples()
     check_images(train_examples, vision, name)
     dataset = Dataset.from_list([sft_row(e, e.answer) for e in train_examples])
@@ -236,6 +237,16 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
     (out_dir / "score.json").write_text(json.dumps(
         {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+def with_privileged_prompts(task, examples: list[Example], share: float, seed: int):
+    """A seeded `share` of the examples with their privileged context in the prompt (as a
+    self-distillation teacher reads it), so that a model learns to use the context."""
+    if not share:
+        return examples
+    rng = random.Random(f"privileged-{seed}")
+    return [replace(e, prompt=task.privileged_prompt(e.prompt, e.context))
+            if rng.random() < share else e for e in examples]
 
 
 def sft_row(example: Example, completion: str) -> dict:
@@ -275,6 +286,8 @@ class Setup:
     student), and the settings and callbacks every trainer of a run shares."""
 
     spec: RunSpec
+    source: str
+    device: str
     task: Any  # the task (opdgeo.task.make_task): its verifier and completion length
     model: Any
     tokenizer: Any
@@ -295,18 +308,69 @@ class Setup:
 
 def distillation_trainer(run: Setup):
     """OPD (and masked OPD): TRL's DistillationTrainer with the study's losses."""
+    return OPDTrainer(model=run.model, teacher_model=run.teacher, args=_distillation_args(run),
+                      train_dataset=_rollout_rows(run, [{}] * len(run.prompts)),
+                      processing_class=run.tokenizer, callbacks=run.callbacks,
+                      loss=run.training["loss"], topk=run.training["topk"],
+                      kl_clip=run.training["kl_clip"])
+
+
+def self_distillation_trainer(run: Setup):
+    """OPSD and its OP2SD control: OPD's rollouts, batches and divergence, scored by the
+    student's own model (the frozen source; training.self_teacher: current, its current
+    weights) reading a privileged context in its prompt: the example's reference solution
+    (OPSD), or that of another example (OP2SD, a fixed derangement)."""
+    if images_of(run.prompts) is not None:
+        raise ValueError(f"run {run.spec.name}: self-distillation takes text prompts only")
+    whose = RUN_KINDS[run.spec.kind].privileged
+    contexts = privileged_contexts(run.prompts, whose, run.spec.seed)
+    teacher_prompts = [run.task.privileged_prompt(e.prompt, c)
+                       for e, c in zip(run.prompts, contexts, strict=True)]
+    check_context_length(run.tokenizer, run.model, run.prompts, teacher_prompts,
+                         run.task.max_new_tokens)
+    teacher = None if run.training["self_teacher"] == "current" else load_model(
+        run.source, run.device, generation_dtype(run.device))
+    rows = _rollout_rows(run, [{TEACHER_PROMPT: t} for t in teacher_prompts])
+    return OPSDTrainer(model=run.model, teacher_model=teacher, args=_distillation_args(run),
+                       train_dataset=rows, processing_class=run.tokenizer,
+                       callbacks=run.callbacks, loss=run.training["loss"],
+                       topk=run.training["topk"], kl_clip=run.training["kl_clip"])
+
+
+def _distillation_args(run: Setup):
     training, loss = run.training, run.training["loss"]
-    args = run.args(DistillationConfig, beta=TRL_BETA.get(loss, training["beta"]),
+    return run.args(DistillationConfig, beta=TRL_BETA.get(loss, training["beta"]),
                     temperature=training["temperature"],
                     max_completion_length=run.task.max_new_tokens, top_k=0, top_p=1.0,
                     **_generation_backend(training, DistillationConfig))
-    # DistillationTrainer draws one rollout per prompt: listing each prompt n times makes
-    # an epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt).
-    n = training["generations_per_prompt"]
-    dataset = Dataset.from_list([prompt_row(e) for e in run.prompts for _ in range(n)])
-    return OPDTrainer(model=run.model, teacher_model=run.teacher, args=args,
-                      train_dataset=dataset, processing_class=run.tokenizer,
-                      callbacks=run.callbacks, loss=loss, topk=training["topk"])
+
+
+def _rollout_rows(run: Setup, extra: list[dict]) -> Dataset:
+    """DistillationTrainer draws one rollout per prompt: listing each prompt n times makes an
+    epoch hold n rollouts of every prompt (the paper's n = 4 samples per prompt)."""
+    n = run.training["generations_per_prompt"]
+    return Dataset.from_list([prompt_row(e, **x) for e, x in zip(run.prompts, extra, strict=True)
+                              for _ in range(n)])
+
+
+def check_context_length(tokenizer, model, prompts: list[Example], teacher_prompts: list,
+                         completion_tokens: int):
+    """Every privileged prompt, with a completion after it, fits the model's context."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is None:
+        return
+    texts, special = render_prompts(tokenizer, teacher_prompts)
+    lengths = [len(ids) for ids in text_tokenizer(tokenizer)(
+        texts, add_special_tokens=special)["input_ids"]]
+    for i, (example, length) in enumerate(zip(prompts, lengths, strict=True)):
+        if length + completion_tokens > limit:
+            where = f"data set row {example.row}" if example.row is not None \
+                else f"training prompt {i}"
+            raise ValueError(
+                f"{where}: the self-distillation teacher's prompt with its privileged context is "
+                f"{length} tokens, {length + completion_tokens} with the {completion_tokens} "
+                f"completion tokens, over the model's context of {limit}: drop the row, shorten "
+                "its solution, or lower task.max_new_tokens")
 
 
 def sft_trainer(run: Setup):
@@ -342,6 +406,7 @@ def grpo_trainer(run: Setup):
 # The builder of each trainer a run kind names (opdgeo.kinds.RunKind.trainer).
 BUILDERS = {
     OPDTrainer.__name__: distillation_trainer,
+    OPSDTrainer.__name__: self_distillation_trainer,
     SFTTrainer.__name__: sft_trainer,
     GRPOTrainer.__name__: grpo_trainer,
 }
@@ -388,8 +453,8 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     common = dict(steps=spec.training["steps"], batch_size=spec.training["batch_size"],
                   optimizer=spec.optimizer, opt=spec.training["optimizers"][spec.optimizer],
                   seed=spec.seed, device=device, training=spec.training, resumable=True)
-    trainer = build(Setup(spec, task, model, tokenizer, teacher_model, teacher_tokenizer,
-                          prompts, out_dir, callbacks, common))
+    trainer = build(Setup(spec, str(source), device, task, model, tokenizer, teacher_model,
+                          teacher_tokenizer, prompts, out_dir, callbacks, common))
     trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()
     if wall_time and wall_time.stopped:  # the job's next attempt resumes from the checkpoint

@@ -16,6 +16,7 @@ from opdgeo.config import (
     model_reference,
     model_task,
     pair_training,
+    self_teacher_contexts,
 )
 from opdgeo.kinds import RUN_KINDS  # noqa: E402
 
@@ -89,6 +90,13 @@ def task_of_run(run):
 def task_of_model(key):
     """The task of the first pair that uses a base model, as a shell argument."""
     return as_arg(model_task(config, key))
+
+
+def context_options(key):
+    """`--contexts own other`: the base model's scores as the teacher of the self-distillation
+    runs on it, reading each prompt's privileged context (or another prompt's)."""
+    contexts = self_teacher_contexts(config, key)
+    return f"--contexts {' '.join(contexts)}" if contexts else ""
 
 
 def output_of(path, **wildcards):

@@ -11,6 +11,7 @@ rule evaluate_model:
         checkpoint=lambda w: model_path(w.model),
         task=lambda w: task_of_model(w.model),
         evaluation=as_arg(config["evaluation"]),
+        contexts=lambda w: context_options(w.model),
         device=job_device,
     conda:
         CONDA_ENV
@@ -23,7 +24,7 @@ rule evaluate_model:
         **sized(lambda w: SIZER.evaluate_model(w.model), lambda w: GPU),
     shell:
         "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
-        " --task {params.task} --evaluation {params.evaluation} --out {output}"
+        " --task {params.task} --evaluation {params.evaluation} {params.contexts} --out {output}"
         " --device {params.device} --threads {threads} > {log} 2>&1"
 
 

@@ -46,11 +46,14 @@ from opdgeo.findings.context import (
 )
 from opdgeo.findings.delta import check_series
 from opdgeo.findings.interventions import check_interventions
+from opdgeo.findings.self_distillation import check_self_distillation
+from opdgeo.kinds import OPD, OWN, SELF_DISTILLATION
 from opdgeo.tables import write_table
 from opdgeo.tidy import main_runs
 
 # The package's interface: the table, its Markdown, its file; the claims, thresholds and
-# verdict words they print (the checks live in .delta and .interventions).
+# verdict words they print (the checks live in .delta, .interventions and
+# .self_distillation).
 __all__ = ["CLAIMS", "COLUMNS", "CONTRADICTS", "EXPLAINED", "F1_MAX_NORM_RATIO",
            "F2_MIN_SPARSITY", "F3_MIN_SPREAD", "F4_TOLERANCE", "F6_MIN_RANK_FRACTION",
            "F7_RANDOM_MASK", "F8_MIN_COVERAGE", "FAILS", "HOLDS", "HOLDS_BEYOND", "INCONCLUSIVE",
@@ -63,11 +66,13 @@ def findings_table(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
     info = main_runs(info)  # the sweep grid has its own figure, not findings rows
     ctx = Context(tables, info, plots)
     rows = []
-    relevant = info[(info["method"] == "opd") & (info["kind"] != "masked")
-                    & info["run"].isin(ctx.values.index)]
+    # F1-F8 ask the same of on-policy self-distillation as of OPD.
+    relevant = info[info["method"].isin((OPD, SELF_DISTILLATION[OWN]))
+                    & (info["kind"] != "masked") & info["run"].isin(ctx.values.index)]
     for _, runs in relevant.groupby("series", sort=False):
         rows += check_series(ctx, runs)
     rows += check_interventions(ctx)
+    rows += check_self_distillation(ctx)
     table = pd.DataFrame(rows, columns=COLUMNS)
     order = {f: i for i, f in enumerate(CLAIMS)}
     return table.sort_values("finding", key=lambda s: s.map(order), kind="stable")

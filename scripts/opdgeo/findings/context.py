@@ -54,6 +54,12 @@ CLAIMS = {
     "F7": "off-principal: joint principal projection at 10% below the isotropic null of each "
           "matrix's shape; principal-mask coverage below a random mask's",
     "F8": "low-magnitude: coverage of the bottom-10% |W_src| mask well above 10%",
+    # On-policy self-distillation (opdgeo.findings.self_distillation); F1-F8 apply to it too.
+    "SD1": "something to distil: the self-teacher, reading each prompt's own reference "
+           "solution, scores above the student reading the prompt alone",
+    "SD2": "privileged information: OPSD's update is smaller, sparser, less principal and more "
+           "low-magnitude than its OP2SD control's (the teacher reading another example's "
+           "solution)",
 }
 READS = ("delta_global", "evaluation", "tensors")  # tidy tables, besides runs
 COLUMNS = ["finding", "series", "measure", "observed", "low", "high", "interval", "seeds",
