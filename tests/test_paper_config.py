@@ -48,8 +48,14 @@ def test_paper_pairs_become_the_papers_runs(paper):
         "dsqwen-masked-opd-s0", "dsqwen-masked-random-s0", "dsqwen-masked-run-deepscaler-rlvr-s0",
         "qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0", "qwen25vl-masked-opd-s0",
         "qwen25vl-masked-random-s0", "qwen25vl-masked-run-grpo-s0",
-        "qwen25vl-masked-random-grpo-s0",
+        "qwen25vl-masked-random-grpo-s0", "qwen3-4b-opsd-adamw-s0", "qwen3-4b-op2sd-adamw-s0",
     }
+    # The paper's OPSD pair: Qwen3-4B as its own teacher, reading OpenThoughts' solutions.
+    opsd = runs["qwen3-4b-opsd-adamw-s0"]
+    assert (opsd.source, opsd.teacher) == ("qwen3-4b", None)
+    assert opsd.task["train"]["solution"] == "solution" and set(opsd.task["eval"]) == {
+        "aime24", "aime25"}
+    assert paper["plots"]["paper_match"]["qwen3-4b-opsd-adamw"] == "Qwen3 OPSD"
     external = {name: spec for name, spec in runs.items() if not spec.is_trained}
     assert set(external) == {"qwen-math-offline-distill", "deepscaler-rlvr", "justrl-rlvr",
                              "minicpm-opd", "qwen25vl-grpo"}
@@ -176,9 +182,12 @@ def test_every_prompt_template_formats_a_problem(paper):
     # A literal brace (Geo3K's \boxed{}) must be doubled, or str.format fails on the first row.
     tasks = [paper["task"]] + [p["task"] for p in paper["pairs"].values() if "task" in p]
     for task in tasks:
-        for spec in [task["train"], *task["eval"].values()]:
+        for spec in [task["train"], *task.get("eval", {}).values()]:
             if "template" in spec:
                 assert "PROBLEM" in spec["template"].format(problem="PROBLEM")
+            if "privileged_template" in spec:  # the self-distillation teacher's message
+                text = spec["privileged_template"].format(prompt="PROMPT", context="SOLUTION")
+                assert text.index("PROMPT") < text.index("SOLUTION") and "boxed{}" in text
 
 
 def test_every_reproduced_paper_row_is_matched_to_exactly_one_run(paper):
@@ -191,11 +200,11 @@ def test_every_reproduced_paper_row_is_matched_to_exactly_one_run(paper):
     by_row = {}
     for run, row in match.items():
         by_row.setdefault(row, []).append(run)
-    # Qwen3 OPSD waits for a privileged-context teacher (README: not yet reproduced).
-    assert set(by_row) == set(PAPER_GLOBAL) - {"Qwen3 OPSD"}
+    assert set(by_row) == set(PAPER_GLOBAL)
     assert all(len(runs) == 1 for runs in by_row.values()), by_row
     assert by_row["Qwen-Math offline distill"] == ["qwen-math-offline-distill"]
     assert by_row["MiniCPM OPD"] == ["minicpm-opd"]
+    assert by_row["Qwen3 OPSD"] == ["qwen3-4b-opsd-adamw-s0"]  # not its OP2SD control
 
 
 def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):

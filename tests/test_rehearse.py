@@ -112,6 +112,11 @@ def test_data_sets_are_written_in_their_real_schemas(rehearsal):
     assert "Answer:" in aime[0].prompt[0]["content"]  # the DAPO template of the paper config
     geo3k = load_examples(config["pairs"]["qwen25vl"]["task"]["eval"]["geo3k"])
     assert geo3k[0].image is not None and "<image>" not in geo3k[0].prompt[0]["content"]
+    # OPSD's data: each problem with its reference solution, the self-teacher's context
+    opsd = config["pairs"]["qwen3-4b"]["task"]["train"]
+    openthoughts = load_examples(opsd)
+    assert openthoughts and all(e.context and "boxed" in e.context for e in openthoughts)
+    assert openthoughts[0].prompt[0]["content"].startswith("Problem: ")
 
 
 def test_a_study_that_is_not_valid_yaml_is_one_line_naming_where(tmp_path, capsys):

@@ -164,12 +164,22 @@ def _geo3k_rows(split: str) -> list[dict]:
     return rows
 
 
+def _openthoughts_rows(split: str) -> list[dict]:
+    """siyanzhao/Openthoughts_math_30k_opsd: `problem`, its reference `solution` (the OPSD
+    teacher's privileged context), `Answer`."""
+    return [{"problem": f"What is {a} + {a + 2}?",
+             "solution": f"Add the two numbers: {a} + {a + 2} = {2 * a + 2}. "
+                         f"The answer is \\boxed{{{2 * a + 2}}}.",
+             "Answer": str(2 * a + 2), "generated_token_count": 24} for a in range(16)]
+
+
 DATA_SETS = {
     "BytedTsinghua-SIA/DAPO-Math-17k": _dapo_rows,
     "HuggingFaceH4/aime_2024": lambda split: _aime_rows(split, 2024),
     "yentinglin/aime_2025": lambda split: _aime_rows(split, 2025),
     "math-ai/aime25": lambda split: _aime_rows(split, 2025),
     "hiyouga/geometry3k": _geo3k_rows,
+    "siyanzhao/Openthoughts_math_30k_opsd": _openthoughts_rows,
 }
 
 
