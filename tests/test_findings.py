@@ -59,7 +59,7 @@ def check(frames, finding, series=OPD, measure=None):
 
 @pytest.fixture(scope="module")
 def frames():
-    cfg = tf.config(seeds=SEEDS, arms=("opd", "random", "run:grpo"))
+    cfg = tf.config(seeds=SEEDS, arms=("opd", "random", "run:grpo"), self_distillation=True)
     cfg["pairs"]["addition"]["masked"]["seeds"] = list(SEEDS)
     tables = tf.tables(cfg)
     scores = tables["evaluation"]["value"]  # every score with its interval over prompts
@@ -252,7 +252,7 @@ def test_controls_match_the_optimizer(frames):
 
 
 def test_sweep_and_masked_runs_get_no_delta_findings():
-    frames = tf.tables(tf.config(sweep=True))
+    frames = tf.tables(tf.config(sweep=True, self_distillation=True))
     table = findings.findings_table(frames, run_info(frames["runs"]), {})
     delta_rows = table[~table["finding"].isin(["F4", "F5"])]
     assert not delta_rows["series"].str.contains("sweep|masked").any()
@@ -280,10 +280,7 @@ def with_self_teacher(frames, own: float, other: float = 0.05):
     return {**frames, "evaluation": pd.concat([evaluation, teacher], ignore_index=True)}
 
 
-def test_self_distillation_is_checked_like_opd_and_against_its_op2sd_control():
-    frames = tf.tables(tf.config(seeds=SEEDS, self_distillation=True))
-    scores = frames["evaluation"]["value"]
-    frames["evaluation"] = frames["evaluation"].assign(low=scores - 0.02, high=scores + 0.02)
+def test_self_distillation_is_checked_like_opd_and_against_its_op2sd_control(frames):
     frames = with_self_teacher(frames, 0.9)
     opsd, op2sd = "addition-opsd-adamw", "addition-op2sd-adamw"
     table = check_table(frames)

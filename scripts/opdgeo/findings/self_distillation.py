@@ -58,7 +58,8 @@ def teacher_score(ctx: Context, runs) -> list[dict]:
     def score(name: str) -> tuple[float, float, float]:
         if name not in source.index:
             return math.nan, math.nan, math.nan
-        return tuple(float(source.loc[name, c]) for c in ("value", "low", "high"))
+        row = source.loc[name]
+        return tuple(float(row[c]) if c in row else math.nan for c in ("value", "low", "high"))
 
     student, own = score(metric), score(context_metric(metric, OWN))
     other = score(context_metric(metric, OTHER_EXAMPLE))
