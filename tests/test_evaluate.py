@@ -218,3 +218,25 @@ def test_evaluation_near_its_wall_time_ends_the_attempt_and_the_next_scores_the_
     table = evaluate.evaluate_checkpoints(checkpoints, "r", *scores, journal=journal,
                                           clock=WallClock(seconds_left=1e6))
     pd.testing.assert_frame_equal(table, reference)
+
+
+def test_a_self_teacher_is_scored_reading_each_prompt_s_own_context_or_another_s(
+        monkeypatch):
+    """`contexts`: the prompts with their own worked answer in front (OPSD's teacher) and with
+    another prompt's (OP2SD's). A model that copies the context scores 1 with its own, 0 with
+    another's (a derangement: never the prompt's own) and 0 without."""
+    from opdgeo.evaluate import evaluate_checkpoints
+
+    def copy_context(self, examples, max_new_tokens, k, temperature, seed):
+        texts = [e.prompt.split("=")[0] if e.prompt.count("=") == 2 else "" for e in examples]
+        return texts, [[t] * k for t in texts]
+
+    monkeypatch.setattr(TransformersEngine, "__init__", lambda self, *a, **kw: None)
+    monkeypatch.setattr(TransformersEngine, "completions", copy_context)
+    task = make_task({**TASK, "eval_prompts": 64})
+    table = evaluate_checkpoints({0: "unused"}, "student", task, 2, 1.0, 0, "cpu",
+                                 contexts=("own", "other")).set_index("metric")["value"]
+    assert table["exact_match"] == 0 and table["mean@2"] == 0
+    assert table["exact_match (own context)"] == 1 and table["mean@2 (own context)"] == 1
+    # another prompt's answer is right only where two sums agree
+    assert table["exact_match (other context)"] < 0.1
