@@ -317,6 +317,10 @@ def test_fig2_runs_setting_and_default(full):
                                            "squares-opd-vl-teacher-adamw-s0"]
     assert figures.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
         ["addition-grpo-adamw-s1"]
+    # and the first on-policy self-distillation run beside OPD's
+    opsd = tf.tables(tf.config(self_distillation=True))
+    assert figures.fig2_runs(run_info(opsd["runs"]), {}) == ["addition-opd-teacher-a-adamw-s0",
+                                                           "addition-opsd-adamw-s0"]
 
 
 def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):

@@ -35,7 +35,14 @@ from opdgeo.delta.columns import (  # noqa: E402
     module_figure,
     summary_name,
 )
-from opdgeo.kinds import DELTA_KINDS, METHOD_ORDER, TRAINED_METHODS  # noqa: E402
+from opdgeo.kinds import (  # noqa: E402
+    DELTA_KINDS,
+    METHOD_ORDER,
+    OPD,
+    OWN,
+    SELF_DISTILLATION,
+    TRAINED_METHODS,
+)
 from opdgeo.paper_tables import PAPER_ADAMW_STATE  # noqa: E402
 from opdgeo.tidy import (  # noqa: E402
     OPTIMIZER_LABELS,
@@ -235,11 +242,11 @@ ANNOTATE_MAX_CELLS = 200  # beyond this the numbers in the cells become unreadab
 def fig2_runs(info: pd.DataFrame, plots: dict) -> list[str]:
     """plots.fig2_run, or the first OPD run of each modality (the primary run of the first
     language pair, and of the first vision-language pair, whose vision tower and projector
-    get columns of their own)."""
+    get columns of their own), and likewise the first on-policy self-distillation run."""
     if plots.get("fig2_run"):
         return [plots["fig2_run"]]
-    opd = info[info["method"] == "opd"]
-    return list(opd.groupby("modality", sort=False)["run"].first())
+    shown = info[info["method"].isin((OPD, SELF_DISTILLATION[OWN]))]
+    return list(shown.groupby(["method", "modality"], sort=False)["run"].first())
 
 
 FIG2_PANELS = ((SPARSITY, "viridis", ".0f"), (RELATIVE_NORM, "magma", ".2g"))  # colour map, format
