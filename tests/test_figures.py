@@ -350,10 +350,12 @@ def test_a_mask_arms_label_gives_its_mean_density_over_seeds(full):
         [("opd-mask-of-seed-1", "all", "all", 0.3)], columns=full["masks"].columns)])
     densities = masks.set_index("mask").loc[[seed0["mask"], seed1["mask"]], "density"]
     assert densities.nunique() == 2  # the two seeds' masks differ
-    fig, ax = plt.subplots()
+    arms = figures._arms(pair[pair["kind"] == "masked"])
+    fig, axes = plt.subplots(1, len(arms))
     scores = curves(full["evaluation"], info, score_metric(full["evaluation"]))
-    figures._masked_panel(ax, scores, masks, pair, primary_opd_runs(pair), figures.DEFAULTS)
-    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    figures._masked_panels(list(axes), scores, masks, pair, primary_opd_runs(pair), arms,
+                           figures.DEFAULTS)
+    labels = [text.get_text() for ax in axes for text in ax.get_legend().get_texts()]
     plt.close(fig)
     assert f"OPD mask, density {densities.mean():.1%}" in labels
 

@@ -21,6 +21,7 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from opdgeo.delta import columns  # noqa: E402
 from opdgeo.delta.columns import (  # noqa: E402
@@ -36,7 +37,9 @@ from opdgeo.delta.columns import (  # noqa: E402
     summary_name,
 )
 from opdgeo.kinds import (  # noqa: E402
+    CONTROLS,
     DELTA_KINDS,
+    MASKED,
     METHOD_ORDER,
     OPD,
     OWN,
@@ -74,7 +77,7 @@ def apply_style(plots: dict):
     sns.set_theme(style=plots["style"], context=plots["context"], palette=plots["palette"],
                   font_scale=1.2)
     plt.rcParams.update({"figure.constrained_layout.use": True, "legend.frameon": False,
-                         "savefig.bbox": "tight"})
+                         "savefig.bbox": "tight", "hatch.linewidth": 0.6})
 
 
 def save(fig, out: Path, plots: dict) -> list[Path]:
@@ -115,11 +118,35 @@ def log_axis(ax, axis: str = "x"):
     target.set_minor_formatter(mticker.NullFormatter())
 
 
+def method_colors(plots: dict) -> dict[str, tuple]:
+    """Method (opdgeo.kinds.METHOD_ORDER) -> its colour, the same in every figure: the
+    palette's colours in the methods' display order."""
+    return dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
+                    strict=True))
+
+
+def shades(color, n: int) -> list[tuple]:
+    """`n` shades of one colour, the colour itself first, then lighter ones (the run groups
+    of one method: the hue says the method, the shade and marker which group)."""
+    return [tuple(c) for c in sns.light_palette(color, n + 2, reverse=True)[:n]]
+
+
 def group_colors(info: pd.DataFrame, plots: dict) -> dict[str, tuple]:
-    """Run group -> colour, in method order, so a group keeps its colour in every figure."""
-    groups = info.sort_values(["method_rank", "series"])["series"].unique()
-    colors = sns.color_palette(plots["palette"], max(len(groups), 1))
-    return dict(zip(groups, colors, strict=False))
+    """Run group -> colour: its method's (method_colors), in shades where a method has
+    several groups on one pair, so a method reads the same in every figure."""
+    order = info.sort_values(["method_rank", "series"]).drop_duplicates("series")
+    base = method_colors(plots)
+    colors = {}
+    for (_, method), groups in order.groupby(["pair", "method"], sort=False, dropna=False):
+        colors |= dict(zip(groups["series"], shades(base.get(method, (0.5, 0.5, 0.5)),
+                                                    len(groups)), strict=True))
+    return colors
+
+
+def group_dashes(info: pd.DataFrame) -> dict[str, str]:
+    """Run group -> line style: the controls of OPD (opdgeo.kinds) dashed, the rest solid."""
+    control = info["method"].isin(CONTROLS)
+    return dict(zip(info["series"], np.where(control, "--", "-"), strict=False))
 
 
 def _labels(info: pd.DataFrame) -> dict[str, str]:
@@ -145,19 +172,27 @@ def error_bars(estimate: tuple[float, float, float], scale: float = 1.0):
     return [[(mean - low) * scale], [(high - mean) * scale]]
 
 
+HATCHES = ("", "////", "\\\\\\\\", "xxx", "...", "|||", "---", "+++")
+
+
 def draw_lines(ax, data: pd.DataFrame, x: str, colors: dict, labels: dict, scale: float = 1.0,
-               key: str = "series"):
+               key: str = "series", dashes: dict | None = None):
     """One line per `key` value: mean over seeds with its 95% interval as a band. Markers
-    differ too, so neighbouring colours of the palette stay apart."""
+    differ too, so shades of one colour stay apart; `dashes` gives a group its line style.
+    The first band is filled, each further one hatched in its colour over a faint fill, so
+    overlapping bands stay apart instead of mixing into one colour."""
+    dashes, bands = dashes or {}, 0
     for i, (group, frame) in enumerate(data.groupby(key, sort=False, observed=True)):
         stats = mean_band(frame, x)
-        color = colors.get(group)
+        color = colors.get(group, (0.4, 0.4, 0.4))
         ax.plot(stats[x], stats["mean"] * scale, marker=MARKERS[i % len(MARKERS)], ms=5,
-                color=color,
-                label=labels.get(group, group))
+                color=color, ls=dashes.get(group, "-"), label=labels.get(group, group))
         if stats["low"].notna().any():
-            ax.fill_between(stats[x], stats["low"] * scale, stats["high"] * scale, color=color,
-                            alpha=0.2, lw=0)
+            hatch = HATCHES[1 + (bands - 1) % (len(HATCHES) - 1)] if bands else ""
+            bands += 1
+            ax.fill_between(stats[x], stats["low"] * scale, stats["high"] * scale,
+                            facecolor=(*color[:3], 0.22 if not hatch else 0.06),
+                            edgecolor=(*color[:3], 0.45), hatch=hatch or None, lw=0)
 
 
 def metric_scale(column: str) -> float:
@@ -190,7 +225,9 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
         for ax in axes:
             note(ax, "no analysed runs")
         return save(fig, out, plots)
-    colors = group_colors(info, plots)
+    # One colour per method (a row names its group): OPD against its controls at a glance.
+    base = method_colors(plots)
+    colors = {row.series: base[row.method] for row in runs.itertuples()}
     y = {g: i for i, g in enumerate(groups)}
     method_of = dict(zip(runs["series"], runs["method_label"], strict=False))
 
@@ -222,9 +259,17 @@ def fig1_overview(delta: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Pat
     ax.axvline(HEADLINE_RATIO * 100, ls="--", color="0.4", lw=1,
                label=f"random mask ({percent(HEADLINE_RATIO)})")
     ax.set_xlabel("share of updated coordinates in mask (%)")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small")
+    # The markers' meaning in grey (the colours are the methods'), as stand-in handles.
+    _, names = ax.get_legend_handles_labels()
+    grey = {"random": Line2D([], [], ls="--", color="0.4", lw=1),
+            "principal": Line2D([], [], marker="o", ls="", color="0.3", ms=8),
+            "low-magnitude": Line2D([], [], marker="s", ls="", color="0.3", mfc="white", ms=8)}
+    handles = [next(h for key, h in grey.items() if name.startswith(key)) for name in names]
+    ax.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small")
     axes[0].set_yticks(range(len(groups)))
     axes[0].set_yticklabels([f"{_labels(runs)[g]}\n({method_of[g]})" for g in groups])
+    for tick, group in zip(axes[0].get_yticklabels(), groups, strict=True):
+        tick.set_color(colors[group])
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="y", visible=False)
@@ -307,51 +352,72 @@ def _score_axis(ax, metric: str):
 
 def fig3_interventions(evaluation: pd.DataFrame, masks: pd.DataFrame, info: pd.DataFrame,
                        plots: dict, out: Path):
-    """Left: masked retraining from the source; right: AdamW against SGD. One row per pair."""
+    """Masked retraining from the source, one panel per mask beside full OPD (small multiples:
+    two bands a panel), then AdamW against SGD. One row per pair, one y-range per row."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     metric = score_metric(evaluation, plots.get("metric", ""))
     pairs = list(dict.fromkeys(info["pair"].dropna()))
-    fig, axes = plt.subplots(max(len(pairs), 1), 2, figsize=(14, 4.8 * max(len(pairs), 1)),
-                             squeeze=False)
+    arms = {pair: _arms(info[(info["pair"] == pair) & (info["kind"] == MASKED)])
+            for pair in pairs}
+    columns = max([len(a) for a in arms.values()] + [1]) + 1
+    fig, axes = plt.subplots(max(len(pairs), 1), columns,
+                             figsize=(4.2 * columns, 4.4 * max(len(pairs), 1)), squeeze=False,
+                             sharey="row")
     if metric is None or not pairs:
         for ax in axes.flat:
             note(ax, "no evaluations of trained runs")
         return save(fig, out, plots)
     scores = curves(evaluation, info, metric)
     primary = primary_opd_runs(info)
-    for (left, right), pair in zip(axes, pairs, strict=False):
-        _masked_panel(left, scores, masks, info[info["pair"] == pair],
-                      primary[primary["pair"] == pair], plots)
-        _optimizer_panel(right, scores, info[info["pair"] == pair],
-                         primary[primary["pair"] == pair], plots)
-        for ax in (left, right):
-            _score_axis(ax, metric)
-        left.set_title(f"{pair}: subnetwork-masked retraining")
-        right.set_title(f"{pair}: optimizer ablation (primary teacher)")
+    for row, pair in zip(axes, pairs, strict=False):
+        pair_info, pair_primary = info[info["pair"] == pair], primary[primary["pair"] == pair]
+        _masked_panels(row[:-1], scores, masks, pair_info, pair_primary, arms[pair], plots)
+        _optimizer_panel(row[-1], scores, pair_info, pair_primary, plots)
+        row[-1].set_title(f"{pair}: optimizer ablation\n(primary teacher)", fontsize="medium")
+        for ax in row:
+            if ax.get_visible():
+                _score_axis(ax, metric)
     fig.suptitle("Held-out score over training (step 0: the source model; "
                  f"line: mean over seeds, band: {INTERVAL})")
     return save(fig, out, plots)
 
 
-def _masked_panel(ax, scores, masks, pair_info, primary, plots):
-    masked = pair_info[pair_info["kind"] == "masked"]
-    if masked.empty:
-        note(ax, "no masked runs in this config (pairs.<pair>.masked.arms)")
+def _arms(masked: pd.DataFrame) -> dict[str, list[str]]:
+    """Arm -> its runs (one per seed), in config order."""
+    arms = {}
+    for row in masked.itertuples():
+        arms.setdefault(masked_arm(row.run, row.pair), []).append(row.run)
+    return arms
+
+
+def _masked_panels(axes, scores, masks, pair_info, primary, arms, plots):
+    """One panel per arm: the arm (the masked runs' colour; a random mask, the arms' control,
+    dashed) over full OPD (OPD's colour), so each panel has two bands."""
+    pair = pair_info["pair"].iloc[0]
+    if not arms:
+        note(axes[0], "no masked runs in this config (pairs.<pair>.masked.arms)")
+        axes[0].set_title(f"{pair}: subnetwork-masked retraining", fontsize="medium")
+        for ax in axes[1:]:
+            ax.set_visible(False)
         return
-    arms = {row.run: masked_arm(row.run, row.pair) for row in masked.itertuples()}
-    # An arm's mask differs by seed: its label gives the mean, as the interventions table does.
-    density = pd.Series([mask_density(masks, mask) for mask in masked["mask"]],
-                        index=list(arms.values())).groupby(level=0).mean().to_dict()
-    arms |= {run: "full" for run in primary["run"]}
-    data = scores[scores["run"].isin(arms)].assign(arm=lambda f: f["run"].map(arms))
-    order = ["full"] + list(dict.fromkeys(a for a in arms.values() if a != "full"))
-    colors = dict(zip(order, sns.color_palette(plots["palette"], len(order)), strict=False))
-    labels = {"full": "full OPD (no mask)"} | {
-        arm: _arm_label(arm, density.get(arm, math.nan)) for arm in order[1:]}
-    data = data.assign(arm=pd.Categorical(data["arm"], order))
-    draw_lines(ax, data.sort_values(["arm", "step"]), "step", colors, labels, 100, key="arm")
-    # Below the axes: with several arms an inside legend covers the curves.
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    base = method_colors(plots)
+    colors = {"full": base[OPD], **dict.fromkeys(arms, base[MASKED])}
+    masks_of = dict(zip(pair_info["run"], pair_info["mask"], strict=True))
+    for ax, (arm, runs) in zip(axes, arms.items(), strict=False):
+        # An arm's mask differs by seed: its label gives the mean, as the interventions table
+        # does.
+        density = np.mean([mask_density(masks, masks_of[run]) for run in runs])
+        owner = {run: arm for run in runs} | {run: "full" for run in primary["run"]}
+        data = scores[scores["run"].isin(owner)]
+        data = data.assign(arm=pd.Categorical(data["run"].map(owner), ["full", arm]))
+        draw_lines(ax, data.sort_values(["arm", "step"]), "step", colors,
+                   {"full": "full OPD (no mask)", arm: _arm_label(arm, density)}, 100,
+                   key="arm", dashes={arm: "--" if arm.startswith("random") else "-"})
+        ax.set_title(f"{pair}: subnetwork-masked retraining,\n{_arm_label(arm, math.nan)}",
+                     fontsize="medium")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    for ax in axes[len(arms):]:
+        ax.set_visible(False)
 
 
 def _optimizer_panel(ax, scores, pair_info, primary, plots):
@@ -362,7 +428,7 @@ def _optimizer_panel(ax, scores, pair_info, primary, plots):
         return
     labels = {row.series: f"{OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)} "
               f"(lr {row.learning_rate:g})" for row in opd.itertuples()}
-    colors = dict(zip(labels, sns.color_palette(plots["palette"], len(labels)), strict=False))
+    colors = dict(zip(labels, shades(method_colors(plots)[OPD], len(labels)), strict=True))
     data = scores.merge(opd[["run", "series"]], on="run")
     draw_lines(ax, data.sort_values("step"), "step", colors, labels, 100)
     if opd["optimizer"].nunique() < 2:
@@ -378,31 +444,50 @@ TRAJECTORY_PANELS = (SPARSITY, summary_name(TOP16_ENERGY), summary_name(PRINCIPA
 
 def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict, out: Path):
     """Sparsity, top-16 spectral energy and principal projection of ΔW over training steps
-    (what a trajectory checkpoint measures: opdgeo.delta.analyze.TRAJECTORY_NOTE)."""
+    (what a trajectory checkpoint measures: opdgeo.delta.analyze.TRAJECTORY_NOTE), one row
+    of panels per pair: its own steps, each axis fitted to its data."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = info[info["kind"].isin(TRAINED_METHODS)]
     data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    pairs = list(dict.fromkeys(runs.loc[runs["run"].isin(data["run"]), "pair"])) \
+        if not data.empty else []
+    fig, axes = plt.subplots(max(len(pairs), 1), 3, figsize=(17, 4.4 * max(len(pairs), 1)),
+                             squeeze=False)
     if data.empty:
-        for ax in axes:
+        for ax in axes.flat:
             note(ax, "no trajectory (analysis.trajectory off, or no trained runs)")
         return save(fig, out, plots)
-    data = data.merge(runs[["run", "series", "method_rank"]], on="run")
+    data = data.merge(runs[["run", "series", "pair", "method_rank"]], on="run")
     data = data.sort_values(["method_rank", "series", "step"])
-    colors, labels = group_colors(info, plots), _labels(info)
-    for ax, column in zip(axes, TRAJECTORY_PANELS, strict=True):
-        draw_lines(ax, data[data["metric"] == column], "step", colors, labels,
-                   metric_scale(column))
-        step_axis(ax)
-        ax.set_ylabel(axis_label(column))
-        ax.set_ylim(bottom=0)  # shares of 100%: a zero baseline keeps changes in proportion
-    axes[2].axhline(ISOTROPIC_PROJECTION * 100, ls="--", color="0.4", lw=1,
-                    label=f"isotropic update ({percent(ISOTROPIC_PROJECTION)})")
-    handles, names = axes[2].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
-               fontsize="small")
-    fig.suptitle(f"Delta ΔW over training (line: mean over seeds, band: {DELTA_INTERVAL})")
+    colors, labels, dashes = group_colors(info, plots), _labels(info), group_dashes(info)
+    for row, pair in zip(axes, pairs, strict=True):
+        own = data[data["pair"] == pair]
+        for ax, column in zip(row, TRAJECTORY_PANELS, strict=True):
+            draw_lines(ax, own[own["metric"] == column], "step", colors, labels,
+                       metric_scale(column), dashes=dashes)
+            step_axis(ax)
+            ax.set_ylabel(axis_label(column))
+            ax.set_title(pair if len(pairs) > 1 else "")
+        isotropic = ISOTROPIC_PROJECTION * 100
+        reference = f"isotropic update ({percent(ISOTROPIC_PROJECTION)})"
+        if row[2].get_ylim()[0] <= isotropic * 1.5:  # drawn where the data comes near it
+            row[2].axhline(isotropic, ls=":", color="0.4", lw=1, label=reference)
+        else:  # stated, not drawn: a line far below would squeeze the data flat
+            row[2].text(0.02, 0.02, f"{reference}: below the axis", transform=row[2].transAxes,
+                        fontsize="small", color="0.35")
+        handles, names = row[0].get_legend_handles_labels()
+        row[2].legend(*_with_reference(row[2], handles, names), fontsize="small",
+                      loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"Delta ΔW over training (line: mean over seeds, band: {DELTA_INTERVAL}; "
+                 "dashed: OPD's controls)")
     return save(fig, out, plots)
+
+
+def _with_reference(ax, handles, names):
+    """A legend's run entries plus the reference lines drawn on `ax` itself."""
+    own_handles, own_names = ax.get_legend_handles_labels()
+    extra = [(h, n) for h, n in zip(own_handles, own_names, strict=True) if n not in names]
+    return handles + [h for h, _ in extra], names + [n for _, n in extra]
 
 
 # -------------------------------------------------------------------- optimizer state
@@ -436,7 +521,7 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
         if rows.empty:
             note(ax, f"no {metric} logged (runs trained before it was)")
         else:
-            draw_lines(ax, rows, "step", colors, labels)
+            draw_lines(ax, rows, "step", colors, labels, dashes=group_dashes(info))
         ax.plot(steps, (start, end), ls="--", marker="o", color="0.3", lw=1,
                 label=f"paper: starts ~{start}, ends ~{end} (lag not given)")
         ax.axhline(mean, ls=":", color="0.3", lw=1.2, label=f"paper: mean over its run ({mean})")
@@ -444,7 +529,8 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict, out: P
         ax.set_ylabel("cosine (unitless)")
         ax.set_title(title, fontsize="medium")
     cv = PAPER_ADAMW_STATE["m2_cv"][1]
-    draw_lines(axes[3], data[data["metric"] == "m2_cv"], "step", colors, labels)
+    draw_lines(axes[3], data[data["metric"] == "m2_cv"], "step", colors, labels,
+               dashes=group_dashes(info))
     axes[3].axhline(cv, ls="-.", color="0.3", lw=1.2, label=f"paper: m2 mean over its run ({cv})")
     step_axis(axes[3])
     axes[3].set_ylabel("std / mean of v_t over coordinates (unitless)")
@@ -478,7 +564,7 @@ def appendix_sparsity_thresholds(delta: pd.DataFrame, info: pd.DataFrame, plots:
         rows = rows.assign(threshold=rows["metric"].str.removeprefix(prefix).astype(float))
         rows = rows.merge(runs[["run", "series", "method_rank"]], on="run")
         rows = rows.sort_values(["method_rank", "series", "threshold"])
-        draw_lines(ax, rows, "threshold", colors, labels, 100)
+        draw_lines(ax, rows, "threshold", colors, labels, 100, dashes=group_dashes(info))
         log_axis(ax)
         ax.set_xlabel(xlabel)
     axes[0].set_ylabel("coordinates at or below threshold (%)")
@@ -587,8 +673,7 @@ def gain_vs_sparsity(evaluation: pd.DataFrame, delta: pd.DataFrame, info: pd.Dat
         for ax in axes:
             note(ax, "no matched-gain sweep in this config (pairs.<pair>.sweep)")
         return save(fig, out, plots)
-    colors = dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
-                      strict=False))
+    colors = method_colors(plots)
     # One curve per pair, method and optimizer (a curve through two optimizers' points, or two
     # pairs', would zigzag between unrelated grids): colour = method, line = optimizer,
     # marker = pair.

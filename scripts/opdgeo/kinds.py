@@ -57,7 +57,7 @@ RUN_KINDS = {kind.name: kind for kind in (
     RunKind("external", "other", needs_teacher=False, is_control=False, trainer=None),
 )}
 # An external run is shown as the kind its config declares (external.<name>.kind), or "other".
-OPD, EXTERNAL, OTHER = "opd", "external", "other"
+OPD, MASKED, EXTERNAL, OTHER = "opd", "masked", "external", "other"
 CONTROLS = tuple(k for k, kind in RUN_KINDS.items() if kind.is_control)
 # The method of each role (an external run declares a method, so it takes its role too).
 ROLE_METHOD = {kind.role: k for k, kind in RUN_KINDS.items() if kind.role}
