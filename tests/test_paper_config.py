@@ -223,7 +223,7 @@ def test_every_hub_model_and_data_set_is_pinned_to_a_revision(paper):
     assert runs["deepscaler-rlvr"].source == model_reference(paper["models"]["ds-qwen"])
     tasks = [paper["task"]] + [p["task"] for p in paper["pairs"].values() if "task" in p]
     for task in tasks:
-        for spec in [task["train"], *task["eval"].values()]:
+        for spec in [task["train"], *task.get("eval", {}).values()]:
             assert spec.get("revision"), spec["path"]
     table = run_table(runs, paper["models"]).set_index("run")
     assert table.loc["dsqwen-opd-deepscaler-adamw-s0", "source_revision"] == \
