@@ -199,9 +199,12 @@ def cmd_runs(args):
 
 def cmd_plan(args):
     from opdgeo.config import read_config
-    from opdgeo.plan import format_plan, plan
+    from opdgeo.plan import format_plan, plan, plan_json
 
-    print(format_plan(*plan(read_config(args.configfile))))
+    table, notes = plan(read_config(args.configfile))
+    if args.csv:
+        _write_csv_atomic(table, args.csv)
+    print(plan_json(table, notes) if args.json else format_plan(table, notes))
 
 
 def _tidy_inputs(args):
@@ -384,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="a study's bill before it runs: tokens, disk, memory, "
                        "GPU-hours (at the config's stated throughputs)")
     p.add_argument("--configfile", type=Path, required=True)
+    p.add_argument("--json", action="store_true",
+                   help="print every column of every row, and the notes, as JSON")
+    p.add_argument("--csv", type=Path, help="also write every column of every row here")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")

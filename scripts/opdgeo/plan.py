@@ -6,6 +6,9 @@ config's `cost` section, which states throughputs as assumptions, not measuremen
 and times are the ones the Snakefile asks for (opdgeo.resources.Sizer).
 """
 
+import json
+import textwrap
+
 import pandas as pd
 
 from opdgeo.config import build_runs, model_task
@@ -14,7 +17,10 @@ from opdgeo.resources import (
     Sizer,
     eval_prompts,
     evaluation_tokens,
+    job_resources,
     optimizer_bytes,
+    place,
+    site_partitions,
     task_max_new_tokens,
 )
 
@@ -64,7 +70,8 @@ def run_rows(config: dict, sizer: Sizer) -> list[dict]:
             "train_host_gib": _gib(train and train.host),
             "train_gpu_gib": _gib(train and train.gpu),
             "eval_gpu_gib": _gib(evaluate and evaluate.gpu),
-            "train_gpu_hours": _gpu_hours(train, gpus),
+            "train_gpus": sizer.gpus(name),
+            "train_gpu_hours": _gpu_hours(train, sizer.gpus(name)),
             "eval_gpu_hours": _gpu_hours(evaluate, gpus),
         })
     return rows
@@ -98,15 +105,23 @@ def analysis_hours(config: dict, sizer: Sizer) -> float:
     return sum(need.minutes / 60 for need in needs if need)
 
 
-def plan(config: dict, on_gpu: bool | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """The bill as a table (one row per run and per evaluated model, and a total) and the
-    notes that go with it: the assumptions, and the jobs that do not fit one GPU."""
+# What the total row holds: a sum over runs and models, or the largest single job (a peak).
+PEAKS = ("train_host_gib", "train_gpu_gib", "eval_gpu_gib", "trainer_state_gib", "train_gpus")
+
+
+def plan(config: dict, on_gpu: bool | None = None,
+         partitions: list | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The bill as a table (one row per run and per evaluated model, and a total: sums, and
+    the PEAKS of single jobs) and the notes that go with it: the assumptions, the jobs that do
+    not fit one GPU, and the jobs over a limit of their partition (the site's partition file,
+    as the Snakefile reads it)."""
     on_gpu = config["device"] == "cuda" if on_gpu is None else on_gpu
-    sizer = Sizer(config, build_runs(config), on_gpu)
+    partitions = site_partitions() if partitions is None else partitions
+    sizer = Sizer(config, build_runs(config), on_gpu, assume=True)
     table = pd.DataFrame(run_rows(config, sizer) + model_rows(config, sizer))
     total = table.drop(columns="run").sum(numeric_only=True, min_count=1)
-    for peak in ("train_host_gib", "train_gpu_gib", "eval_gpu_gib", "trainer_state_gib"):
-        total[peak] = table[peak].max()  # peaks of single jobs, not sums
+    for peak in PEAKS:
+        total[peak] = table[peak].max()
     table = pd.concat([table, pd.DataFrame([{"run": "total", **total}])], ignore_index=True)
     cost = config["cost"]
     notes = [
@@ -116,10 +131,18 @@ def plan(config: dict, on_gpu: bool | None = None) -> tuple[pd.DataFrame, list[s
         f"{cost['generate_tokens_per_second']['vllm']:g} (vLLM) tokens/s for a 1.5B model, "
         f"{cost['prompt_tokens']} prompt tokens; token counts are upper bounds "
         f"(every completion at max_new_tokens)",
+        "columns: rollout and evaluation tokens, bf16 checkpoints (GiB), a training job's GPU "
+        "memory (GiB per GPU) and GPUs, training and evaluation GPU-hours; `--csv` / `--json` "
+        "give every column",
+        "total: tokens, checkpoints, disk and GPU-hours summed over every row; memory "
+        "(GiB) and GPUs are the largest single job's",
         f"evaluation engine: {config['evaluation']['engine']}; rollouts: "
         f"{'vLLM' if config['training'].get('use_vllm') else 'transformers'}",
         f"delta analysis: {analysis_hours(config, sizer):.1f} CPU job-hours",
     ]
+    if sizer.assumed:
+        notes.append(f"sized from config/hub_models.yaml's assumed shapes (the checkpoint is "
+                     f"not there yet): {', '.join(sizer.assumed)}")
     fixes = {"train_gpu_gib": "lower its training.micro_batch_size or plan a larger GPU (cost.gpu)",
              "eval_gpu_gib": "lower evaluation.batch_size"}
     for row in table[table["run"] != "total"].to_dict("records"):
@@ -128,22 +151,77 @@ def plan(config: dict, on_gpu: bool | None = None) -> tuple[pd.DataFrame, list[s
                 notes.append(f"{row['run']}: {column.split('_')[0]} needs ~{row[column]:.0f} GiB "
                              f"of GPU memory, over {GPU_HEADROOM:.0%} of one "
                              f"{cost['gpu']['name']}: {fix}")
+    notes += partition_notes(sizer, partitions)
     if sizer.unsized:
         notes.append(f"not sized (their cells are empty): {', '.join(sizer.unsized)}")
     return table, notes
 
 
+def partition_notes(sizer: Sizer, partitions: list) -> list[str]:
+    """A line for every model-loading GPU job whose need is over a limit of the partition it
+    goes to: a longer one runs in several attempts (opdgeo.attempts), a larger one does not
+    fit."""
+    if not partitions:
+        return []
+    gpu = 1 if sizer.on_gpu else 0
+    jobs = [(f"{run}: train", sizer.train(run), sizer.gpus(run))
+            for run, spec in sizer.runs.items() if spec.is_trained]
+    jobs += [(f"{run}: evaluate", sizer.evaluate_run(run), gpu)
+             for run, spec in sizer.runs.items() if spec.is_trained]
+    models = dict.fromkeys(key for pair in sizer.config["pairs"].values()
+                           for key in (pair["student"], *pair["teachers"]))
+    jobs += [(f"model {key}: evaluate", sizer.evaluate_model(key), gpu) for key in models]
+    notes = []
+    for job, need, gpus in jobs:
+        if need is None:
+            continue
+        asked = job_resources(need, 1)
+        try:
+            placed = place(need, gpus, 1, partitions)
+        except ValueError as error:
+            notes.append(f"{job}: {error}")
+            continue
+        where = f"partition {placed['slurm_partition']}"
+        if asked["runtime"] > placed["runtime"]:
+            attempts = -(-asked["runtime"] // placed["runtime"])
+            notes.append(f"{job} needs ~{asked['runtime'] / 60:,.0f} h, over the "
+                         f"{placed['runtime'] / 60:,.0f} h of {where}: ~{attempts} attempts, "
+                         "each continuing from the last checkpoint")
+        if asked["mem_mb"] > placed["mem_mb"]:
+            notes.append(f"{job} needs {asked['mem_mb'] / 1024:,.0f} GB of host memory, over "
+                         f"the {placed['mem_mb'] / 1024:,.0f} GB of {where}: it does not fit; "
+                         "fewer training.gpus, or a partition with more memory per node")
+    return notes
+
+
+# The columns of the printed table (the whole table: `opdgeo plan --csv` / `--json`), with
+# the printed heading and the format of their values.
+SHOWN = {
+    "rollout_tokens": ("rollouts", "{:.2g}"),
+    "eval_tokens": ("eval tok", "{:.2g}"),
+    "bf16_checkpoints_gib": ("ckpt GiB", "{:,.0f}"),
+    "train_gpu_gib": ("GPU GiB", "{:.0f}"),
+    "train_gpus": ("GPUs", "{:.0f}"),
+    "train_gpu_hours": ("train h", "{:,.0f}"),
+    "eval_gpu_hours": ("eval h", "{:,.0f}"),
+}
+
+
 def format_plan(table: pd.DataFrame, notes: list[str]) -> str:
-    shown = table.copy()
-    for column in shown.columns:
-        if column in ("steps", "checkpoints"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
-        elif column.endswith("_tokens") or column == "eval_generations":
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        elif column.endswith("_hours"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}")
-    shown = shown.fillna("")
-    return shown.to_string(index=False) + "\n\n" + "\n".join(f"- {note}" for note in notes)
+    """The bill for a terminal: a few columns (within 100 characters for the paper's run
+    names), and the notes, wrapped."""
+    shown = pd.DataFrame({"run": table["run"]})
+    for column, (heading, form) in SHOWN.items():
+        shown[heading] = table[column].map(lambda v, f=form: "" if pd.isna(v) else f.format(v))
+    lines = shown.to_string(index=False, justify="right").splitlines()
+    wrapped = [textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ")
+               for note in notes]
+    return "\n".join(lines) + "\n\n" + "\n".join(wrapped)
+
+
+def plan_json(table: pd.DataFrame, notes: list[str]) -> str:
+    return json.dumps({"rows": json.loads(table.to_json(orient="records")), "notes": notes},
+                      indent=1)
 
 
 def summary(config: dict) -> str:

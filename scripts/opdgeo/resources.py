@@ -11,6 +11,7 @@ the config's stated assumptions (`cost`), never measurements.
 
 import json
 import math
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -103,10 +104,14 @@ def model_size(path: str, build: dict | None = None) -> ModelSize:
             return size
         if name in PAPER_MODELS:
             return PAPER_MODELS[name]
+    name, revision = split_reference(path)
+    # a hub id names its revision (org/name@revision); anything else is a local folder
+    fix = (f"download it first (hf download {name} --revision {revision})" if revision
+           else f"put the checkpoint at {path}")
     raise ValueError(
         f"cannot size the jobs that load {path}: no config.json and safetensors weights there "
-        f"or in the Hugging Face cache. Download it first (hf download {path}), give a local "
-        f"folder, or set the jobs' mem_mb and runtime in your profile (set-resources)")
+        f"or in the Hugging Face cache. {fix[0].upper()}{fix[1:]}, or set the jobs' mem_mb "
+        f"and runtime in your profile (set-resources)")
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,12 @@ def job_resources(need: Need, attempt: int, floor_minutes: int = 10) -> dict:
 PARTITION_FILE = Path("slurm/partitions.yaml")
 
 
+def site_partitions() -> list:
+    """The partitions jobs go to: the file SNAKEMAKE_SLURM_PARTITIONS names (the executor
+    plugin's own variable), else slurm/partitions.yaml under the working directory."""
+    return read_partitions(Path(os.environ.get("SNAKEMAKE_SLURM_PARTITIONS", PARTITION_FILE)))
+
+
 def read_partitions(path: Path = PARTITION_FILE) -> list:
     """The partitions of a partition file, read by the executor plugin's own reader (so that
     both read the same limits, in the same units: minutes, MB); none without the file."""
@@ -291,11 +302,14 @@ class Sizer:
     """Every job's need under one config: the Snakefile's resources and `opdgeo plan` read
     the same numbers. `on_gpu`: the config's GPU jobs (training, evaluation) have a GPU."""
 
-    def __init__(self, config: dict, runs: dict, on_gpu: bool):
-        self.config, self.runs, self.on_gpu = config, runs, on_gpu
+    def __init__(self, config: dict, runs: dict, on_gpu: bool, assume: bool = False):
+        """`assume`: a user's own checkpoint that is not there yet is sized from the facts
+        config/hub_models.yaml assumes for it (a plan's estimate; jobs are never sized so)."""
+        self.config, self.runs, self.on_gpu, self.assume = config, runs, on_gpu, assume
         self.cost = config["cost"]
         self.size = cache(self._size)
         self.unsized = []  # models that could not be sized, in the order they were asked for
+        self.assumed = []  # models sized from assumed facts
 
     def _size(self, model: str) -> ModelSize | None:
         """The size of a model key's checkpoint (built, folder or hub id) or of a path; None,
@@ -306,6 +320,10 @@ class Sizer:
         try:
             return model_size(model_reference(spec), spec.get("build"))
         except ValueError as error:
+            facts = hub_models().get(spec.get("path"))
+            if self.assume and facts is not None:
+                self.assumed.append(model)
+                return hub_model_size(facts)
             print(f"warning: {error}", file=sys.stderr)
             self.unsized.append(model)
             return None

@@ -1,7 +1,6 @@
 # Input functions: runs, models, masks and the files of each. Names come from opdgeo.config
 # only; rules never spell a run name themselves.
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -325,8 +324,7 @@ def figure_targets():
 SIZER = sizing.Sizer(config, RUNS, on_gpu=GPU > 0)
 FALLBACK = sizing.Need(host=16000 * 2**20, gpu=0, minutes=120)
 try:
-    PARTITIONS = sizing.read_partitions(
-        Path(os.environ.get("SNAKEMAKE_SLURM_PARTITIONS", sizing.PARTITION_FILE)))
+    PARTITIONS = sizing.site_partitions()
 except WorkflowError as error:
     raise WorkflowError(f"partition file: {error}") from None
 
