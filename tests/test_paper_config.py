@@ -323,8 +323,10 @@ def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
         assert ("--checkpoints" in job["shell"]) == (spec.is_trained and spec.group == "main")
     # The teacher of the qwen3 pair is a folder the user provides: sized once it is there.
     assert "cannot size the jobs that load checkpoints/Qwen3-4B-Base-GRPO" in result.stderr
-    with pytest.raises(ValueError, match="hf download"):
+    with pytest.raises(ValueError, match="Put the checkpoint at checkpoints/Qwen3-4B-Base-GRPO"):
         model_size("checkpoints/Qwen3-4B-Base-GRPO")
+    with pytest.raises(ValueError, match=r"hf download nobody/none --revision abc1\)"):
+        model_size("nobody/none@abc1")
 
 
 @pytest.mark.workflow

@@ -247,3 +247,27 @@ def test_generalized_jsd_is_trl_s_divergence_and_the_cap_bounds_its_terms():
         capped = generalized_jsd(student, teacher, beta, clip=0.01)
         assert (capped <= 0.01 * 11 + 1e-6).all() and (capped <= ours + 1e-6).all()
         assert (capped < ours - 1e-6).any()
+
+
+def test_a_run_is_tracked_live_and_its_log_has_trls_metrics(tiny_pair, tmp_path):
+    """report_to: [tensorboard] writes every logged step beside the run, where `tensorboard
+    --logdir results/runs` finds it; train_log.csv keeps TRL's completion length and entropy
+    per step."""
+    from dataclasses import replace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    student, teacher = tiny_pair
+    tracked = spec("opd")
+    tracked = replace(tracked, training={**tracked.training, "report_to": ["tensorboard"]})
+    train_run(tracked, student, teacher, TASK, tmp_path / "run", "cpu")
+    log = pd.read_csv(tmp_path / "run" / "train_log.csv")
+    assert log[["completion_length", "entropy", "tokens_per_second"]].notna().all().all()
+    assert (log["completion_length"] > 0).all() and (log["entropy"] > 0).all()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/grad_norm", "train/entropy",
+                "train/completions/mean_length"):
+        assert tag in scalars, scalars
+        assert [e.step for e in events.Scalars(tag)] == log["step"].tolist()

@@ -21,12 +21,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CSVLogCallback(TrainerCallback):
-    """One row per logging step: loss, grad norm, lr, seconds per step, tokens per second;
-    with `run`, the run's name first (the training-log table is collected from these). A
-    resumed run keeps the rows up to the step it resumes from, so that the log holds every
-    step."""
+    """One row per logging step: loss (OPD's is its divergence from the teacher, the reverse
+    KL as configured), grad norm, lr, seconds per step, tokens per second, and the metrics
+    TRL's on-policy trainers log (mean completion length, mean token entropy; empty where a
+    trainer logs none); with `run`, the run's name first (the training-log table is collected
+    from these). A resumed run keeps the rows up to the step it resumes from, so that the log
+    holds every step. The same metrics reach `training.report_to`'s trackers, live."""
 
-    FIELDS = ("step", "loss", "grad_norm", "learning_rate", "seconds_per_step", "tokens_per_second")
+    FIELDS = ("step", "loss", "grad_norm", "learning_rate", "seconds_per_step", "tokens_per_second",
+              "completion_length", "entropy")
+    # TRL's names of the metrics the last FIELDS copy.
+    TRL_METRICS = {"completion_length": "completions/mean_length", "entropy": "entropy"}
 
     def __init__(self, path: Path, run: str | None = None):
         self.path, self.run = Path(path), run
@@ -63,6 +68,7 @@ class CSVLogCallback(TrainerCallback):
             logs.get("learning_rate", ""),
             elapsed / steps,
             tokens / elapsed if tokens > 0 else "",
+            *(logs.get(name, "") for name in self.TRL_METRICS.values()),
         )
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow(self._named(row, self.run))

@@ -444,6 +444,9 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     })
     snapshots = out_dir / "trainer" / "snapshots"
     snapshots.mkdir(exist_ok=True)
+    # training.report_to's TensorBoard writes beside the run (the Trainer's own folder is
+    # removed at the end): `tensorboard --logdir results/runs` shows every run, live.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
     callbacks = _callbacks(model, tokenizer, mask_path, out_dir, spec, main_process)
     clock = WallClock.from_slurm()  # a SLURM job's wall time: stop at a checkpoint before it
     wall_time = WallTimeCallback(clock) if clock else None
