@@ -141,3 +141,20 @@ def test_plan_fits_100_columns_and_names_jobs_over_a_partition_limit(paper, tmp_
     assert any("does not fit" in note for note in notes), notes
     _, notes = plan(paper, partitions=[])
     assert not any("attempts" in note for note in notes)
+
+
+def test_plan_names_the_runs_that_need_sharded_training_and_why(paper):
+    """The vision-language pair (3B student, 7B teacher) does not fit one 80 GB GPU by the
+    plan's own numbers; sharded over 2 GPUs it would: the plan says so, and not for DS-Qwen."""
+    from opdgeo.config import build_runs
+    from opdgeo.resources import Sizer, sharded_gpu
+
+    _, notes = plan(paper)
+    vl = "qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0"
+    [note] = [n for n in notes if n.startswith(f"{vl}: train needs")]
+    assert "sharded over 2 GPUs" in note and "does not do yet" in note
+    assert not any(n.startswith(f"{OPD}: train") and "shard" in n for n in notes)
+    sizer = Sizer(paper, build_runs(paper), on_gpu=True)
+    need, logits = sizer.train(vl), sizer.logits(vl)
+    assert sharded_gpu(need, logits, 1) == need.gpu
+    assert logits < sharded_gpu(need, logits, 2) < 0.9 * 80 * GiB < need.gpu

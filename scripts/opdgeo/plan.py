@@ -20,6 +20,7 @@ from opdgeo.resources import (
     job_resources,
     optimizer_bytes,
     place,
+    sharded_gpu,
     site_partitions,
     task_max_new_tokens,
 )
@@ -145,16 +146,32 @@ def plan(config: dict, on_gpu: bool | None = None,
                      f"not there yet): {', '.join(sizer.assumed)}")
     fixes = {"train_gpu_gib": "lower its training.micro_batch_size or plan a larger GPU (cost.gpu)",
              "eval_gpu_gib": "lower evaluation.batch_size"}
+    usable = GPU_HEADROOM * cost["gpu"]["memory_gb"] * GiB
     for row in table[table["run"] != "total"].to_dict("records"):
         for column, fix in fixes.items():
-            if row.get(column, 0) * GiB > GPU_HEADROOM * cost["gpu"]["memory_gb"] * GiB:
+            if row.get(column, 0) * GiB > usable:
                 notes.append(f"{row['run']}: {column.split('_')[0]} needs ~{row[column]:.0f} GiB "
                              f"of GPU memory, over {GPU_HEADROOM:.0%} of one "
-                             f"{cost['gpu']['name']}: {fix}")
+                             f"{cost['gpu']['name']}: {fix}" + (
+                                 sharding_note(sizer, row["run"], usable)
+                                 if column == "train_gpu_gib" else ""))
     notes += partition_notes(sizer, partitions)
     if sizer.unsized:
         notes.append(f"not sized (their cells are empty): {', '.join(sizer.unsized)}")
     return table, notes
+
+
+def sharding_note(sizer: Sizer, run: str, usable: float) -> str:
+    """Why a run needs sharded training, and over how many GPUs it would fit one."""
+    need, logits = sizer.train(run), sizer.logits(run)
+    for gpus in (2, 4, 8):
+        per_gpu = sharded_gpu(need, logits, gpus)
+        if per_gpu <= usable:
+            return (f"; its weights, gradients and AdamW state sharded over {gpus} GPUs "
+                    f"(FSDP / ZeRO-3) would leave ~{per_gpu / GiB:.0f} GiB per GPU: it needs "
+                    "sharding, which opdgeo's training does not do yet (training.gpus "
+                    "replicates the model on each GPU)")
+    return "; even sharded over 8 GPUs it would not fit: lower training.micro_batch_size"
 
 
 def partition_notes(sizer: Sizer, partitions: list) -> list[str]:

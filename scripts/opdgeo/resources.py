@@ -161,8 +161,7 @@ def train_need(student: ModelSize, teacher: ModelSize | None, training: dict,
     settings = training["optimizers"][optimizer]
     teacher_bytes = 2 * teacher.params if teacher else 0
     seq = sequence_tokens(task, cost)
-    logits = training.get("micro_batch_size") or training["batch_size"]
-    logits *= seq * student.vocab * (4 + 2 + 4)
+    logits = logits_bytes(student, training, task, cost)
     gpu = 8 * p + optimizer_bytes(optimizer, settings, p) + teacher_bytes + logits
     # Loading reads one copy of each model on the host; the bf16 copy of each save is one more.
     host = HOST_OVERHEAD + 4 * p + teacher_bytes + 2 * p
@@ -173,6 +172,18 @@ def train_need(student: ModelSize, teacher: ModelSize | None, training: dict,
     flops = training["steps"] * training["batch_size"] * seq
     flops *= 6 * p + 2 * (teacher.params if teacher else 0)
     return Need(host, gpu, (seconds + flops / cost["gpu"]["flops"]) / 60)
+
+
+def logits_bytes(student: ModelSize, training: dict, task: dict, cost: dict) -> int:
+    """The logits of one micro-batch: fp32 student, bf16 teacher, one fp32 copy for the loss."""
+    micro = training.get("micro_batch_size") or training["batch_size"]
+    return micro * sequence_tokens(task, cost) * student.vocab * (4 + 2 + 4)
+
+
+def sharded_gpu(need: Need, logits: int, gpus: int) -> float:
+    """GPU memory per GPU with the models' weights, gradients and optimizer state sharded over
+    `gpus` (FSDP / ZeRO-3); each GPU still holds its own micro-batch's logits."""
+    return (need.gpu - logits) / gpus + logits
 
 
 def evaluation_tokens(prompts: int, k: int, task: dict) -> int:
@@ -358,6 +369,12 @@ class Sizer:
                           self.cost).on(self.on_gpu)
         processes = max(self.gpus(run), 1)
         return Need(need.host * processes, need.gpu, need.minutes / processes)
+
+    def logits(self, run: str) -> int | None:
+        spec = self.runs[run]
+        student = self.size(spec.source)
+        return None if student is None else logits_bytes(student, spec.training, spec.task,
+                                                         self.cost)
 
     def train_model(self, key: str) -> Need:
         """A base model the pipeline builds and trains on the ground truth (no teacher)."""
