@@ -120,9 +120,11 @@ def log_axis(ax, axis: str = "x"):
 
 def method_colors(plots: dict) -> dict[str, tuple]:
     """Method (opdgeo.kinds.METHOD_ORDER) -> its colour, the same in every figure: the
-    palette's colours in the methods' display order."""
-    return dict(zip(METHOD_ORDER, sns.color_palette(plots["palette"], len(METHOD_ORDER)),
-                    strict=True))
+    palette's first colour for OPD, the study's subject, the next ones for the other methods
+    in their display order."""
+    order = (OPD, *(method for method in METHOD_ORDER if method != OPD))
+    colors = dict(zip(order, sns.color_palette(plots["palette"], len(order)), strict=True))
+    return {method: colors[method] for method in METHOD_ORDER}
 
 
 def shades(color, n: int) -> list[tuple]:
