@@ -15,8 +15,8 @@ ENVS = ROOT / "envs"
 
 
 def requirement_pins(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")}
+    pins = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return {pin for pin in pins if pin}
 
 
 def conda_pins(path: Path) -> set[str]:
