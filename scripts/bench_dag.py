@@ -7,12 +7,21 @@ kind of job) divided by the cores, which a local run avoids by running its jobs 
 the preload server (opdgeo.preload; --no-preload starts every job on its own, as a cluster
 does). The machine drifts from day to day; the ratio does less.
 
+It also prints the CPU time per stage, which a shared machine inflates less than wall time:
+each job's own (the preload server's log, one line per forked job; the benchmark files'
+cpu_time with --no-preload), Snakemake's with the job commands and the server (its waited-for
+children; the forked jobs are not among them), and a fixed single-thread reference workload
+timed before and after the DAG, so that runs on different days or loads can be scaled to one
+another. Idle wall time on N cores is estimated as the total CPU time / N (the DAG's many
+one-thread jobs keep every core busy; its critical path is far shorter).
+
     PYTHONPATH=scripts python scripts/bench_dag.py --config config/smoke.yaml --target 180
 """
 
 import argparse
 import csv
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +82,53 @@ def job_seconds(workdir: Path) -> float:
     return total
 
 
+# Stages of the per-stage table: the `opdgeo` subcommand (or benchmark folder) -> stage
+STAGES = {"train-model": "base models", "train_model": "base models",
+          "train-run": "training of runs", "train_run": "training of runs",
+          "evaluate": "evaluation", "evaluate_model": "evaluation", "evaluate_run": "evaluation",
+          "analyze": "analysis (final + trajectory)", "decompose": "analysis (final + trajectory)"}
+OTHER_STAGE = "tables, figures, findings, masks, cards, overlap"
+
+
+def reference_cpu_seconds(repeats: int = 3) -> float:
+    """CPU seconds of a fixed one-thread workload (small matrix products and element-wise
+    passes, as the jobs do), the best of `repeats`: a unit for scaling CPU times."""
+    import torch
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(256, 256, generator=generator) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(2000):
+            c = torch.tanh(a @ b) * 0.5 + a
+        best = min(best, time.process_time() - start)
+    del c
+    return best
+
+
+def stage_cpu(workdir: Path, preload: bool) -> dict[str, float]:
+    """CPU seconds of the jobs' own work per stage."""
+    totals: dict[str, float] = {}
+    if preload:
+        sys.path.insert(0, str(workdir / "scripts"))
+        from opdgeo.preload import job_usage
+
+        for row in job_usage(workdir / "results/logs/preload.log"):
+            command = row["command"].split()[0]
+            stage = STAGES.get(command, OTHER_STAGE)
+            totals[stage] = totals.get(stage, 0.0) + row["cpu"]
+        return totals
+    for path in (workdir / "results/benchmarks").rglob("*.tsv"):
+        stage = STAGES.get(path.relative_to(workdir / "results/benchmarks").parts[0],
+                           OTHER_STAGE)
+        with path.open() as handle:
+            totals[stage] = totals.get(stage, 0.0) + sum(
+                float(row["cpu_time"]) for row in csv.DictReader(handle, delimiter="\t"))
+    return totals
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/smoke.yaml")
@@ -87,11 +143,17 @@ def main():
     try:
         copy_tracked_files(workdir)
         env = {**os.environ, "PYTHONPATH": str(workdir / "scripts")}
+        reference_before = reference_cpu_seconds()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         preload = ["--config", "preload=false"] if args.no_preload else []
         subprocess.run(["snakemake", "--configfile", args.config, "--cores", str(args.cores),
                         "--quiet", "rules", *preload], cwd=workdir, env=env, check=True)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        snakemake_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime
+                                                              + children.ru_stime)
+        reference_after = reference_cpu_seconds()
 
         jobs = job_counts(workdir)
         imports = {m: import_seconds(m) for m in {job_import(rule) for rule in jobs}}
@@ -108,6 +170,21 @@ def main():
               f"(Snakemake benchmark files)")
         for module, seconds in sorted(imports.items(), key=lambda item: -item[1]):
             print(f"    import {module:24s} {seconds:5.2f} s")
+        stages = stage_cpu(workdir, not args.no_preload)
+        jobs_cpu = sum(stages.values())
+        if args.no_preload:  # the benchmark files already counted the jobs' own processes
+            stages["Snakemake itself (and the job commands' start-up)"] = \
+                snakemake_cpu - jobs_cpu
+        else:
+            stages["Snakemake itself, the job commands, the preload server"] = snakemake_cpu
+        total = sum(stages.values())
+        print(f"CPU time per stage (reference workload {reference_before:.2f} s before the DAG, "
+              f"{reference_after:.2f} s after)")
+        for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]):
+            print(f"  {stage:56s} {seconds:8.1f} s   {seconds / total:4.0%}")
+        print(f"  {'total':56s} {total:8.1f} s   = {total / args.cores / 60:.1f} min on "
+              f"{args.cores} idle cores (total / cores), "
+              f"{total / ((reference_before + reference_after) / 2):.0f} reference units")
     finally:  # also when the DAG fails
         if args.keep:
             print(f"kept {workdir}")

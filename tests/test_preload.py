@@ -4,11 +4,13 @@ keeps its exit status and streams, and no worker outlives its command or server 
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -23,10 +25,16 @@ THREADS = "1"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    preload.start_server(tmp_path_factory.mktemp("preload") / "preload.log", int(THREADS))
-    yield preload._server
+def server_log(tmp_path_factory):
+    log = tmp_path_factory.mktemp("preload") / "preload.log"
+    preload.start_server(log, int(THREADS))
+    yield log
     preload.stop_server()
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
+    return preload._server
 
 
 @pytest.fixture
@@ -94,6 +102,21 @@ def test_exit_status_and_error_reach_the_command(server, job_environment, tmp_pa
                                     "--trained", str(tmp_path / "none"), "--out", "x"])
     assert status == 1
     assert "opdgeo analyze: error" in capfd.readouterr().err
+
+
+def test_each_job_logs_its_own_cpu_time_and_memory(server, server_log, job_environment,
+                                                   tmp_path):
+    command = ["analyze", "--source", str(tmp_path / "none"), "--trained",
+               str(tmp_path / "none"), "--out", "x"]
+    started = time.perf_counter()
+    assert preload.run_in_server(["opdgeo", *command]) == 1
+    elapsed = time.perf_counter() - started
+    rows = [row for row in preload.job_usage(server_log)
+            if row["command"] == shlex.join(command)]
+    assert len(rows) == 1 and rows[0]["status"] == 1
+    # the worker's own: not the seconds the server spent importing before it forked
+    assert 0 < rows[0]["cpu"] <= elapsed * int(THREADS) + 0.1
+    assert 0 < rows[0]["wall"] <= elapsed and rows[0]["rss"] > 0
 
 
 def test_other_thread_settings_run_in_process(server, job_environment, monkeypatch):

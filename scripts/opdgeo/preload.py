@@ -15,12 +15,15 @@ environment), thread settings (--set-threads) or Hugging Face settings are not t
 for local execution on the CPU only (a GPU job gains little from it, and CUDA does not survive
 a fork). It never forks while it runs a second thread or has initialised CUDA, and its
 workers end with the run that started it (also when that run is killed). A job's benchmark file then
-measures the command's own process, not the forked worker: its wall time is right, its
-memory columns are not (`--config preload=false` to measure memory).
+measures the command's own process, not the forked worker: its wall time is right, its CPU
+and memory columns are not. The worker's own figures go to the server's log instead, one
+`job` line each (`job_usage` reads them back).
 """
 
 import json
 import os
+import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -48,6 +51,10 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS
 IMPORT_TIME_PREFIXES = ("HF_", "TRANSFORMERS_")
 _INT = struct.Struct("!q")
 ACCEPTED, DECLINED = 0, 1  # the server's first answer: "running it" or "run it yourself"
+# A worker's line in the server's log: wall s, CPU s (user + system, its own and its
+# children's), peak RSS MB (the forked process's own, pages shared with the server included),
+# exit status, the command.
+USAGE_LINE = "job\t{wall:.3f}\t{cpu:.3f}\t{rss:.0f}\t{status}\t{command}\n"
 
 
 # ---------------------------------------------------------------- the command's side
@@ -190,6 +197,8 @@ def _work(connection) -> int:
     if not _can_run(request):
         connection.sendall(_INT.pack(DECLINED))
         return 0
+    start = time.perf_counter()
+    log = os.dup(1)  # the server's log, before the command's streams take its place
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -200,8 +209,40 @@ def _work(connection) -> int:
     connection.sendall(_INT.pack(ACCEPTED))
     _end_with(connection)
     status = _run(request["argv"][1:])
+    _log_usage(log, time.perf_counter() - start, status, request["argv"][1:])
     connection.sendall(_INT.pack(status))
     return status
+
+
+def _log_usage(fd: int, wall: float, status: int, arguments: list[str]):
+    """A forked process's times start at zero (fork(2)), so they are the job's own."""
+    cpu = sum(getattr(resource.getrusage(who), field)
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    line = USAGE_LINE.format(wall=wall, cpu=cpu, rss=_peak_rss_mb(), status=status,
+                             command=shlex.join(arguments))
+    os.write(fd, line.encode())  # one write: lines of parallel workers do not interleave
+    os.close(fd)
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: ru_maxrss would carry the server's peak over the fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def job_usage(log: Path) -> list[dict]:
+    """The `job` lines of a server's log: wall, cpu (s), rss (MB), status, command."""
+    rows = []
+    for line in Path(log).read_text().splitlines():
+        fields = line.split("\t")
+        if fields[0] == "job" and len(fields) == 6:
+            rows.append({"wall": float(fields[1]), "cpu": float(fields[2]),
+                         "rss": float(fields[3]), "status": int(fields[4]),
+                         "command": fields[5]})
+    return rows
 
 
 def _can_run(request: dict) -> bool:
