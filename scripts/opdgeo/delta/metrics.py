@@ -215,6 +215,66 @@ def sparsity_thresholds(source_rms: float) -> dict[str, float]:
     return thresholds
 
 
+class ThresholdTable:
+    """Counts of |dW| <= t for a few thresholds t, from one histogram of (high-bits bin, at or
+    below the bin's threshold) pairs: the bins are the |dW| bins the statistics keep anyway, and
+    a coordinate in a bin that holds a threshold carries one more bit, found by one table
+    lookup and one comparison (a search over the sorted thresholds costs several times more).
+    A threshold sharing its bin with another (rare: bins are 2^-7 wide) is counted directly.
+    The same pairs give each coordinate's update category (N_CATEGORIES) by a second lookup."""
+
+    def __init__(self, thresholds: dict[str, float], device: torch.device):
+        self.thresholds = thresholds
+        # the category's thresholds first, so that they own their bins
+        values = sorted(set(thresholds.values()) | {0.0, HEADLINE_ATOL},
+                        key=lambda v: (v not in (0.0, HEADLINE_ATOL), v))
+        self.keys = {v: int(magnitude_key(torch.tensor([v]))[0]) for v in values}
+        self.cut = torch.full((HIGH_BINS,), -1, dtype=torch.int32)  # no threshold: never below
+        self.direct = []
+        for value in values:
+            key = self.keys[value]
+            if self.cut[key >> 16] >= 0:
+                self.direct.append(value)
+            else:
+                self.cut[key >> 16] = key
+        zero_bin, atol_bin = 0, self.keys[HEADLINE_ATOL] >> 16
+        bins = torch.arange(HIGH_BINS).repeat_interleave(2)
+        at_or_below = torch.arange(2 * HIGH_BINS) % 2 == 1
+        category = (bins > zero_bin) | ~at_or_below  # |dW| > 0 (bin 0's threshold is 0)
+        above_atol = (bins > atol_bin) | ((bins == atol_bin) & ~at_or_below)
+        self.category = (category.to(torch.uint8) + above_atol.to(torch.uint8)).to(device)
+        self.cut = self.cut.to(device)
+        self.pairs = torch.zeros(2 * HIGH_BINS, dtype=torch.float64, device=device)
+        self.direct_counts = torch.zeros(len(self.direct), dtype=torch.int64, device=device)
+
+    def add(self, key: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """Count one chunk (keys of |dW| and their high bits); its update categories."""
+        # pair 2 x bin + (key <= cut), in int32 arithmetic (a bool operand costs ~4x more):
+        # (cut - key) >> 31 is 0 at or below the cut and -1 above (no overflow: both < 2^31)
+        below = self.cut.index_select(0, high).sub_(key).bitwise_right_shift_(31)
+        pairs = (key >> 15).bitwise_or_(1).add_(below)
+        self.pairs += torch.bincount(pairs, minlength=2 * HIGH_BINS)
+        for i, value in enumerate(self.direct):
+            self.direct_counts[i] += (key <= self.keys[value]).sum()
+        return self.category.index_select(0, pairs)
+
+    def bin_counts(self) -> torch.Tensor:
+        return self.pairs.view(HIGH_BINS, 2).sum(dim=1)
+
+    def at_most(self) -> dict[str, int]:
+        below_bin = torch.cat([self.bin_counts().new_zeros(1), self.bin_counts().cumsum(0)])
+        at_or_below = self.pairs.view(HIGH_BINS, 2)[:, 1]
+        direct = dict(zip(self.direct, self.direct_counts.tolist(), strict=True))
+        counts = {}
+        for name, value in self.thresholds.items():
+            high = self.keys[value] >> 16
+            counts[name] = direct.get(value, round(float(below_bin[high] + at_or_below[high])))
+        return counts
+
+
+STATS_CHUNK = 1 << 18  # elements: a chunk's dozen passes read 1 MB of float32 from the cache
+
+
 def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
                 delta: torch.Tensor | None = None,
                 source_energy: float | None = None) -> tuple[torch.Tensor, CoordinateStats]:
@@ -227,38 +287,32 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
     numel = source.numel()
     if source_energy is None:
         source_energy = sum_of_squares(source)
-    thresholds = sparsity_thresholds((source_energy / numel) ** 0.5)
-    boundary_list = sorted(set(thresholds.values()))
-    boundaries = torch.tensor(boundary_list, device=source.device)
+    table = ThresholdTable(sparsity_thresholds((source_energy / numel) ** 0.5), source.device)
     category = torch.empty(source.shape, dtype=torch.uint8, device=source.device)
     flat_category = category.view(-1)
     flat_source = source.reshape(-1)
     flat_trained = trained.reshape(-1) if delta is None else None
     flat_delta = delta.reshape(-1) if delta is not None else None
-    bucket_counts = torch.zeros(len(boundaries) + 1, dtype=torch.int64, device=source.device)
-    magnitude_counts = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
+    buffer = torch.empty(min(numel, STATS_CHUNK), device=source.device)
     magnitude_energy = torch.zeros(HIGH_BINS, dtype=torch.float64, device=source.device)
-    energy = abs_sum = linf = 0.0
-    for sl in chunk_slices(numel):
-        chunk = (flat_delta[sl] if flat_delta is not None
-                 else flat_trained[sl].float() - flat_source[sl].float())
-        magnitude = chunk.abs()
-        flat_category[sl] = categories(magnitude)
-        buckets = torch.bucketize(magnitude, boundaries, out_int32=True)
-        bucket_counts += torch.bincount(buckets, minlength=len(boundaries) + 1)
+    energy = abs_sum = 0.0
+    linf = torch.zeros((), device=source.device)
+    for sl in chunk_slices(numel, STATS_CHUNK):
+        if flat_delta is not None:
+            chunk = flat_delta[sl]
+        else:  # cast and subtracted in place: no float32 temporaries of either tensor
+            chunk = buffer[:sl.stop - sl.start].copy_(flat_trained[sl]).sub_(flat_source[sl])
         squares = chunk * chunk
-        high_bins = magnitude.view(torch.int32) >> 16  # magnitudes are non-negative
-        magnitude_counts += torch.bincount(high_bins, minlength=HIGH_BINS)
-        magnitude_energy += torch.bincount(high_bins, weights=squares, minlength=HIGH_BINS)
+        magnitude = chunk.abs()
+        key = magnitude.view(torch.int32)  # magnitudes are non-negative
+        high = key >> 16
+        flat_category[sl] = table.add(key, high)
+        magnitude_energy += torch.bincount(high, weights=squares, minlength=HIGH_BINS)
         energy += float64_sum(squares)
         abs_sum += float64_sum(magnitude)
-        linf = max(linf, float(magnitude.max()))
-    at_or_below = bucket_counts.cumsum(0).tolist()
-    # bucket i holds boundaries[i-1] < |dW| <= boundaries[i], so cumsum[i] counts |dW| <= b[i]
-    at_most = {name: at_or_below[boundary_list.index(value)]
-               for name, value in thresholds.items()}
-    return category, CoordinateStats(numel, energy, source_energy, abs_sum, linf, at_most,
-                                     magnitude_counts, magnitude_energy)
+        linf = torch.maximum(linf, magnitude.max())
+    return category, CoordinateStats(numel, energy, source_energy, abs_sum, float(linf),
+                                     table.at_most(), table.bin_counts(), magnitude_energy)
 
 
 def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
@@ -267,7 +321,7 @@ def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
     delta = torch.empty(source.shape, dtype=torch.float32, device=source.device)
     flat_delta, flat_source, flat_trained = delta.view(-1), source.reshape(-1), trained.reshape(-1)
     for sl in chunk_slices(delta.numel()):
-        flat_delta[sl] = flat_trained[sl].float() - flat_source[sl].float()
+        flat_delta[sl].copy_(flat_trained[sl]).sub_(flat_source[sl])
     return delta
 
 

@@ -42,7 +42,10 @@ class TallRows:
     transposed: bool  # the tall matrix is the original's transpose
 
     def chunks(self, dtype: torch.dtype = torch.float32):
-        step = max(1, CHUNK_ELEMENTS // self.shape[1])
+        # a float64 chunk is held beside its float32 rows: a quarter of the rows keeps the
+        # pair at 48 MB (the shuffle null's Gram runs at the analysis's peak memory)
+        elements = CHUNK_ELEMENTS if dtype == torch.float32 else CHUNK_ELEMENTS // 4
+        step = max(1, elements // self.shape[1])
         for start in range(0, self.shape[0], step):
             yield start, self.rows(start, min(start + step, self.shape[0])).to(dtype)
 
