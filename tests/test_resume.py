@@ -114,19 +114,50 @@ def test_a_damaged_checkpoint_is_dropped_not_resumed(tiny_pair, uninterrupted, t
     assert "checkpoint-3 cannot be resumed (model.safetensors" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "no weights"])
-def test_a_checkpoint_is_checked_file_by_file(tmp_path, damage):
+def test_a_damaged_snapshot_is_never_promoted(tiny_pair, uninterrupted, tmp_path,
+                                              monkeypatch, capfd):
+    """A bf16 snapshot cut short (its checkpoint whole) is written again by training its
+    step again: the checkpoint after it cannot be resumed."""
+    student, teacher = tiny_pair
+    run = tmp_path / "run"
+    kill_at_step_4(run, student, teacher, monkeypatch)
+    weights = run / "trainer" / "snapshots" / "step-3" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+    train_run(opd_spec(), student, teacher, TASK, run, "cpu")
+    assert_same_weights(run, uninterrupted)
+    for step in (3, 6):
+        assert (run / "checkpoints" / f"step-{step}" / "model.safetensors").read_bytes() == (
+            uninterrupted / "checkpoints" / f"step-{step}" / "model.safetensors").read_bytes()
+    assert "snapshots/step-3 is damaged or missing (model.safetensors" in capfd.readouterr().err
+
+
+DAMAGES = {
+    "optimizer.pt": "truncated", "scheduler.pt": "deleted", "rng_state.pth": "truncated",
+    "trainer_state.json": "truncated", "model.safetensors": "deleted",
+    "model.safetensors ": "other tensors", "optimizer_references.safetensors": "truncated",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_checkpoint_is_checked_by_content(tmp_path, damage):
+    """Each file an exact resume reads; `training_args.bin` is no weights file."""
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
     save_file({"w": torch.ones(4)}, checkpoint / "model.safetensors")
-    torch.save({"state": torch.ones(64)}, checkpoint / "optimizer.pt")
-    assert _checkpoint_damage(checkpoint) is None
-    if damage == "no weights":
-        (checkpoint / "model.safetensors").unlink()
+    save_file({"logged:w": torch.ones(4)}, checkpoint / "optimizer_references.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        torch.save({"state": torch.ones(64)}, checkpoint / name)
+    assert _checkpoint_damage(checkpoint, {"w"}) is None
+    file, how = checkpoint / damage.strip(), DAMAGES[damage]
+    if how == "deleted":
+        file.unlink()
+    elif how == "truncated":
+        os.truncate(file, file.stat().st_size // 2)
     else:
-        os.truncate(checkpoint / damage, (checkpoint / damage).stat().st_size // 2)
-    assert _checkpoint_damage(checkpoint).startswith(damage)
+        save_file({"v": torch.ones(4)}, file)
+    assert damage.strip() in _checkpoint_damage(checkpoint, {"w"})
 
 
 # The job under test, paused for good at the end of step 4 (checkpoint-3 is complete by then)

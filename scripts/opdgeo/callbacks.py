@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from opdgeo.crash import crash_point
+from opdgeo.files import atomic
 from opdgeo.masks import check_mask_matches_model, load_mask
 from opdgeo.naming import classify
 from opdgeo.progress import StepClock, on_terminal
@@ -40,15 +43,7 @@ class CSVLogCallback(TrainerCallback):
         self._last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if state.global_step > 0 and self.path.exists():
-            with self.path.open(newline="") as f:
-                step = 0 if self.run is None else 1  # the column of the step
-                kept = [row for row in list(csv.reader(f))[1:]
-                        if int(row[step]) <= state.global_step]
-        with self.path.open("w", newline="") as f:
-            csv.writer(f).writerows([self._named(self.FIELDS, "run"), *kept])
+        start_csv(self.path, self._named(self.FIELDS, "run"), state.global_step)
         self._last_time, self._last_step = time.perf_counter(), state.global_step
         self._last_tokens = state.num_input_tokens_seen
 
@@ -78,6 +73,43 @@ class CSVLogCallback(TrainerCallback):
 
     def _named(self, row: tuple, run_cell) -> tuple:
         return row if self.run is None else (run_cell, *row)
+
+
+def start_csv(path: Path, fields: tuple, step: int) -> None:
+    """Begin a CSV log with a `step` column: anew, or (a run resumed at `step` > 0) with the
+    rows of the steps up to `step`, so that the log holds every step once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if step > 0 and path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        column = rows[0].index("step") if rows else 0
+        kept = [row for row in rows[1:] if int(row[column]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([fields, *kept])
+
+
+class CrashPointCallback(TrainerCallback):
+    """A training run's crash points (opdgeo.crash): the end of its first step, the step
+    after its first checkpoint and after its first checkpoint past a pass over the data,
+    and the checkpoint of its last step."""
+
+    def __init__(self):
+        self._after: dict[int, str] = {}  # step -> the point at that step's end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            crash_point("train.before-first-checkpoint")
+        if point := self._after.get(state.global_step):
+            crash_point(point)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            crash_point("train.after-last-checkpoint")
+        if "train.mid-run" not in self._after.values():
+            self._after[state.global_step + 1] = "train.mid-run"
+        if state.epoch >= 1 and "train.past-data-pass" not in self._after.values():
+            self._after.setdefault(state.global_step + 1, "train.past-data-pass")
 
 
 class ProgressLineCallback(TrainerCallback):
@@ -311,8 +343,9 @@ class OptimizerStateCallback(TrainerCallback):
       beta1 = 0.9 it stays near 0.9 or above whatever the gradients do, since m_t keeps 0.9 of
       m_t-1), the logged step before (`m1_cosine_interval`, a lag of `every` steps) and the
       first logged step (`m1_cosine_first`, a fixed reference). None where the reference was
-      not seen in this process (the first step, a step right after a resume, an early stop's
-      unplanned last step; after a resume, no `m1_cosine_first`);
+      not seen (the first step, an early stop's unplanned last step). A resumed run's rows
+      are an uninterrupted run's: the references are kept in each Trainer checkpoint
+      (REFERENCES) and the step before the first resumed one is the checkpoint's own state;
     - m2_cv: coefficient of variation std / mean of exp_avg_sq over coordinates.
     Both are streamed parameter by parameter in float64 sums. Memory: exp_avg is copied on the
     training device at the step before each logged step and dropped at the logged step (one
@@ -324,21 +357,46 @@ class OptimizerStateCallback(TrainerCallback):
     FIELDS = ("run", "step", "block", "metric", "value")
     # metric -> its reference: the step before, the logged step before, the first logged step
     LAGS = {"m1_cosine": "previous", "m1_cosine_interval": "logged", "m1_cosine_first": "first"}
+    REFERENCES = "optimizer_references.safetensors"  # in each Trainer checkpoint
 
     def __init__(self, path, run: str, every: int):
         self.path, self.run, self.every = Path(path), run, max(int(every), 1)
         self._previous: dict[int, torch.Tensor] = {}
         self._previous_step: int | None = None
         self._logged: dict[int, torch.Tensor] = {}  # exp_avg at the last logged step (CPU)
-        self._first: dict[int, torch.Tensor] | None = {}  # at the first logged step (CPU)
+        self._first: dict[int, torch.Tensor] = {}  # at the first logged step (CPU)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(self.FIELDS)
-        self._previous, self._previous_step, self._logged = {}, None, {}
-        # a resumed run never saw its first logged step: no fixed reference
-        self._first = {} if state.global_step == 0 else None
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        start_csv(self.path, self.FIELDS, state.global_step)
+        self._previous, self._previous_step, self._logged, self._first = {}, None, {}, {}
+        if state.global_step > 0 and model is not None:  # resumed: the checkpoint's references
+            ids = {name: id(param) for name, param in model.named_parameters()}
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.REFERENCES
+            for key, tensor in load_file(str(saved)).items():
+                lag, _, name = key.partition(":")
+                getattr(self, f"_{lag}")[ids[name]] = tensor
+            self._keep_previous(state, model, optimizer)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """The references beside the Trainer's checkpoint, for a run resumed from it."""
+        names = {id(param): name for name, param in model.named_parameters()}
+        tensors = {f"{lag}:{names[key]}": tensor for lag in ("logged", "first")
+                   for key, tensor in getattr(self, f"_{lag}").items()}
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        with atomic(folder / self.REFERENCES, "train.optimizer-references") as tmp:
+            save_file(tensors, str(tmp))
+
+    def _keep_previous(self, state, model, optimizer):
+        """Copy exp_avg when the next step is logged (its m1_cosine needs this step's)."""
+        step = state.global_step
+        if optimizer is None or model is None:
+            return
+        if step < state.max_steps and self._logged_step(step + 1, state.max_steps):
+            self._previous_step = step
+            for param in model.parameters():
+                moments = optimizer.state.get(param, {})
+                if "exp_avg" in moments:
+                    self._previous[id(param)] = moments["exp_avg"].detach().clone()
 
     def _logged_step(self, step: int, max_steps: int) -> bool:
         return step % self.every == 0 or step >= max_steps
@@ -354,12 +412,7 @@ class OptimizerStateCallback(TrainerCallback):
                 csv.writer(f).writerows(rows)
             self._keep_references(model, optimizer)
         self._previous, self._previous_step = {}, None
-        if step < state.max_steps and self._logged_step(step + 1, state.max_steps):
-            self._previous_step = step
-            for param in model.parameters():
-                moments = optimizer.state.get(param, {})
-                if "exp_avg" in moments:
-                    self._previous[id(param)] = moments["exp_avg"].detach().clone()
+        self._keep_previous(state, model, optimizer)
 
     def _keep_references(self, model, optimizer):
         """This logged step's exp_avg: the next logged step's reference, and the fixed one

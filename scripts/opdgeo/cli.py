@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from opdgeo.files import atomic
+
 DESCRIPTION = """\
 What on-policy distillation changes in a model: how sparse the update is, where it sits, and
 how it relates to the source weights. `analyze` and `overlap` work on any two Hugging Face
@@ -145,6 +147,7 @@ def cmd_make_mask(args):
 
 def cmd_evaluate(args):
     from opdgeo.attempts import WallClock
+    from opdgeo.crash import crash_point
     from opdgeo.delta.io import step_folders
     from opdgeo.device import resolve_device
     from opdgeo.evaluate import ScoreJournal, evaluate_checkpoints
@@ -164,16 +167,10 @@ def cmd_evaluate(args):
                                  resolve_device(args.device), evaluation["batch_size"], journal,
                                  evaluation.get("engine", "hf"), evaluation.get("vllm"),
                                  WallClock.from_slurm(), tuple(args.contexts))
-    _write_csv_atomic(table, args.out)
+    crash_point("evaluate.after-last-score")
+    with atomic(args.out, "evaluate.table") as tmp:
+        table.to_csv(tmp, index=False)
     journal.clear()
-
-
-def _write_csv_atomic(table, out):
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(out)
 
 
 def cmd_collect(args):
@@ -203,7 +200,8 @@ def cmd_plan(args):
 
     table, notes = plan(read_config(args.configfile))
     if args.csv:
-        _write_csv_atomic(table, args.csv)
+        with atomic(args.csv, "tables.write") as tmp:
+            table.to_csv(tmp, index=False)
     print(plan_json(table, notes) if args.json else format_plan(table, notes))
 
 

@@ -19,6 +19,7 @@ import torch
 
 from opdgeo.attempts import WallClock, end_attempt
 from opdgeo.data import render_prompts
+from opdgeo.files import atomic
 from opdgeo.models import text_tokenizer
 from opdgeo.progress import progress
 from opdgeo.stats import prompt_interval
@@ -206,10 +207,8 @@ class ScoreJournal:
         return [tuple(row) for row in entry["rows"]] if entry["key"] == self._key(path) else None
 
     def write(self, step: int, path: str | Path, rows: list):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(step).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self._key(path), "rows": rows}))
-        tmp.replace(self._file(step))
+        with atomic(self._file(step), "evaluate.journal") as tmp:
+            tmp.write_text(json.dumps({"key": self._key(path), "rows": rows}))
 
     def clear(self):
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -36,6 +36,7 @@ from opdgeo.delta.columns import (  # noqa: E402
     module_figure,
     summary_name,
 )
+from opdgeo.files import atomic  # noqa: E402
 from opdgeo.kinds import (  # noqa: E402
     CONTROLS,
     DELTA_KINDS,
@@ -87,9 +88,8 @@ def save(fig, out: Path, plots: dict) -> list[Path]:
     paths = []
     for fmt in plots["formats"]:
         path = out.with_suffix("." + fmt)
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format=fmt, dpi=plots["dpi"])
-        tmp.replace(path)
+        with atomic(path, "figures.save") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=plots["dpi"])
         paths.append(path)
     plt.close(fig)
     return paths

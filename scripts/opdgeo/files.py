@@ -1,17 +1,72 @@
-"""Written files readable as the umask allows, like every other file a tool writes.
+"""Written files: whole or not at all, with the umask's mode, each at a named crash point.
 
 safetensors (0.8) creates its files with mode 0600 whatever the umask: on a shared file
-system, collaborators could not read each other's checkpoints and masks.
+system, collaborators could not read each other's checkpoints and masks. Every file the
+package writes goes through `atomic`, which gives it the umask's mode.
 """
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+from opdgeo.crash import crash_point
 
 
 def honour_umask(path: str | Path) -> None:
-    """Give `path` (a file, or every file in a folder) the mode a new file gets here."""
+    """Give `path` (a file, or every file and folder in a folder) the mode a new one gets here."""
     path = Path(path)
     umask = os.umask(0o022)  # reading the umask means setting it; set straight back
     os.umask(umask)
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        file.chmod(0o666 & ~umask)
+    if path.is_file():
+        path.chmod(0o666 & ~umask)
+        return
+    path.chmod(0o777 & ~umask)
+    for item in path.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def remove(path: str | Path) -> None:
+    """Remove a file or a folder, if it is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def link(source: str | Path, target: str | Path) -> None:
+    """`target` as hard links to `source` (a file, or every file of a folder): a second name
+    for written bytes, without copying them."""
+    source = Path(source)
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=os.link)
+    else:
+        os.link(source, target)
+
+
+def temporary_name(path: str | Path) -> Path:
+    """Where `atomic` writes `path` before renaming it (a kill can leave it behind)."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic(path: str | Path, point: str):
+    """A temporary sibling to write `path` (a file, or a folder) into. When the block
+    completes, the temporary gets the umask's mode and, after the crash point `point`
+    (opdgeo.crash), replaces `path`: a kill or a full disk leaves the previous complete
+    output or none, never a part. A block that fails removes its temporary."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove(tmp)  # a killed attempt's
+    try:
+        yield tmp
+        honour_umask(tmp)
+        crash_point(point)
+        if path.is_dir():
+            shutil.rmtree(path)
+        tmp.replace(path)
+    finally:
+        remove(tmp)

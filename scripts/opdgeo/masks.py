@@ -11,7 +11,6 @@ densities can be read without unpacking anything.
 import csv
 import json
 import math
-import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opdgeo.delta.io import EMBEDDING_SUFFIX, Checkpoint, match_tensors
-from opdgeo.files import honour_umask
+from opdgeo.files import atomic
 from opdgeo.naming import canonical_name, classify
 
 FORMAT = "opdgeo-mask-v2"
@@ -140,10 +139,8 @@ def save_mask(mask: Mask, path: str | Path):
         "density": json.dumps(per_tensor),
         "global_density": repr(global_density),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(packed, str(tmp), metadata={METADATA_KEY: json.dumps(fields, sort_keys=True)})
-    honour_umask(tmp)
-    os.replace(tmp, path)
+    with atomic(path, "masks.mask") as tmp:
+        save_file(packed, str(tmp), metadata={METADATA_KEY: json.dumps(fields, sort_keys=True)})
 
 
 def _metadata(path: str | Path) -> dict[str, str]:
@@ -180,16 +177,12 @@ def mask_densities(path_or_mask: str | Path | Mask) -> tuple[float, dict[str, fl
 def write_density_csv(path_or_mask: str | Path | Mask, out: str | Path, mask_name: str):
     """Tidy densities: mask, tensor, block, density; tensor "all" is the global density."""
     global_density, per_tensor = mask_densities(path_or_mask)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic(out, "masks.densities") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("mask", "tensor", "block", "density"))
         writer.writerow((mask_name, "all", "all", global_density))
         for name, density in sorted(per_tensor.items()):
             writer.writerow((mask_name, name, classify(name).block, density))
-    os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------- checking against a model

@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from opdgeo.config import RunSpec, split_reference
 from opdgeo.delta import columns
+from opdgeo.files import atomic
 from opdgeo.kinds import OWN, RUN_KINDS
 from opdgeo.task import has_images
 from opdgeo.version import describe
@@ -377,9 +378,8 @@ def save_card(card: ModelCard, out: Path, checkpoint: Path) -> None:
     """The card at `out`, and the same text as `checkpoint`/README.md (each written beside,
     then renamed)."""
     for path in (Path(out), Path(checkpoint) / "README.md"):
-        tmp = path.with_name(path.name + ".tmp")
-        card.save(tmp)
-        tmp.replace(path)
+        with atomic(path, "model-card.write") as tmp:
+            card.save(tmp)
 
 
 def write_model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None,

@@ -10,10 +10,10 @@ folder first and is renamed into place, so a crash never leaves a checkpoint tha
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
@@ -25,11 +25,12 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerFast,
 )
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.utils import logging as transformers_logging
 
-from opdgeo.files import honour_umask
+from opdgeo.files import atomic
 from opdgeo.progress import on_terminal
 
 if not on_terminal():  # bars of loading and saving checkpoints, one line of noise in a log
@@ -257,31 +258,68 @@ def _describe(image_processor) -> str:
     return f"{type(image_processor).__name__}({', '.join(f'{k}={settings.get(k)}' for k in keys)})"
 
 
-def save_checkpoint(model, tokenizer, path: str | Path, fp32_weights: Path | None = None):
-    """Save a bf16 copy of `model` with its tokenizer (or processor), atomically.
+def save_checkpoint(model, tokenizer, path: str | Path, fp32_weights: Path | None = None,
+                    point: str = "model.final-save", fp32_point: str = "train.fp32-save"):
+    """Save a bf16 copy of `model` with its tokenizer (or processor), atomically and verified
+    (every tensor read back equal), at crash point `point` (opdgeo.crash).
 
     With `fp32_weights`, the fp32 master weights are kept beside it as one safetensors file
-    (the exact rounding null needs the update before the bf16 cast).
+    (the exact rounding null needs the update before the bf16 cast), written first: the
+    checkpoint folder, there last, says the save is complete.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    state = _stored_once(model.state_dict())
-    bf16_state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in state.items()}
-    model.save_pretrained(tmp, state_dict=bf16_state)
-    _mark_dtype(tmp / "config.json", "bfloat16")
-    tokenizer.save_pretrained(tmp)
-    honour_umask(tmp)
+    state = stored_once(model.state_dict())
     if fp32_weights is not None:
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-        save_file(state, str(fp32_weights) + ".tmp")
-        honour_umask(str(fp32_weights) + ".tmp")
-        Path(str(fp32_weights) + ".tmp").replace(fp32_weights)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.replace(path)
+        state32 = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+        with atomic(fp32_weights, fp32_point) as tmp:
+            save_file(state32, str(tmp))
+            check_weights(tmp, state32)
+    bf16_state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in state.items()}
+    with atomic(path, point) as tmp:
+        model.save_pretrained(tmp, state_dict=dict(bf16_state))  # it empties the dict
+        _mark_dtype(tmp / "config.json", "bfloat16")
+        tokenizer.save_pretrained(tmp)
+        check_weights(tmp, saved_state(model, bf16_state))
 
 
-def _stored_once(state: dict) -> dict:
+def saved_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the names `save_pretrained` writes (a vision-language model's language
+    tensors are stored as its hub checkpoints name them)."""
+    return revert_weight_conversion(model, dict(state))
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weights files of a checkpoint folder (model.safetensors, or its shards), or the one
+    file given."""
+    folder = Path(folder)
+    return [folder] if folder.is_file() else sorted(folder.glob("model*.safetensors"))
+
+
+def check_weights(folder: str | Path, expected: dict[str, torch.Tensor] | None = None,
+                  keys: set[str] | None = None) -> None:
+    """Raise ValueError unless the safetensors weights in `folder` (or the file) open and hold
+    exactly `keys`, or `expected`'s keys with each tensor read back equal to it. With `keys`
+    only the headers are read: a truncated file has lost the end its header points to."""
+    files = weight_files(folder)
+    if not files:
+        raise ValueError(f"{Path(folder).name}: no weights (model.safetensors or its shards)")
+    wanted = set(expected) if expected is not None else keys
+    found = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                found |= set(handle.keys())
+                for key in handle.keys() if expected is not None else ():
+                    if key in expected and not torch.equal(handle.get_tensor(key), expected[key]):
+                        raise ValueError(f"{file.name}: {key} reads back other values than "
+                                         "were written")
+        except SafetensorError as error:
+            raise ValueError(f"{file.name}: {error}") from None
+    if wanted is not None and found != wanted:
+        raise ValueError(f"{', '.join(file.name for file in files)}: tensors missing "
+                         f"{sorted(wanted - found)[:3]}, unexpected {sorted(found - wanted)[:3]}")
+
+
+def stored_once(state: dict) -> dict:
     """A state dict without tied copies: a tied head shares the embedding's storage and is
     stored once, as the hub's checkpoints of tied models (Qwen2.5-Math, Qwen3) store it."""
     seen, kept = set(), {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from opdgeo.delta.columns import flatten
+from opdgeo.files import atomic
 
 TIDY = ["run", "step", "metric", "value"]
 
@@ -77,12 +78,11 @@ def concat_csvs(paths: list[Path]) -> pd.DataFrame:
 
 
 def write_table(frame: pd.DataFrame, out: Path, formats=("csv",), caption: str = "",
-                label: str = "", keys: list[str] | None = None):
+                label: str = "", keys: list[str] | None = None, point: str = "tables.write"):
     """Write a table atomically, as CSV and optionally Markdown and LaTeX beside it (LaTeX:
     `latex_table`, with `caption` (reStructuredText, as the report's), `label` and the
-    columns that name a row)."""
+    columns that name a row); `point`: its crash point (opdgeo.crash)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     writers = {
         "csv": lambda p: frame.to_csv(p, index=False),
         # disable_numparse: a formatted cell ("41.70") keeps the decimals it was given
@@ -91,10 +91,8 @@ def write_table(frame: pd.DataFrame, out: Path, formats=("csv",), caption: str =
         "tex": lambda p: p.write_text(latex_table(frame, caption, label, keys)),
     }
     for fmt in formats:
-        path = out.with_suffix("." + fmt)
-        tmp = path.with_name(path.name + ".tmp")
-        writers[fmt](tmp)
-        tmp.replace(path)
+        with atomic(out.with_suffix("." + fmt), point) as tmp:
+            writers[fmt](tmp)
 
 
 # Characters that pdflatex's default fonts lack, as math; LaTeX's specials escaped.

@@ -18,12 +18,14 @@ import datasets
 import torch
 from datasets import Dataset
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DistillationConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from opdgeo.attempts import WallClock, end_attempt
 from opdgeo.callbacks import (
+    CrashPointCallback,
     CSVLogCallback,
     DataOrderCallback,
     EarlyStopOnScoreCallback,
@@ -37,6 +39,7 @@ from opdgeo.callbacks import (
 from opdgeo.config import RunSpec
 from opdgeo.data import model_prompt, render_prompts
 from opdgeo.evaluate import exact_match, generate, generation_dtype, images_of
+from opdgeo.files import atomic, link, remove
 from opdgeo.kinds import RUN_KINDS
 from opdgeo.losses import TEACHER_PROMPT, TRL_BETA, OPDTrainer, OPSDTrainer
 from opdgeo.models import (
@@ -44,11 +47,15 @@ from opdgeo.models import (
     build_model,
     character_tokenizer,
     check_same_vocabulary,
+    check_weights,
     image_text_processor,
     load_model,
     load_tokenizer,
     save_checkpoint,
+    saved_state,
+    stored_once,
     text_tokenizer,
+    weight_files,
 )
 from opdgeo.progress import on_terminal
 from opdgeo.task import Example, make_task, privileged_contexts
@@ -134,51 +141,106 @@ def _generation_backend(training: dict, config_cls) -> dict:
     return {"use_vllm": True, **settings}
 
 
-def _resume_point(trainer_dir: Path, fingerprint: dict) -> str | None:
-    """The last Trainer checkpoint of an interrupted attempt at the same run, if any.
+def _resume_point(trainer_dir: Path, fingerprint: dict, keys: set[str],
+                  snapshot_every: int, max_steps: int) -> Path | None:
+    """The last whole Trainer checkpoint of an interrupted attempt at the same run, if any.
 
     `fingerprint` (run spec, inputs, task) is kept beside the checkpoints: a checkpoint left
-    by a run with other settings is removed instead of being resumed."""
+    by a run with other settings is removed instead of being resumed. Checkpoints and bf16
+    snapshots are checked by their content (`keys`: the model's tensors): a damaged one is
+    removed, with a line naming it, and the run goes on from the checkpoint before it (the
+    Trainer rotates that one away only after the next is written), or from the start. A
+    snapshot is written again only by training its step again: a damaged one drops the
+    checkpoints after it."""
     stamp = trainer_dir / "run.json"
     text = json.dumps(fingerprint, sort_keys=True, default=str)
     if trainer_dir.exists() and (not stamp.exists() or stamp.read_text() != text):
         shutil.rmtree(trainer_dir)
-    trainer_dir.mkdir(parents=True, exist_ok=True)
+    snapshots = trainer_dir / "snapshots"
+    snapshots.mkdir(parents=True, exist_ok=True)
     stamp.write_text(text)
-    # A damaged checkpoint (cut off while being written, or a file truncated since) would
-    # fail every rerun the same way: drop it and go on from the one before it (the Trainer
-    # rotates that one away only after the next is written), or from the start.
+    for leftover in [*trainer_dir.glob("*.tmp"), *snapshots.glob("*.tmp")]:
+        remove(leftover)  # written by a killed attempt, never renamed into place
     while (last := get_last_checkpoint(str(trainer_dir))) is not None:
-        damage = _checkpoint_damage(Path(last))
+        last = Path(last)
+        damage = _checkpoint_damage(last, keys)
+        step = _step_of(last)
         if damage is None:
+            damage = _snapshots_damage(snapshots, keys, snapshot_every, min(step, max_steps - 1))
+        if damage is None:
+            for later in snapshots.glob("step-*"):
+                if _step_of(later) > step:
+                    remove(later)  # the resumed run writes it again
             return last
-        print(f"trainer checkpoint {last} cannot be resumed ({damage}): removed it, the run "
-              "goes on from the checkpoint before it or from the start", file=sys.stderr)
-        shutil.rmtree(last)
+        _drop(last, damage)
+    for snapshot in snapshots.glob("step-*"):
+        remove(snapshot)
     return None
 
 
-def _checkpoint_damage(folder: Path) -> str | None:
-    """What makes a Trainer checkpoint unreadable, or None. The Trainer writes
-    trainer_state.json last; a truncated weights, optimizer or RNG file has lost the index
-    at its end (safetensors header, zip directory), so a check costs no full read."""
+def _drop(folder: Path, damage: str) -> None:
+    print(f"trainer checkpoint {folder} cannot be resumed ({damage}): removed it, the run "
+          "goes on from the checkpoint before it or from the start", file=sys.stderr)
+    remove(folder)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.rpartition("-")[2])
+
+
+def _checkpoint_damage(folder: Path, keys: set[str]) -> str | None:
+    """What makes a Trainer checkpoint unusable for an exact resume, or None: its state, its
+    weights (`keys`, whole), the optimizer, scheduler and RNG states. Each is read as far as
+    a truncation shows (safetensors header, zip directory): a check costs no full read."""
     try:
-        json.loads((folder / "trainer_state.json").read_text())
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state.get("global_step") != _step_of(folder):
+            return f"trainer_state.json is at step {state.get('global_step')}"
     except (OSError, ValueError) as error:
         return f"trainer_state.json: {error}"
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights and not any(folder.glob("*.bin")):
-        return "no weights file (*.safetensors or *.bin)"
     try:
-        for file in weights:
-            with safe_open(str(file), framework="pt"):
-                pass
-        for file in sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")]):
-            with zipfile.ZipFile(file):  # torch.save writes a zip archive
-                pass
-    except (SafetensorError, zipfile.BadZipFile, OSError) as error:
-        return f"{file.name}: {error}"
+        check_weights(folder, keys=keys)
+    except ValueError as error:
+        return str(error)
+    try:  # the optimizer-state log's references (opdgeo.callbacks)
+        with safe_open(str(folder / OptimizerStateCallback.REFERENCES), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        return f"{OptimizerStateCallback.REFERENCES}: {error}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rng = ["rng_state.pth"] if world == 1 else [f"rng_state_{i}.pth" for i in range(world)]
+    for name in ("optimizer.pt", "scheduler.pt", *rng):
+        try:
+            with zipfile.ZipFile(folder / name) as archive:  # torch.save writes a zip archive
+                if not any(n.endswith("/data.pkl") for n in archive.namelist()):
+                    return f"{name}: no pickled object in it"
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"{name}: {error}"
     return None
+
+
+def _snapshots_damage(snapshots: Path, keys: set[str], every: int, step: int) -> str | None:
+    """Check the snapshots due up to `step` by content; remove a damaged or missing one's
+    successors too and say which (the steps to train again start before it), else None."""
+    for due in range(every, step + 1, every):
+        folder = snapshots / f"step-{due}"
+        try:
+            json.loads((folder / "config.json").read_text())
+            check_weights(folder, keys=keys)
+        except (OSError, ValueError) as error:
+            for later in snapshots.glob("step-*"):
+                if _step_of(later) >= due:
+                    remove(later)
+            return f"its snapshot {folder} is damaged or missing ({error})"
+    return None
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    """The weights of a Trainer checkpoint, into `model`: a run resumed at its last step has
+    no step left to train (the Trainer would train one past the end)."""
+    device = next(model.parameters()).device
+    for file in weight_files(checkpoint):
+        model.load_state_dict(load_file(str(file), device=str(device)), strict=False)
 
 
 # ---------------------------------------------------------------- base models
@@ -233,9 +295,10 @@ def train_base(name: str, spec: dict, task: dict, out_dir: Path, device: str):
             f"[{train['require_min']}, {train['require_max']}]. Give it more steps "
             f"(models.{name}.train.max_steps), another learning rate, or widen the range."
         )
-    save_checkpoint(model, tokenizer, out_dir / "final")
-    (out_dir / "score.json").write_text(json.dumps(
-        {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
+    save_checkpoint(model, tokenizer, out_dir / "final", point="model.final-save")
+    with atomic(out_dir / "score.json", "model.score") as tmp:
+        tmp.write_text(json.dumps(
+            {"model": name, "exact_match": final, "steps": trainer.state.global_step}) + "\n")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
 
@@ -438,12 +501,11 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     # output (Snakemake deletes a failed job's outputs): the Trainer's last checkpoint, the
     # bf16 snapshots and the training log so far. A rerun resumes from there; the end moves
     # the snapshots and the log into place.
+    keys = set(saved_state(model, stored_once(model.state_dict())))
     resume = _resume_point(out_dir / "trainer", {
         "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}, "source": str(source),
         "teacher": str(teacher), "task": task_spec, "mask": str(mask_path),
-    })
-    snapshots = out_dir / "trainer" / "snapshots"
-    snapshots.mkdir(exist_ok=True)
+    }, keys, spec.training["save_every"], spec.training["steps"])
     # training.report_to's TensorBoard writes beside the run (the Trainer's own folder is
     # removed at the end): `tensorboard --logdir results/runs` shows every run, live.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
@@ -458,7 +520,10 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                   seed=spec.seed, device=device, training=spec.training, resumable=True)
     trainer = build(Setup(spec, str(source), device, task, model, tokenizer, teacher_model,
                           teacher_tokenizer, prompts, out_dir, callbacks, common))
-    trainer.train(resume_from_checkpoint=resume)
+    if resume is not None and _step_of(resume) >= spec.training["steps"]:
+        _load_weights(model, resume)  # killed after its last checkpoint: nothing to train
+    else:
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     trainer.accelerator.wait_for_everyone()
     if wall_time and wall_time.stopped:  # the job's next attempt resumes from the checkpoint
         if main_process:
@@ -466,20 +531,29 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
                         f"{spec.training['steps']}")
         return
     if main_process:
-        _finish(model, tokenizer, spec, out_dir)
+        _finish(model, tokenizer, spec, out_dir, keys)
 
 
-def _finish(model, tokenizer, spec: RunSpec, out_dir: Path):
-    """Move a trained run's outputs into place: final/, fp32/, checkpoints/, train_log.csv."""
+def _finish(model, tokenizer, spec: RunSpec, out_dir: Path, keys: set[str]):
+    """Move a trained run's outputs into place: final/, fp32/, checkpoints/, train_log.csv,
+    optimizer_state.csv; every snapshot checked first."""
+    every, steps = spec.training["save_every"], spec.training["steps"]
+    snapshots = out_dir / "trainer" / "snapshots"
+    if damage := _snapshots_damage(snapshots, keys, every, (steps - 1) // every * every):
+        raise RuntimeError(f"{damage}: removed it; run the job again to train its steps again")
     # fp32/ always exists (a declared output); it holds the master weights when kept.
     (out_dir / "fp32").mkdir(exist_ok=True)
     fp32 = out_dir / "fp32" / "model.safetensors" if spec.training["keep_fp32"] else None
-    save_checkpoint(model, tokenizer, out_dir / "final", fp32_weights=fp32)
-    # checkpoints/ is a declared output, even when no snapshot was due.
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    (out_dir / "trainer" / "snapshots").replace(out_dir / "checkpoints")
-    (out_dir / "trainer" / "train_log.csv").replace(out_dir / "train_log.csv")
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    save_checkpoint(model, tokenizer, out_dir / "final", fp32_weights=fp32,
+                    point="train.final-save")
+    # Into place as hard links (no copy of the weights), the trainer/ folder removed last:
+    # a kill before that leaves it whole for the rerun. checkpoints/ is a declared output,
+    # even when no snapshot was due.
+    for kept, output in (("snapshots", "checkpoints"), ("train_log.csv", "train_log.csv"),
+                         ("optimizer_state.csv", "optimizer_state.csv")):
+        with atomic(out_dir / output, "train.promote") as tmp:
+            link(out_dir / "trainer" / kept, tmp)
+    shutil.rmtree(out_dir / "trainer")
 
 
 def verifier_reward(task):
@@ -494,18 +568,20 @@ def verifier_reward(task):
 
 
 def _callbacks(model, tokenizer, mask_path, out_dir: Path, spec: RunSpec, main_process: bool):
-    """Every run's callbacks: NaN guard and data order; on the first process the training
-    log, bf16 snapshots, progress and optimizer state diagnostics (empty for SGD); the
-    gradient mask of a masked run."""
-    callbacks = [NonFiniteGuardCallback(), DataOrderCallback()]
+    """Every run's callbacks: NaN guard, data order and crash points; on the first process
+    the training log, bf16 snapshots, progress and optimizer state diagnostics (empty for
+    SGD), kept in trainer/ until the end; the gradient mask of a masked run."""
+    callbacks = [NonFiniteGuardCallback(), DataOrderCallback(), CrashPointCallback()]
     if main_process:
         every = max(spec.training["steps"] // 20, 1)
         callbacks += [
             CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
-            SnapshotCallback(lambda path: save_checkpoint(model, tokenizer, path),
+            SnapshotCallback(lambda path: save_checkpoint(model, tokenizer, path,
+                                                          point="train.snapshot"),
                              spec.training["save_every"], out_dir / "trainer" / "snapshots"),
             *progress_callbacks(),
-            OptimizerStateCallback(out_dir / "optimizer_state.csv", spec.name, every),
+            OptimizerStateCallback(out_dir / "trainer" / "optimizer_state.csv", spec.name,
+                                   every),
         ]
     if mask_path is not None:
         callbacks.append(GradientMaskCallback.from_file(mask_path, model))

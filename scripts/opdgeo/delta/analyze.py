@@ -343,7 +343,8 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
                   for name, frame in {"tensors": table, **group_tables(table)}.items()}
         write_atomically(out_dir, {**tables,
                                    "summary.json": json.dumps(result, indent=2) + "\n",
-                                   "summary.md": summary_markdown(result)})
+                                   "summary.md": summary_markdown(result)},
+                         "analyze.tables")
     return result
 
 

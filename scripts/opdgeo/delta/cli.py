@@ -51,7 +51,7 @@ def run_analyze(args: argparse.Namespace) -> None:
 
             steps = analyze_trajectory(args.source, args.checkpoints, geometry, run=args.run,
                                        **options)
-            write_table(steps, args.trajectory)
+            write_table(steps, args.trajectory, point="analyze.trajectory")
             print(f"wrote {args.trajectory} ({steps['step'].nunique()} intermediate "
                   f"checkpoints)", file=report)
 

@@ -11,11 +11,8 @@ naming the file and the tensor. Outputs are written all at once or not at all
 
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from opdgeo.config import split_reference
+from opdgeo.files import atomic
 from opdgeo.naming import canonical_name
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
@@ -282,26 +280,12 @@ def check_writable(path: str | Path) -> None:
         raise ValueError(f"cannot write {path}: {error}") from error
 
 
-@contextmanager
-def atomic_folder(out_dir: str | Path):
-    """A temporary sibling folder to write into, renamed to out_dir when the block completes,
-    so a crash leaves either the previous complete output or none."""
-    out_dir = Path(out_dir)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    try:
-        yield temporary
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
-def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame]) -> None:
-    """Write every file into out_dir at once (`atomic_folder`). DataFrames become CSV."""
-    with atomic_folder(out_dir) as temporary:
+def write_atomically(out_dir: str | Path, files: dict[str, str | pd.DataFrame],
+                     point: str) -> None:
+    """Write every file into out_dir at once (`opdgeo.files.atomic`, at crash point `point`).
+    DataFrames become CSV."""
+    with atomic(out_dir, point) as temporary:
+        temporary.mkdir()
         for file_name, content in files.items():
             if isinstance(content, pd.DataFrame):
                 content.to_csv(temporary / file_name, index=False)

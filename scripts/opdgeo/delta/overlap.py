@@ -8,8 +8,6 @@ over all coordinates. Outputs: overlap.csv (per tensor) and overlap.json (global
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +18,7 @@ from opdgeo.delta.columns import HEADLINE_ATOL
 from opdgeo.delta.grouping import overlap_metrics
 from opdgeo.delta.io import Checkpoint, match_tensors, write_atomically
 from opdgeo.delta.metrics import chunk_slices
+from opdgeo.files import atomic
 from opdgeo.naming import classify
 from opdgeo.progress import progress
 
@@ -74,7 +73,8 @@ def overlap_runs(source: str | Path, trained_a: str | Path, trained_b: str | Pat
         "atol": atol, "dtype": dtype, "tensor_count": len(tensors),
     }
     write_atomically(out_dir, {"overlap.csv": tensors,
-                               "overlap.json": json.dumps(result, indent=2) + "\n"})
+                               "overlap.json": json.dumps(result, indent=2) + "\n"},
+                     "overlap.write")
     return result
 
 
@@ -83,16 +83,10 @@ def overlap_all_pairs(source: str | Path, runs: dict[str, str | Path], out_dir: 
     """`overlap_runs` for every pair of `runs` (name -> checkpoint, in order), each into
     out_dir/{a}__{b}; return the summaries by folder name. The pairs are written into a
     temporary sibling folder renamed to out_dir at the end: a failure leaves no partial group."""
-    out_dir, names = Path(out_dir), list(runs)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
+    names = list(runs)
+    with atomic(out_dir, "overlap.group") as temporary:
+        temporary.mkdir()  # (a single run has no pair)
         results = {f"{a}__{b}": overlap_runs(source, runs[a], runs[b], temporary / f"{a}__{b}",
                                              atol=atol, dtype=dtype)
                    for i, a in enumerate(names) for b in names[i + 1:]}
-        temporary.mkdir(parents=True, exist_ok=True)  # (a single run has no pair)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        temporary.rename(out_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return results

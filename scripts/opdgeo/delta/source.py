@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from opdgeo.crash import crash_point
 from opdgeo.delta.columns import HEADLINE_RATIO, MASK_RATIOS
 from opdgeo.delta.geometry import principal_magnitudes
-from opdgeo.delta.io import DTYPES, Checkpoint, atomic_folder
+from opdgeo.delta.io import DTYPES, Checkpoint
 from opdgeo.delta.metrics import (
     CoordinateMasks,
     chunk_slices,
@@ -31,6 +32,7 @@ from opdgeo.delta.metrics import (
     rank_splits,
 )
 from opdgeo.delta.spectrum import Decomposition, decompose, rank_count, tall_rows
+from opdgeo.files import atomic
 
 INDEX = "geometry.json"
 FORMAT = 2  # what each matrix's file holds; a folder of another format is decomposed again
@@ -76,7 +78,8 @@ def write_geometry(source: str | Path, out_dir: str | Path, dtype: str = "bf16",
     to first (the analysis must use the same, and the same exact_svd_max)."""
     checkpoint = Checkpoint(source)
     files = {}
-    with atomic_folder(out_dir) as folder:
+    with atomic(out_dir, "decompose.index") as folder:
+        folder.mkdir()
         for name in checkpoint.names():
             if len(checkpoint.shape(name)) != 2:  # matrices only
                 continue
@@ -90,6 +93,7 @@ def write_geometry(source: str | Path, out_dir: str | Path, dtype: str = "bf16",
                        "bin_counts": masks.bin_counts.cpu(),
                        "principal_by_exponent": masks.principal_by_exponent.cpu()},
                       folder / file_name)
+            crash_point("decompose.tensor")
             files[name] = {"file": file_name, "shape": list(masks.classes.shape),
                            "low": masks.low, "principal_tie_share": masks.principal_tie_share,
                            "source_energy": masks.source_energy}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdgeo.files import atomic
 from opdgeo.findings.context import (
     CLAIMS,
     COLUMNS,
@@ -141,7 +142,5 @@ def write_findings(table: pd.DataFrame, out: Path):
     """out without suffix: out.csv and out.md."""
     out = Path(out)
     write_table(table, out.with_suffix(".csv"), ("csv",))
-    path = out.with_suffix(".md")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(findings_markdown(table))
-    tmp.replace(path)
+    with atomic(out.with_suffix(".md"), "findings.write") as tmp:
+        tmp.write_text(findings_markdown(table))
