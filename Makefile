@@ -28,9 +28,9 @@ $(BIN)/.installed-test: $(BIN)/.installed envs/requirements-test.txt
 setup: $(BIN)/.installed
 
 reproduce: $(BIN)/.installed
-	$(BIN)/python -m opdgeo.config $(CONFIG)  # a YAML error with its line and column
+	$(BIN)/python -m opdgeo.config "$(CONFIG)"  # a YAML error with its line and column
 	mkdir -p results && echo "$(CONFIG)" > $(LAST_CONFIG)
-	$(BIN)/snakemake --configfile $(CONFIG) --cores $(CORES)
+	$(BIN)/snakemake --configfile "$(CONFIG)" --cores $(CORES)
 	@echo
 	@echo "Done. Results are in results/: tables/ (CSV, Markdown, LaTeX), figures/ (PNG, PDF),"
 	@echo "findings.md (which of the paper's findings hold here); 'make report' builds report.html."
@@ -38,16 +38,16 @@ reproduce: $(BIN)/.installed
 # Every rule but training: a report of existing results never retrains a model (a missing
 # checkpoint is an error naming it), while tables and figures catch up with the config.
 # (Listed once, when the recipe first needs them: the workflow is parsed after the set-up.)
-REPORT_RULES = $(eval REPORT_RULES := $(shell $(BIN)/snakemake --configfile $(CONFIG) \
+REPORT_RULES = $(eval REPORT_RULES := $(shell $(BIN)/snakemake --configfile "$(CONFIG)" \
 	--list-rules 2>/dev/null | grep -vx -e train_model -e train_run))$(REPORT_RULES)
 
 report: $(BIN)/.installed
 	@test -n "$(REPORT_RULES)" || { echo "make report: the workflow does not parse with" \
-		"$(CONFIG); 'snakemake --configfile $(CONFIG) -n' says why" >&2; exit 1; }
-	$(BIN)/snakemake --configfile $(CONFIG) --cores $(CORES) --allowed-rules $(REPORT_RULES) \
+		"$(CONFIG); 'snakemake --configfile \"$(CONFIG)\" -n' says why" >&2; exit 1; }
+	$(BIN)/snakemake --configfile "$(CONFIG)" --cores $(CORES) --allowed-rules $(REPORT_RULES) \
 		|| { echo "make report trains nothing: for missing checkpoints named above, run" \
-			"'make reproduce CONFIG=$(CONFIG)' first" >&2; exit 1; }
-	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html \
+			"'make reproduce CONFIG=\"$(CONFIG)\"' first" >&2; exit 1; }
+	$(BIN)/snakemake --configfile "$(CONFIG)" --report results/report.html \
 		--allowed-rules $(REPORT_RULES)
 	@echo "Report of $(CONFIG): results/report.html"
 

@@ -29,8 +29,8 @@ rule decompose_source:
     resources:
         **sized(lambda w: SIZER.decomposition(SOURCES[w.source])),
     shell:
-        "opdgeo decompose --source {params.source} --out {output.geometry} --dtype {params.dtype}"
-        " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log} 2>&1"
+        "opdgeo decompose --source {params.source:q} --out {output.geometry:q} --dtype {params.dtype}"
+        " --exact-svd-max {params.exact_svd_max} --device {params.device} > {log:q} 2>&1"
 
 
 rule analyze_run:
@@ -62,11 +62,11 @@ rule analyze_run:
     resources:
         **sized(lambda w: SIZER.analysis(w.run, has_trajectory(w.run))),
     shell:
-        "opdgeo analyze --run {wildcards.run} --source {params.source} --trained {params.trained}"
-        " --out {params.out} --dtype {params.dtype} {params.fp32}"
+        "opdgeo analyze --run {wildcards.run:q} --source {params.source:q} --trained {params.trained:q}"
+        " --out {params.out:q} --dtype {params.dtype} {params.fp32}"
         " --exact-svd-max {params.exact_svd_max} --device {params.device}"
-        " --source-geometry {input.geometry} {params.checkpoints}"
-        " --trajectory {output.trajectory} > {log} 2>&1"
+        " --source-geometry {input.geometry:q} {params.checkpoints}"
+        " --trajectory {output.trajectory:q} > {log:q} 2>&1"
 
 
 rule overlap:
@@ -89,5 +89,5 @@ rule overlap:
     resources:
         **sized(lambda w: SIZER.mask(OVERLAP_GROUPS[w.group][0])),
     shell:
-        "opdgeo overlap --source {params.source} --runs {params.runs}"
-        " --out {output} > {log} 2>&1"
+        "opdgeo overlap --source {params.source:q} --runs {params.runs}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -27,9 +27,9 @@ rule base_model_card:
     benchmark:
         "results/benchmarks/base_model_card/{model}.tsv"
     shell:
-        "opdgeo base-model-card --name {wildcards.model} --model-spec {params.model_spec}"
-        " --task {params.task} --evaluation {params.evaluation} --scores {input.scores}"
-        " --checkpoint {input.final} --out {output} > {log} 2>&1"
+        "opdgeo base-model-card --name {wildcards.model:q} --model-spec {params.model_spec}"
+        " --task {params.task} --evaluation {params.evaluation} --scores {input.scores:q}"
+        " --checkpoint {input.final:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule model_card:
@@ -56,6 +56,6 @@ rule model_card:
         "results/benchmarks/model_card/{run}.tsv"
     shell:
         "opdgeo model-card --run-spec {params.run_spec} {params.options} --task {params.task}"
-        " --evaluation {params.evaluation} --scores {input.scores}"
-        " --source-scores {input.source_scores} --summary {input.summary}"
-        " --checkpoint {input.final} --out {output} > {log} 2>&1"
+        " --evaluation {params.evaluation} --scores {input.scores:q}"
+        " --source-scores {input.source_scores:q} --summary {input.summary:q}"
+        " --checkpoint {input.final:q} --out {output:q} > {log:q} 2>&1"

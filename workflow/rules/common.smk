@@ -197,7 +197,7 @@ def train_options(w):
     if spec.teacher and RUN_KINDS[spec.kind].needs_teacher:
         options += f" --teacher {shlex.quote(model_path(spec.teacher))}"
     if spec.mask:
-        options += f" --mask {mask_path(spec.mask)}"
+        options += f" --mask {shlex.quote(mask_path(spec.mask))}"
     return options
 
 
@@ -241,7 +241,7 @@ def fp32_option(w):
     spec = RUNS[w.run]
     if spec.is_trained and spec.training["keep_fp32"]:
         fp32 = output_of(rules.train_run.output.fp32, run=w.run)
-        return f"--fp32-trained {fp32}/model.safetensors"
+        return f"--fp32-trained {shlex.quote(f'{fp32}/model.safetensors')}"
     return ""
 
 
@@ -264,7 +264,7 @@ def analyze_inputs(w):
 def checkpoints_option(w):
     if not has_trajectory(w.run):
         return ""
-    return f"--checkpoints {output_of(rules.train_run.output.checkpoints, run=w.run)}"
+    return f"--checkpoints {shlex.quote(output_of(rules.train_run.output.checkpoints, run=w.run))}"
 
 
 def overlap_inputs(w):

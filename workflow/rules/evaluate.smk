@@ -23,9 +23,9 @@ rule evaluate_model:
     resources:
         **sized(lambda w: SIZER.evaluate_model(w.model), lambda w: GPU),
     shell:
-        "opdgeo evaluate --run {wildcards.model} --checkpoint {params.checkpoint}"
-        " --task {params.task} --evaluation {params.evaluation} {params.contexts} --out {output}"
-        " --device {params.device} --threads {threads} > {log} 2>&1"
+        "opdgeo evaluate --run {wildcards.model:q} --checkpoint {params.checkpoint:q}"
+        " --task {params.task} --evaluation {params.evaluation} {params.contexts} --out {output:q}"
+        " --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_run:
@@ -50,7 +50,7 @@ rule evaluate_run:
     resources:
         **sized(lambda w: SIZER.evaluate_run(w.run), lambda w: GPU),
     shell:
-        "opdgeo evaluate --run {wildcards.run} --checkpoint {input.final} --step {params.step}"
-        " --checkpoints {input.checkpoints} --task {params.task} --evaluation {params.evaluation}"
+        "opdgeo evaluate --run {wildcards.run:q} --checkpoint {input.final:q} --step {params.step}"
+        " --checkpoints {input.checkpoints:q} --task {params.task} --evaluation {params.evaluation}"
         " --seed {params.seed}"
-        " --out {output} --device {params.device} --threads {threads} > {log} 2>&1"
+        " --out {output:q} --device {params.device} --threads {threads} > {log:q} 2>&1"

@@ -30,7 +30,7 @@ rule report_captions:
     benchmark:
         "results/benchmarks/figures/report_captions.tsv"
     shell:
-        "opdgeo captions --out {output} > {log} 2>&1"
+        "opdgeo captions --out {output:q} > {log:q} 2>&1"
 
 
 for _figure, (_, _tables) in FIGURES.items():
@@ -56,8 +56,8 @@ for _figure, (_, _tables) in FIGURES.items():
         benchmark:
             f"results/benchmarks/figures/{_figure}.tsv"
         shell:
-            "opdgeo figure {params.name} --tables {params.tables} --plots {params.plots}"
-            " --external {params.external} --out {params.out} > {log} 2>&1"
+            "opdgeo figure {params.name} --tables {params.tables:q} --plots {params.plots}"
+            " --external {params.external} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule paper_tables:
@@ -79,8 +79,8 @@ rule paper_tables:
     benchmark:
         "results/benchmarks/figures/paper_tables.tsv"
     shell:
-        "opdgeo paper-tables --tables {params.tables} --plots {params.plots}"
-        " --external {params.external} --out {params.out} > {log} 2>&1"
+        "opdgeo paper-tables --tables {params.tables:q} --plots {params.plots}"
+        " --external {params.external} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule paper_rounding_null:
@@ -98,7 +98,7 @@ rule paper_rounding_null:
     benchmark:
         "results/benchmarks/figures/paper_rounding_null.tsv"
     shell:
-        "opdgeo paper-null --std {params.stds} --out {params.out} > {log} 2>&1"
+        "opdgeo paper-null --std {params.stds} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule findings:
@@ -120,7 +120,7 @@ rule findings:
     benchmark:
         "results/benchmarks/figures/findings.tsv"
     shell:
-        "opdgeo findings --tables {params.tables} --plots {params.plots}"
-        " --external {params.external} --out {params.out} > {log} 2>&1"
+        "opdgeo findings --tables {params.tables:q} --plots {params.plots}"
+        " --external {params.external} --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -21,6 +21,6 @@ rule make_mask:
     resources:
         **sized(lambda w: SIZER.mask(mask_spec(w.mask).run)),
     shell:
-        "opdgeo make-mask --mask-spec {params.mask_spec} --source {params.source}"
-        " --trained {params.trained} --out {output.mask} --densities {output.densities}"
-        " > {log} 2>&1"
+        "opdgeo make-mask --mask-spec {params.mask_spec} --source {params.source:q}"
+        " --trained {params.trained:q} --out {output.mask:q} --densities {output.densities:q}"
+        " > {log:q} 2>&1"

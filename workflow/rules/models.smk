@@ -24,6 +24,6 @@ rule train_model:
     resources:
         **sized(lambda w: SIZER.train_model(w.model), lambda w: GPU),
     shell:
-        "opdgeo train-model --name {wildcards.model} --model-spec {params.model_spec} --task {params.task}"
-        " --out {params.out} --device {params.device} --threads {threads}"
-        " > {log} 2>&1"
+        "opdgeo train-model --name {wildcards.model:q} --model-spec {params.model_spec} --task {params.task}"
+        " --out {params.out:q} --device {params.device} --threads {threads}"
+        " > {log:q} 2>&1"

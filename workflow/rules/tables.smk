@@ -25,7 +25,7 @@ rule runs_table:
     benchmark:
         "results/benchmarks/tables/runs.tsv"
     shell:
-        "opdgeo runs --config {params.config} --out {output} > {log} 2>&1"
+        "opdgeo runs --config {params.config} --out {output:q} > {log:q} 2>&1"
 
 
 rule evaluation_table:
@@ -41,7 +41,7 @@ rule evaluation_table:
     benchmark:
         "results/benchmarks/tables/evaluation.tsv"
     shell:
-        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+        "opdgeo collect csv {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule delta_tables:
@@ -60,9 +60,9 @@ rule delta_tables:
     benchmark:
         "results/benchmarks/tables/delta.tsv"
     shell:
-        "(opdgeo collect summaries {input.final} --final-steps {params.final_steps} --out {output.final}"
-        " && opdgeo collect summaries {input.final} {input.steps} --final-steps {params.final_steps}"
-        " --out {output.trajectory}) > {log} 2>&1"
+        "(opdgeo collect summaries {input.final:q} --final-steps {params.final_steps} --out {output.final:q}"
+        " && opdgeo collect summaries {input.final:q} {input.steps:q} --final-steps {params.final_steps}"
+        " --out {output.trajectory:q}) > {log:q} 2>&1"
 
 
 rule overlap_table:
@@ -78,8 +78,8 @@ rule overlap_table:
     benchmark:
         "results/benchmarks/tables/overlap.tsv"
     shell:
-        "(opdgeo collect overlaps {input} --out {output.pooled}"
-        " && opdgeo collect overlap-tensors {input} --out {output.tensors}) > {log} 2>&1"
+        "(opdgeo collect overlaps {input:q} --out {output.pooled:q}"
+        " && opdgeo collect overlap-tensors {input:q} --out {output.tensors:q}) > {log:q} 2>&1"
 
 
 rule optimizer_state_table:
@@ -94,7 +94,7 @@ rule optimizer_state_table:
     benchmark:
         "results/benchmarks/tables/optimizer_state.tsv"
     shell:
-        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+        "opdgeo collect csv {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule training_log_table:
@@ -109,7 +109,7 @@ rule training_log_table:
     benchmark:
         "results/benchmarks/tables/training_log.tsv"
     shell:
-        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+        "opdgeo collect csv {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule mask_table:
@@ -124,7 +124,7 @@ rule mask_table:
     benchmark:
         "results/benchmarks/tables/masks.tsv"
     shell:
-        "opdgeo collect csv {input} --out {output} > {log} 2>&1"
+        "opdgeo collect csv {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule analysis_tables:
@@ -143,9 +143,9 @@ rule analysis_tables:
     benchmark:
         "results/benchmarks/tables/analysis.tsv"
     shell:
-        "(opdgeo collect csv {input.layer_module} --out {output.layer_module}"
-        " && opdgeo collect csv {input.modules} --out {output.modules}"
-        " && opdgeo collect csv {input.tensors} --out {output.tensors}) > {log} 2>&1"
+        "(opdgeo collect csv {input.layer_module:q} --out {output.layer_module:q}"
+        " && opdgeo collect csv {input.modules:q} --out {output.modules:q}"
+        " && opdgeo collect csv {input.tensors:q} --out {output.tensors:q}) > {log:q} 2>&1"
 
 
 # Each tidy table (opdgeo.tidy.TABLES) by name: the inputs of figures, paper tables, findings.

@@ -29,5 +29,5 @@ rule train_run:
         **sized(lambda w: SIZER.train(w.run), lambda w: SIZER.gpus(w.run)),
     shell:
         "{params.launcher} train-run --run-spec {params.run_spec} {params.options} --task {params.task}"
-        " --out {params.out} --device {params.device} --threads {threads}"
-        " > {log} 2>&1"
+        " --out {params.out:q} --device {params.device} --threads {threads}"
+        " > {log:q} 2>&1"
