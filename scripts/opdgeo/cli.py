@@ -12,7 +12,9 @@ import re
 import sys
 from pathlib import Path
 
-from opdgeo.files import atomic
+from safetensors import SafetensorError
+
+from opdgeo.files import atomic, error_line
 
 DESCRIPTION = """\
 What on-policy distillation changes in a model: how sparse the update is, where it sits, and
@@ -450,11 +452,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, OSError, SafetensorError) as error:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
-        print(f"opdgeo {args.command}: error: {error} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(f"opdgeo {args.command}: error: {error_line(error)} (--debug shows the "
+              "traceback)", file=sys.stderr)
         raise SystemExit(1) from error
 
 

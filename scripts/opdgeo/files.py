@@ -5,12 +5,47 @@ system, collaborators could not read each other's checkpoints and masks. Every f
 package writes goes through `atomic`, which gives it the umask's mode.
 """
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from opdgeo.crash import crash_point
+
+# What a user can do about the file-system errors they meet; a rerun goes on from the last
+# checkpoint or score a killed or failed job kept.
+FILE_SYSTEM_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some (old results/, the Hugging Face "
+                  "cache) or write to a larger disk, then run again",
+    errno.EDQUOT: "disk quota exceeded: free some of your space or write elsewhere, then run "
+                  "again",
+    errno.EACCES: "permission denied: make it writable for you (chmod, chown) or run in a "
+                  "folder you own",
+    errno.EPERM: "operation not permitted: make it yours (chown) or run in a folder you own",
+    errno.EROFS: "read-only file system: run from a writable copy of the folder",
+}
+# How libraries that are not Python name these errors (safetensors' Rust I/O errors,
+# torch.save's stream writer on a full disk).
+FOREIGN_NAMES = {"os error 28": errno.ENOSPC, "No space left on device": errno.ENOSPC,
+                 "file write failed": errno.ENOSPC, "os error 122": errno.EDQUOT,
+                 "os error 13": errno.EACCES, "os error 30": errno.EROFS}
+
+
+def file_system_errno(error: BaseException) -> int | None:
+    """The file-system error a user can fix (FILE_SYSTEM_FIXES) behind `error`, or None."""
+    code = getattr(error, "errno", None)
+    if code in FILE_SYSTEM_FIXES:
+        return code
+    return next((c for name, c in FOREIGN_NAMES.items() if name in str(error)), None)
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error: for a file-system error, what, which path and the fix."""
+    code = file_system_errno(error)
+    if code is None:
+        return str(error)
+    return f"{FILE_SYSTEM_FIXES[code]} ({getattr(error, 'filename', None) or error})"
 
 
 def honour_umask(path: str | Path) -> None:
@@ -68,5 +103,10 @@ def atomic(path: str | Path, point: str):
         if path.is_dir():
             shutil.rmtree(path)
         tmp.replace(path)
+    except Exception as error:
+        code = file_system_errno(error)
+        if code is not None and not isinstance(error, OSError):  # named with its path
+            raise OSError(code, os.strerror(code), str(path)) from error
+        raise
     finally:
         remove(tmp)
