@@ -24,13 +24,15 @@ from opdgeo.report_captions import captions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# A shared group's umask: every file the DAG writes must be group-writable under it.
+UMASK = 0o002
 
 
 def snakemake(workdir, *args, check=True):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         [str(BIN / "snakemake"), "--configfile", "config/smoke.yaml", "--cores", "2", *args],
-        cwd=workdir, env=env, capture_output=True, text=True,
+        cwd=workdir, env=env, capture_output=True, text=True, umask=UMASK,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {args} failed:\n{result.stdout[-4000:]}\n"
@@ -117,6 +119,19 @@ def test_smoke_dag_writes_every_output(smoke):
     tensors = pd.read_csv(smoke / "results/tables/overlap_tensors.csv")
     assert set(zip(tensors["run_a"], tensors["run_b"], strict=True)) == expected
     assert (tensors["count_both"] <= tensors[["count_a", "count_b"]].min(axis=1)).all()
+
+
+@pytest.mark.slow
+def test_every_file_of_a_run_has_the_umask_s_mode(smoke):
+    """Checkpoints, masks, sources' decompositions (safetensors writes 0600), tables, figures,
+    logs: a run under a group's umask leaves nothing the group cannot read and write."""
+    modes = {str(p.relative_to(smoke)): p.stat().st_mode & 0o777
+             for p in (smoke / "results").rglob("*") if not p.is_symlink()}
+    wrong = {path: oct(mode) for path, mode in modes.items()
+             if mode != (0o777 if Path(smoke / path).is_dir() else 0o666) & ~UMASK}
+    assert not wrong, wrong
+    assert any(path.startswith("results/sources/") and path.endswith(".safetensors")
+               for path in modes)
 
 
 @pytest.mark.slow
