@@ -301,24 +301,46 @@ def test_device_cuda_without_a_gpu_stops_before_any_output_is_deleted(tmp_path):
     assert table.read_text() == "an earlier run's table\n"
 
 
+def command_line(process):
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a short-lived child of Snakemake
+        return ""
+
+
+def gone(process):
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def endless_base_model(workdir: Path, *options) -> subprocess.Popen:
+    """Snakemake running a job that trains until it is killed: no evaluation stops it."""
+    copy_workflow(workdir)
+    config = yaml.safe_load((workdir / "config/smoke.yaml").read_text())
+    config["models"]["student"]["train"].update(max_steps=10**9, eval_every=10**9)
+    (workdir / "endless.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.Popen(
+        [str(BIN / "snakemake"), "--configfile", "endless.yaml", "--cores", "1",
+         "results/models/student/final", *options],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_and_wait_for_its_jobs(run: subprocess.Popen, workdir: Path):
+    """`kill -9` the run (Snakemake runs no onerror hook); every process it started ends."""
+    started = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    for process in started:
+        wait_for(lambda p=process: gone(p), seconds=60)
+    assert not (workdir / "results/models/student/final").exists()
+
+
 @pytest.mark.workflow
 def test_killing_snakemake_ends_the_jobs_running_in_the_preload_server(tmp_path):
-    copy_workflow(tmp_path)
-    config = yaml.safe_load((tmp_path / "config/smoke.yaml").read_text())
-    # a job that trains until it is killed: no evaluation ever stops it
-    config["models"]["student"]["train"].update(max_steps=10**9, eval_every=10**9)
-    (tmp_path / "endless.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.Popen(
-        [str(BIN / "snakemake"), "--configfile", "endless.yaml", "--cores", "1",
-         "results/models/student/final"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = endless_base_model(tmp_path)
     snakemake = psutil.Process(run.pid)
-
-    def command_line(process):
-        try:
-            return " ".join(process.cmdline())
-        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a short-lived child of Snakemake
-            return ""
 
     def preload_workers():
         servers = [p for p in snakemake.children() if "opdgeo.preload" in command_line(p)]
@@ -328,18 +350,17 @@ def test_killing_snakemake_ends_the_jobs_running_in_the_preload_server(tmp_path)
             return []
 
     wait_for(lambda: preload_workers(), seconds=600)  # the job runs in a forked worker
-    started = snakemake.children(recursive=True)  # server, worker, job shell, opdgeo command
-    run.send_signal(signal.SIGKILL)  # `kill -9`: Snakemake runs no onerror hook
-    run.wait()
-    def gone(process):
-        try:
-            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
+    kill_and_wait_for_its_jobs(run, tmp_path)  # server, worker, job shell, opdgeo command
 
-    for process in started:
-        wait_for(lambda p=process: gone(p), seconds=60)
-    assert not (tmp_path / "results/models/student/final").exists()
+
+@pytest.mark.workflow
+def test_killing_snakemake_ends_its_jobs_without_the_preload_server(tmp_path):
+    """Each job's `opdgeo` process waits for the run's end (opdgeo.preload.end_with_run)."""
+    run = endless_base_model(tmp_path, "--config", "preload=false")
+    snakemake = psutil.Process(run.pid)
+    wait_for(lambda: any("train-model" in command_line(p) and "bash" not in command_line(p)
+                         for p in snakemake.children(recursive=True)), seconds=600)
+    kill_and_wait_for_its_jobs(run, tmp_path)  # job shell, opdgeo command
 
 
 @pytest.mark.parametrize("preload", [True, False])

@@ -440,11 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
 def command():
     """The `opdgeo` console command: in the preload server when a local Snakemake run started
     one (opdgeo.preload), else in this process."""
-    from opdgeo.preload import run_in_server
+    from opdgeo.preload import end_with_run, run_in_server
 
     status = run_in_server(sys.argv)
     if status is not None:
         raise SystemExit(status)
+    end_with_run()
     main()
 
 

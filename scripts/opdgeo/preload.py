@@ -23,6 +23,7 @@ and memory columns are not. The worker's own figures go to the server's log inst
 import json
 import os
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -37,6 +38,8 @@ import traceback
 from pathlib import Path
 
 SOCKET_VARIABLE = "OPDGEO_PRELOAD_SOCKET"
+# The process id of the local Snakemake run whose jobs end with it (`end_with_run`).
+RUN_VARIABLE = "OPDGEO_RUN_PID"
 # Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again.
 PRELOADED_MODULES = (
     "opdgeo.train", "opdgeo.evaluate", "opdgeo.masks", "opdgeo.delta.analyze",
@@ -288,6 +291,38 @@ def _run(arguments: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return status
+
+
+# ---------------------------------------------------------------- jobs in their own process
+
+
+def end_with_run():
+    """A job in its own process (no server, or one it declined) ends when the local Snakemake
+    run that started it is gone: killed with SIGKILL, a run cancels no job, and the job would
+    train on, writing outputs that no run records. The run's process id comes from
+    RUN_VARIABLE (set by `export_run` for local runs only: a cluster job's run lives on
+    another machine); a thread waits for that process to end, then terminates this one."""
+    owner = os.environ.get(RUN_VARIABLE)
+    if not owner:
+        return
+    try:
+        handle = os.pidfd_open(int(owner))
+    except ProcessLookupError:  # the run ended before this job started
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except OSError:  # no pidfd here (an old kernel): the job outlives a killed run
+        return
+
+    def watch():
+        select.select([handle], [], [])  # readable once the run's process has ended
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def export_run():
+    """Jobs started from here on end with this process (`end_with_run`)."""
+    os.environ[RUN_VARIABLE] = str(os.getpid())
 
 
 # ---------------------------------------------------------------- starting and stopping
