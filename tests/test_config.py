@@ -7,10 +7,12 @@ import pytest
 import yaml
 
 from opdgeo.config import (
+    RUN_SECTIONS,
     ConfigError,
     build_masks,
     build_runs,
     read_config_file,
+    run_table,
     validate_config,
 )
 from opdgeo.models import VISION_ARCHITECTURES
@@ -130,6 +132,68 @@ def test_a_yaml_error_names_its_line_and_column(tmp_path):
     good = subprocess.run([sys.executable, "-m", "opdgeo.config", "config/smoke.yaml"],
                           cwd=ROOT, capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
+
+
+def check_file(path, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m opdgeo.config PATH`, as `make reproduce` runs it before Snakemake."""
+    return subprocess.run([sys.executable, "-m", "opdgeo.config", *map(str, path)], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+REFERENCE_ERRORS = {
+    "unknown teacher": (lambda pair: pair["teachers"].append("teacher-z"), "teacher-z"),
+    "own teacher": (lambda pair: pair["teachers"].insert(0, pair["student"]), "is the student"),
+}
+
+
+@pytest.mark.parametrize("error", REFERENCE_ERRORS)
+def test_the_config_check_makes_the_checks_of_a_dry_run(tmp_path, error):
+    edit, message = REFERENCE_ERRORS[error]
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    edit(config["pairs"]["addition"])
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    check = check_file([path])
+    assert check.returncode == 1 and message in check.stderr, check.stderr
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text((ROOT / "config/smoke.yaml").read_text() + "\ndevice: cuda\n")
+    line = path.read_text().count("\n")
+    with pytest.raises(ConfigError, match=rf"key 'device' twice .* at line {line}, column 1"):
+        read_config_file(path)
+    check = check_file([path])
+    assert check.returncode == 1 and "'device' twice" in check.stderr
+
+
+@pytest.mark.workflow
+def test_a_dry_run_rejects_a_key_given_twice(tmp_path):
+    from test_pipeline import copy_workflow
+
+    copy_workflow(tmp_path)
+    path = tmp_path / "study.yaml"
+    path.write_text((ROOT / "config/smoke.yaml").read_text() + "\ndevice: cuda\n")
+    dry = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n",
+                          "--configfile", str(path)], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert dry.returncode != 0 and "'device' twice" in dry.stdout + dry.stderr
+
+
+def test_the_config_check_without_a_file_prints_its_usage():
+    check = check_file([])
+    assert check.returncode == 2 and check.stderr.startswith("usage: python -m opdgeo.config")
+    assert "Traceback" not in check.stderr
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runs_are_made_of_the_run_sections_alone(name):
+    """The runs table gets these sections only, so a switch like preload reruns nothing."""
+    config = load(name)
+    runs = build_runs({k: v for k, v in config.items() if k in RUN_SECTIONS})
+    assert run_table(runs, config["models"]).equals(run_table(build_runs(config),
+                                                              config["models"]))
+    assert "preload" in config and "preload" not in RUN_SECTIONS
 
 
 def test_unknown_model_reference_names_the_fix():

@@ -141,6 +141,12 @@ def test_second_invocation_schedules_nothing(smoke):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
+@pytest.mark.slow
+def test_a_switch_that_changes_no_result_reruns_nothing(smoke):
+    dry = snakemake(smoke, "-n", "--config", "preload=false")
+    assert scheduled_jobs(dry.stdout) == {}, dry.stdout[-2000:]
+
+
 def jobs_after_edit(smoke, edit) -> dict[str, int]:
     """The jobs a dry run schedules once `edit(config)` is applied to the smoke config."""
     config_path = smoke / "config" / "smoke.yaml"

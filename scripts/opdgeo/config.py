@@ -16,6 +16,7 @@ what a schema cannot (references between sections) and expands the config into r
 
 import copy
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +46,8 @@ TRAINING_DEFAULTS = {
     "self_teacher": "source",
     "kl_clip": None,
 }
+# The sections of a config that runs are made of (build_runs reads these only).
+RUN_SECTIONS = ("models", "pairs", "training", "task", "external")
 OPTIMIZER_DEFAULTS = {"weight_decay": 0.0, "momentum": 0.0, "adam_beta2": 0.999}
 
 
@@ -56,10 +59,28 @@ class ConfigError(ValueError):
 YAML_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML
+    itself keeps the last value silently: an edit that seems to change a setting would not)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (the first one would be ignored)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path) -> dict:
-    """A config file as YAML reads it; a syntax error says where (Snakemake's does not)."""
+    """A config file as YAML reads it; a syntax error or a key given twice says where
+    (Snakemake's reader does not)."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ConfigError(f"{path}: {error.strerror}") from None
     except yaml.MarkedYAMLError as error:
@@ -470,10 +491,31 @@ def read_config(path) -> dict:
     return config
 
 
-if __name__ == "__main__":  # `python -m opdgeo.config FILE`: check a config before a run
-    import sys
+def check_config_file(path) -> dict:
+    """Every check a dry run makes of a config file: YAML (keys given once), the schema,
+    the references between sections, the runs and masks it makes."""
+    config = read_config(path)
+    build_runs(config)
+    build_masks(config)
+    return config
 
+
+USAGE = """usage: python -m opdgeo.config CONFIG.yaml
+
+Check a config file as `snakemake --configfile CONFIG.yaml -n` would, without Snakemake:
+YAML syntax and keys given twice, the schema, references between models, pairs and
+external runs."""
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if len(argv) != 1 else sys.stdout)
+        raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     try:
-        read_config(sys.argv[1])
+        check_config_file(argv[0])
     except ConfigError as error:
         raise SystemExit(f"config: {error}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -9,6 +9,7 @@ from opdgeo import preload
 from opdgeo import resources as sizing
 from opdgeo.codehash import code_text, subcommands
 from opdgeo.config import (
+    RUN_SECTIONS,
     ConfigError,
     build_masks,
     build_runs,

@@ -17,7 +17,9 @@ rule runs_table:
         "results/tables/runs.csv",
     params:
         # A function: Snakemake would read braces in a string param (task templates) as wildcards.
-        config=lambda w: as_arg({k: v for k, v in config.items() if k != "plots"}, ordered=True),
+        # Only the sections runs are made of: a switch like preload reruns nothing.
+        config=lambda w: as_arg({k: v for k, v in config.items() if k in RUN_SECTIONS},
+                                ordered=True),
     conda:
         CONDA_ENV
     log:
