@@ -1,7 +1,9 @@
 """Gradient masks and AdamW state diagnostics in real TRL OPD training (tiny models, CPU)."""
 
+import copy
 import csv
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,25 +204,40 @@ def test_first_moment_cosine_is_between_consecutive_adamw_steps(tmp_path):
     assert logged[6] > 0.5
 
 
-def test_a_resumed_run_has_no_fixed_reference(tmp_path):
-    """After a resume the first logged step was never seen: no cosine against it, while the
-    other lags resume from the references this process sees."""
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    callback = OptimizerStateCallback(tmp_path / "state.csv", "toy", every=2)
-    state, control = TrainerState(max_steps=10, global_step=4), TrainerControl()
-    callback.on_train_begin(None, state, control)
-    for step in range(5, 11):
-        optimizer.zero_grad()
-        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).sum().backward()
-        optimizer.step()
-        state.global_step = step
-        callback.on_step_end(None, state, control, model=model, optimizer=optimizer)
-    rows = list(csv.DictReader((tmp_path / "state.csv").open()))
-    metrics = {(int(r["step"]), r["metric"]) for r in rows if r["block"] == "all"}
-    assert not any(metric == "m1_cosine_first" for _, metric in metrics)
-    assert {(8, "m1_cosine_interval"), (10, "m1_cosine_interval"), (6, "m1_cosine")} <= metrics
-    assert (6, "m1_cosine_interval") not in metrics  # step 4 was logged before the resume
+def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tmp_path):
+    """The references (the logged step before, the first logged step) are kept beside each
+    Trainer checkpoint; the step before the first resumed one is the checkpoint's own
+    optimizer state. Killed after step 6, resumed from the checkpoint of step 4."""
+    args, control = SimpleNamespace(output_dir=str(tmp_path / "trainer")), TrainerControl()
+
+    def train(path, steps, start=None, kill_after=None):
+        if start is None:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 2)
+            start = (model, torch.optim.AdamW(model.parameters(), lr=0.05), 0)
+        model, optimizer, begin = start
+        callback = OptimizerStateCallback(path, "toy", every=2)
+        state = TrainerState(max_steps=steps, global_step=begin)
+        callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
+        checkpoint = None
+        for step in range(begin + 1, (kill_after or steps) + 1):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).sum().backward()
+            optimizer.step()
+            state.global_step = step
+            callback.on_step_end(args, state, control, model=model, optimizer=optimizer)
+            if step == 4:
+                (tmp_path / "trainer" / "checkpoint-4").mkdir(parents=True, exist_ok=True)
+                callback.on_save(args, state, control, model=model)
+                checkpoint = (*copy.deepcopy((model, optimizer)), step)
+        return checkpoint
+
+    train(tmp_path / "straight.csv", 10)
+    checkpoint = train(tmp_path / "resumed.csv", 10, kill_after=6)
+    train(tmp_path / "resumed.csv", 10, start=checkpoint)
+    straight = (tmp_path / "straight.csv").read_text()
+    assert "m1_cosine_first" in straight and "m1_cosine_interval" in straight
+    assert (tmp_path / "resumed.csv").read_text() == straight
 
 
 def test_data_order_of_a_resumed_pass_is_the_uninterrupted_one():

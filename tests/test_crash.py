@@ -109,6 +109,7 @@ JOBS = {
     "findings": Job(lambda i: [
         "findings", "--tables", str(i / "tables"), "--out", "findings"],
         ["findings.csv", "findings.md"]),
+    "captions": Job(lambda i: ["captions", "--out", "captions"], ["captions"]),
     "model-card": Job(lambda i: [
         "model-card", "--run-spec", spec_arg(run_spec(), "task"), "--source", str(i / "student"),
         "--teacher", str(i / "teacher"), "--task", json.dumps(TASK), "--scores",
@@ -130,6 +131,7 @@ POINT_JOBS = {
     "overlap.write": "overlap", "overlap.group": "overlap",
     "masks.mask": "make-mask", "masks.densities": "make-mask",
     "tables.write": "collect", "figures.save": "figure", "findings.write": "findings",
+    "captions.write": "captions",
     "model-card.write": "model-card",
 }
 TRAINING_JOBS = {"train-run", "train-model"}
@@ -266,7 +268,7 @@ def test_a_job_killed_at_a_crash_point_reruns_to_the_same_bytes(jobs, point, cap
 
 PACKAGE = Path(__file__).parents[1] / "scripts" / "opdgeo"
 WRITES = {"write_text", "write_bytes", "to_csv", "to_parquet", "savefig", "save_file",
-          "save_pretrained", "torch.save", "json.dump", "yaml.safe_dump"}
+          "save_pretrained", "torch.save", "json.dump"}
 # Functions that write without `opdgeo.files.atomic`, and why that is safe.
 UNCOMMITTED = {
     "callbacks.py:start_csv": "a training log in the job's own folder, begun anew or cut "
@@ -299,8 +301,8 @@ def _called(call: ast.Call) -> str:
     function = call.func
     if isinstance(function, ast.Attribute):
         owner = function.value
-        module = owner.id if isinstance(owner, ast.Name) and owner.id in ("torch", "json",
-                                                                            "yaml") else None
+        module = owner.id if isinstance(owner, ast.Name) and owner.id in (
+            "torch", "json", "yaml", "os", "shutil") else None
         return f"{module}.{function.attr}" if module else function.attr
     return getattr(function, "id", "")
 
@@ -311,10 +313,14 @@ def _writes(node) -> list[str]:
     for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
         name = _called(call)
         modes = [a.value for a in call.args if isinstance(a, ast.Constant)]
+        one_path = (len(call.args) == 1 and not call.keywords
+                    and not isinstance(call.args[0], ast.Constant))  # Path.replace(target)
         if (name in WRITES
                 or (name == "open" and any(isinstance(m, str) and m[:1] in "wax" for m in modes))
-                or (name in ("replace", "rename") and len(call.args) == 1 and not call.keywords)
-                or name == "move"):
+                or (name == "yaml.safe_dump"  # into a stream, not a string
+                    and (len(call.args) > 1 or any(k.arg == "stream" for k in call.keywords)))
+                or (name in ("replace", "rename") and one_path)
+                or name in ("os.replace", "os.rename", "shutil.move")):
             found.append(f"{name}() at line {call.lineno}")
     return found
 

@@ -48,6 +48,7 @@ POINTS = {
     "tables.write": "inside a table's write (CSV, Markdown or LaTeX)",
     "figures.save": "inside a figure's write",
     "findings.write": "inside the findings' Markdown write",
+    "captions.write": "inside a report caption's write",
     "model-card.write": "inside a model card's write",
 }
 

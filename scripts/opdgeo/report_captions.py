@@ -5,7 +5,6 @@ while its figure shows another. `write_captions` writes them (rule report_captio
 report entry names its own.
 """
 
-import os
 from pathlib import Path
 
 from opdgeo.captions import listing, rst, table_captions
@@ -28,6 +27,7 @@ from opdgeo.figures import (
     TRAJECTORY_PANELS,
     percent,
 )
+from opdgeo.files import atomic
 from opdgeo.findings import VERDICTS
 from opdgeo.paper_tables import PAPER_ADAMW_STATE, PAPER_NULL_TABLE, TABLE_NAMES
 
@@ -119,12 +119,10 @@ def caption_names() -> list[str]:
 def write_captions(out: Path) -> list[Path]:
     """One `<name>.rst` per report entry in `out` (each written beside, then renamed)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in captions().items():
         path = out / f"{name}.rst"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        with atomic(path, "captions.write") as tmp:
+            tmp.write_text(text + "\n")
         paths.append(path)
     return paths
