@@ -64,7 +64,7 @@ MODEL_SPEC = {"build": {"arch": "qwen2", "hidden_size": 16, "num_hidden_layers":
                         "intermediate_size": 32},
               "train": {"max_steps": 4, "learning_rate": 1e-3, "batch_size": 8, "eval_every": 2,
                         "stop_at": 1.1, "require_min": 0.0, "require_max": 1.0, "seed": 0,
-                        "adam_beta2": 0.99}}
+                        "adam_beta2": 0.99, "privileged": 0.0}}
 EVALUATION = {"k": 2, "temperature": 1.0, "batch_size": 16}
 PLOTS = {"formats": ["png"], "dpi": 40}
 
