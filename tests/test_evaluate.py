@@ -165,7 +165,7 @@ def test_engine_choice_and_the_error_naming_the_fix(monkeypatch, fake_vllm):
         choose_engine("vllm", "cpu")
     monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
     assert choose_engine("auto", "cuda") == "hf"
-    with pytest.raises(RuntimeError, match="pip install vllm"):
+    with pytest.raises(RuntimeError, match="pip install -r envs/requirements-gpu.txt"):
         choose_engine("vllm", "cuda")
 
 
@@ -179,7 +179,7 @@ def test_evaluate_command_without_vllm_stops_with_the_fix(tmp_path, make_checkpo
         main(["evaluate", "--run", "r", "--checkpoint", str(checkpoint), "--task",
               json.dumps(TASK), "--evaluation", json.dumps({**SPEC, "engine": "vllm"}),
               "--out", str(tmp_path / "r.csv"), "--device", "cpu"])
-    assert "pip install vllm" in capsys.readouterr().err
+    assert "pip install -r envs/requirements-gpu.txt" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
 
 
