@@ -767,7 +767,7 @@ def plugin_sbatch_options(job: dict, partitions: list, profile: dict) -> list[st
     return [a for a in argv if a != "--parsable"]
 
 
-def test_only(cluster, options: list[str]) -> subprocess.CompletedProcess:
+def sbatch_test_only(cluster, options: list[str]) -> subprocess.CompletedProcess:
     """`sbatch --test-only`: slurmctld's verdict on a submission, nothing queued."""
     return cluster.run("sbatch", "--test-only", *options, "--wrap", "true", check=False)
 
@@ -807,7 +807,7 @@ def test_every_paper_job_is_accepted_and_an_over_limit_one_is_refused(
         assert {job["rule"] for job, _ in jobs} >= {"train_run", "evaluate_run", "analyze_run"}
         refused = [(job["rule"], job["wildcards"], options, verdict.stderr.strip())
                    for job, options in jobs
-                   if (verdict := test_only(slurm_cluster, options)).returncode != 0]
+                   if (verdict := sbatch_test_only(slurm_cluster, options)).returncode != 0]
         assert not refused, refused
         trains = [options for job, options in jobs if job["rule"] == "train_run"]
         assert all(option(o, "--gpus") == str(gpus) and option(o, "-p") == "gpu"
@@ -827,11 +827,11 @@ def test_every_paper_job_is_accepted_and_an_over_limit_one_is_refused(
             out.append(f"{name}={value}")
         return out
 
-    assert test_only(slurm_cluster, options).returncode == 0
+    assert sbatch_test_only(slurm_cluster, options).returncode == 0
     for name, value, message in (("-t", int(gpu.max_runtime) + 1, "time limit"),
                                  ("--mem", int(gpu.max_mem_mb) + 1, "Memory"),
                                  ("--gpus", gpu.max_gpu + 1, "node configuration")):
-        verdict = test_only(slurm_cluster, replaced(name, value))
+        verdict = sbatch_test_only(slurm_cluster, replaced(name, value))
         assert verdict.returncode != 0 and message in verdict.stderr, (name, verdict)
 
     # What the job asked for before its request was fitted to the partition.
@@ -842,7 +842,7 @@ def test_every_paper_job_is_accepted_and_an_over_limit_one_is_refused(
     need = Sizer(paper, build_runs(paper), on_gpu=True).train(job["wildcards"])
     unfitted = job_resources(need, 1)["runtime"]
     assert unfitted > gpu.max_runtime
-    verdict = test_only(slurm_cluster, replaced("-t", unfitted))
+    verdict = sbatch_test_only(slurm_cluster, replaced("-t", unfitted))
     assert verdict.returncode != 0 and "time limit" in verdict.stderr, verdict
 
 
