@@ -3,6 +3,7 @@
 import json
 import re
 import shlex
+from functools import cache
 from pathlib import Path
 
 from opdgeo import preload
@@ -18,6 +19,7 @@ from opdgeo.config import (
     pair_training,
     self_teacher_contexts,
 )
+from opdgeo.figures import FIGURES
 from opdgeo.kinds import RUN_KINDS  # noqa: E402
 
 try:
@@ -33,7 +35,6 @@ PAIR_MODELS = list(dict.fromkeys(
     key for pair in config["pairs"].values() for key in (pair["student"], *pair["teachers"])
 ))
 GPU = 1 if config["device"] == "cuda" else 0
-COST = config["cost"]
 # Every rule runs the one `opdgeo` package, so one environment serves them all (with
 # `--sdm conda`; relative to workflow/rules/, where every rule is defined).
 CONDA_ENV = "../../envs/opdgeo.yaml"
@@ -155,10 +156,11 @@ def source_key(run):
     return re.sub(r"[^\w.-]+", "-", keys.get(source, source)).strip("-")
 
 
+@cache
 def overlap_groups():
     """Main runs (masked retrains aside) by the source checkpoint they share: one overlap job
     per group compares every pair in it. A group is named after its source (`source_key`).
-    (Called in analyze.smk, once the rules that write the checkpoints are defined.)"""
+    (Called once the rules that write the checkpoints are defined: analyze.smk on.)"""
     by_source = {}
     main = (r for r, spec in RUNS.items()
             if RUN_KINDS[spec.kind].delta_method and spec.group == "main")
@@ -269,21 +271,25 @@ def checkpoints_option(w):
 
 
 def overlap_inputs(w):
-    return [path for run in OVERLAP_GROUPS[w.group] for path in run_inputs(run)["trained"]]
+    return [path for run in overlap_groups()[w.group] for path in run_inputs(run)["trained"]]
 
 
 def overlap_runs_option(w):
-    return " ".join(f"{run}={shlex.quote(trained_path(run))}" for run in OVERLAP_GROUPS[w.group])
+    return " ".join(f"{run}={shlex.quote(trained_path(run))}"
+                    for run in overlap_groups()[w.group])
 
 
 # ---------------------------------------------------------- figures, tables, findings (figures.smk)
-# (PLOTS, FIGURES and PAPER_TABLES are set at the top of figures.smk, TIDY at the end of
-# tables.smk)
 
 
 def tidy(names):
-    """The tidy tables of these names (opdgeo.tidy.TABLES): outputs of tables.smk's rules."""
-    return [TIDY[name] for name in names]
+    """The tidy tables of these names (opdgeo.tidy.TABLES): outputs of tables.smk's rules, the
+    inputs of figures, paper tables and findings."""
+    tables = {Path(path).stem: path for each in (
+        rules.runs_table, rules.evaluation_table, rules.delta_tables, rules.overlap_table,
+        rules.optimizer_state_table, rules.training_log_table, rules.mask_table,
+        rules.analysis_tables) for path in each.output}
+    return [tables[name] for name in names]
 
 
 def tables_folder(wildcards, input):
@@ -293,7 +299,7 @@ def tables_folder(wildcards, input):
 
 def figure_outputs(name):
     """One file per format; the PNG (else the first format) goes into the HTML report."""
-    formats = PLOTS["formats"]
+    formats = config["plots"]["formats"]
     shown = "png" if "png" in formats else formats[0]
     paths = [f"results/figures/{name}.{fmt}" for fmt in formats]
     # (a line may not start with `report`: the Snakefile parser reads it as the directive)

@@ -4,7 +4,6 @@
 
 from opdgeo import findings, paper_tables
 from opdgeo.config import primary_score
-from opdgeo.figures import FIGURES
 from opdgeo.paper_tables import PAPER_NULL_TABLE
 
 PLOTS = {**config["plots"], "metric": primary_score(config["evaluation"])}

@@ -148,11 +148,3 @@ rule analysis_tables:
         "(opdgeo collect csv {input.layer_module:q} --out {output.layer_module:q}"
         " && opdgeo collect csv {input.modules:q} --out {output.modules:q}"
         " && opdgeo collect csv {input.tensors:q} --out {output.tensors:q}) > {log:q} 2>&1"
-
-
-# Each tidy table (opdgeo.tidy.TABLES) by name: the inputs of figures, paper tables, findings.
-TIDY = {Path(path).stem: path for each in (rules.runs_table, rules.evaluation_table,
-                                           rules.delta_tables, rules.overlap_table,
-                                           rules.optimizer_state_table, rules.training_log_table,
-                                           rules.mask_table, rules.analysis_tables)
-        for path in each.output}
