@@ -10,7 +10,7 @@ import torch
 
 from opdgeo import findings
 from opdgeo.delta.analyze import analyze_tensor
-from opdgeo.delta.io import TensorPair
+from opdgeo.delta.pairing import TensorPair
 from opdgeo.tidy import run_info
 
 SEEDS = (0, 1, 2)

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from opdgeo.delta.io import EMBEDDING_SUFFIX, Checkpoint, match_tensors
+from opdgeo.delta.io import EMBEDDING_SUFFIX, Checkpoint
+from opdgeo.delta.pairing import match_tensors
 from opdgeo.files import atomic
 from opdgeo.naming import canonical_name, classify
 

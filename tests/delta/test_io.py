@@ -6,7 +6,8 @@ import torch
 from delta_checkpoints import perturbed, save_checkpoint, small_model
 
 from opdgeo.delta.analyze import analyze_checkpoints
-from opdgeo.delta.io import Checkpoint, match_tensors
+from opdgeo.delta.io import Checkpoint
+from opdgeo.delta.pairing import match_tensors
 
 
 def test_sharded_and_single_file_give_identical_results(tmp_path):

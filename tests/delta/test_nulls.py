@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from opdgeo.delta.analyze import analyze_tensor
-from opdgeo.delta.io import TensorPair
 from opdgeo.delta.metrics import rank_splits
 from opdgeo.delta.nulls import (
     exponent_counts,
@@ -15,6 +14,7 @@ from opdgeo.delta.nulls import (
     pooled_rounding_null,
     rounding_null_on_gaussian,
 )
+from opdgeo.delta.pairing import TensorPair
 
 SHAPE = (192, 160)
 NAME = "model.layers.0.mlp.up_proj.weight"

@@ -44,11 +44,8 @@ from opdgeo.delta.geometry import principal_projection, rotation_and_drift
 from opdgeo.delta.grouping import add_enrichment, group_tables, is_matrix, summary
 from opdgeo.delta.io import (
     DTYPES,
-    TIED_HEAD_NOTE,
     Checkpoint,
-    TensorPair,
     check_writable,
-    match_tensors,
     resolved_commit,
     step_folders,
     write_atomically,
@@ -68,6 +65,7 @@ from opdgeo.delta.nulls import (
     shuffled_rows,
     tensor_generator,
 )
+from opdgeo.delta.pairing import TIED_HEAD_NOTE, TensorPair, match_tensors
 from opdgeo.delta.source import GeometryFolder, SourceGeometry, decomposed, source_geometry
 from opdgeo.delta.spectrum import (
     decompose,

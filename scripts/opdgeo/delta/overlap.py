@@ -16,8 +16,9 @@ import torch
 from opdgeo.delta.analyze import DTYPES
 from opdgeo.delta.columns import HEADLINE_ATOL
 from opdgeo.delta.grouping import overlap_metrics
-from opdgeo.delta.io import Checkpoint, match_tensors, write_atomically
+from opdgeo.delta.io import Checkpoint, write_atomically
 from opdgeo.delta.metrics import chunk_slices
+from opdgeo.delta.pairing import match_tensors
 from opdgeo.files import atomic
 from opdgeo.naming import classify
 from opdgeo.progress import progress
