@@ -42,7 +42,7 @@ JOB_IMPORTS = {
     "make_mask": "opdgeo.masks",
     "figures": "opdgeo.figures",
 }
-OTHER_JOBS = "opdgeo.tables"
+OTHER_JOBS = "opdgeo.collect"
 
 
 def job_import(rule: str) -> str:

@@ -14,7 +14,7 @@ import tidy_fixtures as tf
 from opdgeo.captions import table_captions
 from opdgeo.cli import main
 from opdgeo.paper_tables import PAPER_NULL_TABLE, TABLE_NAMES, decimals
-from opdgeo.tables import MAX_LATEX_COLUMNS, latex_caption, latex_table
+from opdgeo.table_formats import MAX_LATEX_COLUMNS, latex_caption, latex_table
 
 
 @pytest.fixture(scope="module")

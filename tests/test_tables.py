@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from opdgeo.collect import collect_overlaps, collect_summaries
 from opdgeo.delta.io import step_folders
-from opdgeo.tables import collect_overlaps, collect_summaries
 
 
 def test_summaries_and_trajectories_become_one_tidy_table(tmp_path):

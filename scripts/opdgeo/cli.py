@@ -176,24 +176,25 @@ def cmd_evaluate(args):
 
 
 def cmd_collect(args):
-    from opdgeo import tables
+    from opdgeo import collect
+    from opdgeo.table_formats import write_table
 
     if args.kind == "summaries":
-        frame = tables.collect_summaries(args.files, args.final_steps or {})
+        frame = collect.collect_summaries(args.files, args.final_steps or {})
     elif args.kind == "overlaps":
-        frame = tables.collect_overlaps(args.files)
+        frame = collect.collect_overlaps(args.files)
     elif args.kind == "overlap-tensors":
-        frame = tables.collect_overlap_tensors(args.files)
+        frame = collect.collect_overlap_tensors(args.files)
     else:  # per-run CSVs, each with its own run column
-        frame = tables.concat_csvs(args.files)
-    tables.write_table(frame, args.out)
+        frame = collect.concat_csvs(args.files)
+    write_table(frame, args.out)
 
 
 def cmd_runs(args):
-    from opdgeo import tables
     from opdgeo.config import build_runs, run_table
+    from opdgeo.table_formats import write_table
 
-    tables.write_table(run_table(build_runs(args.config), args.config["models"]), args.out)
+    write_table(run_table(build_runs(args.config), args.config["models"]), args.out)
 
 
 def cmd_plan(args):

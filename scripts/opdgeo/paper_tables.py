@@ -29,7 +29,7 @@ from opdgeo.delta.columns import (
 from opdgeo.delta.grouping import overlap_metrics
 from opdgeo.kinds import EXTERNAL, OFFLINE_DISTILLATION, RLVR, ROLE_METHOD
 from opdgeo.stats import percentile_interval, seed_interval
-from opdgeo.tables import key_columns, write_table
+from opdgeo.table_formats import key_columns, write_table
 from opdgeo.tidy import (
     NO_INTERVAL,
     OPTIMIZER_LABELS,

@@ -43,7 +43,7 @@ RUN_VARIABLE = "OPDGEO_RUN_PID"
 # Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again.
 PRELOADED_MODULES = (
     "opdgeo.train", "opdgeo.evaluate", "opdgeo.masks", "opdgeo.delta.analyze",
-    "opdgeo.delta.overlap", "opdgeo.tables", "opdgeo.figures", "opdgeo.findings",
+    "opdgeo.delta.overlap", "opdgeo.collect", "opdgeo.figures", "opdgeo.findings",
     "opdgeo.paper_tables",
 )
 # What Snakemake sets for a job's `threads` (snakemake.shell), read by the math libraries.

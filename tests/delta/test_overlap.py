@@ -7,9 +7,9 @@ import pytest
 import torch
 from delta_checkpoints import save_checkpoint
 
+from opdgeo.collect import collect_overlap_tensors, collect_overlaps
 from opdgeo.delta.overlap import overlap_runs
 from opdgeo.paper_tables import OVERLAP_COLUMNS, mask_overlap_table, pooled_overlap
-from opdgeo.tables import collect_overlap_tensors, collect_overlaps
 from opdgeo.tidy import OVER_MATRICES
 
 

@@ -47,7 +47,7 @@ def run_analyze(args: argparse.Namespace) -> None:
         if args.json:
             print((args.out / "summary.json").read_text(), end="")
         if args.trajectory:
-            from opdgeo.tables import write_table
+            from opdgeo.table_formats import write_table
 
             steps = analyze_trajectory(args.source, args.checkpoints, geometry, run=args.run,
                                        **options)

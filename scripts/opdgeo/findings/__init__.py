@@ -49,7 +49,7 @@ from opdgeo.findings.delta import check_series
 from opdgeo.findings.interventions import check_interventions
 from opdgeo.findings.self_distillation import check_self_distillation
 from opdgeo.kinds import OPD, OWN, SELF_DISTILLATION
-from opdgeo.tables import write_table
+from opdgeo.table_formats import write_table
 from opdgeo.tidy import main_runs
 
 # The package's interface: the table, its Markdown, its file; the claims, thresholds and
