@@ -37,6 +37,7 @@ from opdgeo.delta.columns import (  # noqa: E402
     summary_name,
 )
 from opdgeo.files import atomic  # noqa: E402
+from opdgeo.intervals import gap, interval  # noqa: E402
 from opdgeo.kinds import (  # noqa: E402
     CONTROLS,
     DELTA_KINDS,
@@ -51,8 +52,6 @@ from opdgeo.paper_tables import PAPER_ADAMW_STATE  # noqa: E402
 from opdgeo.tidy import (  # noqa: E402
     OPTIMIZER_LABELS,
     curves,
-    gap,
-    interval,
     main_runs,
     mask_density,
     masked_arm,
@@ -161,7 +160,8 @@ DELTA_INTERVAL = "95% interval over seeds (none with one seed)"
 
 
 def mean_band(frame: pd.DataFrame, x: str, y: str = "value") -> pd.DataFrame:
-    """Mean and 95% interval (tidy.interval: over seeds, or one seed's over prompts) at each x."""
+    """Mean and 95% interval (intervals.interval: over seeds, or one seed's over prompts) at
+    each x."""
     rows = [(at, *interval(group, y)) for at, group in frame.groupby(x, sort=True)]
     return pd.DataFrame(rows, columns=[x, "mean", "low", "high"])
 

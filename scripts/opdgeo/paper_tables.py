@@ -27,25 +27,27 @@ from opdgeo.delta.columns import (
     summary_name,
 )
 from opdgeo.delta.grouping import overlap_metrics
+from opdgeo.intervals import (
+    NO_INTERVAL,
+    OVER_MATRICES,
+    OVER_SEEDS,
+    delta_estimates,
+    gap,
+    interval,
+    tensor_bootstrap,
+)
 from opdgeo.kinds import EXTERNAL, OFFLINE_DISTILLATION, RLVR, ROLE_METHOD
 from opdgeo.stats import percentile_interval, seed_interval
 from opdgeo.table_formats import key_columns, write_table
 from opdgeo.tidy import (
-    NO_INTERVAL,
     OPTIMIZER_LABELS,
-    OVER_MATRICES,
-    OVER_SEEDS,
     curve_stats,
     curves,
-    delta_estimates,
-    gap,
-    interval,
     main_runs,
     mask_density,
     masked_arm,
     primary_opd_runs,
     score_metric,
-    tensor_bootstrap,
     wide,
 )
 
@@ -165,7 +167,7 @@ def global_delta_table(info: pd.DataFrame, delta: pd.DataFrame, tensors: pd.Data
                        match: dict[str, str]) -> pd.DataFrame:
     """Per run group: the paper's six columns (ours; coverages pooled over matrices), the
     coverages' median over matrices and the nulls we have, each the mean over
-    seeds with its 95% interval (tidy.delta_estimates: t over seeds, or the bootstrap over the
+    seeds with its 95% interval (intervals.delta_estimates: t over seeds, or the bootstrap over the
     matrices of a one-seed run); the paper's values beside them."""
     values = wide(delta)
     rows = []

@@ -9,8 +9,8 @@ from delta_checkpoints import save_checkpoint
 
 from opdgeo.collect import collect_overlap_tensors, collect_overlaps
 from opdgeo.delta.overlap import overlap_runs
+from opdgeo.intervals import OVER_MATRICES
 from opdgeo.paper_tables import OVERLAP_COLUMNS, mask_overlap_table, pooled_overlap
-from opdgeo.tidy import OVER_MATRICES
 
 
 def test_overlap_of_constructed_masks(tmp_path):

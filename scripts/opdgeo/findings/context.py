@@ -7,23 +7,20 @@ import pandas as pd
 
 from opdgeo import stats
 from opdgeo.findings.measures import NAN, delta_measures
+from opdgeo.intervals import (
+    NO_INTERVAL,
+    OVER_MATRICES,
+    OVER_SEEDS,
+    gap,
+    interval,
+    tensor_bootstrap,
+)
 from opdgeo.paper_tables import (
     PAPER_GLOBAL,
     PAPER_GLOBAL_COLUMNS,
     paper_match,
 )
-from opdgeo.tidy import (
-    NO_INTERVAL,
-    OVER_MATRICES,
-    OVER_SEEDS,
-    curves,
-    gap,
-    interval,
-    main_runs,
-    score_metric,
-    tensor_bootstrap,
-    wide,
-)
+from opdgeo.tidy import curves, main_runs, score_metric, wide
 
 # ---- claim thresholds (each a reading of the paper's wording, stated once) ----
 F1_MAX_NORM_RATIO = 0.5  # "far below": OPD relative norm at most half of its SFT control's

@@ -5,8 +5,9 @@ import pandas as pd
 
 from opdgeo import stats
 from opdgeo.findings.context import F4_TOLERANCE, HOLDS, NAN, NOT_TESTED, Context
+from opdgeo.intervals import OVER_PROMPTS, gap
 from opdgeo.paper_tables import PAPER_MASKED, PAPER_OPTIMIZER
-from opdgeo.tidy import OVER_PROMPTS, gap, masked_arm
+from opdgeo.tidy import masked_arm
 
 
 def check_interventions(ctx: Context) -> list[dict]:

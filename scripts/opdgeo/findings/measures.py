@@ -1,6 +1,6 @@
 """Delta measures the findings read beyond delta_global's metrics, recomputed from
 per-tensor rows: F1's ratio of relative norms, F3's energy spread, the matrix ratios of F6
-and F7. Each works per resample of a run's tensors (opdgeo.tidy.tensor_bootstrap)."""
+and F7. Each works per resample of a run's tensors (opdgeo.intervals.tensor_bootstrap)."""
 
 import math
 
@@ -14,9 +14,7 @@ from opdgeo.delta.columns import (
     TOP16_ENERGY,
     null_name,
 )
-from opdgeo.tidy import (
-    delta_summary,
-)
+from opdgeo.intervals import delta_summary
 
 NAN = math.nan
 
@@ -27,7 +25,7 @@ SPREAD = {"layer": "spread_layer", "block": "spread_block", "ffn": "spread_ffn"}
 
 def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.DataFrame:
     """Every delta measure the findings read, per resample of the run's tensors (rows with a
-    `resample` column; opdgeo.tidy.tensor_bootstrap): delta_global's metrics as the analysis
+    `resample` column; opdgeo.intervals.tensor_bootstrap): delta_global's metrics as the analysis
     aggregates them, the energy spread of F3, the matrix ratios of F6 and F7, and F1's ratio
     of relative norms to the comparator's (its rows among `rows`, drawn by the same tensor
     names)."""

@@ -19,9 +19,9 @@ from opdgeo.delta.columns import (
     SPARSITY,
 )
 from opdgeo.findings.context import Context
+from opdgeo.intervals import gap
 from opdgeo.kinds import OTHER_EXAMPLE, OWN, SELF_DISTILLATION
 from opdgeo.task import context_metric
-from opdgeo.tidy import gap
 
 # (delta metric, measure, the side of OP2SD's value the claim puts OPSD's: +1 above)
 COMPARED = ((RELATIVE_NORM, "relative norm", -1), (SPARSITY, "sparsity at 1e-5", +1),
