@@ -16,6 +16,7 @@ from opdgeo.config import (
     validate_config,
 )
 from opdgeo.models import VISION_ARCHITECTURES
+from opdgeo.paper_tables import PAPER_MASK_DENSITY
 from opdgeo.task import has_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def test_shipped_configs_validate_and_expand(name):
     runs = build_runs(config)
     kinds = {spec.kind for spec in runs.values()}
     assert {"opd", "sft", "grpo", "masked"} <= kinds
-    for mask in build_masks(config).values():
+    for mask in build_masks(config, PAPER_MASK_DENSITY).values():
         assert mask.run in runs
 
 
@@ -66,7 +67,7 @@ def test_shipped_configs_have_a_vision_language_pair(name, kinds):
     assert {s.kind for s in vl} >= kinds
     for key in {s.source for s in vl} | {s.teacher for s in vl}:
         assert config["models"][key]["build"]["arch"] in VISION_ARCHITECTURES, key
-    masks = build_masks(config)
+    masks = build_masks(config, PAPER_MASK_DENSITY)
     arms = {masks[s.mask].run for s in vl if s.kind == "masked"}
     if "grpo" in kinds:
         assert any("-grpo-" in run for run in arms)  # the RLVR control's mask
@@ -76,7 +77,7 @@ def test_mask_of_an_external_run_on_the_same_source():
     config = load("config/smoke.yaml")
     config["external"] = {"addition-rl": {"source": "x", "trained": "y"}}
     config["pairs"]["addition"]["masked"]["arms"] = ["run:rl", "random:rl"]
-    runs, masks = build_runs(config), build_masks(config)
+    runs, masks = build_runs(config), build_masks(config, PAPER_MASK_DENSITY)
     assert masks[runs["addition-masked-run-rl-s0"].mask].run == "addition-rl"
     assert masks[runs["addition-masked-random-rl-s0"].mask].method == "random_like"
 
@@ -247,7 +248,7 @@ def test_masked_arms_train_every_seed_from_that_seed_s_runs():
                         "masked": {"seeds": [0, 1, 2],
                                    "arms": ["opd", "random", "run:grpo", "top:0.1"]}}},
     }
-    runs, masks = build_runs(config), build_masks(config)
+    runs, masks = build_runs(config), build_masks(config, PAPER_MASK_DENSITY)
     for arm, source in (("opd", "p-opd-t-sgd"), ("random", "p-opd-t-sgd"),
                         ("run-grpo", "p-grpo-sgd"), ("top-0.1", "p-opd-t-sgd")):
         for seed in (0, 1, 2):

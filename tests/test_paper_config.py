@@ -25,6 +25,7 @@ from opdgeo.config import (
     split_reference,
 )
 from opdgeo.kinds import RUN_KINDS
+from opdgeo.paper_tables import PAPER_MASK_DENSITY
 from opdgeo.resources import PAPER_MODELS, RETRY_GROWTH, GiB, Need, job_resources, model_size
 from opdgeo.task import has_images
 
@@ -62,7 +63,7 @@ def test_paper_pairs_become_the_papers_runs(paper):
                              "minicpm-opd", "qwen25vl-grpo"}
     assert external["deepscaler-rlvr"].source == model_reference(paper["models"]["ds-qwen"])
     # The paper's RLVR-mask arm for DS-Qwen: the mask of the external DeepScaleR run.
-    mask = build_masks(paper)[runs["dsqwen-masked-run-deepscaler-rlvr-s0"].mask]
+    mask = build_masks(paper, PAPER_MASK_DENSITY)[runs["dsqwen-masked-run-deepscaler-rlvr-s0"].mask]
     assert (mask.method, mask.run) == ("atol", "deepscaler-rlvr")
 
 
@@ -105,7 +106,7 @@ def test_paper_dag_resolves_offline(tmp_path):
 
 
 def test_vision_language_pair_is_the_papers_qwen25vl_run(paper):
-    runs, masks = build_runs(paper), build_masks(paper)
+    runs, masks = build_runs(paper), build_masks(paper, PAPER_MASK_DENSITY)
     opd = runs["qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0"]
     assert paper["models"][opd.source]["path"] == "Qwen/Qwen2.5-VL-3B-Instruct"
     training = opd.training

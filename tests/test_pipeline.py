@@ -20,6 +20,7 @@ import yaml
 from events import wait_for
 
 from opdgeo.config import build_masks, build_runs
+from opdgeo.paper_tables import PAPER_MASK_DENSITY
 from opdgeo.report_captions import captions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_smoke_dag_writes_every_output(smoke):
             assert f"# {name}\n" in card and "## Held-out scores" in card, name
             for step in spec.checkpoint_steps():
                 assert (smoke / f"results/runs/{name}/checkpoints/step-{step}").is_dir()
-    for mask in build_masks(config):
+    for mask in build_masks(config, PAPER_MASK_DENSITY):
         assert (smoke / f"results/masks/{mask}.safetensors").exists()
     # a local run's jobs ran in forks of the preload server, which ended with the run
     assert "preloaded" in (smoke / "results/logs/preload.log").read_text()

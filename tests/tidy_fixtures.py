@@ -9,6 +9,7 @@ import pandas as pd
 from opdgeo.config import build_masks, build_runs, run_table
 from opdgeo.delta import columns as c
 from opdgeo.delta.grouping import add_enrichment, aggregate, overlap_metrics
+from opdgeo.paper_tables import PAPER_MASK_DENSITY
 
 CONFIG = {
     "models": {"teacher-a": {"path": "a"}, "teacher-b": {"path": "b"},
@@ -172,8 +173,9 @@ def tables(cfg: dict | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
                     c.PRINCIPAL_PROJECTION: 0.006, c.SUBSPACE_ROTATION: 0.01,
                     c.LOW_MAGNITUDE_COVERAGE: 0.3,
                 }))
-    masks = [(m.name, "all", "all", 0.2 if m.method == "atol" else 0.21)
-             for m in build_masks(cfg).values()]
+    masks = [(m.name, "all", "all", m.density if isinstance(m.density, float)
+              else 0.2 if m.method == "atol" else 0.21)
+             for m in build_masks(cfg, PAPER_MASK_DENSITY).values()]
     primary = next(n for n, s in runs.items() if s.kind == "opd")
     others = [n for n, s in runs.items() if s.kind in ("sft", "grpo")]
     # Per-tensor mask counts of each pair, and its pooled values from them as overlap_runs

@@ -158,7 +158,8 @@ def cmd_evaluate(args):
     _threads(args.threads)
     checkpoints = {0 if args.step is None else args.step: Path(args.checkpoint)}
     if args.checkpoints:
-        checkpoints |= step_folders(args.checkpoints)
+        checkpoints |= {step: folder for step, folder in step_folders(args.checkpoints).items()
+                        if step % args.every == 0}
     task, evaluation = make_task(args.task), args.evaluation
     # Beside the table, until it is written: what a killed job had finished.
     journal = ScoreJournal(args.out.with_name(args.out.stem + ".partial"),
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the final checkpoint")
     p.add_argument("--step", type=int, help="step of the final checkpoint")
     p.add_argument("--checkpoints", help="folder of step-N checkpoints")
+    p.add_argument("--every", type=int, default=1,
+                   help="score the step-N checkpoints whose N is a multiple of this only")
     p.add_argument("--task", type=_json, required=True)
     p.add_argument("--evaluation", type=_json, required=True,
                    help="the evaluation settings (config['evaluation'])")

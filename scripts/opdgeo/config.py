@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opdgeo.kinds import DEFAULT_CONTROLS, DEFAULT_SWEEP_KINDS, EXTERNAL, RUN_KINDS
+from opdgeo.kinds import DEFAULT_CONTROLS, DEFAULT_SWEEP_KINDS, EXTERNAL, OPD, RLVR, RUN_KINDS
 from opdgeo.task import has_images, has_privileged_context
 
 TRAINING_DEFAULTS = {
@@ -152,6 +152,15 @@ class RunSpec:
         every, steps = self.training["save_every"], self.training["steps"]
         return [s for s in range(every, steps, every)]
 
+    @property
+    def evaluate_every(self) -> int:
+        """The intermediate checkpoints scored: those at multiples of this (the others are
+        analysed only)."""
+        return self.training.get("evaluate_every") or self.training.get("save_every", 1)
+
+    def evaluated_steps(self) -> list[int]:
+        return [s for s in self.checkpoint_steps() if s % self.evaluate_every == 0]
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -162,7 +171,7 @@ class MaskSpec:
     method: str  # atol | top | random_like | random_density
     run: str | None = None  # run whose delta defines it (atol, top, random_like)
     atol: float = 1e-5
-    density: float | None = None
+    density: float | str | None = None  # a fraction, or `paper:<row>` until build_masks
     seed: int = 0
 
 
@@ -192,6 +201,11 @@ def pair_training(config: dict, pair: str) -> dict:
     merged["optimizers"] = {
         name: {**OPTIMIZER_DEFAULTS, **settings} for name, settings in merged["optimizers"].items()
     }
+    every = merged.get("evaluate_every")
+    if every is not None and every % merged["save_every"]:
+        raise ConfigError(f"pairs.{pair}: training.evaluate_every ({every}) must be a multiple "
+                          f"of save_every ({merged['save_every']}): only saved checkpoints can "
+                          f"be scored")
     return merged
 
 
@@ -375,47 +389,46 @@ def primary_run(config: dict, pair: str, seed: int) -> str:
     return f"{pair}-opd-{spec['teachers'][0]}-{opt}-s{seed}"
 
 
+# The paper's name for a mask's density (config/paper_reference.yaml, mask_density): the OPD
+# mask's for the primary run, else the mask of a run of that role's.
+PAPER = "paper"
+PAPER_MASK_ROWS = {OPD: "opd", RLVR: "run-grpo"}
+
+
 def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]]:
-    """Arm name -> one mask per seed, parsed from `pairs.<pair>.masked.arms`."""
+    """Arm name -> one mask per seed, parsed from `pairs.<pair>.masked.arms` (the schema says
+    each form). A density `paper` stays symbolic here (`paper:<row>` of the paper's
+    mask_density table): build_masks resolves it."""
     masked = config["pairs"][pair].get("masked", {})
     atol = masked.get("atol", 1e-5)
     arms: dict[str, list[MaskSpec]] = {}
     for arm in masked.get("arms", []):
-        head, _, arg = arm.partition(":")
+        head, *rest = arm.split(":")
+        density = rest.pop() if rest and _is_density(rest[-1]) else ""
+        arg = ":".join(rest)
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", arm).strip("-")
         arms[slug] = []
         for seed in masked.get("seeds", [0]):
             primary = primary_run(config, pair, seed)
-            other = f"{pair}-{arg}" if arg else None
-            if other and not _is_number(arg) and other not in runs:
-                # the named run's own seed where it has one, else its first run
-                found = [r for r in runs if r.startswith(other + "-")]
-                other = next((r for r in found if r.endswith(f"-s{seed}")),
-                             found[0] if found else other)
-                if other not in runs and runs.get(arg) and runs[arg].kind == EXTERNAL:
-                    other = _external_on_source(config, pair, runs[arg], arm)
-                if other not in runs:
-                    raise ConfigError(
-                        f"pairs.{pair}.masked.arms: {arm!r} names run {arg!r}, but no run "
-                        f"{pair}-{arg}[-...] or external run {arg} exists; runs of the pair: "
-                        f"{sorted(r for r in runs if r.startswith(pair))}"
-                    )
-            if head == "opd" and not arg:
+            other = _named_run(config, pair, runs, arm, arg, seed) if arg else None
+            d = _density(config, pair, runs, arm, other or primary, primary, density) \
+                if density else None
+            tag = f"{d:g}" if isinstance(d, float) else f"-{d.replace(':', '-')}" if d else ""
+            if head == "opd" and not arg and not density:
                 mask = MaskSpec(f"{primary}.atol{atol:g}", pair, "atol", primary, atol,
                                 seed=seed)
-            elif head == "run" and arg:
+            elif head == "run" and arg and not density:
                 mask = MaskSpec(f"{other}.atol{atol:g}", pair, "atol", other, atol, seed=seed)
-            elif head == "top" and _is_number(arg):
-                d = float(arg)
-                mask = MaskSpec(f"{primary}.top{d:g}", pair, "top", primary, atol, d, seed)
-            elif head == "random" and not arg:
+            elif head == "top" and density:
+                run = other or primary
+                mask = MaskSpec(f"{run}.top{tag}", pair, "top", run, atol, d, seed)
+            elif head == "random" and not arg and not density:
                 mask = MaskSpec(
                     f"{primary}.atol{atol:g}.random{seed}", pair, "random_like", primary, atol,
                     seed=seed,
                 )
-            elif head == "random" and _is_number(arg):
-                d = float(arg)
-                mask = MaskSpec(f"{pair}.density{d:g}.random{seed}", pair, "random_density",
+            elif head == "random" and density:
+                mask = MaskSpec(f"{pair}.density{tag}.random{seed}", pair, "random_density",
                                 primary, atol, d, seed)
             elif head == "random":
                 mask = MaskSpec(f"{other}.atol{atol:g}.random{seed}", pair, "random_like", other,
@@ -423,10 +436,52 @@ def masked_arms(config: dict, pair: str, runs: dict) -> dict[str, list[MaskSpec]
             else:
                 raise ConfigError(
                     f"pairs.{pair}.masked.arms: cannot read {arm!r}; use opd, random, run:<run>, "
-                    "random:<run>, top:<density> or random:<density>"
+                    "random:<run>, top:[<run>:]<density> or random:[<run>:]<density> (a "
+                    "density: a number in (0, 1] or `paper`)"
                 )
             arms[slug].append(mask)
     return arms
+
+
+def _is_density(text: str) -> bool:
+    return text == PAPER or _is_number(text)
+
+
+def _named_run(config: dict, pair: str, runs: dict, arm: str, arg: str, seed: int) -> str:
+    """The run an arm names: `{pair}-{arg}` (its own seed where it has one, else its first
+    run), or an external run on the pair's source."""
+    other = f"{pair}-{arg}"
+    if other in runs:
+        return other
+    found = [r for r in runs if r.startswith(other + "-")]
+    other = next((r for r in found if r.endswith(f"-s{seed}")), found[0] if found else other)
+    if other not in runs and runs.get(arg) and runs[arg].kind == EXTERNAL:
+        other = _external_on_source(config, pair, runs[arg], arm)
+    if other not in runs:
+        raise ConfigError(
+            f"pairs.{pair}.masked.arms: {arm!r} names run {arg!r}, but no run "
+            f"{pair}-{arg}[-...] or external run {arg} exists; runs of the pair: "
+            f"{sorted(r for r in runs if r.startswith(pair))}"
+        )
+    return other
+
+
+def _density(config: dict, pair: str, runs: dict, arm: str, run: str, primary: str,
+             density: str) -> float | str:
+    """A number in (0, 1], or `paper:<row>`: the paper's density of the named run's mask."""
+    if density != PAPER:
+        value = float(density)
+        if not 0 < value <= 1:
+            raise ConfigError(f"pairs.{pair}.masked.arms: {arm!r} has density {value:g}; a "
+                              f"density is a fraction in (0, 1]")
+        return value
+    spec = runs[run]
+    role = OPD if run == primary else RUN_KINDS.get(
+        config.get("external", {}).get(run, {}).get("kind", spec.kind), RUN_KINDS[EXTERNAL]).role
+    if role not in PAPER_MASK_ROWS:
+        raise ConfigError(f"pairs.{pair}.masked.arms: {arm!r}: the paper gives a mask density for "
+                          f"the primary OPD run and an RLVR run only, not for {run}")
+    return f"{PAPER}:{PAPER_MASK_ROWS[role]}"
 
 
 def _external_on_source(config: dict, pair: str, run: RunSpec, arm: str) -> str:
@@ -443,14 +498,21 @@ def _external_on_source(config: dict, pair: str, run: RunSpec, arm: str) -> str:
     return run.name
 
 
-def build_masks(config: dict) -> dict[str, MaskSpec]:
+def build_masks(config: dict, paper_densities: dict[str, float] | None = None
+                ) -> dict[str, MaskSpec]:
+    """Every mask of the config; a `paper` density read from `paper_densities` (the paper's
+    mask_density table, row -> %): the workflow passes opdgeo.paper_tables', so that only the
+    masks, not every command importing this module, read the paper's numbers."""
     runs = build_runs(config)
-    return {
-        m.name: m
-        for pair in config["pairs"]
-        for masks in masked_arms(config, pair, runs).values()
-        for m in masks
-    }
+    masks = {m.name: m for pair in config["pairs"]
+             for masks in masked_arms(config, pair, runs).values() for m in masks}
+    for name, mask in masks.items():
+        if isinstance(mask.density, str):
+            if paper_densities is None:
+                raise ConfigError(f"mask {name}: the paper's densities are needed to resolve "
+                                  f"{mask.density!r}")
+            masks[name] = replace(mask, density=paper_densities[mask.density.split(":")[1]] / 100)
+    return masks
 
 
 def run_table(runs: dict[str, RunSpec], models: dict | None = None):

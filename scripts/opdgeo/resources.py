@@ -401,7 +401,7 @@ class Sizer:
 
     def evaluate_run(self, run: str) -> Need | None:
         spec = self.runs[run]
-        return self._evaluation(spec.source, spec.task, self.checkpoints(run))
+        return self._evaluation(spec.source, spec.task, len(spec.evaluated_steps()) + 1)
 
     def analysis(self, run: str, trajectory: bool) -> Need | None:
         size = self.size(self.runs[run].source)

@@ -21,10 +21,11 @@ from opdgeo.config import (
 )
 from opdgeo.figures import FIGURES
 from opdgeo.kinds import RUN_KINDS  # noqa: E402
+from opdgeo.paper_tables import PAPER_MASK_DENSITY
 
 try:
     RUNS = build_runs(config)
-    MASKS = build_masks(config)
+    MASKS = build_masks(config, PAPER_MASK_DENSITY)
 except ConfigError as error:
     raise WorkflowError(f"config: {error}") from None
 

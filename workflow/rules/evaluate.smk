@@ -36,6 +36,7 @@ rule evaluate_run:
         "results/eval/runs/{run}.csv",
     params:
         step=lambda w: final_steps(w.run),
+        every=lambda w: RUNS[w.run].evaluate_every,
         seed=lambda w: RUNS[w.run].seed,
         task=lambda w: task_of_run(w.run),
         evaluation=as_arg(config["evaluation"]),
@@ -51,6 +52,7 @@ rule evaluate_run:
         **sized(lambda w: SIZER.evaluate_run(w.run), lambda w: GPU),
     shell:
         "opdgeo evaluate --run {wildcards.run:q} --checkpoint {input.final:q} --step {params.step}"
-        " --checkpoints {input.checkpoints:q} --task {params.task} --evaluation {params.evaluation}"
+        " --checkpoints {input.checkpoints:q} --every {params.every} --task {params.task}"
+        " --evaluation {params.evaluation}"
         " --seed {params.seed}"
         " --out {output:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
