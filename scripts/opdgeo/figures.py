@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from opdgeo.config import PAPER  # noqa: E402
 from opdgeo.delta import columns  # noqa: E402
 from opdgeo.delta.columns import (  # noqa: E402
     HEADLINE_RATIO,
@@ -333,10 +334,16 @@ def fig2_layer_module(layer_module: pd.DataFrame, info: pd.DataFrame, plots: dic
 
 def _arm_label(arm: str, density: float) -> str:
     head, _, arg = arm.partition("-")
+    paper = arg == PAPER or arg.endswith(f"-{PAPER}")
+    run = arg.removesuffix(PAPER).rstrip("-") if paper else arg
     names = {"opd": "OPD mask", "random": "random mask", "run": f"{arg} run's mask",
              "top": f"top-{arg} |ΔW| mask"}
     label = names.get(head, arm)
-    if head == "random" and arg:
+    if paper:
+        of = f"the {run} run's" if run else "OPD's"
+        label = f"top-|ΔW| mask of {of}" if head == "top" else f"random mask, {of} mask"
+        label += " at the paper's density"
+    elif head == "random" and arg:
         label = f"random mask ({arg} density)"
     return label + (f", density {density:.1%}" if not math.isnan(density) else "")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from opdgeo.config import PAPER
 from opdgeo.delta import columns
 from opdgeo.delta.columns import (
     LOW_MAGNITUDE_COVERAGE,
@@ -329,13 +330,23 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
 
 
 def paper_arm(arm: str, info: pd.DataFrame) -> str:
-    """An arm named after an external RLVR run (`run-deepscaler-rlvr`) is the paper's
-    `run-grpo` arm (the mask of an RLVR run), as the pair's own GRPO control's would be."""
+    """An arm named after an external RLVR run (`run-deepscaler-rlvr`, `top-deepscaler-rlvr-
+    paper`) is named as the pair's own RLVR control's would be (`run-grpo`, `top-grpo-paper`),
+    the paper's RLVR-mask arm."""
     head, _, run = arm.partition("-")
+    run, paper = (run.removesuffix(f"-{PAPER}"), f"-{PAPER}") if run.endswith(f"-{PAPER}") \
+        else (run, "")
     method = info.loc[info["run"] == run, "method"]
-    if head in ("run", "random") and len(method) and method.iloc[0] == ROLE_METHOD[RLVR]:
-        return f"{head}-{ROLE_METHOD[RLVR]}"
+    if head in ("run", "random", "top") and len(method) \
+            and method.iloc[0] == ROLE_METHOD[RLVR]:
+        return f"{head}-{ROLE_METHOD[RLVR]}{paper}"
     return arm
+
+
+# Arms at the paper's densities (`top:paper`, ...) stand beside the paper's arm of that mask.
+PAPER_DENSITY_ARMS = {f"top-{PAPER}": "opd", f"random-{PAPER}": "random",
+                      f"top-{ROLE_METHOD[RLVR]}-{PAPER}": f"run-{ROLE_METHOD[RLVR]}",
+                      f"random-{ROLE_METHOD[RLVR]}-{PAPER}": f"random-{ROLE_METHOD[RLVR]}"}
 
 
 def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -359,8 +370,8 @@ def interventions_table(rows: pd.DataFrame) -> pd.DataFrame:
     vision_pairs = set(rows.loc[rows["modality"] == "vision-language", "pair"])
     peaks, lates, densities = [], [], []
     for row in table.itertuples():
-        key = row.arm if row.experiment == "masked retraining" else \
-            next((k for k, v in OPTIMIZER_LABELS.items() if row.arm.startswith(v)), None)
+        key = PAPER_DENSITY_ARMS.get(row.arm, row.arm) if row.experiment == "masked retraining" \
+            else next((k for k, v in OPTIMIZER_LABELS.items() if row.arm.startswith(v)), None)
         if row.experiment == "masked retraining" and row.pair in vision_pairs:
             peak, late = PAPER_MASKED_VL.get(key, (None, None))
             densities.append(None)

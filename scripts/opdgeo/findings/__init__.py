@@ -23,9 +23,11 @@ import pandas as pd
 
 from opdgeo.files import atomic
 from opdgeo.findings.context import (
+    BEYOND_NULL,
     CLAIMS,
     COLUMNS,
     CONTRADICTS,
+    CONTROL_COLUMNS,
     EXPLAINED,
     F1_MAX_NORM_RATIO,
     F2_MIN_SPARSITY,
@@ -40,7 +42,9 @@ from opdgeo.findings.context import (
     INCONCLUSIVE,
     NOT_TESTED,
     READS,
+    SHORT_OF_NULL,
     VERDICTS,
+    WITHIN_NULL,
     Context,
     missing,
     verdict,
@@ -55,17 +59,18 @@ from opdgeo.tidy import main_runs
 # The package's interface: the table, its Markdown, its file; the claims, thresholds and
 # verdict words they print (the checks live in .delta, .interventions and
 # .self_distillation).
-__all__ = ["CLAIMS", "COLUMNS", "CONTRADICTS", "EXPLAINED", "F1_MAX_NORM_RATIO",
+__all__ = ["BEYOND_NULL", "CLAIMS", "COLUMNS", "CONTRADICTS", "EXPLAINED", "F1_MAX_NORM_RATIO",
            "F2_MIN_SPARSITY", "F3_MIN_SPREAD", "F4_TOLERANCE", "F6_MIN_RANK_FRACTION",
            "F7_RANDOM_MASK", "F8_MIN_COVERAGE", "FAILS", "HOLDS", "HOLDS_BEYOND", "INCONCLUSIVE",
-           "NOT_TESTED", "READS", "VERDICTS", "findings_markdown", "findings_table", "verdict",
-           "write_findings"]
+           "NOT_TESTED", "READS", "SHORT_OF_NULL", "VERDICTS", "WITHIN_NULL",
+           "findings_markdown", "findings_table", "verdict", "write_findings"]
 
 
 def findings_table(tables: dict[str, pd.DataFrame], info: pd.DataFrame,
                    plots: dict) -> pd.DataFrame:
-    info = main_runs(info)  # the sweep grid has its own figure, not findings rows
-    ctx = Context(tables, info, plots)
+    # the sweep grid has its own figure, not delta findings rows; F5 reads its OPD cells
+    ctx = Context(tables, main_runs(info), plots, everything=info)
+    info = ctx.info
     rows = []
     # F1-F8 ask the same of on-policy self-distillation as of OPD.
     relevant = info[info["method"].isin((OPD, SELF_DISTILLATION[OWN]))
@@ -92,8 +97,9 @@ def findings_markdown(table: pd.DataFrame) -> str:
              "The paper's findings (docs/study.md section 6) checked on our runs. Values are "
              "fractions (scores and shares in [0, 1]); `paper` is the paper's value for the "
              "corresponding paper run (a reference from a much larger model, not a target). "
-             "`null` is what chance or bf16 rounding alone predicts; `sft_control` and "
-             "`grpo_control` are the matched controls (same pair, seed, optimizer, steps).", "",
+             "`null` is what chance or bf16 rounding alone predicts; "
+             + " and ".join(f"`{c}`" for c in CONTROL_COLUMNS.values())
+             + " are the matched controls (same pair, seed, optimizer, steps).", "",
              "`observed` is the mean over the group's seeds and [`low`, `high`] its 95% "
              "interval; `over` says what it is over: t over seeds; with one seed, a score's "
              "bootstrap over prompts, and a delta measure's bootstrap over the run's matrices "
@@ -106,11 +112,19 @@ def findings_markdown(table: pd.DataFrame) -> str:
              "threshold, else *inconclusive*; against a null (the interval of observed - null, "
              "paired by seed): *holds beyond the null* when it clears the null too, *explained "
              "by the null* when it does not, *contradicts the claim* when it lies wholly on the "
-             "null's far side; *not tested* when an input is missing. Thresholds: "
+             "null's far side; *not tested* when an input is missing. F7's and F8's coverages are "
+             "read twice, each row with its own verdict: against the paper's threshold "
+             "(*holds* / *fails* / *inconclusive*), and against what bf16 rounding alone "
+             "gives: *beyond the null* when observed - null clears zero on the claim's side, "
+             "*within the null* when its interval includes zero, *short of the null* when it "
+             "lies on the other side. Thresholds: "
              f"F1 ratio <= {F1_MAX_NORM_RATIO:g}; F2 sparsity >= {F2_MIN_SPARSITY:g}; F3 "
-             f"least-moved layer and block >= {F3_MIN_SPREAD:g} of their parameter share, FFN "
-             f"above its share; F4 within {F4_TOLERANCE:g} of full OPD (tested only where full "
-             f"OPD improves over the source beyond its interval); F5 AdamW above SGD; F6 rank "
+             f"least-moved layer and block >= {F3_MIN_SPREAD:g} of their parameter share, the "
+             f"FFN's energy share above every other block's; F4 within {F4_TOLERANCE:g} of "
+             f"full OPD, first on the top-|dW| mask at the paper's density against a random "
+             f"mask of that density (tested only where full OPD improves over the source "
+             f"beyond its interval); F5 AdamW above SGD, each at its best learning rate, the "
+             f"main pair beside; F6 rank "
              f"fraction >= {F6_MIN_RANK_FRACTION:g}, top-16 energy above the shuffle null; F7 "
              f"projection below the isotropic null of each matrix, coverage < "
              f"{F7_RANDOM_MASK:g}; F8 >= {F8_MIN_COVERAGE:g}. Coverages (F7, F8) are pooled "
@@ -123,7 +137,7 @@ def findings_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "\n".join(lines + ["No OPD run with results: nothing to check.", ""])
     shown = ["series", "measure", "observed", "95% interval", "over", "seeds", "threshold",
-             "null", "null_kind", "sft_control", "grpo_control", "paper", "verdict", "note"]
+             "null", "null_kind", *CONTROL_COLUMNS.values(), "paper", "verdict", "note"]
     table = table.assign(**{
         "95% interval": [f"[{_fmt(lo)}, {_fmt(hi)}]" if not missing(lo) else "–"
                          for lo, hi in zip(table["low"], table["high"], strict=True)],

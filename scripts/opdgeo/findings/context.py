@@ -15,6 +15,7 @@ from opdgeo.intervals import (
     interval,
     tensor_bootstrap,
 )
+from opdgeo.kinds import EXTERNAL, OFFLINE_DISTILLATION, RLVR, ROLE_METHOD
 from opdgeo.paper_tables import (
     PAPER_GLOBAL,
     PAPER_GLOBAL_COLUMNS,
@@ -37,20 +38,29 @@ F8_MIN_COVERAGE = 0.15  # "well above 10%": low-magnitude coverage at least 1.5x
 HOLDS_BEYOND, EXPLAINED, CONTRADICTS, NOT_TESTED = (
     "holds beyond the null", "explained by the null", "contradicts the claim", "not tested")
 HOLDS, FAILS, INCONCLUSIVE = stats.HOLDS, stats.FAILS, stats.INCONCLUSIVE
-VERDICTS = (HOLDS_BEYOND, HOLDS, EXPLAINED, INCONCLUSIVE, FAILS, CONTRADICTS, NOT_TESTED)
+# A reading against a null alone (F7's and F8's coverage): observed - null clears zero on the
+# claim's side, includes zero, or lies on the other side.
+BEYOND_NULL, WITHIN_NULL, SHORT_OF_NULL = (
+    "beyond the null", "within the null", "short of the null")
+VERDICTS = (HOLDS_BEYOND, HOLDS, EXPLAINED, INCONCLUSIVE, FAILS, CONTRADICTS, BEYOND_NULL,
+            WITHIN_NULL, SHORT_OF_NULL, NOT_TESTED)
 CLAIMS = {
     "F1": "small: OPD relative norm far below the offline-distillation (SFT) control",
     "F2": "sparse: most bf16 coordinates unchanged at |dW| <= 1e-5",
-    "F3": "spread and FFN-heavy: every layer and block moves in proportion to its size or "
-          "more; FFN beyond its parameter share",
+    "F3": "spread and FFN-heavy: every layer and block moves (at least a quarter of its "
+          "parameter share of the energy); the FFN holds the largest energy share of the blocks",
     "F4": "subnetwork suffices: OPD-mask retraining ~ full OPD; an equal-density random "
-          "mask is worse",
-    "F5": "AdamW beats SGD",
+          "mask is worse (read on the top-|dW| mask at the paper's density against a random "
+          "mask of that density; the |dW| > atol mask beside)",
+    "F5": "AdamW beats SGD (each at its best learning rate of a small grid; the main pair's "
+          "learning rates beside)",
     "F6": "full rank, concentrated: numerical rank ~ min(m, n); top-16 energy above the "
           "shuffle null of the same matrix",
     "F7": "off-principal: joint principal projection at 10% below the isotropic null of each "
-          "matrix's shape; principal-mask coverage below a random mask's",
-    "F8": "low-magnitude: coverage of the bottom-10% |W_src| mask well above 10%",
+          "matrix's shape; principal-mask coverage below a random mask's (read twice: against "
+          "the paper's 10%, and against what bf16 rounding alone gives)",
+    "F8": "low-magnitude: coverage of the bottom-10% |W_src| mask well above 10% (read twice: "
+          "against the paper's threshold, and against what bf16 rounding alone gives)",
     # On-policy self-distillation (opdgeo.findings.self_distillation); F1-F8 apply to it too.
     "SD1": "something to distil: the self-teacher, reading each prompt's own reference "
            "solution, scores above the student reading the prompt alone",
@@ -58,11 +68,14 @@ CLAIMS = {
            "low-magnitude than its OP2SD control's (the teacher reading another example's "
            "solution)",
 }
-READS = ("delta_global", "evaluation", "tensors")  # tidy tables, besides runs
+READS = ("delta_global", "evaluation", "tensors", "masks")  # tidy tables, besides runs
+# The matched controls' columns, by role (opdgeo.kinds): the offline-distillation and RLVR
+# controls' values of a measure
+OFFLINE, RLVR_METHOD = ROLE_METHOD[OFFLINE_DISTILLATION], ROLE_METHOD[RLVR]
+CONTROL_COLUMNS = {method: f"{method}_control" for method in (OFFLINE, RLVR_METHOD)}
 COLUMNS = ["finding", "series", "measure", "observed", "low", "high", "interval", "seeds",
-           "threshold",
-           "null", "null_kind", "sft_control", "grpo_control", "paper", "paper_run", "verdict",
-           "note"]
+           "threshold", "null", "null_kind", *CONTROL_COLUMNS.values(), "paper", "paper_run",
+           "verdict", "note"]
 
 
 def verdict(low: float, high: float, threshold: float, direction: int,
@@ -86,6 +99,15 @@ def verdict(low: float, high: float, threshold: float, direction: int,
     return claim
 
 
+def null_verdict(null_gap: tuple[float, float], direction: int) -> str:
+    """The reading against a null alone: the interval of observed - null on the claim's side
+    of zero (direction +1: above), around it, or on the other side."""
+    if any(missing(v) for v in null_gap):
+        return INCONCLUSIVE
+    side = stats.verdict(*null_gap, 0.0, direction)
+    return {HOLDS: BEYOND_NULL, FAILS: SHORT_OF_NULL}.get(side, WITHIN_NULL)
+
+
 def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -99,12 +121,16 @@ def per_seed(runs: pd.DataFrame, values: dict[str, float]) -> pd.DataFrame:
 class Context:
     """What every check needs: run info, wide delta values, matched controls, paper rows."""
 
-    def __init__(self, tables: dict[str, pd.DataFrame], info: pd.DataFrame, plots: dict):
+    def __init__(self, tables: dict[str, pd.DataFrame], info: pd.DataFrame, plots: dict,
+                 everything: pd.DataFrame | None = None):
+        """info: the main runs; everything: with the sweep grid (F5's learning rates)."""
         self.tables, self.info = tables, info
+        self.everything = info if everything is None else everything
         self.values = wide(tables["delta_global"])
         self.match = paper_match(info, plots.get("paper_match"))
         self.metric = score_metric(tables["evaluation"], plots.get("metric", ""))
-        self.scores = curves(tables["evaluation"], info, self.metric) if self.metric else None
+        self.scores = curves(tables["evaluation"], self.everything, self.metric) \
+            if self.metric else None
         self.resampled: dict[str, pd.DataFrame] = {}
 
     def value(self, run, key) -> float:
@@ -204,7 +230,7 @@ class Context:
             verdict_ = verdict(low, high, threshold, direction,
                                null_gap[1:] if null_gap else None, threshold_is_null)
         controls = {kind: float(self.metric_of(self.controls(runs, kind), key)["value"].mean())
-                    if key else NAN for kind in ("sft", "grpo")}
+                    if key else NAN for kind in CONTROL_COLUMNS}
         seeds = observed["value"].notna().sum() if isinstance(observed, pd.DataFrame) \
             else len(runs)
         over = "" if missing(mean) else NO_INTERVAL if missing(low) \
@@ -213,7 +239,7 @@ class Context:
                 "observed": mean, "low": low, "high": high, "interval": over,
                 "seeds": int(seeds),
                 "threshold": threshold, "null": null_value, "null_kind": null_kind,
-                "sft_control": controls["sft"], "grpo_control": controls["grpo"],
+                **{column: controls[kind] for kind, column in CONTROL_COLUMNS.items()},
                 "paper": paper, "paper_run": self.match.get(runs["run"].iloc[0], ""),
                 "verdict": verdict_, "note": note}
 
@@ -223,10 +249,10 @@ def f1_comparator(ctx: Context, run: str) -> tuple[str | None, str]:
     SFT control, else (config/paper.yaml: no matched control) the first external
     offline-distillation run, on another source as the paper's own F1 is (OPD from DS-Qwen
     against Qwen2.5-Math -> DS-Qwen)."""
-    control = ctx.control(run, "sft")
+    control = ctx.control(run, OFFLINE)
     if control is not None:
         return control, "SFT control"
-    external = ctx.info[(ctx.info["kind"] == "external") & (ctx.info["method"] == "sft")]
+    external = ctx.info[(ctx.info["kind"] == EXTERNAL) & (ctx.info["method"] == OFFLINE)]
     external = external[external["run"].isin(ctx.values.index)]
     if len(external):
         name = external["run"].iloc[0]

@@ -22,19 +22,26 @@ from opdgeo.findings.context import (
     F7_RANDOM_MASK,
     F8_MIN_COVERAGE,
     NAN,
+    NOT_TESTED,
     Context,
     f1_comparator,
+    missing,
+    null_verdict,
     per_seed,
 )
 from opdgeo.findings.measures import (
     F1_RATIO,
+    FFN_LEAD,
     PROJECTION_RATIO,
     SPREAD,
     TOP16_RATIO,
+    TYPE_SHARE,
     energy_spread,
+    ffn_lead,
     matrix_ratio,
 )
 from opdgeo.paper_tables import PAPER_ENERGY, PAPER_ENERGY_COLUMNS
+from opdgeo.tidy import gap
 
 
 def _point(ctx: Context, run: str, measure) -> float:
@@ -57,6 +64,34 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
 
     def summary(key: str) -> pd.DataFrame:
         return ctx.with_interval(runs, ctx.metric_of(runs, key), key)
+
+    def two_readings(measure, key, threshold, direction, null_keys, paper_column,
+                     meaning) -> list[dict]:
+        """The paper's reading (the threshold) and the rounding null's, each a row with its
+        own verdict."""
+        value = summary(key)
+        null, null_key = ctx.first_null(runs, null_keys)
+        null_gap = ctx.null_gap(runs, value, key, null, null_key) or gap(value, null)
+        side = "below" if direction < 0 else "at least"
+        paper = ctx.paper(first, paper_column)
+        by_threshold = ctx.row(
+            measure[0], runs, f"{measure[1]}: against the paper's threshold", value, threshold,
+            direction, key=key, paper=paper, null_value=float(null["value"].mean()),
+            null_kind=_null_kind(null_key),
+            note=f"the paper's reading: {side} {threshold:g} ({meaning})"
+                 + (f"; the paper's own value {paper:.4g}" if not missing(paper) else ""))
+        by_null = ctx.row(
+            measure[0], runs, f"{measure[1]}: against bf16 rounding", value,
+            float(null["value"].mean()), direction, null, _null_kind(null_key), key=key,
+            null_gap=null_gap, paper=paper,
+            note=f"{'below' if direction < 0 else 'above'} what bf16 rounding alone gives "
+                 f"(the {_null_kind(null_key) or 'rounding null'}, paired by "
+                 f"{'matrix' if len(runs) == 1 else 'seed'}): observed - null "
+                 + (_gap_text(null_gap) if not missing(null_gap[0]) else "not computed"))
+        if by_null["verdict"] != NOT_TESTED:
+            by_null["verdict"] = null_verdict(null_gap[1:], direction) if not missing(
+                null_gap[0]) else NOT_TESTED
+        return [by_threshold, by_null]
 
     def against_null(measure, key, threshold, direction, null_keys, **fields) -> dict:
         value = summary(key)
@@ -106,17 +141,13 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
                         threshold_is_null=True,
                         note="claim: < 1 (the paper gives no number for this measure)"))
     coverage_nulls = [null_name(kind, PRINCIPAL_COVERAGE) for kind in ("exact", "rounding")]
-    rows.append(against_null(("F7", "principal-mask coverage at 10%"), PRINCIPAL_COVERAGE,
-                             F7_RANDOM_MASK, -1, coverage_nulls,
-                             paper=ctx.paper(first, "principal_coverage"),
-                             note="claim: < 10% (random mask)"))
-
+    rows += two_readings(("F7", "principal-mask coverage at 10%"), PRINCIPAL_COVERAGE,
+                         F7_RANDOM_MASK, -1, coverage_nulls, "principal_coverage",
+                         "the coverage of a random 10% mask")
     low_nulls = [null_name(kind, LOW_MAGNITUDE_COVERAGE) for kind in ("exact", "rounding")]
-    rows.append(against_null(("F8", "low-magnitude coverage at 10%"), LOW_MAGNITUDE_COVERAGE,
-                             F8_MIN_COVERAGE, +1, low_nulls,
-                             paper=ctx.paper(first, "low_magnitude_coverage"),
-                             note=f"claim: >= {F8_MIN_COVERAGE:g} (enrichment >= "
-                                  f"{F8_MIN_COVERAGE / 0.1:g})"))
+    rows += two_readings(("F8", "low-magnitude coverage at 10%"), LOW_MAGNITUDE_COVERAGE,
+                         F8_MIN_COVERAGE, +1, low_nulls, "low_magnitude_coverage",
+                         f"enrichment {F8_MIN_COVERAGE / 0.1:g} over the mask's 10% density")
     return rows
 
 
@@ -130,10 +161,18 @@ def _f3(ctx: Context, runs: pd.DataFrame, observed) -> list[dict]:
     spread = {r: {key: _point(ctx, r, lambda t, key=key: energy_spread(t)[key])
                   for key in SPREAD} for r in runs["run"]}
     first = runs["run"].iloc[0]
+    # by module type, as the paper's module energy table counts it (a tower's MLP in FFN)
+    shares = ctx.values.reindex(runs["run"])
+    shares = shares[[c for c in shares.columns if c.startswith(TYPE_SHARE)]]
+    lead = observed(ffn_lead(shares).to_dict(), FFN_LEAD)
+    mean_shares = shares.mean().drop(f"{TYPE_SHARE}ffn", errors="ignore")
+    runner_up = mean_shares.idxmax().removeprefix(TYPE_SHARE) if mean_shares.notna().any() \
+        else "none"
     paper_row = PAPER_ENERGY.get(ctx.match.get(first))
-    paper = paper_row[PAPER_ENERGY_COLUMNS.index("ffn")] / 100 if paper_row else NAN
-    # by module type, as the paper counts it (a vision tower's MLP in FFN)
-    shares = per_seed(runs, {r: ctx.value(r, "type_energy_share/ffn") for r in runs["run"]})
+    paper = dict(zip(PAPER_ENERGY_COLUMNS, paper_row, strict=True)) if paper_row else {}
+    paper_lead = (paper["ffn"] - max(v for k, v in paper.items() if k != "ffn" and v is not None)
+                  ) / 100 if paper else NAN
+    ratio = observed({r: v["ffn"] for r, v in spread.items()}, SPREAD["ffn"])["value"].mean()
 
     def values(key):
         return observed({r: v[key] for r, v in spread.items()}, SPREAD[key])
@@ -145,8 +184,18 @@ def _f3(ctx: Context, runs: pd.DataFrame, observed) -> list[dict]:
                      f"spread gives 1)"),
         ctx.row("F3", runs, "least-moved block (attention, FFN): energy share / parameter "
                 "share", values("block"), F3_MIN_SPREAD, +1, note=f"claim: >= {F3_MIN_SPREAD:g}"),
-        ctx.row("F3", runs, "FFN: energy share / parameter share", values("ffn"), 1.0, +1,
-                null_kind="even spread (parameter share)", threshold_is_null=True,
-                paper=NAN, note=f"claim: > 1; FFN energy share of all tensors "
-                                f"{shares['value'].mean():.3g} (paper {paper:.3g})"),
+        ctx.row("F3", runs, "FFN energy share - the largest other block's (by module type)",
+                lead, 0.0, +1, paper=paper_lead,
+                note=f"claim: > 0, the FFN holds the largest share; FFN share "
+                     f"{shares.get(f'{TYPE_SHARE}ffn', pd.Series(NAN)).mean():.3g}, next "
+                     f"{runner_up} {mean_shares.max():.3g}"
+                     + (f" (paper: FFN {paper['ffn'] / 100:.3g})" if paper else "")
+                     + f"; context: FFN energy share / its "
+                     f"parameter share {ratio:.3g} (within attention + FFN; an even spread "
+                     f"gives 1)"),
     ]
+
+
+def _gap_text(estimate: tuple) -> str:
+    mean, low, high = estimate
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"

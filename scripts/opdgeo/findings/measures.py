@@ -1,6 +1,7 @@
 """Delta measures the findings read beyond delta_global's metrics, recomputed from
-per-tensor rows: F1's ratio of relative norms, F3's energy spread, the matrix ratios of F6
-and F7. Each works per resample of a run's tensors (opdgeo.intervals.tensor_bootstrap)."""
+per-tensor rows: F1's ratio of relative norms, F3's energy spread and FFN lead, the matrix
+ratios of F6 and F7. Each works per resample of a run's tensors
+(opdgeo.intervals.tensor_bootstrap)."""
 
 import math
 
@@ -21,6 +22,20 @@ NAN = math.nan
 # Delta measures beyond delta_global's metrics, recomputed from per-tensor rows (delta_measures)
 F1_RATIO, TOP16_RATIO, PROJECTION_RATIO = "f1_ratio", "top16_ratio", "projection_ratio"
 SPREAD = {"layer": "spread_layer", "block": "spread_block", "ffn": "spread_ffn"}
+# F3: the FFN's energy share minus the largest other block's, by module type (the paper's
+# module energy table: a vision tower's MLP in FFN)
+FFN_LEAD, TYPE_SHARE = "ffn_lead", "type_energy_share/"
+
+
+def ffn_lead(values: pd.DataFrame) -> pd.Series:
+    """Per row of `values` (type_energy_share/<block> columns): the FFN's share minus the
+    largest of the other blocks' (NaN without an FFN share)."""
+    shares = values[[c for c in values.columns if c.startswith(TYPE_SHARE)]]
+    ffn = f"{TYPE_SHARE}ffn"
+    if ffn not in shares:
+        return pd.Series(NAN, index=values.index)
+    others = shares.drop(columns=ffn)
+    return shares[ffn] - (others.max(axis=1, skipna=True) if others.shape[1] else 0.0)
 
 
 def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.DataFrame:
@@ -37,6 +52,7 @@ def delta_measures(rows: pd.DataFrame, run: str, comparator: str | None) -> pd.D
     out[TOP16_RATIO] = matrix_ratio(own, TOP16_ENERGY, null_name("shuffle", TOP16_ENERGY))
     out[PROJECTION_RATIO] = matrix_ratio(own, PRINCIPAL_PROJECTION,
                                          null_name("isotropic", PRINCIPAL_PROJECTION))
+    out[FFN_LEAD] = ffn_lead(out)
     return out.join(energy_spread(own).rename(columns=SPREAD))
 
 
