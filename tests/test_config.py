@@ -273,3 +273,47 @@ def test_self_distillation_runs_and_their_bad_configs():
         broken["pairs"]["solo"].update(bad)
         with pytest.raises(ConfigError, match=message):
             build_runs(broken)
+
+
+def test_masks_at_the_papers_densities():
+    """`paper` is the paper's density of that mask, read once (config/paper_reference.yaml):
+    the OPD mask's for the primary run, the RLVR mask's for the GRPO control; the random arms
+    at the same densities."""
+    config = {
+        "models": {"t": {"path": "t"}, "s": {"path": "s"}},
+        "training": {"seeds": [0], "optimizers": {"sgd": {"learning_rate": 1e-3}}},
+        "pairs": {"p": {"student": "s", "teachers": ["t"], "controls": ["sft", "grpo"],
+                        "masked": {"arms": ["top:paper", "random:paper", "top:grpo:paper",
+                                            "random:grpo:paper", "top:0.3"]}}},
+    }
+    runs, masks = build_runs(config), build_masks(config, PAPER_MASK_DENSITY)
+    expected = {"top-paper": ("top", "p-opd-t-sgd-s0", PAPER_MASK_DENSITY["opd"] / 100),
+                "random-paper": ("random_density", "p-opd-t-sgd-s0",
+                                 PAPER_MASK_DENSITY["opd"] / 100),
+                "top-grpo-paper": ("top", "p-grpo-sgd-s0", PAPER_MASK_DENSITY["run-grpo"] / 100),
+                "random-grpo-paper": ("random_density", "p-opd-t-sgd-s0",
+                                      PAPER_MASK_DENSITY["run-grpo"] / 100),
+                "top-0.3": ("top", "p-opd-t-sgd-s0", 0.3)}
+    for arm, (method, run, density) in expected.items():
+        mask = masks[runs[f"p-masked-{arm}-s0"].mask]
+        assert (mask.method, mask.run) == (method, run), arm
+        assert mask.density == pytest.approx(density), arm
+    with pytest.raises(ConfigError, match="densities are needed"):
+        build_masks(config)
+    config["pairs"]["p"]["masked"]["arms"] = ["top:sft:paper"]  # the paper has no SFT mask
+    with pytest.raises(ConfigError, match="primary OPD run and an RLVR run only"):
+        build_runs(config)
+    config["pairs"]["p"]["masked"]["arms"] = ["top:1.5"]
+    with pytest.raises(ConfigError, match=r"fraction in \(0, 1\]"):
+        build_runs(config)
+
+
+def test_only_some_checkpoints_are_evaluated():
+    config = load("config/config.yaml")
+    runs = build_runs(config)
+    opd = runs["addition-opd-teacher-a-sgd-s0"]
+    assert opd.checkpoint_steps() == [20, 40, 60, 80]  # all analysed (the trajectory)
+    assert opd.evaluated_steps() == [60]  # and the final one
+    config["training"]["evaluate_every"] = 30
+    with pytest.raises(ConfigError, match="multiple of save_every"):
+        build_runs(config)
