@@ -250,9 +250,11 @@ def fp32_option(w):
 
 
 def has_trajectory(run):
-    """Main trained runs are analysed at every intermediate checkpoint too (Fig 3's curves)."""
+    """Main trained runs compared on their delta are analysed at every intermediate checkpoint
+    too (the trajectory figure); a masked retrain's delta is no method's, and is not drawn."""
     spec = RUNS[run]
-    return config["analysis"]["trajectory"] and spec.is_trained and spec.group == "main"
+    return (config["analysis"]["trajectory"] and spec.is_trained and spec.group == "main"
+            and RUN_KINDS[spec.kind].delta_method)
 
 
 def analyze_inputs(w):
