@@ -40,8 +40,8 @@ from opdgeo.findings.measures import (
     ffn_lead,
     matrix_ratio,
 )
+from opdgeo.intervals import gap
 from opdgeo.paper_tables import PAPER_ENERGY, PAPER_ENERGY_COLUMNS
-from opdgeo.tidy import gap
 
 
 def _point(ctx: Context, run: str, measure) -> float:
