@@ -324,7 +324,8 @@ def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
     assert read == decompositions and len(decompositions) < len(analyses), (read, decompositions)
     for job in analyses:
         spec = runs[job["wildcards"]["run"]]
-        assert ("--checkpoints" in job["shell"]) == (spec.is_trained and spec.group == "main")
+        assert ("--checkpoints" in job["shell"]) == (spec.is_trained and spec.group == "main"
+                                                     and RUN_KINDS[spec.kind].delta_method)
     # The teacher of the qwen3 pair is a folder the user provides: sized once it is there.
     assert "cannot size the jobs that load checkpoints/Qwen3-4B-Base-GRPO" in result.stderr
     with pytest.raises(ValueError, match="Put the checkpoint at checkpoints/Qwen3-4B-Base-GRPO"):
