@@ -19,10 +19,11 @@ import pytest
 import yaml
 from events import wait_for
 
-from opdgeo.config import build_masks, build_runs
+from opdgeo.config import build_masks, build_runs, self_teacher_contexts
 from opdgeo.kinds import RUN_KINDS
 from opdgeo.paper_tables import PAPER_MASK_DENSITY
 from opdgeo.report_captions import captions
+from opdgeo.task import context_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -90,7 +91,13 @@ def test_smoke_dag_writes_every_output(smoke):
 
     evaluation = pd.read_csv(smoke / "results/tables/evaluation.csv")
     assert set(evaluation["run"]) == set(runs) | set(config["models"])
-    assert set(evaluation["metric"]) == {"exact_match", f"mean@{config['evaluation']['k']}"}
+    scores = {"exact_match", f"mean@{config['evaluation']['k']}"}
+    assert set(evaluation[evaluation["run"].isin(runs)]["metric"]) == scores
+    # a self-distillation student is also scored as its own teacher, reading the contexts
+    for model in config["models"]:
+        expected = scores | {context_metric(score, whose) for score in scores
+                             for whose in self_teacher_contexts(config, model)}
+        assert set(evaluation[evaluation["run"] == model]["metric"]) == expected, model
     steps = evaluation[evaluation["run"] == next(iter(runs))]["step"]
     assert sorted(steps.unique()) == [10, 20]
     assert evaluation["value"].between(0, 1).all()
