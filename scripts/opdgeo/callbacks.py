@@ -380,8 +380,11 @@ class OptimizerStateCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         """The references beside the Trainer's checkpoint, for a run resumed from it."""
         names = {id(param): name for name, param in model.named_parameters()}
-        tensors = {f"{lag}:{names[key]}": tensor for lag in ("logged", "first")
-                   for key, tensor in getattr(self, f"_{lag}").items()}
+        tensors = {f"logged:{names[key]}": tensor for key, tensor in self._logged.items()}
+        # At the first logged step both references are one tensor, which safetensors refuses
+        # to store twice: the fixed one is written as its own copy then.
+        tensors |= {f"first:{names[key]}": tensor.clone() if tensor is self._logged.get(key)
+                    else tensor for key, tensor in self._first.items()}
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         with atomic(folder / self.REFERENCES, "train.optimizer-references") as tmp:
             save_file(tensors, str(tmp))
