@@ -391,3 +391,14 @@ def test_score_tables_give_the_95_percent_interval():
     full = table.loc[("masked retraining", "full")]  # OPD over three seeds
     assert full["seeds"] == 3
     assert full["final % 95% low"] < full["final %"] < full["final % 95% high"]
+
+
+def test_optimizer_ablation_only_for_pairs_trained_with_several_optimizers(full):
+    info = info_of(full, {"ext-opd": "opd"})
+    one_optimizer = info[(info["pair"] == "squares") & (info["kind"] == "opd")
+                         & (info["optimizer"] != "adamw")]
+    assert len(one_optimizer)  # the fixture trains squares with more than AdamW
+    info = info[~info["run"].isin(one_optimizer["run"])]
+    rows = paper_tables.intervention_rows(info, full["evaluation"], full["masks"], "mean@2")
+    ablation = rows[rows["experiment"] == "optimizer ablation"]
+    assert set(ablation["pair"]) == {"addition"}

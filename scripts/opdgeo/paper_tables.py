@@ -322,10 +322,11 @@ def intervention_rows(info: pd.DataFrame, evaluation: pd.DataFrame, masks: pd.Da
         if (info["kind"] == "masked").any():
             add(row.run, "masked retraining", "full", 1.0, row)
     opd = info[(info["kind"] == "opd") & (info["teacher"] == info["pair"].map(teachers))]
-    if opd["optimizer"].nunique() > 1:
-        for row in opd.itertuples():
-            label = OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)
-            add(row.run, "optimizer ablation", f"{label} (lr {row.learning_rate:g})", 1.0, row)
+    # A pair trained with one optimizer ablates nothing: its run is not an ablation row.
+    opd = opd[opd.groupby("pair")["optimizer"].transform("nunique") > 1]
+    for row in opd.itertuples():
+        label = OPTIMIZER_LABELS.get(row.optimizer, row.optimizer)
+        add(row.run, "optimizer ablation", f"{label} (lr {row.learning_rate:g})", 1.0, row)
     return pd.DataFrame(rows)
 
 
