@@ -556,9 +556,11 @@ def read_config(path) -> dict:
 def check_config_file(path) -> dict:
     """Every check a dry run makes of a config file: YAML (keys given once), the schema,
     the references between sections, the runs and masks it makes."""
+    from opdgeo.paper_tables import PAPER_MASK_DENSITY  # it imports this module
+
     config = read_config(path)
     build_runs(config)
-    build_masks(config)
+    build_masks(config, PAPER_MASK_DENSITY)
     return config
 
 
