@@ -310,6 +310,12 @@ def test_missing_table_files_read_as_empty(tmp_path):
         loaded["nonsense"]
 
 
+def test_a_table_not_read_yet_is_read_by_get_too(tmp_path):
+    pd.DataFrame({"mask": ["m"], "tensor": ["all"], "block": ["all"], "density": [0.2]}
+                 ).to_csv(tmp_path / "masks.csv", index=False)
+    assert load_tables(tmp_path).get("masks")["density"].tolist() == [0.2]
+
+
 def test_fig2_runs_setting_and_default(full):
     info = info_of(full)
     # One OPD run per modality: the language pair's and the vision-language pair's primary.

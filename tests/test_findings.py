@@ -265,6 +265,9 @@ def test_cli_writes_markdown_and_csv(frames, tmp_path):
     text = (tmp_path / "findings.md").read_text()
     for finding in findings.CLAIMS:
         assert f"## {finding}:" in text
+    # every number a note names was found (the masks' densities are read from the folder too)
+    assert "nan" not in text.lower(), [line for line in text.splitlines() if "nan" in line]
+    assert "(density 20.0%)" in text  # the fixture's OPD mask
     table = pd.read_csv(tmp_path / "findings.csv")
     assert set(table["verdict"]) <= set(findings.VERDICTS)
     assert list(table.columns) == findings.COLUMNS

@@ -44,6 +44,11 @@ class TableFolder(dict):
         self[name] = frame = read_table(self.folder / f"{name}.csv")
         return frame
 
+    def get(self, name: str, default=None) -> pd.DataFrame:
+        """As `folder[name]`: dict.get would skip `__missing__` and answer `default` for a
+        table not read yet."""
+        return self[name]
+
 
 def load_tables(folder: Path) -> TableFolder:
     return TableFolder(folder)

@@ -44,6 +44,11 @@ from opdgeo.intervals import gap
 from opdgeo.paper_tables import PAPER_ENERGY, PAPER_ENERGY_COLUMNS
 
 
+def _paper_beside(value, after: str, before: str = "") -> str:
+    """`{before}paper {value}{after}`, or nothing where the paper gives no value."""
+    return "" if missing(value) else f"{before}paper {value:.4g}{after}"
+
+
 def _point(ctx: Context, run: str, measure) -> float:
     """A per-tensor measure (energy_spread, matrix_ratio) of the run's own tensors."""
     tensors = ctx.tables["tensors"]
@@ -108,8 +113,8 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
     rows.append(ctx.row("F1", runs, f"relative norm / its {described.split(' (')[0]}'s", ratio,
                         F1_MAX_NORM_RATIO, -1, key=RELATIVE_NORM,
                         note=f"claim: <= {F1_MAX_NORM_RATIO:g} x the {described}; OPD relative "
-                             f"norm {norm['value'].mean():.4g} (paper "
-                             f"{ctx.paper(first, 'relative_norm'):.4g})"
+                             f"norm {norm['value'].mean():.4g}"
+                             + _paper_beside(ctx.paper(first, "relative_norm"), ")", " (")
                              + ("" if comparators[first][0] else "; no SFT control")))
 
     rows.append(against_null(("F2", "sparsity at 1e-5"), SPARSITY, F2_MIN_SPARSITY, +1,
@@ -130,8 +135,9 @@ def check_series(ctx: Context, runs: pd.DataFrame) -> list[dict]:
     rows.append(ctx.row("F6", runs, "top-16 energy / its shuffle null (mean over matrices)",
                         ratio, 1.0, +1, null_kind="shuffle null", threshold_is_null=True,
                         note=f"claim: > 1; top-16 energy (median) {top16:.4g}"
-                             f" (paper {ctx.paper(first, 'top16_energy'):.4g}; the paper "
-                             f"compares with 16/min(m, n), which an isotropic matrix exceeds)"))
+                             f" ({_paper_beside(ctx.paper(first, 'top16_energy'), '; ')}the "
+                             f"paper compares with 16/min(m, n), which an isotropic matrix "
+                             f"exceeds)"))
 
     ratio = observed({r: _point(ctx, r, lambda t: matrix_ratio(
         t, PRINCIPAL_PROJECTION, null_name("isotropic", PRINCIPAL_PROJECTION)))

@@ -18,7 +18,7 @@ from opdgeo.delta.columns import (
     RELATIVE_NORM,
     SPARSITY,
 )
-from opdgeo.findings.context import Context
+from opdgeo.findings.context import Context, missing
 from opdgeo.intervals import gap
 from opdgeo.kinds import OTHER_EXAMPLE, OWN, SELF_DISTILLATION
 from opdgeo.task import context_metric
@@ -68,6 +68,7 @@ def teacher_score(ctx: Context, runs) -> list[dict]:
                     own, student[0], +1, one_seed="prompts (the source)", null_value=student[0],
                     null_kind="the student, no context",
                     note=f"student {student[0]:.3g} [{student[1]:.3g}, {student[2]:.3g}]; "
-                         f"reading another example's context (OP2SD's teacher) "
-                         f"{other[0]:.3g}; claim: own context above the student's score"
-                         )]
+                         + ("" if missing(other[0]) else
+                            f"reading another example's context (OP2SD's teacher) "
+                            f"{other[0]:.3g}; ")
+                         + "claim: own context above the student's score")]
