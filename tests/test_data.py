@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from opdgeo.config import RunSpec, pair_training
-from opdgeo.data import load_examples, render_prompts, score
+from opdgeo.data import load_examples, score
 from opdgeo.evaluate import evaluate_checkpoints
 from opdgeo.models import character_tokenizer, load_tokenizer
+from opdgeo.prompts import render_prompts
 from opdgeo.task import make_task
 from opdgeo.train import train_run
 

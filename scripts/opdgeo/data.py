@@ -12,8 +12,7 @@ reads hub ids from the local cache; nothing here special-cases it.
 
 Prompts are chat messages ([{"role": "user", "content": ...}]): a column that already holds
 messages (DAPO) is kept as it is, a string column (AIME `problem`) becomes one user message
-through `template`. Models with a chat template see them through it (TRL applies it when
-training; `render_prompts` when evaluating); models without one see the text alone.
+through `template` (opdgeo.prompts renders every template, a model's chat template too).
 
 A training set may name a `solution` column: each prompt's reference solution, the privileged
 context an on-policy self-distillation teacher reads, placed after the prompt's last message
@@ -24,12 +23,14 @@ import random
 from functools import cache
 from pathlib import Path
 
-from opdgeo.task import Example
+from opdgeo.prompts import (
+    PRIVILEGED_TEMPLATE,
+    QUESTION_TEMPLATE,
+    Example,
+    privileged_prompt,
+    question_prompt,
+)
 
-# The self-distillation teacher's prompt when a data set gives no `privileged_template`.
-PRIVILEGED_TEMPLATE = ("{prompt}\n\nA reference solution to this problem, shown to you alone:\n"
-                       "{context}\n\nWith that solution understood, solve the problem above in "
-                       "your own words.")
 # Builders of `datasets` for local data files, by suffix.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -65,7 +66,7 @@ def load_examples(spec: dict) -> list[Example]:
     """
     rows = load_rows(spec)
     prompt_key, answer_key = spec.get("prompt", "prompt"), spec.get("answer", "answer")
-    template, image_key = spec.get("template", "{problem}"), spec.get("image")
+    template, image_key = spec.get("template", QUESTION_TEMPLATE), spec.get("image")
     solution_key = spec.get("solution")
     for role, key in (("prompt", prompt_key), ("answer", answer_key.split(".")[0]),
                       ("image", image_key), ("solution", solution_key)):
@@ -80,7 +81,7 @@ def load_examples(spec: dict) -> list[Example]:
         if isinstance(prompt, str):
             if image_key:  # the trainers place the image themselves (Geo3K writes "<image>")
                 prompt = prompt.replace("<image>", "").strip()
-            prompt = [{"role": "user", "content": template.format(problem=prompt)}]
+            prompt = question_prompt(template, prompt)
         else:
             prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
         key = tuple((m["role"], m["content"]) for m in prompt)
@@ -161,38 +162,6 @@ def score(completion: str, answer: str) -> float:
     return float(bool(gold) and bool(predicted) and verify(gold, predicted))
 
 
-# ---------------------------------------------------------------- prompts for a model
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def model_prompt(tokenizer, prompt):
-    """A task prompt in the form a trainer takes: chat messages when the model has a chat
-    template (TRL applies it), else plain text (the messages' contents, one per line)."""
-    if isinstance(prompt, str) or has_chat_template(tokenizer):
-        return prompt
-    return "\n".join(m["content"] for m in prompt)
-
-
-def render_prompts(tokenizer, prompts: list, images: list | None = None
-                   ) -> tuple[list[str], bool]:
-    """Prompts as text to tokenize, and whether the tokenizer should add special tokens
-    (not after a chat template, which writes its own). With `images` (one per prompt), each
-    prompt gets an image placeholder as TRL's trainers place it; the processor expands it."""
-    prompts = [model_prompt(tokenizer, p) for p in prompts]
-    if images:
-        from trl.data_utils import prepare_multimodal_messages
-
-        prompts = [prepare_multimodal_messages(p, images=[None]) for p in prompts]
-    if not prompts or isinstance(prompts[0], str):
-        return prompts, True
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    return texts, False
-
-
 # ---------------------------------------------------------------- the task
 
 
@@ -231,12 +200,8 @@ class MathTask:
     def privileged_prompt(self, prompt, context: str):
         """The prompt (chat messages, or their text for a model without a chat template) with
         a reference solution after its last message, through `privileged_template`."""
-        template = self.train_spec.get("privileged_template", PRIVILEGED_TEMPLATE)
-        if isinstance(prompt, str):
-            return template.format(prompt=prompt, context=context)
-        last = prompt[-1]
-        return [*prompt[:-1], {**last, "content": template.format(prompt=last["content"],
-                                                                  context=context)}]
+        return privileged_prompt(self.train_spec.get("privileged_template", PRIVILEGED_TEMPLATE),
+                                 prompt, context)
 
     @staticmethod
     def score(completion: str, answer: str) -> float:

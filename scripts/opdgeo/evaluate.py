@@ -2,7 +2,7 @@
 
 Completions come from an engine: transformers' `generate` batch by batch, or vLLM, which
 generates the greedy and all k sampled completions of every prompt in one call. Both render
-prompts with `opdgeo.data.render_prompts` and are scored by `scores`, the same for both.
+prompts with `opdgeo.prompts.render_prompts` and are scored by `scores`, the same for both.
 A job scores a run's checkpoints one after another and journals each one's scores as it
 finishes (`ScoreJournal`), so that a killed or timed-out job's rerun scores only the rest.
 """
@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 
 from opdgeo.attempts import WallClock, end_attempt
-from opdgeo.data import render_prompts
 from opdgeo.files import atomic
 from opdgeo.models import text_tokenizer
 from opdgeo.progress import progress
+from opdgeo.prompts import Example, render_prompts
 from opdgeo.stats import prompt_interval
-from opdgeo.task import Example, context_metric, privileged_contexts
+from opdgeo.task import context_metric, privileged_contexts
 
 
 @torch.no_grad()

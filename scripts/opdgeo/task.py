@@ -2,9 +2,10 @@
 
 `make_task(config)` returns an object with `train_examples(n, seed)`, `eval_examples()`,
 `score(completion, answer)` and `max_new_tokens`; examples are `Example(prompt, answer,
-image, context)`. A task whose examples carry a privileged `context` (what an on-policy
-self-distillation teacher reads: the reference solution) also has `privileged_prompt(prompt,
-context)`, the prompt with the context in it. The kinds:
+image, context)` (opdgeo.prompts). A task whose examples carry a privileged `context` (what an
+on-policy self-distillation teacher reads: the reference solution) also has
+`privileged_prompt(prompt, context)`, the prompt with the context in it (through the task's
+template, rendered by opdgeo.prompts). The kinds:
 
 - `addition` (AdditionTask, the default's language pair): fixed-width addition with the answer
   digits reversed, `123+045=` -> `8610` (the sum 0168 least significant digit first, so that a
@@ -22,19 +23,8 @@ A new kind is a class with that interface, registered in `TASKS`.
 
 import hashlib
 import random
-from dataclasses import dataclass
-from typing import Any
 
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str | list  # text, or chat messages [{"role", "content"}] (opdgeo.data)
-    answer: str
-    image: Any = None  # a PIL image the prompt is about (vision-language tasks)
-    # The privileged context a self-distillation teacher reads: the reference solution (the
-    # addition task: the answer), None when the task has none; `row`: its data set row.
-    context: str | None = None
-    row: int | None = None
+from opdgeo.prompts import Example, privileged_prompt
 
 
 def make_example(a: int, b: int, digits: int) -> Example:
@@ -88,6 +78,10 @@ def score(completion: str, answer: str) -> float:
 class AdditionTask:
     """The task as the trainers and the evaluation see it; other tasks offer the same four."""
 
+    # The worked answer before the prompt, `=` after it: `8610=123+045=` (a prompt starts
+    # with an operand, so a model tells the two forms apart at the first `=`).
+    PRIVILEGED_TEMPLATE = "{context}={prompt}"
+
     def __init__(self, kind: str = "addition", digits: int = 3, eval_prompts: int = 256,
                  seed: int = 0):
         self.digits, self.eval_prompts, self.seed = digits, eval_prompts, seed
@@ -103,11 +97,9 @@ class AdditionTask:
     def score(completion: str, answer: str) -> float:
         return score(completion, answer)
 
-    @staticmethod
-    def privileged_prompt(prompt: str, context: str) -> str:
-        """The worked answer before the prompt, `=` after it: `8610=123+045=` (a prompt
-        starts with an operand, so a model tells the two forms apart at the first `=`)."""
-        return f"{context}={prompt}"
+    @classmethod
+    def privileged_prompt(cls, prompt: str, context: str) -> str:
+        return privileged_prompt(cls.PRIVILEGED_TEMPLATE, prompt, context)
 
 
 class SquaresTask:

@@ -37,7 +37,6 @@ from opdgeo.callbacks import (
     progress_callbacks,
 )
 from opdgeo.config import RunSpec
-from opdgeo.data import model_prompt, render_prompts
 from opdgeo.evaluate import exact_match, generate, generation_dtype, images_of
 from opdgeo.files import atomic, link, remove
 from opdgeo.kinds import RUN_KINDS
@@ -58,7 +57,8 @@ from opdgeo.models import (
     weight_files,
 )
 from opdgeo.progress import on_terminal
-from opdgeo.task import Example, make_task, privileged_contexts
+from opdgeo.prompts import Example, model_prompt, render_prompts
+from opdgeo.task import make_task, privileged_contexts
 
 # Per-example progress bars of dataset preprocessing drown the training progress in the logs.
 datasets.disable_progress_bars()
