@@ -372,7 +372,7 @@ def test_killing_snakemake_ends_the_jobs_running_in_the_preload_server(tmp_path)
 
 @pytest.mark.workflow
 def test_killing_snakemake_ends_its_jobs_without_the_preload_server(tmp_path):
-    """Each job's `opdgeo` process waits for the run's end (opdgeo.preload.end_with_run)."""
+    """Each job's `opdgeo` process waits for the run's end (opdgeo.handover.end_with_run)."""
     run = endless_base_model(tmp_path, "--config", "preload=false")
     snakemake = psutil.Process(run.pid)
     wait_for(lambda: any("train-model" in command_line(p) and "bash" not in command_line(p)

@@ -19,7 +19,7 @@ import torch
 from events import wait_for
 from test_train import TASK, spec
 
-from opdgeo import preload
+from opdgeo import handover, preload
 
 THREADS = "1"
 
@@ -46,7 +46,7 @@ def job_environment(monkeypatch):
 
 def direct(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`opdgeo argv` in its own process, as a job without the server runs it."""
-    environment = {k: v for k, v in os.environ.items() if k != preload.SOCKET_VARIABLE}
+    environment = {k: v for k, v in os.environ.items() if k != handover.SOCKET_VARIABLE}
     return subprocess.run([sys.executable, "-m", "opdgeo.cli", *argv], cwd=cwd,
                           env=environment, capture_output=True, text=True)
 
@@ -89,7 +89,7 @@ def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_envir
     }
     for name, argv in jobs.items():
         forked, alone = tmp_path / "forked" / name, tmp_path / "alone" / name
-        assert preload.run_in_server(["opdgeo", *argv, str(forked)]) == 0, name
+        assert handover.run_in_server(["opdgeo", *argv, str(forked)]) == 0, name
         assert direct([*argv, str(alone)], tmp_path).returncode == 0, name
         written, expected = comparable(files(forked)), comparable(files(alone))
         assert written.keys() == expected.keys() and written, name
@@ -98,7 +98,7 @@ def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_envir
 
 
 def test_exit_status_and_error_reach_the_command(server, job_environment, tmp_path, capfd):
-    status = preload.run_in_server(["opdgeo", "analyze", "--source", str(tmp_path / "none"),
+    status = handover.run_in_server(["opdgeo", "analyze", "--source", str(tmp_path / "none"),
                                     "--trained", str(tmp_path / "none"), "--out", "x"])
     assert status == 1
     assert "opdgeo analyze: error" in capfd.readouterr().err
@@ -109,7 +109,7 @@ def test_each_job_logs_its_own_cpu_time_and_memory(server, server_log, job_envir
     command = ["analyze", "--source", str(tmp_path / "none"), "--trained",
                str(tmp_path / "none"), "--out", "x"]
     started = time.perf_counter()
-    assert preload.run_in_server(["opdgeo", *command]) == 1
+    assert handover.run_in_server(["opdgeo", *command]) == 1
     elapsed = time.perf_counter() - started
     rows = [row for row in preload.job_usage(server_log)
             if row["command"] == shlex.join(command)]
@@ -121,12 +121,12 @@ def test_each_job_logs_its_own_cpu_time_and_memory(server, server_log, job_envir
 
 def test_other_thread_settings_run_in_process(server, job_environment, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+    assert handover.run_in_server(["opdgeo", "runs", "--help"]) is None
 
 
 def test_without_a_server_the_command_runs_in_process(monkeypatch, tmp_path):
-    monkeypatch.setenv(preload.SOCKET_VARIABLE, str(tmp_path / "gone"))
-    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+    monkeypatch.setenv(handover.SOCKET_VARIABLE, str(tmp_path / "gone"))
+    assert handover.run_in_server(["opdgeo", "runs", "--help"]) is None
 
 
 def test_a_killed_command_takes_its_worker_along(server, job_environment, tmp_path):
@@ -146,9 +146,9 @@ def test_the_server_ends_with_the_run_that_started_it(tmp_path):
     # a run that starts a server and dies without stopping it (killed, no onerror hook)
     socket_path = subprocess.run(
         [sys.executable, "-c",
-         "import os, sys; from pathlib import Path; from opdgeo import preload;"
+         "import os, sys; from pathlib import Path; from opdgeo import handover, preload;"
          f"preload.start_server(Path({str(tmp_path / 'log')!r}), 1);"
-         "print(os.environ[preload.SOCKET_VARIABLE]); sys.stdout.flush(); os._exit(0)"],
+         "print(os.environ[handover.SOCKET_VARIABLE]); sys.stdout.flush(); os._exit(0)"],
         capture_output=True, text=True, check=True).stdout.strip()
     assert Path(socket_path).exists()
     wait_for(lambda: not Path(socket_path).parent.exists())
@@ -156,11 +156,11 @@ def test_the_server_ends_with_the_run_that_started_it(tmp_path):
 
 def test_a_command_that_dies_mid_send_leaves_no_worker(server, job_environment):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.connect(os.environ[preload.SOCKET_VARIABLE])
-        socket.send_fds(connection, [preload._INT.pack(1000)], [0, 1, 2])
+        connection.connect(os.environ[handover.SOCKET_VARIABLE])
+        socket.send_fds(connection, [handover.NUMBER.pack(1000)], [0, 1, 2])
         connection.sendall(b'{"argv": ')  # and no more: the command died
     # The server takes requests in order: once the next command ran, the first was forked.
-    assert preload.run_in_server(["opdgeo", "runs", "--help"]) == 0
+    assert handover.run_in_server(["opdgeo", "runs", "--help"]) == 0
     wait_for(lambda: not psutil.Process(server.pid).children(), seconds=10)
 
 
@@ -168,14 +168,14 @@ def test_other_hugging_face_settings_run_in_process(server, job_environment, mon
                                                     tmp_path):
     # read when transformers is imported: the server's import would not see this cache
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    assert preload.run_in_server(["opdgeo", "runs", "--help"]) is None
+    assert handover.run_in_server(["opdgeo", "runs", "--help"]) is None
 
 
 def test_no_server_for_jobs_on_the_gpu(tmp_path, monkeypatch):
-    monkeypatch.delenv(preload.SOCKET_VARIABLE, raising=False)
+    monkeypatch.delenv(handover.SOCKET_VARIABLE, raising=False)
     before = preload._server
     preload.start_server(tmp_path / "preload.log", 1, device="cuda")
-    assert preload._server is before and preload.SOCKET_VARIABLE not in os.environ
+    assert preload._server is before and handover.SOCKET_VARIABLE not in os.environ
     assert "GPU" in (tmp_path / "preload.log").read_text()
 
 

@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command():
     """The `opdgeo` console command: in the preload server when a local Snakemake run started
-    one (opdgeo.preload), else in this process."""
-    from opdgeo.preload import end_with_run, run_in_server
+    one (opdgeo.preload), else in this process (opdgeo.handover)."""
+    from opdgeo.handover import end_with_run, run_in_server
 
     status = run_in_server(sys.argv)
     if status is not None:

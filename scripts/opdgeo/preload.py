@@ -5,8 +5,9 @@ On a laptop most of the DAG's time is start-up: importing the stack costs 3-8 s 
 the work itself is often under a second. For a local run, the Snakefile's `onstart` starts
 `serve`, which binds a Unix socket, imports the package's heavy modules and waits. The
 `opdgeo` command, when OPDGEO_PRELOAD_SOCKET names that socket, hands its arguments, working
-directory, environment and standard streams to the server; a forked child runs the command
-and reports its exit status, which the command exits with. Output, log, exit status and
+directory, environment and standard streams to the server (opdgeo.handover, the command's
+side); a forked child runs the command and reports its exit status, which the command exits
+with. Output, log, exit status and
 written bytes are those of a direct run (tests/test_preload.py compares them).
 
 Without the variable, when the server is gone, or when the command's Python (a per-rule
@@ -23,12 +24,10 @@ and memory columns are not. The worker's own figures go to the server's log inst
 import json
 import os
 import resource
-import select
 import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
-SOCKET_VARIABLE = "OPDGEO_PRELOAD_SOCKET"
-# The process id of the local Snakemake run whose jobs end with it (`end_with_run`).
-RUN_VARIABLE = "OPDGEO_RUN_PID"
+from opdgeo.handover import ACCEPTED, DECLINED, NUMBER, SOCKET_VARIABLE, read_exactly
+
 # Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again.
 PRELOADED_MODULES = (
     "opdgeo.train", "opdgeo.evaluate", "opdgeo.masks", "opdgeo.delta.analyze",
@@ -52,70 +50,10 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS
 # Read by huggingface_hub, transformers and datasets when they are imported (caches, offline
 # mode, verbosity): a job whose values differ from the server's imports them itself.
 IMPORT_TIME_PREFIXES = ("HF_", "TRANSFORMERS_")
-_INT = struct.Struct("!q")
-ACCEPTED, DECLINED = 0, 1  # the server's first answer: "running it" or "run it yourself"
 # A worker's line in the server's log: wall s, CPU s (user + system, its own and its
 # children's), peak RSS MB (the forked process's own, pages shared with the server included),
 # exit status, the command.
 USAGE_LINE = "job\t{wall:.3f}\t{cpu:.3f}\t{rss:.0f}\t{status}\t{command}\n"
-
-
-# ---------------------------------------------------------------- the command's side
-
-
-def run_in_server(argv: list[str]) -> int | None:
-    """Run `opdgeo argv[1:]` in the preload server; its exit status, or None when there is no
-    server to run it (the caller then runs it in process)."""
-    path = os.environ.get(SOCKET_VARIABLE)
-    if not path or not _streams_open():
-        return None
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        connection.connect(path)
-    except OSError:
-        return None  # the run that started the server has ended
-    with connection:
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                              "prefix": sys.prefix}).encode()
-        try:
-            socket.send_fds(connection, [_INT.pack(len(request))], [0, 1, 2])
-            connection.sendall(request)
-            answer = _read_int(connection)
-        except OSError:
-            answer = None  # the server closed the connection without taking the command
-        if answer != ACCEPTED:
-            return None
-        status = _read_int(connection)
-    if status is None:
-        print("opdgeo: the preloaded worker ended without an exit status (killed?); "
-              "--config preload=false runs every job in its own process", file=sys.stderr)
-        return 1
-    return status
-
-
-def _streams_open() -> bool:
-    try:
-        for fd in (0, 1, 2):
-            os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def _read_int(connection) -> int | None:
-    data = _read_exactly(connection, _INT.size)
-    return None if data is None else _INT.unpack(data)[0]
-
-
-def _read_exactly(connection, size: int) -> bytes | None:
-    """`size` bytes, or None when the other side closes first."""
-    data = b""
-    while len(data) < size:
-        chunk = connection.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 # ---------------------------------------------------------------- the server's side
@@ -189,16 +127,16 @@ def fork_hazard() -> str | None:
 def _work(connection) -> int:
     """In a forked worker: take on the command's streams, folder and environment, run it."""
     connection.setblocking(True)
-    header, fds, _, _ = socket.recv_fds(connection, _INT.size, 3)
-    rest = _read_exactly(connection, _INT.size - len(header))
-    payload = None if rest is None else _read_exactly(connection, _INT.unpack(header + rest)[0])
+    header, fds, _, _ = socket.recv_fds(connection, NUMBER.size, 3)
+    rest = read_exactly(connection, NUMBER.size - len(header))
+    payload = None if rest is None else read_exactly(connection, NUMBER.unpack(header + rest)[0])
     if payload is None:  # the command ended while sending: there is nothing to run
         for fd in fds:
             os.close(fd)
         return 0
     request = json.loads(payload)
     if not _can_run(request):
-        connection.sendall(_INT.pack(DECLINED))
+        connection.sendall(NUMBER.pack(DECLINED))
         return 0
     start = time.perf_counter()
     log = os.dup(1)  # the server's log, before the command's streams take its place
@@ -209,11 +147,11 @@ def _work(connection) -> int:
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = request["argv"]
-    connection.sendall(_INT.pack(ACCEPTED))
+    connection.sendall(NUMBER.pack(ACCEPTED))
     _end_with(connection)
     status = _run(request["argv"][1:])
     _log_usage(log, time.perf_counter() - start, status, request["argv"][1:])
-    connection.sendall(_INT.pack(status))
+    connection.sendall(NUMBER.pack(status))
     return status
 
 
@@ -291,38 +229,6 @@ def _run(arguments: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return status
-
-
-# ---------------------------------------------------------------- jobs in their own process
-
-
-def end_with_run():
-    """A job in its own process (no server, or one it declined) ends when the local Snakemake
-    run that started it is gone: killed with SIGKILL, a run cancels no job, and the job would
-    train on, writing outputs that no run records. The run's process id comes from
-    RUN_VARIABLE (set by `export_run` for local runs only: a cluster job's run lives on
-    another machine); a thread waits for that process to end, then terminates this one."""
-    owner = os.environ.get(RUN_VARIABLE)
-    if not owner:
-        return
-    try:
-        handle = os.pidfd_open(int(owner))
-    except ProcessLookupError:  # the run ended before this job started
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    except OSError:  # no pidfd here (an old kernel): the job outlives a killed run
-        return
-
-    def watch():
-        select.select([handle], [], [])  # readable once the run's process has ended
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def export_run():
-    """Jobs started from here on end with this process (`end_with_run`)."""
-    os.environ[RUN_VARIABLE] = str(os.getpid())
 
 
 # ---------------------------------------------------------------- starting and stopping

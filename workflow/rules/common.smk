@@ -6,7 +6,7 @@ import shlex
 from functools import cache
 from pathlib import Path
 
-from opdgeo import preload
+from opdgeo import handover, preload
 from opdgeo import resources as sizing
 from opdgeo.codehash import code_text, subcommands
 from opdgeo.config import (
