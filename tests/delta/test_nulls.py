@@ -1,20 +1,26 @@
 """Null models on constructed cases: values computed, not typed in."""
 
+import itertools
 import math
+from collections import Counter
 
 import pytest
 import torch
 
+from opdgeo.delta import metrics, spectrum
 from opdgeo.delta.analyze import analyze_tensor
 from opdgeo.delta.metrics import rank_splits
 from opdgeo.delta.nulls import (
+    StreamedShuffle,
     exponent_counts,
     fit_rounding_null,
     gaussian_bin_counts,
     pooled_rounding_null,
     rounding_null_on_gaussian,
+    shuffled_rows,
 )
 from opdgeo.delta.pairing import TensorPair
+from opdgeo.delta.spectrum import singular_values
 
 SHAPE = (192, 160)
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -118,6 +124,65 @@ def test_isotropic_and_shuffle_nulls():
     assert row["top16_energy"] == pytest.approx(1, abs=1e-6)
     assert row["shuffle_null_top16_energy"] < 0.5  # shuffling destroys the low rank
     assert row["shuffle_null_numerical_rank_fraction_1e-5"] == 1
+
+
+def drawn_order(numel: int, seed: int, bucket_size: int, chunk: int = 1000) -> torch.Tensor:
+    """The streamed shuffle's permutation: the order it gives the positions 0..numel-1."""
+    positions = torch.arange(numel, dtype=torch.float32)
+    shuffle = StreamedShuffle((positions,), torch.Generator().manual_seed(seed), bucket_size,
+                              chunk)
+    return shuffle.read(0, numel)[0].long()
+
+
+def test_streamed_shuffle_draws_every_arrangement_alike():
+    # four entries, one per bucket: an arrangement needs the labels and the buckets' orders
+    # to combine, so a shuffle missing either part (or mixing buckets unevenly) fails
+    draws = 4800
+    counts = Counter(tuple(drawn_order(4, seed, bucket_size=1).tolist())
+                     for seed in range(draws))
+    expected = draws / math.factorial(4)
+    assert set(counts) == set(itertools.permutations(range(4)))
+    assert max(abs(n - expected) for n in counts.values()) < 5 * math.sqrt(expected)
+    # and each entry reaches each place alike, with several entries per bucket
+    places = torch.zeros(12, 12)
+    for seed in range(1200):
+        order = drawn_order(12, seed, bucket_size=3)
+        places[order, torch.arange(12)] += 1
+    assert (places - 100).abs().max() < 5 * math.sqrt(100)
+
+
+def test_streamed_shuffle_reads_one_permutation_in_any_order():
+    numel = 10_007  # chunks of 1000: several chunks per bucket and buckets per chunk
+    order = drawn_order(numel, seed=5, bucket_size=700)
+    assert torch.equal(order.sort().values, torch.arange(numel))
+    assert not torch.equal(order, torch.arange(numel))
+    assert torch.equal(order, drawn_order(numel, seed=5, bucket_size=700))  # same seed
+    assert not torch.equal(order, drawn_order(numel, seed=6, bucket_size=700))
+    positions = torch.arange(numel, dtype=torch.float32)
+    shuffle = StreamedShuffle((positions, -positions), torch.Generator().manual_seed(5), 700,
+                              chunk=1000)
+    edges = [0, 13, 2000, 2001, 6999, 7000, numel]
+    pieces = list(zip(edges[:-1], edges[1:], strict=True))
+    for start, stop in reversed(pieces):  # out of order, across buckets: the same entries
+        first, second = shuffle.read(start, stop)  # of each tensor, permuted alike
+        assert torch.equal(first.long(), order[start:stop])
+        assert torch.equal(second, -first)
+
+
+@pytest.mark.parametrize("shape", [(97, 61), (61, 97)])
+def test_shuffle_null_spectrum_is_that_of_the_permuted_delta(shape, monkeypatch):
+    monkeypatch.setattr(spectrum, "CHUNK_ELEMENTS", 4000)  # the chunked float64 Gram route
+    generator = torch.Generator().manual_seed(7)
+    source = torch.randn(shape, generator=generator).bfloat16()
+    trained = (source.float() + torch.randn(shape, generator=generator) @ torch.diag(
+        torch.linspace(0, 1, shape[1]))).bfloat16()
+    delta = trained.float() - source.float()
+    order = drawn_order(delta.numel(), seed=8, bucket_size=500, chunk=metrics.CHUNK)
+    expected = torch.linalg.svdvals(delta.reshape(-1)[order].view(97, 61).double())
+    values, complete = singular_values(shuffled_rows(
+        trained, torch.Generator().manual_seed(8), minus=source, bucket_size=500), 4096)
+    assert complete
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6 * float(expected[0]))
 
 
 def test_parametric_null_on_gaussian_weights():

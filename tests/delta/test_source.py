@@ -10,7 +10,7 @@ from delta_checkpoints import perturbed, save_checkpoint, small_model
 
 from opdgeo.delta import analyze, cli, source
 from opdgeo.delta.analyze import analyze_checkpoints, analyze_trajectory
-from opdgeo.delta.columns import SPECTRAL_TOPK
+from opdgeo.delta.columns import SPECTRAL_TOPK, flatten
 from opdgeo.delta.source import write_geometry
 from opdgeo.delta.spectrum import (
     SMALL_MATRIX,
@@ -135,11 +135,8 @@ def test_float32_gram_spectrum_matches_the_exact_top_metrics(kind):
     assert math.isnan(metrics["numerical_rank_1e-5"]) and math.isnan(metrics["effective_rank"])
 
 
-def test_trajectory_measures_match_the_full_analysis(pair, tmp_path):
-    full = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "full",
-                               device="cpu")
-    light = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "light",
-                                device="cpu", trajectory=True)
+def assert_trajectory_measures_match(light: dict, full: dict) -> None:
+    """A trajectory checkpoint's summary against the full analysis's (TRAJECTORY_NOTE)."""
     exact = [key for key, value in full.items() if isinstance(value, float) and (
         key.startswith(("relative_norm", "sparsity_", "low_magnitude_", "principal_coverage",
                         "combined_", "rounding_null_", "coord_energy"))
@@ -149,6 +146,14 @@ def test_trajectory_measures_match_the_full_analysis(pair, tmp_path):
         assert light[key] == pytest.approx(full[key], rel=1e-6, abs=1e-12), key
     for key in ("top16_energy_median", "stable_rank_median", "top1_energy_median"):
         assert light[key] == pytest.approx(full[key], rel=1e-5), key
+
+
+def test_trajectory_measures_match_the_full_analysis(pair, tmp_path):
+    full = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "full",
+                               device="cpu")
+    light = analyze_checkpoints(pair / "source", pair / "trained", tmp_path / "light",
+                                device="cpu", trajectory=True)
+    assert_trajectory_measures_match(light, full)
     # the matrix above SMALL_MATRIX: its ranks are not given; the small ones: exact
     rows = tables(tmp_path / "light").set_index("name")
     big = rows.loc["model.layers.0.mlp.up_proj.weight"]
@@ -173,6 +178,33 @@ def test_a_trajectory_decomposes_the_source_once(pair, tmp_path, monkeypatch):
     assert len(calls) == MATRICES
     assert sorted(steps["step"].unique()) == [1, 2, 3]
     assert set(steps.loc[steps["metric"] == "trajectory", "value"]) == {1.0}
+
+
+def test_a_trajectory_read_tensor_by_tensor_gives_each_checkpoint_its_own_analysis(pair,
+                                                                                    tmp_path):
+    # each source tensor is read once for all checkpoints: every step's summary is the one
+    # its checkpoint gets alone, and its exact measures the full analysis's
+    steps = {1: trained_tensors(1), 2: trained_tensors(2), 3: source_tensors()}  # 3: no update
+    for step, tensors in steps.items():
+        save_checkpoint(tmp_path / "checkpoints" / f"step-{step}", tensors)
+    write_geometry(pair / "source", tmp_path / "geometry")
+    trajectory = analyze_trajectory(pair / "source", tmp_path / "checkpoints",
+                                    tmp_path / "geometry", device="cpu")
+    for step in steps:
+        checkpoint = tmp_path / "checkpoints" / f"step-{step}"
+        alone = flatten(analyze_checkpoints(pair / "source", checkpoint, None, device="cpu",
+                                            geometry=tmp_path / "geometry", trajectory=True))
+        read = trajectory[trajectory["step"] == step].set_index("metric")["value"]
+        assert sorted(read.index) == sorted(alone)
+        for metric, value in alone.items():
+            if metric != "seconds":
+                assert read[metric] == value or math.isnan(value) and math.isnan(read[metric]), \
+                    (step, metric)
+    assert_trajectory_measures_match(
+        analyze_checkpoints(pair / "source", tmp_path / "checkpoints" / "step-2", None,
+                            device="cpu", trajectory=True),
+        analyze_checkpoints(pair / "source", tmp_path / "checkpoints" / "step-2", None,
+                            device="cpu"))
 
 
 def test_cli_decompose_then_analyze_with_the_geometry(pair, tmp_path, capsys):

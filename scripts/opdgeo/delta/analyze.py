@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -80,7 +80,8 @@ from opdgeo.naming import canonical_name, classify
 from opdgeo.progress import progress
 
 TRAJECTORY_NOTE = """An intermediate checkpoint's measures cost the delta's passes only: the
-source's geometry is decomposed once per source (`opdgeo.delta.source`). As in the final
+source's geometry is decomposed once per source (`opdgeo.delta.source`), and each source
+tensor and its geometry are read once for all of a run's checkpoints. As in the final
 analysis (to float32 rounding, 1e-6 relative; tested): every coordinate metric (relative norm,
 sparsity, coordinate energy shares), every coverage (low-magnitude, principal, combined; the
 rounding null), the principal projection (joint, left, right) at 10%. The delta's spectrum
@@ -136,12 +137,13 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
                    trajectory: bool = False) -> dict:
     """Every per-tensor metric of one pair.
 
-    tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32". They
-    are popped and dropped as soon as they are used, so a caller that keeps no other
-    reference holds, besides them, about one float32 copy of the largest tensor at once (the
-    principal magnitudes, or a null's int32 permutation) and its uint8 labels. The delta is
-    held whole only by the shuffle null, at the end, in place of the source and trained
-    tensors; its other readers compute trained - source chunk by chunk.
+    tensors: "source" and "trained" in the analysis dtype, optionally "trained_fp32": the
+    analysis's own (the shuffle null reorders source and trained in place). They are popped
+    and dropped as soon as they are used, so a caller that keeps no other reference holds,
+    besides them, about one float32 copy of the largest tensor at once (the principal
+    magnitudes, or the exact rounding null's int32 permutation) and its uint8 labels. The
+    delta is never held whole but in a trajectory (below): its readers compute
+    trained - source chunk by chunk.
     geometry: reads the source matrix's geometry (`opdgeo.delta.source`) when it is needed;
     without it, the source is decomposed here.
     trajectory: the measures of an intermediate checkpoint only (see TRAJECTORY_NOTE).
@@ -233,12 +235,12 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     union = class_counts @ masks.union_weights(HEADLINE_RATIO)
     row[COMBINED_DENSITY] = float(union.sum()) / numel
     row |= updates.coverage("combined", HEADLINE_RATIO, union)
-    if nulls:  # last, with the rest released: it needs the delta whole and a permutation
+    if nulls:  # last, with the rest released: it shuffles both tensors in place
         del updates, delta_rows
-        delta = delta_tensor(source, trained)
+        shuffled = shuffled_rows(trained, generator, minus=source)
         del source, trained
-        shuffled_values, shuffled_complete = singular_values(
-            shuffled_rows(delta, tall_rows(delta), generator), exact_svd_max)
+        shuffled_values, shuffled_complete = singular_values(shuffled, exact_svd_max)
+        del shuffled
         shuffled_metrics = spectrum_metrics(shuffled_values, short_side, stats.delta_energy,
                                             shuffled_complete)
         row |= {null_name("shuffle", key): shuffled_metrics.get(key, math.nan)
@@ -257,83 +259,26 @@ def _fp32_name(checkpoint: Checkpoint, pair: TensorPair) -> str:
 
 
 def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | Path | None,
-                        dtype: str = "bf16", device: str = "auto", exact_svd_max: int = 4096,
-                        seed: int = 0, fp32_trained: Path | None = None,
-                        nulls: bool = True, rounding_null: str = "half_normal",
-                        run: str | None = None, geometry: str | Path | None = None,
-                        trajectory: bool = False) -> dict:
+                        run: str | None = None, **options) -> dict:
     """Analyse the delta trained - source tensor by tensor; write out_dir (unless None);
     return the summary.
 
     run: the run's name, written as the first column of every table and into the summary
     (the pipeline's tables are collected from these, never from folder names).
-    dtype: both checkpoints are cast to it before subtracting (statistics in float32).
-    device: where the tensors and every computation go ("cuda": the same code on the GPU).
-    fp32_trained: fp32 master weights of the trained run (file or folder), for the exact
-    rounding null. nulls: also compute the isotropic and shuffle nulls (the parametric
-    rounding null is always computed: it is nearly free). rounding_null: the parametric
-    null's update magnitudes, "half_normal" or "constant". geometry: the source's folder
-    written by `source.write_geometry` (same dtype and exact_svd_max), read instead of
+    options (`analyze_deltas`): dtype: both checkpoints are cast to it before subtracting
+    (statistics in float32). device: where the tensors and every computation go ("cuda": the
+    same code on the GPU). exact_svd_max: the largest min(m, n) decomposed exactly. seed: the
+    null models'. fp32_trained: fp32 master weights of the trained run (file or folder), for
+    the exact rounding null. nulls: also compute the isotropic and shuffle nulls (the
+    parametric rounding null is always computed: it is nearly free). rounding_null: the
+    parametric null's update magnitudes, "half_normal" or "constant". geometry: the source's
+    folder written by `source.write_geometry` (same dtype and exact_svd_max), read instead of
     decomposing the source. trajectory: an intermediate checkpoint's measures only
     (TRAJECTORY_NOTE; no nulls).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if rounding_null not in DISTRIBUTIONS:
-        raise ValueError(f"rounding_null must be one of {DISTRIBUTIONS}, got {rounding_null!r}")
     if out_dir is not None:
         check_writable(out_dir)
-    started = time.perf_counter()
-    torch_device = torch.device(resolve_device(device))
-    source_checkpoint, trained_checkpoint = Checkpoint(source), Checkpoint(trained)
-    fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
-    geometry_folder = GeometryFolder(geometry, dtype, exact_svd_max) if geometry else None
-    nulls = nulls and not trajectory
-    pairs = match_tensors(source_checkpoint, trained_checkpoint)
-    rows = []
-    for pair in progress(pairs, desc=f"analyze {trained}", unit="tensor"):
-        tensors = {
-            "source": source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype]),
-            "trained": trained_checkpoint.load(pair.trained_name).to(torch_device,
-                                                                     DTYPES[dtype]),
-        }
-        if fp32_checkpoint is not None:
-            tensors["trained_fp32"] = fp32_checkpoint.load(
-                _fp32_name(fp32_checkpoint, pair)).to(torch_device)
-        read_geometry = (partial(geometry_folder.load, pair.source_name, pair.shape, torch_device)
-                         if geometry_folder is not None else None)
-        rows.append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls, rounding_null,
-                                   read_geometry, trajectory))
-    table = pd.DataFrame(rows)
-    table["layer"] = table["layer"].astype("Int64")
-    result = summary(table)
-    matrices = is_matrix(table["shape"])
-    higher = table["shape"].str.count("x") >= 2
-    result["rounding_null_sparsity_fit"] = {
-        block: float(scale) for block, scale in
-        table.groupby("block")[ROUNDING_NULL_SCALE].median().items()}
-    result |= {
-        "dtype": dtype, "device": str(torch_device), "tensor_count": len(table),
-        "matrix_count": int(matrices.sum()),
-        # in no spectrum median: a zero delta has no spectrum (its ranks are NaN, not 0)
-        "zero_delta_matrix_count": int((matrices & (table[DELTA_ENERGY] <= 0)).sum()),
-        # tensors of 3+ dimensions (a vision tower's Conv3d patch embedding): coordinate
-        # measures only, outside the spectrum, projection and pooled coverages
-        "higher_dim_tensors": dict(zip(table.loc[higher, "name"], table.loc[higher, "shape"],
-                                       strict=True)),
-        "source": str(source), "trained": str(trained),
-        # the hub commits read (None: a local checkpoint), so a rerun can pin the same weights
-        "source_commit": resolved_commit(source_checkpoint.path),
-        "trained_commit": resolved_commit(trained_checkpoint.path),
-        "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
-        "exact_svd_max": exact_svd_max, "seed": seed, "nulls": nulls, "trajectory": trajectory,
-        "rounding_null_distribution": rounding_null,
-        "tied_head": next((f"{TIED_HEAD_NOTE} (source {p.source_name}, trained {p.trained_name})"
-                           for p in pairs if p.tied_head), None),
-        "seconds": time.perf_counter() - started,
-    }
-    result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
-              for key, v in result.items()}
+    ((result, table),) = analyze_deltas(source, [trained], **options)
     if run is not None:
         result["run"] = run
     if out_dir is not None:
@@ -346,24 +291,139 @@ def analyze_checkpoints(source: str | Path, trained: str | Path, out_dir: str | 
     return result
 
 
+def _own_masks(geometry: SourceGeometry) -> SourceGeometry:
+    """The geometry with a copy of its masks object: one analysis releases its classes once
+    counted while the next checkpoint's still reads them."""
+    return SourceGeometry(geometry.decomposition, replace(geometry.masks))
+
+
+def analyze_deltas(source: str | Path, trained: list[str | Path], dtype: str = "bf16",
+                   device: str = "auto", exact_svd_max: int = 4096, seed: int = 0,
+                   fp32_trained: Path | None = None, nulls: bool = True,
+                   rounding_null: str = "half_normal", geometry: str | Path | None = None,
+                   trajectory: bool = False) -> list[tuple[dict, pd.DataFrame]]:
+    """(summary, per-tensor table) of each trained checkpoint against one source, options as
+    for `analyze_checkpoints`. Tensor by tensor: each source tensor and its geometry are read
+    (or decomposed) once for every checkpoint, which are analysed one after another against
+    them (a trajectory's). One checkpoint: its analysis gets the only references, so that it
+    can release them as it goes (the shuffle null holds the delta whole)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if rounding_null not in DISTRIBUTIONS:
+        raise ValueError(f"rounding_null must be one of {DISTRIBUTIONS}, got {rounding_null!r}")
+    if fp32_trained is not None and len(trained) != 1:
+        raise ValueError("fp32 master weights belong to one trained checkpoint")
+    torch_device = torch.device(resolve_device(device))
+    source_checkpoint = Checkpoint(source)
+    checkpoints = [Checkpoint(path) for path in trained]
+    fp32_checkpoint = Checkpoint(fp32_trained) if fp32_trained is not None else None
+    geometry_folder = GeometryFolder(geometry, dtype, exact_svd_max) if geometry else None
+    nulls = nulls and not trajectory
+    pairs = match_tensors(source_checkpoint, checkpoints[0])
+    for checkpoint in checkpoints[1:]:
+        if match_tensors(source_checkpoint, checkpoint) != pairs:
+            raise ValueError(f"checkpoint {checkpoint.path} holds other tensors than "
+                             f"{checkpoints[0].path}: analyse them separately")
+    shared = len(checkpoints) > 1
+    rows = [[] for _ in checkpoints]
+    seconds = [0.0 for _ in checkpoints]
+    for pair in progress(pairs, desc=f"analyze {trained[0]}" + (
+            f" and {len(trained) - 1} more" if shared else ""), unit="tensor"):
+        started = time.perf_counter()
+        source_tensor = source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype])
+        if len(pair.shape) != 2:
+            read_geometry = None
+        elif shared:
+            read_geometry = partial(_own_masks, geometry_folder.load(
+                pair.source_name, pair.shape, torch_device) if geometry_folder is not None
+                else source_geometry(source_tensor, exact_svd_max))
+        elif geometry_folder is not None:
+            read_geometry = partial(geometry_folder.load, pair.source_name, pair.shape,
+                                    torch_device)
+        else:
+            # decomposed before the trained tensor is read: its temporaries (the principal
+            # magnitudes) are the analysis's largest; handed over (popped), so that the
+            # analysis holds the only reference and releases it as it goes
+            read_geometry = [source_geometry(source_tensor, exact_svd_max)].pop
+        shared_seconds = (time.perf_counter() - started) / len(checkpoints)
+        for i, checkpoint in enumerate(checkpoints):
+            started = time.perf_counter()
+            tensors = {"source": source_tensor,
+                       "trained": checkpoint.load(pair.trained_name).to(torch_device,
+                                                                       DTYPES[dtype])}
+            if not shared:
+                del source_tensor
+            if fp32_checkpoint is not None:
+                tensors["trained_fp32"] = fp32_checkpoint.load(
+                    _fp32_name(fp32_checkpoint, pair)).to(torch_device)
+            rows[i].append(analyze_tensor(pair, tensors, exact_svd_max, seed, nulls,
+                                          rounding_null, read_geometry, trajectory))
+            seconds[i] += shared_seconds + time.perf_counter() - started
+    settings = {"dtype": dtype, "device": str(torch_device), "exact_svd_max": exact_svd_max,
+                "seed": seed, "nulls": nulls, "trajectory": trajectory,
+                "rounding_null_distribution": rounding_null}
+    return [_summary(pd.DataFrame(checkpoint_rows), pairs, (source, source_checkpoint),
+                     (path, checkpoint), fp32_trained, settings, checkpoint_seconds)
+            for checkpoint_rows, checkpoint, path, checkpoint_seconds in zip(
+                rows, checkpoints, trained, seconds, strict=True)]
+
+
+def _summary(table: pd.DataFrame, pairs: list[TensorPair], source: tuple[str | Path, Checkpoint],
+             trained: tuple[str | Path, Checkpoint], fp32_trained: Path | None, settings: dict,
+             seconds: float) -> tuple[dict, pd.DataFrame]:
+    """One checkpoint's summary from its per-tensor rows (source and trained: as given, and
+    read), and the table with its layers typed."""
+    table["layer"] = table["layer"].astype("Int64")
+    result = summary(table)
+    matrices = is_matrix(table["shape"])
+    higher = table["shape"].str.count("x") >= 2
+    result["rounding_null_sparsity_fit"] = {
+        block: float(scale) for block, scale in
+        table.groupby("block")[ROUNDING_NULL_SCALE].median().items()}
+    result |= {
+        "dtype": settings["dtype"], "device": settings["device"], "tensor_count": len(table),
+        "matrix_count": int(matrices.sum()),
+        # in no spectrum median: a zero delta has no spectrum (its ranks are NaN, not 0)
+        "zero_delta_matrix_count": int((matrices & (table[DELTA_ENERGY] <= 0)).sum()),
+        # tensors of 3+ dimensions (a vision tower's Conv3d patch embedding): coordinate
+        # measures only, outside the spectrum, projection and pooled coverages
+        "higher_dim_tensors": dict(zip(table.loc[higher, "name"], table.loc[higher, "shape"],
+                                       strict=True)),
+        "source": str(source[0]), "trained": str(trained[0]),
+        # the hub commits read (None: a local checkpoint), so a rerun can pin the same weights
+        "source_commit": resolved_commit(source[1].path),
+        "trained_commit": resolved_commit(trained[1].path),
+        "fp32_trained": str(fp32_trained) if fp32_trained is not None else None,
+        **{key: settings[key] for key in ("exact_svd_max", "seed", "nulls", "trajectory",
+                                          "rounding_null_distribution")},
+        "tied_head": next((f"{TIED_HEAD_NOTE} (source {p.source_name}, trained {p.trained_name})"
+                           for p in pairs if p.tied_head), None),
+        "seconds": seconds,
+    }
+    result = {key: (None if isinstance(v, float) and math.isnan(v) else v)
+              for key, v in result.items()}
+    return result, table
+
+
 def analyze_trajectory(source: str | Path, checkpoints: str | Path | None,
                        geometry: str | Path | None = None, run: str | None = None,
                        **options) -> pd.DataFrame:
     """The summary of every intermediate checkpoint (`checkpoints/step-N`) against the source,
     as tidy rows ([run,] step, metric, value), with the trajectory's measures
     (TRAJECTORY_NOTE); `options` as for `analyze_checkpoints`. The source is decomposed once:
-    `geometry` (its folder), else into a temporary folder. One job per run analyses its whole
-    trajectory: a job per checkpoint paid the start-up each time."""
+    `geometry` (its folder), else into a temporary folder; each of its tensors is read once
+    for every checkpoint (`analyze_deltas`). One job per run analyses its whole trajectory: a
+    job per checkpoint paid the start-up each time."""
     folders = step_folders(checkpoints) if checkpoints else {}
     rows = []
     if folders:
         settings = {key: options[key] for key in ("dtype", "exact_svd_max") if key in options}
         with decomposed(source, geometry, device=resolve_device(options.get("device", "auto")),
                         **settings) as folder:
-            for step, checkpoint in folders.items():
-                result = analyze_checkpoints(source, checkpoint, None, geometry=folder,
-                                             trajectory=True, **options)
-                rows += [(step, metric, value) for metric, value in flatten(result).items()]
+            analyses = analyze_deltas(source, list(folders.values()), geometry=folder,
+                                      trajectory=True, **options)
+        for step, (result, _) in zip(folders, analyses, strict=True):
+            rows += [(step, metric, value) for metric, value in flatten(result).items()]
     return with_run(pd.DataFrame(rows, columns=["step", "metric", "value"]), run)
 
 

@@ -317,7 +317,7 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
 
 def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
     """dW = trained - source in float32, whole, filled chunk by chunk (no whole temporaries):
-    for the one reader that needs random access to it, the shuffle null."""
+    for a trajectory checkpoint, which reads it in three passes."""
     delta = torch.empty(source.shape, dtype=torch.float32, device=source.device)
     flat_delta, flat_source, flat_trained = delta.view(-1), source.reshape(-1), trained.reshape(-1)
     for sl in chunk_slices(delta.numel()):

@@ -14,9 +14,11 @@ parametric null is a sum over those bins.
 - exact (fp32 master weights known): the tensor's own fp32 update magnitudes permuted over
   coordinates with random signs, added to the bf16 source and rounded to bf16.
 Isotropic null: a Gaussian delta of the tensor's shape through the same projection code.
-Shuffle null: the delta's own entries permuted within the tensor, through the same spectrum.
+Shuffle null: the delta's own entries permuted uniformly within the tensor, through the same
+spectrum (the permutation drawn bucket by bucket, `StreamedShuffle`, never held whole).
 """
 
+import bisect
 import math
 import zlib
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import torch
 
 from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO
 from opdgeo.delta.metrics import (
+    CHUNK,
     HIGH_BINS,
     categories,
     chunk_slices,
@@ -37,6 +40,8 @@ DISTRIBUTIONS = ("half_normal", "constant")
 EXPONENTS = 256  # float32 / bf16 exponent field
 BF16_FINITE = 0x7F80  # non-negative bf16 bit patterns below +inf
 BISECTION_STEPS = 64
+SHUFFLE_BUCKET = 1 << 20  # entries per bucket of a streamed shuffle (about: labels are uint8)
+MAX_BUCKETS = 256
 
 
 def tensor_generator(name: str, seed: int, device: torch.device) -> torch.Generator:
@@ -182,19 +187,96 @@ def exact_rounding_null_categories(source: torch.Tensor, trained_fp32: torch.Ten
     return out.view(source.shape)
 
 
-def shuffled_rows(delta: torch.Tensor, delta_rows: TallRows,
-                  generator: torch.Generator) -> TallRows:
-    """The delta's entries permuted uniformly within the tensor, gathered row chunk by row
-    chunk, so the shuffled matrix is never held whole (the permutation is int32)."""
-    flat = delta.reshape(-1)
-    order = torch.randperm(flat.numel(), generator=generator, device=delta.device,
-                           dtype=torch.int32)
-    short = delta_rows.shape[1]
+class StreamedShuffle:
+    """The entries of one or more tensors of one size in a uniformly random order (the same
+    for each), read in pieces, without the permutation held whole (Rao and Sandelius's
+    shuffle): each entry draws a bucket label, uniformly and independently; the entries are
+    grouped by label in place, chunk by chunk (a stable sort of each chunk's labels); the
+    shuffled order is bucket 0's entries in a uniformly random order (one randperm of the
+    bucket), then bucket 1's, and so on. An arrangement comes out when the labels match its
+    bucket segments and each bucket's randperm its order: with probability sum over bucket
+    sizes n of B^-N prod_b 1/n_b!, the same for every arrangement. So the draw is uniform, as
+    one randperm of the whole tensor, from other random numbers. Memory: the tensors
+    (reordered in place: their last use) and one bucket of each, where a whole int32
+    permutation would add 4 bytes per entry.
 
-    def rows(start: int, stop: int) -> torch.Tensor:  # index_select: no int64 index copy
-        return torch.index_select(flat, 0, order[start * short:stop * short]).view(-1, short)
+    Every read of a range returns the same entries (each bucket's randperm has its own seed);
+    reads in order shuffle each bucket once.
+    """
 
-    return TallRows(rows, delta_rows.shape, delta_rows.transposed)
+    def __init__(self, tensors: tuple[torch.Tensor, ...], generator: torch.Generator,
+                 bucket_size: int = SHUFFLE_BUCKET, chunk: int = CHUNK):
+        self.flats = tuple(tensor.view(-1) for tensor in tensors)
+        numel, device = self.flats[0].numel(), tensors[0].device
+        buckets = min(MAX_BUCKETS, max(1, -(-numel // bucket_size)))
+        self.seed = int(torch.randint(1 << 62, (1,), generator=generator, device=device))
+        label_generator = torch.Generator(device=device).manual_seed(self.seed)
+        slices = list(chunk_slices(numel, chunk))  # grouped a chunk at a time
+        sizes = torch.zeros(len(slices), buckets, dtype=torch.int64)  # per chunk and bucket
+        for i, sl in enumerate(slices):
+            if buckets == 1:
+                sizes[i, 0] = sl.stop - sl.start
+                continue
+            labels = torch.randint(buckets, (sl.stop - sl.start,), generator=label_generator,
+                                   device=device, dtype=torch.uint8)
+            order = torch.argsort(labels, stable=True)
+            for flat in self.flats:
+                flat[sl] = flat[sl].index_select(0, order)
+            sizes[i] = torch.bincount(labels, minlength=buckets).cpu()
+        chunk_starts = torch.tensor([sl.start for sl in slices], dtype=torch.int64)
+        # per bucket and chunk: where that chunk's entries of the bucket start, and how many
+        self.segments = torch.stack([chunk_starts[:, None] + sizes.cumsum(1) - sizes, sizes],
+                                    dim=-1).transpose(0, 1).tolist()
+        self.ends = sizes.sum(0).cumsum(0).tolist()  # where each bucket ends in the output
+        self.cached: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    def bucket(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Bucket `index`'s entries of each tensor in their shuffled order."""
+        if self.cached is None or self.cached[0] != index:
+            self.cached = None  # released before the next is gathered
+            segments = [(start, size) for start, size in self.segments[index] if size]
+            device = self.flats[0].device
+            generator = torch.Generator(device=device).manual_seed(self.seed + 1 + index)
+            order = torch.randperm(sum(size for _, size in segments), generator=generator,
+                                   device=device, dtype=torch.int32)
+            self.cached = index, tuple(
+                torch.index_select(torch.cat([flat[start:start + size]
+                                              for start, size in segments]), 0, order)
+                for flat in self.flats)
+        return self.cached[1]
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Entries start..stop of the shuffled order, of each tensor."""
+        pieces = []
+        index = bisect.bisect_right(self.ends, start)
+        while start < stop:
+            begin = self.ends[index - 1] if index else 0
+            end = min(stop, self.ends[index])
+            if end > start:
+                pieces.append([values[start - begin:end - begin]
+                               for values in self.bucket(index)])
+            start, index = max(start, end), index + 1
+        return tuple(parts[0] if len(parts) == 1 else torch.cat(parts)
+                     for parts in zip(*pieces, strict=True))
+
+
+def shuffled_rows(tensor: torch.Tensor, generator: torch.Generator,
+                  minus: torch.Tensor | None = None,
+                  bucket_size: int = SHUFFLE_BUCKET) -> TallRows:
+    """The entries of `tensor` (with `minus`: of the difference tensor - minus, W_trained -
+    W_src = dW) permuted uniformly within it (`StreamedShuffle`, which reorders both in
+    place), read tall in row chunks, float32: neither the shuffled matrix, the difference nor
+    the permutation is held whole."""
+    short = min(tensor.shape)
+    shuffle = StreamedShuffle((tensor,) if minus is None else (tensor, minus), generator,
+                              bucket_size)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        pieces = shuffle.read(start * short, stop * short)
+        values = pieces[0].float() if minus is None else pieces[0].float() - pieces[1].float()
+        return values.view(-1, short)
+
+    return TallRows(rows, (max(tensor.shape), short), tensor.shape[0] < tensor.shape[1])
 
 
 def isotropic_rows(delta_rows: TallRows, generator: torch.Generator) -> TallRows:
