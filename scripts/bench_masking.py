@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from trl import DistillationConfig
 
 from opdgeo.callbacks import GradientMaskCallback
-from opdgeo.losses import OPDTrainer
+from opdgeo.distillation import OPDTrainer
 from opdgeo.masks import random_mask_with_density
 from opdgeo.models import build_model, character_tokenizer
 from opdgeo.task import answer_length, split_examples

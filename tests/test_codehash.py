@@ -33,8 +33,8 @@ def test_a_command_depends_on_the_modules_it_imports_and_no_other(package):
     figure, train, analyze = (hashes(c, package) for c in ("figure", "train-run", "analyze"))
     assert {"cli", "handover", "figures", "tidy"} <= figure.keys()
     assert "preload" not in figure.keys()  # the server runs a command; it is not its code
-    assert not {"train", "evaluate", "losses", "findings"} & figure.keys()
-    assert {"train", "losses", "callbacks", "models", "evaluate", "task"} <= train.keys()
+    assert not {"train", "evaluate", "distillation", "findings"} & figure.keys()
+    assert {"train", "distillation", "callbacks", "models", "evaluate", "task"} <= train.keys()
     assert not {"figures", "findings", "delta.metrics", "delta.analyze"} & train.keys()
     # transitively: analyze imports delta.analyze, which imports delta.metrics
     assert {"delta.analyze", "delta.metrics", "delta.nulls", "naming"} <= analyze.keys()

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from opdgeo.callbacks import NonFiniteLossError
 from opdgeo.config import RunSpec, pair_training
-from opdgeo.losses import LOSSES, OWN_LOSSES, OPDTrainer
+from opdgeo.distillation import LOSSES, OWN_LOSSES, OPDTrainer
 from opdgeo.models import character_tokenizer
 from opdgeo.train import train_run
 
@@ -183,7 +183,7 @@ def test_self_teacher_is_the_student_s_model_reading_a_privileged_context(
     teacher reads the example's own answer, OP2SD's another example's."""
     import torch
 
-    from opdgeo.losses import TEACHER_PROMPT
+    from opdgeo.distillation import TEACHER_PROMPT
     from opdgeo.task import split_examples
 
     student, _ = tiny_pair
@@ -232,7 +232,7 @@ def test_generalized_jsd_is_trl_s_divergence_and_the_cap_bounds_its_terms():
     import torch.nn.functional as F
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from opdgeo.losses import generalized_jsd
+    from opdgeo.distillation import generalized_jsd
 
     generator = torch.Generator().manual_seed(0)
     hidden_s, hidden_t = (torch.randn(2, 5, 8, generator=generator) for _ in range(2))

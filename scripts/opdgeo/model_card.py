@@ -88,7 +88,7 @@ def method_tags(kind: str) -> list[str]:
 
 def trainer_text(kind: str, loss: str | None) -> str:
     """The TRL trainer a kind is trained with, as a user would reproduce it: the study's
-    divergence kinds are TRL's DistillationTrainer with the configured loss (opdgeo.losses
+    divergence kinds are TRL's DistillationTrainer with the configured loss (opdgeo.distillation
     adds the losses TRL lacks through its one overridable loss method)."""
     run_kind = RUN_KINDS[kind]
     if run_kind.divergence:

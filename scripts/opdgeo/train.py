@@ -37,10 +37,10 @@ from opdgeo.callbacks import (
     progress_callbacks,
 )
 from opdgeo.config import RunSpec
+from opdgeo.distillation import TEACHER_PROMPT, TRL_BETA, OPDTrainer, OPSDTrainer
 from opdgeo.evaluate import exact_match, generate, generation_dtype, images_of
 from opdgeo.files import atomic, link, remove
 from opdgeo.kinds import RUN_KINDS
-from opdgeo.losses import TEACHER_PROMPT, TRL_BETA, OPDTrainer, OPSDTrainer
 from opdgeo.models import (
     VISION_ARCHITECTURES,
     build_model,

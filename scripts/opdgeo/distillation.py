@@ -1,5 +1,6 @@
-"""OPD loss variants that TRL's DistillationTrainer lacks, and on-policy self-distillation,
-as small subclasses.
+"""The study's distillation trainers, small subclasses of TRL's DistillationTrainer:
+`OPDTrainer`, with the OPD loss variants TRL lacks, and `OPSDTrainer`, on-policy
+self-distillation.
 
 `reverse_kl`, `forward_kl` and `jsd` are TRL's own chunked generalised JSD (beta 1, 0, or the
 configured mixing). Two more are public OPD practice:
