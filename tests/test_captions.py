@@ -10,6 +10,7 @@ from docutils.core import publish_parts
 
 from opdgeo import captions, figures, paper_tables, report_captions
 from opdgeo.delta import columns
+from opdgeo.figures import bands, delta_trajectory
 from opdgeo.findings import VERDICTS
 
 WORKFLOW_PAGE = Path(__file__).resolve().parents[1] / "workflow/report/workflow.rst"
@@ -41,13 +42,13 @@ def test_captions_name_the_interval_and_the_metrics_their_figures_draw():
     texts = report_captions.captions()
     for name in ("fig1_overview", "trajectory", "appendix_sparsity_thresholds",
                  "appendix_module_metrics"):
-        assert figures.DELTA_INTERVAL in texts[name], name
+        assert bands.DELTA_INTERVAL in texts[name], name
     for name in ("fig3_interventions", "gain_vs_sparsity"):
-        assert figures.INTERVAL in texts[name], name
+        assert bands.INTERVAL in texts[name], name
     assert not [name for name, text in texts.items()
                 if "s.d." in text or "standard deviation" in text]
     for name, panels in (("appendix_module_metrics", columns.module_figure()),
-                         ("trajectory", figures.TRAJECTORY_PANELS)):
+                         ("trajectory", delta_trajectory.TRAJECTORY_PANELS)):
         text = " ".join(shown(texts[name]).split())
         for column in panels:  # the label as the panel's axis shows it
             assert columns.axis_label(column) in text, (name, column)

@@ -8,10 +8,11 @@ import pytest
 import tidy_fixtures as tf
 
 from opdgeo import figures
+from opdgeo.figures import bands, delta_trajectory, interventions, style
 from opdgeo.kinds import CONTROLS, METHOD_ORDER, OPD
 from opdgeo.tidy import main_runs, run_info
 
-PLOTS = figures.settings({"formats": ["png"], "dpi": 40})
+PLOTS = style.settings({"formats": ["png"], "dpi": 40})
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +39,18 @@ def rgb(color) -> tuple:
 
 
 def test_each_method_has_one_colour_whatever_the_runs(full):
-    colors = figures.method_colors(PLOTS)
+    colors = style.method_colors(PLOTS)
     assert list(colors) == list(METHOD_ORDER) and len(set(colors.values())) == len(colors)
     few = main_runs(run_info(tf.tables(tf.config(optimizers=("adamw",), arms=()))["runs"], {}))
     many = main_runs(run_info(full["runs"], {"ext-opd": "opd"}))
     for info in (few, many):
-        groups = figures.group_colors(info, PLOTS)
+        groups = style.group_colors(info, PLOTS)
         for (pair, method), rows in info.groupby(["pair", "method"]):
             first = rows.sort_values("series")["series"].iloc[0]
             # the first group of a method on a pair has the method's colour, the others its
             # shades: the same hue however many runs precede it in the figure
             assert rgb(groups[first]) == rgb(colors[method]), (pair, method)
-    dashes = figures.group_dashes(many)
+    dashes = style.group_dashes(many)
     assert {dashes[s] for s in many.loc[many["method"].isin(CONTROLS), "series"]} == {"--"}
     assert {dashes[s] for s in many.loc[many["method"] == OPD, "series"]} == {"-"}
 
@@ -57,7 +58,7 @@ def test_each_method_has_one_colour_whatever_the_runs(full):
 def test_fig1_draws_every_run_group_in_its_methods_colour(full, monkeypatch, tmp_path):
     info = run_info(full["runs"], {"ext-opd": "opd"})
     fig = drawn(monkeypatch, "fig1_overview", full, info, tmp_path)
-    colors = {rgb(c) for c in figures.method_colors(PLOTS).values()}
+    colors = {rgb(c) for c in style.method_colors(PLOTS).values()}
     used = {rgb(line.get_color()) for line in fig.axes[0].lines}
     assert used <= colors and len(used) == info["method"].nunique() - ("masked" in
                                                                           set(info["method"]))
@@ -68,13 +69,13 @@ def test_bands_after_the_first_are_hatched(full):
 
     info = main_runs(run_info(full["runs"], {}))
     data = full["trajectory"].merge(info[["run", "series"]], on="run")
-    data = data[data["metric"] == figures.TRAJECTORY_PANELS[0]]
+    data = data[data["metric"] == delta_trajectory.TRAJECTORY_PANELS[0]]
     fig, ax = plt.subplots()
-    figures.draw_lines(ax, data, "step", figures.group_colors(info, PLOTS), {})
+    bands.draw_lines(ax, data, "step", style.group_colors(info, PLOTS), {})
     hatches = [band.get_hatch() for band in ax.collections]
     plt.close(fig)
     assert len(hatches) >= 3 and hatches[0] is None and all(hatches[1:])
-    assert len(set(hatches[1:len(figures.HATCHES)])) == len(hatches[1:len(figures.HATCHES)])
+    assert len(set(hatches[1:len(bands.HATCHES)])) == len(hatches[1:len(bands.HATCHES)])
     assert None not in hatches[1:]
 
 
@@ -83,7 +84,7 @@ def test_fig3_has_a_panel_per_mask_arm_each_with_full_opd(full, monkeypatch, tmp
     fig = drawn(monkeypatch, "fig3_interventions", full, info, tmp_path)
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_legend()]
     masked = [ax for ax in panels if "masked" in ax.get_title()]
-    assert len(masked) == sum(len(figures._arms(rows)) for _, rows in
+    assert len(masked) == sum(len(interventions._arms(rows)) for _, rows in
                               main_runs(info).query("kind == 'masked'").groupby("pair"))
     for ax in masked:
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -98,7 +99,7 @@ def test_trajectory_has_a_row_per_pair_fitted_to_its_data(full, monkeypatch, tmp
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == 3 * pairs
     traj = full["trajectory"]
-    sparsity = traj.loc[traj["metric"] == figures.TRAJECTORY_PANELS[0], "value"] * 100
+    sparsity = traj.loc[traj["metric"] == delta_trajectory.TRAJECTORY_PANELS[0], "value"] * 100
     low, high = axes[0].get_ylim()
     assert low > 0 and low <= sparsity.min() and high >= 0.9 * sparsity.max() and high < 100
     legends = [ax.get_legend() for ax in axes if ax.get_legend()]
@@ -109,6 +110,6 @@ def test_trajectory_has_a_row_per_pair_fitted_to_its_data(full, monkeypatch, tmp
 
 
 def test_figure_colours_come_from_the_plot_palette():
-    other = figures.settings({"palette": "deep"})
-    assert figures.method_colors(other) != figures.method_colors(PLOTS)
-    assert pd.Series(list(figures.method_colors(other))).tolist() == list(METHOD_ORDER)
+    other = style.settings({"palette": "deep"})
+    assert style.method_colors(other) != style.method_colors(PLOTS)
+    assert pd.Series(list(style.method_colors(other))).tolist() == list(METHOD_ORDER)

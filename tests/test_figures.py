@@ -6,6 +6,7 @@ import tidy_fixtures as tf
 
 from opdgeo import figures, paper_tables
 from opdgeo.cli import main
+from opdgeo.figures import interventions, matched_gain, modules, style
 from opdgeo.stats import seed_interval
 from opdgeo.tidy import TABLES, curve_stats, load_tables, main_runs, run_info
 
@@ -36,7 +37,7 @@ def empty_panels(fig) -> list[str]:
     for i, ax in enumerate(fig.axes):
         if not ax.get_visible() or ax.get_label() == "<colorbar>":
             continue
-        notes = [text for text in ax.texts if text.get_gid() == figures.NOTE]
+        notes = [text for text in ax.texts if text.get_gid() == style.NOTE]
         data = [*ax.patches, *ax.collections, *ax.images,
                 *(line for line in ax.lines if line.get_transform() == ax.transData)]
         if notes or not data:
@@ -319,13 +320,13 @@ def test_a_table_not_read_yet_is_read_by_get_too(tmp_path):
 def test_fig2_runs_setting_and_default(full):
     info = info_of(full)
     # One OPD run per modality: the language pair's and the vision-language pair's primary.
-    assert figures.fig2_runs(info, {}) == ["addition-opd-teacher-a-adamw-s0",
+    assert modules.fig2_runs(info, {}) == ["addition-opd-teacher-a-adamw-s0",
                                            "squares-opd-vl-teacher-adamw-s0"]
-    assert figures.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
+    assert modules.fig2_runs(info, {"fig2_run": "addition-grpo-adamw-s1"}) == \
         ["addition-grpo-adamw-s1"]
     # and the first on-policy self-distillation run beside OPD's
     opsd = tf.tables(tf.config(self_distillation=True))
-    assert figures.fig2_runs(run_info(opsd["runs"]), {}) == ["addition-opd-teacher-a-adamw-s0",
+    assert modules.fig2_runs(run_info(opsd["runs"]), {}) == ["addition-opd-teacher-a-adamw-s0",
                                                            "addition-opsd-adamw-s0"]
 
 
@@ -333,7 +334,7 @@ def test_gain_vs_sparsity_keeps_pairs_and_optimizers_apart(full):
     # One curve per pair, method and optimizer: every point knows its pair and optimizer,
     # and every cell names its optimizer (AdamW and SGD cells at one lr never merge).
     info = info_of(full, {"ext-opd": "opd"})
-    points = figures.matched_gain_points(full["evaluation"], full["delta_global"], info,
+    points = matched_gain.matched_gain_points(full["evaluation"], full["delta_global"], info,
                                          "mean@2")
     assert set(points["pair"]) == {"addition"} and len(set(points["optimizer"])) >= 1
     assert (points.apply(lambda p: p["cell"].startswith(p["optimizer"]), axis=1)).all()
@@ -356,11 +357,11 @@ def test_a_mask_arms_label_gives_its_mean_density_over_seeds(full):
         [("opd-mask-of-seed-1", "all", "all", 0.3)], columns=full["masks"].columns)])
     densities = masks.set_index("mask").loc[[seed0["mask"], seed1["mask"]], "density"]
     assert densities.nunique() == 2  # the two seeds' masks differ
-    arms = figures._arms(pair[pair["kind"] == "masked"])
+    arms = interventions._arms(pair[pair["kind"] == "masked"])
     fig, axes = plt.subplots(1, len(arms))
     scores = curves(full["evaluation"], info, score_metric(full["evaluation"]))
-    figures._masked_panels(list(axes), scores, masks, pair, primary_opd_runs(pair), arms,
-                           figures.DEFAULTS)
+    interventions._masked_panels(list(axes), scores, masks, pair, primary_opd_runs(pair), arms,
+                           style.DEFAULTS)
     labels = [text.get_text() for ax in axes for text in ax.get_legend().get_texts()]
     plt.close(fig)
     assert f"OPD mask, density {densities.mean():.1%}" in labels

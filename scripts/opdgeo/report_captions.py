@@ -15,18 +15,14 @@ from opdgeo.delta.columns import (
     module_figure,
     threshold_label,
 )
-from opdgeo.figures import (
-    DELTA_INTERVAL,
-    FIG1_PANELS,
-    FIG2_PANELS,
-    FIGURES,
-    GAIN_PANELS,
-    INTERVAL,
-    ISOTROPIC_PROJECTION,
-    M1_LAGS,
-    TRAJECTORY_PANELS,
-    percent,
-)
+from opdgeo.figures import FIGURES
+from opdgeo.figures.adamw_state import M1_LAGS
+from opdgeo.figures.bands import DELTA_INTERVAL, INTERVAL
+from opdgeo.figures.delta_trajectory import ISOTROPIC_PROJECTION, TRAJECTORY_PANELS
+from opdgeo.figures.matched_gain import GAIN_PANELS
+from opdgeo.figures.modules import FIG2_PANELS
+from opdgeo.figures.overview import FIG1_PANELS
+from opdgeo.figures.style import percent
 from opdgeo.files import atomic
 from opdgeo.findings import VERDICTS
 from opdgeo.paper_tables import PAPER_ADAMW_STATE, PAPER_NULL_TABLE, TABLE_NAMES
