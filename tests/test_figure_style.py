@@ -1,6 +1,6 @@
 """Figures read at a glance: a colour per method (opdgeo.kinds) in every figure, OPD's controls
 dashed, overlapping bands hatched apart, the masked arms as small multiples, one trajectory
-row per pair with its own axes."""
+row and one AdamW state row per pair with its own axes."""
 
 import matplotlib.colors as mcolors
 import pandas as pd
@@ -8,7 +8,7 @@ import pytest
 import tidy_fixtures as tf
 
 from opdgeo import figures
-from opdgeo.figures import bands, delta_trajectory, interventions, style
+from opdgeo.figures import adamw_state, bands, delta_trajectory, interventions, style
 from opdgeo.kinds import CONTROLS, METHOD_ORDER, OPD
 from opdgeo.tidy import main_runs, run_info
 
@@ -107,6 +107,30 @@ def test_trajectory_has_a_row_per_pair_fitted_to_its_data(full, monkeypatch, tmp
     for legend, pair in zip(legends, main_runs(info)["pair"].dropna().unique(), strict=True):
         assert all(t.get_text().startswith(pair) or "isotropic" in t.get_text()
                    for t in legend.get_texts())
+
+
+def test_optimizer_state_has_a_row_per_pair_naming_its_own_runs(full, monkeypatch, tmp_path):
+    info = run_info(full["runs"], {})
+    fig = drawn(monkeypatch, "optimizer_state", full, info, tmp_path)
+    state = full["optimizer_state"].merge(main_runs(info)[["run", "pair", "series", "label"]],
+                                          on="run")
+    pairs = list(dict.fromkeys(state["pair"]))
+    assert len(pairs) == 2  # both pairs trained with AdamW: one busy panel would mix them
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == (len(adamw_state.M1_LAGS) + 1) * len(pairs)
+    legends = [ax.get_legend() for ax in axes if ax.get_legend()]
+    assert len(legends) == len(pairs) and not fig.legends
+    for legend, pair in zip(legends, pairs, strict=True):
+        runs = [t.get_text() for t in legend.get_texts() if not t.get_text().startswith("paper")]
+        assert sorted(runs) == sorted(state.loc[state["pair"] == pair, "label"].unique())
+    for row, pair in zip(range(len(pairs)), pairs, strict=True):
+        steps = state.loc[state["pair"] == pair, "step"]
+        panels = len(adamw_state.M1_LAGS) + 1
+        for ax in axes[row * panels:(row + 1) * panels]:
+            assert ax.get_title().startswith(pair)
+            drawn_steps = {x for line in ax.lines if not line.get_label().startswith("paper")
+                           for x in line.get_xdata()}
+            assert drawn_steps and drawn_steps <= set(steps)
 
 
 def test_figure_colours_come_from_the_plot_palette():

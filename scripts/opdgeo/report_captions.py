@@ -65,8 +65,9 @@ and GRPO controls: {listing(TRAJECTORY_PANELS)}. The dashed line is the asymptot
 projection of an isotropic update ({percent(ISOTROPIC_PROJECTION)}). Line: mean over seeds;
 band: {DELTA_INTERVAL}.""",
 
-        "optimizer_state": f"""**AdamW state diagnostics.** Cosine between the first moment m_t
-and a reference, over all parameters, one panel per reference: {lags}
+        "optimizer_state": f"""**AdamW state diagnostics.** One row of panels per pair, its
+own run groups over its own steps. Cosine between the first moment m_t and a reference, over
+all parameters, one panel per reference: {lags}
 (with beta1 = 0.9 the step before stays near 0.9 or above whatever the gradients do). Dashed:
 the paper's curve, from its start (~{start}) to its end (~{end}); dotted: its mean over the run
 ({mean}); the paper does not say its lag. Last panel: coefficient of variation (std / mean) of
