@@ -96,6 +96,7 @@ def test_mask_of_an_external_run_on_the_same_source():
         # The analysis measures at the study's fixed thresholds (0 and 1e-5, both reported):
         # an `analysis.atol` would do nothing, so it is refused, not ignored.
         (lambda c: c.setdefault("analysis", {}).update(atol=1e-4), "atol"),
+        (lambda c: c["training"].update(sharding="zero3"), "zero3"),
     ],
 )
 def test_schema_rejects_bad_configs(edit, message):
@@ -104,6 +105,17 @@ def test_schema_rejects_bad_configs(edit, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate_config(config, SCHEMA)
     assert len(str(error.value).splitlines()) == 1  # the line that matters, not the schema
+
+
+def test_sharding_needs_more_than_one_gpu():
+    config = copy.deepcopy(load("config/smoke.yaml"))
+    config["pairs"]["addition"].setdefault("training", {})["sharding"] = "fsdp"
+    with pytest.raises(ConfigError, match=r"pairs.addition: training.sharding: fsdp .* "
+                                          r"training.gpus is 1: set training.gpus to 2"):
+        build_runs(config)
+    config["pairs"]["addition"]["training"]["gpus"] = 2
+    assert all(spec.training["sharding"] == "fsdp" for spec in build_runs(config).values()
+               if spec.pair == "addition")
 
 
 @pytest.mark.parametrize(("given", "read"), [

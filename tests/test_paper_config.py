@@ -353,8 +353,13 @@ def test_four_gpus_per_training_job_keep_gpu_partitions_and_memory(tmp_path):
     """The README's multi-GPU command as a dry run through the SLURM profile: every job with
     GPUs is on a partition with that many GPUs per node, the others on a CPU partition, each
     request within its partition's limits; training jobs get 4 GPUs, one process each, and
-    the host memory of 4 processes."""
+    the host memory of 4 processes; a pair that sets its own GPUs (sharded) keeps them."""
     from opdgeo.resources import read_partitions
+
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    own = {pair: spec["training"]["gpus"] for pair, spec in paper["pairs"].items()
+           if "gpus" in spec.get("training", {})}
+    assert own, "config/paper.yaml shards no pair"
 
     limits = {p.name: p.limits for p in read_partitions(ROOT / "slurm" / "partitions.yaml")}
     runs = {}
@@ -379,6 +384,12 @@ def test_four_gpus_per_training_job_keep_gpu_partitions_and_memory(tmp_path):
         runs[gpus] = {job["wildcards"]["run"]: job for job in jobs if job["rule"] == "train_run"}
     assert runs[1] and set(runs[1]) == set(runs[4])
     for run, job in runs[4].items():
+        pair = next((p for p in own if run.startswith(f"{p}-")), None)
+        if pair is not None:
+            assert job["resources"]["gpu"] == runs[1][run]["resources"]["gpu"] == str(own[pair])
+            assert (f"accelerate launch --multi_gpu --num_processes {own[pair]} -m opdgeo.cli "
+                    "train-run") in job["shell"], job
+            continue
         assert job["resources"]["gpu"] == "4", job
         assert "accelerate launch --multi_gpu --num_processes 4 -m opdgeo.cli train-run" in (
             job["shell"]), job

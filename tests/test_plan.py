@@ -145,16 +145,37 @@ def test_plan_fits_100_columns_and_names_jobs_over_a_partition_limit(paper, tmp_
 
 def test_plan_names_the_runs_that_need_sharded_training_and_why(paper):
     """The vision-language pair (3B student, 7B teacher) does not fit one 80 GB GPU by the
-    plan's own numbers; sharded over 2 GPUs it would: the plan says so, and not for DS-Qwen."""
+    plan's own numbers; sharded over 2 GPUs it does: unsharded, the plan says how to shard it
+    (and never for DS-Qwen); as shipped it is sharded, and the plan gives its memory per GPU."""
     from opdgeo.config import build_runs
+    from opdgeo.plan import format_plan
     from opdgeo.resources import Sizer, sharded_gpu
 
-    _, notes = plan(paper)
     vl = "qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0"
+    usable = 0.9 * 80 * GiB
+    unsharded = copy.deepcopy(paper)
+    for pair in unsharded["pairs"].values():
+        pair.get("training", {}).update(gpus=1, sharding="none")
+    _, notes = plan(unsharded)
     [note] = [n for n in notes if n.startswith(f"{vl}: train needs")]
-    assert "sharded over 2 GPUs" in note and "does not do yet" in note
+    assert "sharded over 2 GPUs" in note and "qwen25vl.training: {gpus: 2, sharding: fsdp}" in note
     assert not any(n.startswith(f"{OPD}: train") and "shard" in n for n in notes)
-    sizer = Sizer(paper, build_runs(paper), on_gpu=True)
+    assert not any(n.startswith("sharded training") for n in notes)
+    sizer = Sizer(unsharded, build_runs(unsharded), on_gpu=True)
     need, logits = sizer.train(vl), sizer.logits(vl)
     assert sharded_gpu(need, logits, 1) == need.gpu
-    assert logits < sharded_gpu(need, logits, 2) < 0.9 * 80 * GiB < need.gpu
+    assert logits < sharded_gpu(need, logits, 2) < usable < need.gpu
+
+    table, notes = plan(paper)
+    rows = table.set_index("run")
+    assert paper["pairs"]["qwen25vl"]["training"]["sharding"] == "fsdp"
+    assert rows.loc[vl, "train_sharding"] == "fsdp" and rows.loc[vl, "train_gpus"] == 2
+    assert rows.loc[vl, "train_gpu_gib"] * GiB == pytest.approx(
+        sharded_gpu(need, logits, 2), abs=0.05 * GiB)
+    assert rows.loc[OPD, "train_sharding"] == "none"
+    assert (rows.loc[rows["train_sharding"] == "fsdp", "train_gpu_gib"] * GiB < usable).all()
+    assert not any("train needs" in n for n in notes), notes
+    [line] = [n for n in notes if n.startswith("sharded training") and "qwen25vl's 5 runs" in n]
+    assert f"~{sharded_gpu(need, logits, 2) / GiB:.0f} GiB per GPU" in line
+    assert f"~{need.gpu / GiB:.0f} GiB" in line
+    assert any(vl in row and "2 fsdp" in row for row in format_plan(table, notes).splitlines())

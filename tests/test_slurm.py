@@ -805,15 +805,24 @@ def test_every_paper_job_is_accepted_and_an_over_limit_one_is_refused(
 
 
 def check_acceptance(slurm_cluster, submissions):
+    from opdgeo.config import build_runs, read_config
+
+    paper = read_config(REPO / PAPER)
     for gpus, jobs in submissions.items():
         assert {job["rule"] for job, _ in jobs} >= {"train_run", "evaluate_run", "analyze_run"}
         refused = [(job["rule"], job["wildcards"], options, verdict.stderr.strip())
                    for job, options in jobs
                    if (verdict := sbatch_test_only(slurm_cluster, options)).returncode != 0]
         assert not refused, refused
-        trains = [options for job, options in jobs if job["rule"] == "train_run"]
-        assert all(option(o, "--gpus") == str(gpus) and option(o, "-p") == "gpu"
-                   for o in trains), trains
+        # `--config training={gpus: N}`: a pair that sets its own GPUs (the sharded ones)
+        # keeps them.
+        paper["training"]["gpus"] = gpus
+        runs = build_runs(paper)
+        trains = [(job["wildcards"], options) for job, options in jobs
+                  if job["rule"] == "train_run"]
+        assert any(runs[run].training["sharding"] == "fsdp" for run, _ in trains)
+        assert all(option(o, "--gpus") == str(runs[run].training["gpus"])
+                   and option(o, "-p") == "gpu" for run, o in trains), trains
 
     # Over each limit of its partition, the longest training job is refused.
     limits = slurm_cluster.partitions

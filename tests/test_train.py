@@ -120,9 +120,10 @@ def test_trackers_come_from_the_config(tmp_path):
     assert args({}).report_to in ([], ["none"], "none")
 
 
-def test_two_processes_train_one_run_and_only_the_first_writes(tiny_pair, tmp_path):
-    """The multi-GPU path on CPU: torchrun starts two processes (gloo, as `accelerate launch`
-    starts one per GPU), DDP averages their gradients, and the run's files are written once."""
+def two_processes(run, pair, out, *, sharded: bool, mask=None, crash_at: str | None = None):
+    """`opdgeo train-run` in two CPU processes on gloo, as `accelerate launch` starts one per
+    GPU (torchrun; a sharded run through tests/cpu_fsdp.py, which turns accelerate's FSDP
+    plugin on for CPU processes as accelerate does for GPUs)."""
     import dataclasses
     import json
     import os
@@ -130,23 +131,78 @@ def test_two_processes_train_one_run_and_only_the_first_writes(tiny_pair, tmp_pa
     import sys
     from pathlib import Path
 
-    student, teacher = tiny_pair
-    run = spec("opd", steps=4)
-    run = dataclasses.replace(run, training={**run.training, "micro_batch_size": 2})
+    from opdgeo.crash import VARIABLE
+
+    training = {**run.training, "micro_batch_size": 2, "gpus": 2,
+                "sharding": "fsdp" if sharded else "none"}
+    run = dataclasses.replace(run, training=training)
+    tests = Path(__file__).parent
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "opdgeo.cli",
-         "train-run", "--run-spec", json.dumps(dataclasses.asdict(run)), "--source",
-         str(student), "--teacher", str(teacher), "--task", json.dumps(TASK), "--out",
-         str(tmp_path / "run"), "--device", "cpu"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "[rank1]" in result.stderr  # the second process trained too
-    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
-    assert [line.split(",")[1] for line in log[1:]] == ["1", "2", "3", "4"]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "checkpoints", "final", "fp32", "optimizer_state.csv", "train_log.csv"]
-    assert moved(student, tmp_path / "run" / "final") > 0
+    entry = [str(tests / "cpu_fsdp.py")] if sharded else ["-m", "opdgeo.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(VARIABLE, None)
+    env |= {VARIABLE: crash_at} if crash_at else {}
+    return subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", *entry, "train-run",
+         "--run-spec", json.dumps(dataclasses.asdict(run)), "--source", str(pair[0]),
+         "--teacher", str(pair[1]), "--task", json.dumps(TASK), "--out", str(out),
+         "--device", "cpu", *(["--mask", str(mask)] if mask else [])],
+        capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_sharded_training_gives_the_unsharded_weights_and_resumes_exactly(tiny_pair, tmp_path):
+    """training.sharding: fsdp on two CPU processes: a masked OPD run (the student's and the
+    teacher's weights, gradients and AdamW state sharded; the mask sharded with them), killed
+    after its first Trainer checkpoint and run again, ends at the weights of the same run
+    unsharded (DDP) and uninterrupted, within fp32's precision, with every step logged once,
+    and the coordinates outside its mask untouched. The unsharded reference runs on two
+    processes too: on-policy rollouts are sampled per process, so one process with the same
+    global batch samples other completions. The first process alone writes the run's files."""
+    import torch
+
+    from opdgeo.masks import checkpoint_shapes, load_mask, random_mask_with_density, save_mask
+
+    student, teacher = tiny_pair
+    mask = tmp_path / "mask.safetensors"
+    save_mask(random_mask_with_density(checkpoint_shapes(student), 0.3, seed=0), mask)
+    run = spec("masked", steps=4)  # a Trainer checkpoint every 2 steps: killed at step 3
+
+    plain = two_processes(run, tiny_pair, tmp_path / "plain", sharded=False, mask=mask)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "[rank1]" in plain.stderr  # the second process trained too
+    killed = two_processes(run, tiny_pair, tmp_path / "sharded", sharded=True, mask=mask,
+                           crash_at="train.mid-run")
+    assert killed.returncode != 0
+    checkpoint = tmp_path / "sharded" / "trainer" / "checkpoint-2"
+    # FSDP's own checkpoint (the whole model and optimizer, gathered) and each process's
+    # optimizer-state references: the run was sharded.
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "optimizer_references_0.safetensors",
+            "optimizer_references_1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = two_processes(run, tiny_pair, tmp_path / "sharded", sharded=True, mask=mask)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    for out in ("plain", "sharded"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [
+            "checkpoints", "final", "fp32", "optimizer_state.csv", "train_log.csv"]
+    for file in ("fp32/model.safetensors", "final/model.safetensors",
+                 "checkpoints/step-2/model.safetensors"):
+        ours, theirs = (load_file(str(tmp_path / out / file)) for out in ("sharded", "plain"))
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            torch.testing.assert_close(ours[name], theirs[name], msg=f"{file}: {name}")
+    logs = [pd.read_csv(tmp_path / out / "train_log.csv") for out in ("sharded", "plain")]
+    assert logs[0]["step"].tolist() == [1, 2, 3, 4]
+    assert logs[0]["loss"].tolist() == pytest.approx(logs[1]["loss"].tolist(), rel=1e-5)
+    states = [pd.read_csv(tmp_path / out / "optimizer_state.csv") for out in ("sharded", "plain")]
+    assert states[0][["step", "block", "metric"]].equals(states[1][["step", "block", "metric"]])
+    assert states[0]["value"].tolist() == pytest.approx(states[1]["value"].tolist(), rel=1e-6)
+
+    inside = load_mask(mask)
+    source = load_file(str(student / "model.safetensors"))
+    trained = load_file(str(tmp_path / "sharded" / "final" / "model.safetensors"))
+    assert not any(((source[n] != trained[n]) & ~inside[n]).any() for n in inside)
+    assert any(((source[n] != trained[n]) & inside[n]).any() for n in inside)
 
 
 def test_each_process_places_its_models_on_its_own_gpu(monkeypatch):

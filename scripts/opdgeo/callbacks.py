@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback
 
 from opdgeo.crash import crash_point
@@ -241,14 +244,15 @@ def _agreed(decision: bool) -> bool:
 
 
 class SnapshotCallback(TrainerCallback):
-    """Save a bf16 checkpoint every `every` steps (the curves and trajectories read them)."""
+    """Save a bf16 checkpoint every `every` steps (the curves and trajectories read them):
+    `save(folder, model)`, in every process (a sharded model's are gathered to be saved)."""
 
     def __init__(self, save, every: int, folder: Path):
         self.save, self.every, self.folder = save, every, Path(folder)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            self.save(self.folder / f"step-{state.global_step}")
+            self.save(self.folder / f"step-{state.global_step}", model)
 
 
 class EarlyStopOnScoreCallback(TrainerCallback):
@@ -289,6 +293,10 @@ class GradientMaskCallback(TrainerCallback):
     masked_fill / masked_scatter over a scattered mask were 15-25x slower (branch-bound).
     Memory: two extra tensors per parameter (the 0/1 mask and the start values outside it),
     8 bytes per fp32 coordinate, half of AdamW's own state.
+    A sharded (FSDP) parameter gets its gradient from the processes' reduce-scatter, not from
+    autograd, so a tensor hook never sees it: its gradient shard is masked as it is stored
+    (a linear reduction, so the same as masking the gradients it sums), with the mask and
+    start values sharded as the parameter is.
     """
 
     def __init__(self, mask: dict, model):
@@ -312,10 +320,16 @@ class GradientMaskCallback(TrainerCallback):
         for name, inside in self.mask.items():
             param = params[name]
             inside = inside.to(param.device)
+            if isinstance(param, DTensor):
+                inside = distribute_tensor(inside, param.device_mesh, param.placements)
             start_outside = torch.where(inside, 0.0, param.detach())
             inside = inside.to(param.dtype)
             self._frozen.append((param, inside, start_outside))
-            self._hooks.append(param.register_hook(lambda grad, inside=inside: grad * inside))
+            if isinstance(param, DTensor):
+                self._hooks.append(param.register_post_accumulate_grad_hook(
+                    lambda p, inside=inside: p.grad.mul_(inside)))
+            else:
+                self._hooks.append(param.register_hook(lambda grad, inside=inside: grad * inside))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # p * 1 + 0 keeps a coordinate inside; p * 0 + start restores one outside, exactly.
@@ -351,6 +365,9 @@ class OptimizerStateCallback(TrainerCallback):
     training device at the step before each logged step and dropped at the logged step (one
     model's worth, held for one step in `every`); the logged step's and the first logged
     step's copies are float32 in CPU memory (two models' worth).
+    A sharded model's processes each sum over their own shards, and add up the sums; each
+    keeps the references of its shards (REFERENCES per process). `writes`: this process
+    writes the rows (the first one).
     Tidy rows: run, step, block ("all" overall), metric, value.
     """
 
@@ -359,20 +376,36 @@ class OptimizerStateCallback(TrainerCallback):
     LAGS = {"m1_cosine": "previous", "m1_cosine_interval": "logged", "m1_cosine_first": "first"}
     REFERENCES = "optimizer_references.safetensors"  # in each Trainer checkpoint
 
-    def __init__(self, path, run: str, every: int):
+    def __init__(self, path, run: str, every: int, writes: bool = True):
         self.path, self.run, self.every = Path(path), run, max(int(every), 1)
+        self.writes = writes
         self._previous: dict[int, torch.Tensor] = {}
         self._previous_step: int | None = None
         self._logged: dict[int, torch.Tensor] = {}  # exp_avg at the last logged step (CPU)
         self._first: dict[int, torch.Tensor] = {}  # at the first logged step (CPU)
 
+    @classmethod
+    def references(cls, shards: int = 1) -> list[str]:
+        """The references' files in a Trainer checkpoint: one, or one per process of a model
+        sharded over `shards` processes."""
+        stem = cls.REFERENCES.removesuffix(".safetensors")
+        return [cls.REFERENCES] if shards == 1 else [f"{stem}_{i}.safetensors"
+                                                     for i in range(shards)]
+
+    def _own_references(self, model) -> str:
+        """This process's references file."""
+        if not isinstance(model, FSDPModule):
+            return self.REFERENCES
+        return self.references(dist.get_world_size())[dist.get_rank()]
+
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
-        start_csv(self.path, self.FIELDS, state.global_step)
+        if self.writes:
+            start_csv(self.path, self.FIELDS, state.global_step)
         self._previous, self._previous_step, self._logged, self._first = {}, None, {}, {}
         if state.global_step > 0 and model is not None:  # resumed: the checkpoint's references
             ids = {name: id(param) for name, param in model.named_parameters()}
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.REFERENCES
-            for key, tensor in load_file(str(saved)).items():
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            for key, tensor in load_file(str(folder / self._own_references(model))).items():
                 lag, _, name = key.partition(":")
                 getattr(self, f"_{lag}")[ids[name]] = tensor
             self._keep_previous(state, model, optimizer)
@@ -386,8 +419,9 @@ class OptimizerStateCallback(TrainerCallback):
         tensors |= {f"first:{names[key]}": tensor.clone() if tensor is self._logged.get(key)
                     else tensor for key, tensor in self._first.items()}
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        with atomic(folder / self.REFERENCES, "train.optimizer-references") as tmp:
-            save_file(tensors, str(tmp))
+        if self.writes or isinstance(model, FSDPModule):
+            with atomic(folder / self._own_references(model), "train.optimizer-references") as tmp:
+                save_file(tensors, str(tmp))
 
     def _keep_previous(self, state, model, optimizer):
         """Copy exp_avg when the next step is logged (its m1_cosine needs this step's)."""
@@ -399,7 +433,7 @@ class OptimizerStateCallback(TrainerCallback):
             for param in model.parameters():
                 moments = optimizer.state.get(param, {})
                 if "exp_avg" in moments:
-                    self._previous[id(param)] = moments["exp_avg"].detach().clone()
+                    self._previous[id(param)] = _local(moments["exp_avg"]).detach().clone()
 
     def _logged_step(self, step: int, max_steps: int) -> bool:
         return step % self.every == 0 or step >= max_steps
@@ -411,8 +445,9 @@ class OptimizerStateCallback(TrainerCallback):
         if self._logged_step(step, state.max_steps) or control.should_training_stop:
             rows = [(self.run, step, block, metric, value)
                     for block, metric, value in self._measure(model, optimizer, step)]
-            with self.path.open("a", newline="") as f:
-                csv.writer(f).writerows(rows)
+            if self.writes:
+                with self.path.open("a", newline="") as f:
+                    csv.writer(f).writerows(rows)
             self._keep_references(model, optimizer)
         self._previous, self._previous_step = {}, None
         self._keep_previous(state, model, optimizer)
@@ -420,9 +455,9 @@ class OptimizerStateCallback(TrainerCallback):
     def _keep_references(self, model, optimizer):
         """This logged step's exp_avg: the next logged step's reference, and the fixed one
         when it is the first logged step of the run."""
-        self._logged = {id(p): optimizer.state[p]["exp_avg"].detach().to("cpu", torch.float32,
-                                                                          copy=True)
-                        for p in model.parameters() if "exp_avg" in optimizer.state.get(p, {})}
+        self._logged = {id(p): _local(optimizer.state[p]["exp_avg"]).detach().to(
+            "cpu", torch.float32, copy=True)
+            for p in model.parameters() if "exp_avg" in optimizer.state.get(p, {})}
         if self._first == {}:
             self._first = self._logged
 
@@ -440,8 +475,8 @@ class OptimizerStateCallback(TrainerCallback):
             moments = optimizer.state.get(param, {})
             if "exp_avg" not in moments:
                 continue  # not AdamW, or no gradient yet
-            m = moments["exp_avg"].detach().double()
-            v = moments["exp_avg_sq"].detach().double()
+            m = _local(moments["exp_avg"]).detach().double()
+            v = _local(moments["exp_avg_sq"]).detach().double()
             terms = (float((m * m).sum()), float(v.numel()), float(v.sum()),
                      float((v * v).sum()))
             lag_terms = {}
@@ -459,6 +494,8 @@ class OptimizerStateCallback(TrainerCallback):
                     acc = lag_sums.setdefault((block, lag), [0.0, 0.0])
                     acc[0] += dot
                     acc[1] += pp
+        if isinstance(model, FSDPModule):  # each process summed its own shards
+            _add_up(sums, lag_sums, device=next(model.parameters()).device)
         for block, (mm, n, sv, svv) in sorted(sums.items()):
             for metric, lag in self.LAGS.items():
                 if (block, lag) in lag_sums:
@@ -468,3 +505,20 @@ class OptimizerStateCallback(TrainerCallback):
             mean = sv / n
             variance = max(svv / n - mean * mean, 0.0)
             yield block, "m2_cv", math.sqrt(variance) / mean if mean > 0 else float("nan")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (FSDP) tensor; any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _add_up(*sums: dict, device) -> None:
+    """Sum each list of numbers in `sums` over the processes, in place (every process holds
+    the same keys: each has a shard of every parameter)."""
+    keys = [(table, key) for table in sums for key in sorted(table)]
+    flat = torch.tensor([x for table, key in keys for x in table[key]], dtype=torch.float64,
+                        device=device)
+    dist.all_reduce(flat)
+    values = iter(flat.tolist())
+    for table, key in keys:
+        table[key] = [next(values) for _ in table[key]]

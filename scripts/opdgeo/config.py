@@ -43,6 +43,7 @@ TRAINING_DEFAULTS = {
     "use_vllm": False,
     "prompts": 4096,
     "gpus": 1,
+    "sharding": "none",
     "self_teacher": "source",
     "kl_clip": None,
 }
@@ -201,6 +202,11 @@ def pair_training(config: dict, pair: str) -> dict:
     merged["optimizers"] = {
         name: {**OPTIMIZER_DEFAULTS, **settings} for name, settings in merged["optimizers"].items()
     }
+    if merged["sharding"] != "none" and merged["gpus"] < 2:
+        raise ConfigError(f"pairs.{pair}: training.sharding: {merged['sharding']} shards the "
+                          f"models over the job's GPUs, and training.gpus is {merged['gpus']}: "
+                          "set training.gpus to 2 or more (`opdgeo plan` says how many fit), or "
+                          "sharding: none")
     every = merged.get("evaluate_every")
     if every is not None and every % merged["save_every"]:
         raise ConfigError(f"pairs.{pair}: training.evaluate_every ({every}) must be a multiple "

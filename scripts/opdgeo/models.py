@@ -259,15 +259,17 @@ def _describe(image_processor) -> str:
 
 
 def save_checkpoint(model, tokenizer, path: str | Path, fp32_weights: Path | None = None,
-                    point: str = "model.final-save", fp32_point: str = "train.fp32-save"):
+                    point: str = "model.final-save", fp32_point: str = "train.fp32-save",
+                    state: dict | None = None):
     """Save a bf16 copy of `model` with its tokenizer (or processor), atomically and verified
     (every tensor read back equal), at crash point `point` (opdgeo.crash).
 
     With `fp32_weights`, the fp32 master weights are kept beside it as one safetensors file
     (the exact rounding null needs the update before the bf16 cast), written first: the
-    checkpoint folder, there last, says the save is complete.
+    checkpoint folder, there last, says the save is complete. `state`: the model's weights
+    where `model.state_dict()` does not hold them whole (gathered from a sharded model).
     """
-    state = stored_once(model.state_dict())
+    state = stored_once(model.state_dict() if state is None else state)
     if fp32_weights is not None:
         state32 = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
         with atomic(fp32_weights, fp32_point) as tmp:

@@ -72,6 +72,7 @@ def run_rows(config: dict, sizer: Sizer) -> list[dict]:
             "train_gpu_gib": _gib(train and train.gpu),
             "eval_gpu_gib": _gib(evaluate and evaluate.gpu),
             "train_gpus": sizer.gpus(name),
+            "train_sharding": "fsdp" if sizer.sharded(name) else "none",
             "train_gpu_hours": _gpu_hours(train, sizer.gpus(name)),
             "eval_gpu_hours": _gpu_hours(evaluate, gpus),
         })
@@ -133,8 +134,8 @@ def plan(config: dict, on_gpu: bool | None = None,
         f"{cost['prompt_tokens']} prompt tokens; token counts are upper bounds "
         f"(every completion at max_new_tokens)",
         "columns: rollout and evaluation tokens, bf16 checkpoints (GiB), a training job's GPU "
-        "memory (GiB per GPU) and GPUs, training and evaluation GPU-hours; `--csv` / `--json` "
-        "give every column",
+        "memory (GiB per GPU) and GPUs (`fsdp`: sharded), training and evaluation GPU-hours; "
+        "`--csv` / `--json` give every column",
         "total: tokens, checkpoints, disk and GPU-hours summed over every row; memory "
         "(GiB) and GPUs are the largest single job's",
         f"evaluation engine: {config['evaluation']['engine']}; rollouts: "
@@ -155,6 +156,7 @@ def plan(config: dict, on_gpu: bool | None = None,
                              f"{cost['gpu']['name']}: {fix}" + (
                                  sharding_note(sizer, row["run"], usable)
                                  if column == "train_gpu_gib" else ""))
+    notes += sharded_notes(sizer)
     notes += partition_notes(sizer, partitions)
     if sizer.unsized:
         notes.append(f"not sized (their cells are empty): {', '.join(sizer.unsized)}")
@@ -163,15 +165,29 @@ def plan(config: dict, on_gpu: bool | None = None,
 
 def sharding_note(sizer: Sizer, run: str, usable: float) -> str:
     """Why a run needs sharded training, and over how many GPUs it would fit one."""
-    need, logits = sizer.train(run), sizer.logits(run)
+    need, logits = sizer.train(run, sharded=False), sizer.logits(run)
     for gpus in (2, 4, 8):
         per_gpu = sharded_gpu(need, logits, gpus)
-        if per_gpu <= usable:
+        if per_gpu <= usable and gpus > sizer.gpus(run) * sizer.sharded(run):
             return (f"; its weights, gradients and AdamW state sharded over {gpus} GPUs "
-                    f"(FSDP / ZeRO-3) would leave ~{per_gpu / GiB:.0f} GiB per GPU: it needs "
-                    "sharding, which opdgeo's training does not do yet (training.gpus "
-                    "replicates the model on each GPU)")
+                    f"(FSDP) would leave ~{per_gpu / GiB:.0f} GiB per GPU: set "
+                    f"pairs.{sizer.runs[run].pair}.training: {{gpus: {gpus}, sharding: fsdp}}")
     return "; even sharded over 8 GPUs it would not fit: lower training.micro_batch_size"
+
+
+def sharded_notes(sizer: Sizer) -> list[str]:
+    """A line per pair whose training is sharded: over how many GPUs, and the memory per GPU
+    against one GPU holding everything."""
+    pairs: dict[tuple, list] = {}
+    for run, spec in sizer.runs.items():
+        if spec.is_trained and sizer.sharded(run) and sizer.train(run) is not None:
+            pairs.setdefault((spec.pair, sizer.gpus(run)), []).append(run)
+    return [f"sharded training (training.sharding: fsdp) of pair {pair}'s {len(runs)} runs: "
+            f"the student's and the teacher's weights, gradients and AdamW state divided among "
+            f"each job's {gpus} GPUs, ~{max(sizer.train(r).gpu for r in runs) / GiB:.0f} GiB per "
+            f"GPU, where one GPU would need "
+            f"~{max(sizer.train(r, sharded=False).gpu for r in runs) / GiB:.0f} GiB"
+            for (pair, gpus), runs in pairs.items()]
 
 
 def partition_notes(sizer: Sizer, partitions: list) -> list[str]:
@@ -230,6 +246,7 @@ def format_plan(table: pd.DataFrame, notes: list[str]) -> str:
     shown = pd.DataFrame({"run": table["run"]})
     for column, (heading, form) in SHOWN.items():
         shown[heading] = table[column].map(lambda v, f=form: "" if pd.isna(v) else f.format(v))
+    shown[SHOWN["train_gpus"][0]] += table["train_sharding"].map({"fsdp": " fsdp"}).fillna("")
     lines = shown.to_string(index=False, justify="right").splitlines()
     wrapped = [textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ")
                for note in notes]

@@ -357,9 +357,14 @@ class Sizer:
         """GPUs of a run's training job: `training.gpus` when the config's jobs have GPUs."""
         return self.runs[run].training["gpus"] if self.on_gpu else 0
 
-    def train(self, run: str) -> Need | None:
+    def sharded(self, run: str) -> bool:
+        """Whether a run's training job shards its models over its GPUs (training.sharding)."""
+        return self.runs[run].training["sharding"] == "fsdp" and self.gpus(run) > 1
+
+    def train(self, run: str, sharded: bool | None = None) -> Need | None:
         """The whole job: one process per GPU (`accelerate launch`), each holding its own copy
-        of the models on the host, sharing the steps between them."""
+        of the models on the host, sharing the steps between them; its GPU memory per GPU,
+        with the models sharded over the GPUs where the run is (or `sharded` says)."""
         spec, teacher = self.runs[run], self.teacher(run)
         student = self.size(spec.source)
         teacher_size = self.size(teacher) if teacher else None
@@ -368,7 +373,10 @@ class Sizer:
         need = train_need(student, teacher_size, spec.training, spec.optimizer, spec.task,
                           self.cost).on(self.on_gpu)
         processes = max(self.gpus(run), 1)
-        return Need(need.host * processes, need.gpu, need.minutes / processes)
+        gpu = need.gpu
+        if self.sharded(run) if sharded is None else sharded:
+            gpu = sharded_gpu(need, self.logits(run), processes)
+        return Need(need.host * processes, int(gpu), need.minutes / processes)
 
     def logits(self, run: str) -> int | None:
         spec = self.runs[run]

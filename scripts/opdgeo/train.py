@@ -76,6 +76,8 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
     bf16 = training.get("bf16", "auto") == "on" or (
         training.get("bf16", "auto") == "auto" and device.startswith("cuda")
     )
+    checkpointing = training.get("gradient_checkpointing", False)
+    sharding = _sharding(training, checkpointing)
     return config_cls(
         output_dir=str(out_dir / "trainer"),
         max_steps=steps,
@@ -99,12 +101,34 @@ def _trainer_args(config_cls, out_dir: Path, *, steps: int, batch_size: int, opt
         seed=seed,
         data_seed=seed,
         # transformers 5 renamed gradient checkpointing; naming the new one also overrides TRL's
-        # config default under the old name, which would warn in every run
-        activation_checkpointing=training.get("gradient_checkpointing", False),
+        # config default under the old name, which would warn in every run. Sharded, FSDP's own
+        # checkpointing does it (the Trainer's would gather each layer's weights twice).
+        activation_checkpointing=checkpointing and not sharding,
         dataloader_num_workers=0,
         disable_tqdm=not on_terminal(),
+        **sharding,
         **extra,
     )
+
+
+def sharded(training: dict) -> bool:
+    """Whether a run's models are sharded over its processes: `training.sharding: fsdp`, with
+    more than one process (`accelerate launch` sets WORLD_SIZE; a CPU job runs one)."""
+    return training.get("sharding", "none") == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _sharding(training: dict, checkpointing: bool) -> dict:
+    """The Trainer's FSDP settings (accelerate's FSDP plugin, built by the Trainer) for a
+    sharded run: FSDP2, each decoder layer its own unit (the model's `_no_split_modules`), the
+    student's and the teacher's weights, gradients and AdamW state sharded over the processes,
+    checkpoints saved whole (FULL_STATE_DICT: gathered to the first process), so that a
+    Trainer checkpoint holds the weights every later stage reads."""
+    if not sharded(training):
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": False, "activation_checkpointing": checkpointing}}
 
 
 def _micro_batches(batch_size: int, micro_batch_size: int | None) -> tuple[int, int]:
@@ -142,7 +166,7 @@ def _generation_backend(training: dict, config_cls) -> dict:
 
 
 def _resume_point(trainer_dir: Path, fingerprint: dict, keys: set[str],
-                  snapshot_every: int, max_steps: int) -> Path | None:
+                  snapshot_every: int, max_steps: int, shards: bool = False) -> Path | None:
     """The last whole Trainer checkpoint of an interrupted attempt at the same run, if any.
 
     `fingerprint` (run spec, inputs, task) is kept beside the checkpoints: a checkpoint left
@@ -151,7 +175,7 @@ def _resume_point(trainer_dir: Path, fingerprint: dict, keys: set[str],
     removed, with a line naming it, and the run goes on from the checkpoint before it (the
     Trainer rotates that one away only after the next is written), or from the start. A
     snapshot is written again only by training its step again: a damaged one drops the
-    checkpoints after it."""
+    checkpoints after it. `shards`: the run is sharded (its checkpoints are FSDP's files)."""
     stamp = trainer_dir / "run.json"
     text = json.dumps(fingerprint, sort_keys=True, default=str)
     if trainer_dir.exists() and (not stamp.exists() or stamp.read_text() != text):
@@ -163,7 +187,7 @@ def _resume_point(trainer_dir: Path, fingerprint: dict, keys: set[str],
         remove(leftover)  # written by a killed attempt, never renamed into place
     while (last := get_last_checkpoint(str(trainer_dir))) is not None:
         last = Path(last)
-        damage = _checkpoint_damage(last, keys)
+        damage = _checkpoint_damage(last, keys, shards)
         step = _step_of(last)
         if damage is None:
             damage = _snapshots_damage(snapshots, keys, snapshot_every, min(step, max_steps - 1))
@@ -188,10 +212,11 @@ def _step_of(folder: Path) -> int:
     return int(folder.name.rpartition("-")[2])
 
 
-def _checkpoint_damage(folder: Path, keys: set[str]) -> str | None:
+def _checkpoint_damage(folder: Path, keys: set[str], shards: bool = False) -> str | None:
     """What makes a Trainer checkpoint unusable for an exact resume, or None: its state, its
-    weights (`keys`, whole), the optimizer, scheduler and RNG states. Each is read as far as
-    a truncation shows (safetensors header, zip directory): a check costs no full read."""
+    weights (`keys`, whole), the optimizer, scheduler and RNG states (a sharded run's: FSDP's
+    whole model and optimizer, which the Trainer resumes from). Each is read as far as a
+    truncation shows (safetensors header, zip directory): a check costs no full read."""
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
         if state.get("global_step") != _step_of(folder):
@@ -202,14 +227,16 @@ def _checkpoint_damage(folder: Path, keys: set[str]) -> str | None:
         check_weights(folder, keys=keys)
     except ValueError as error:
         return str(error)
-    try:  # the optimizer-state log's references (opdgeo.callbacks)
-        with safe_open(str(folder / OptimizerStateCallback.REFERENCES), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as error:
-        return f"{OptimizerStateCallback.REFERENCES}: {error}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in OptimizerStateCallback.references(world if shards else 1):
+        try:  # the optimizer-state log's references (opdgeo.callbacks)
+            with safe_open(str(folder / name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"{name}: {error}"
     rng = ["rng_state.pth"] if world == 1 else [f"rng_state_{i}.pth" for i in range(world)]
-    for name in ("optimizer.pt", "scheduler.pt", *rng):
+    states = ["pytorch_model_fsdp.bin", "optimizer.bin"] if shards else ["optimizer.pt"]
+    for name in (*states, "scheduler.pt", *rng):
         try:
             with zipfile.ZipFile(folder / name) as archive:  # torch.save writes a zip archive
                 if not any(n.endswith("/data.pkl") for n in archive.namelist()):
@@ -496,20 +523,22 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
     random.Random(spec.name).shuffle(prompts)
     # `accelerate launch` starts one process per GPU: only the first one writes files.
     main_process = int(os.environ.get("RANK", "0")) == 0
+    shards = sharded(spec.training)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Everything an interrupted attempt must keep lives in trainer/, which is no Snakemake
     # output (Snakemake deletes a failed job's outputs): the Trainer's last checkpoint, the
     # bf16 snapshots and the training log so far. A rerun resumes from there; the end moves
     # the snapshots and the log into place.
-    keys = set(saved_state(model, stored_once(model.state_dict())))
+    names = list(stored_once(model.state_dict()))  # the tensors a checkpoint stores
+    keys = set(saved_state(model, {name: model.state_dict()[name] for name in names}))
     resume = _resume_point(out_dir / "trainer", {
         "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}, "source": str(source),
         "teacher": str(teacher), "task": task_spec, "mask": str(mask_path),
-    }, keys, spec.training["save_every"], spec.training["steps"])
+    }, keys, spec.training["save_every"], spec.training["steps"], shards)
     # training.report_to's TensorBoard writes beside the run (the Trainer's own folder is
     # removed at the end): `tensorboard --logdir results/runs` shows every run, live.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
-    callbacks = _callbacks(model, tokenizer, mask_path, out_dir, spec, main_process)
+    callbacks = _callbacks(model, tokenizer, names, mask_path, out_dir, spec, main_process)
     clock = WallClock.from_slurm()  # a SLURM job's wall time: stop at a checkpoint before it
     wall_time = WallTimeCallback(clock) if clock else None
     callbacks += [wall_time] if wall_time else []
@@ -530,13 +559,40 @@ def train_run(spec: RunSpec, source: str, teacher: str | None, task: dict, out_d
             end_attempt(f"run {spec.name}: step {trainer.state.global_step} of "
                         f"{spec.training['steps']}")
         return
+    state = gathered_state(trainer.model, names)
     if main_process:
-        _finish(model, tokenizer, spec, out_dir, keys)
+        _finish(model, tokenizer, spec, out_dir, keys, state)
+    trainer.accelerator.wait_for_everyone()  # the job ends when its outputs are in place
 
 
-def _finish(model, tokenizer, spec: RunSpec, out_dir: Path, keys: set[str]):
+def gathered_state(model, names: list[str]) -> dict | None:
+    """The tensors `names` of the model's weights on the first process, None on the others.
+    A sharded model's are gathered from every process (each must call this, at the same
+    point), into the first one's host memory."""
+    from torch.distributed.fsdp import FSDPModule
+
+    first = int(os.environ.get("RANK", "0")) == 0
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    else:
+        state = model.state_dict() if first else {}
+    return {name: state[name] for name in names} if first else None
+
+
+def save_gathered(model, tokenizer, names: list[str], path: Path, point: str, **options):
+    """save_checkpoint of a model that may be sharded: called by every process, written by
+    the first."""
+    state = gathered_state(model, names)
+    if state is not None:
+        save_checkpoint(model, tokenizer, path, point=point, state=state, **options)
+
+
+def _finish(model, tokenizer, spec: RunSpec, out_dir: Path, keys: set[str], state: dict):
     """Move a trained run's outputs into place: final/, fp32/, checkpoints/, train_log.csv,
-    optimizer_state.csv; every snapshot checked first."""
+    optimizer_state.csv; every snapshot checked first. `state`: the trained weights."""
     every, steps = spec.training["save_every"], spec.training["steps"]
     snapshots = out_dir / "trainer" / "snapshots"
     if damage := _snapshots_damage(snapshots, keys, every, (steps - 1) // every * every):
@@ -545,7 +601,7 @@ def _finish(model, tokenizer, spec: RunSpec, out_dir: Path, keys: set[str]):
     (out_dir / "fp32").mkdir(exist_ok=True)
     fp32 = out_dir / "fp32" / "model.safetensors" if spec.training["keep_fp32"] else None
     save_checkpoint(model, tokenizer, out_dir / "final", fp32_weights=fp32,
-                    point="train.final-save")
+                    point="train.final-save", state=state)
     # Into place as hard links (no copy of the weights), the trainer/ folder removed last:
     # a kill before that leaves it whole for the rerun. checkpoints/ is a declared output,
     # even when no snapshot was due.
@@ -567,22 +623,26 @@ def verifier_reward(task):
     return exact_match_reward
 
 
-def _callbacks(model, tokenizer, mask_path, out_dir: Path, spec: RunSpec, main_process: bool):
-    """Every run's callbacks: NaN guard, data order and crash points; on the first process
-    the training log, bf16 snapshots, progress and optimizer state diagnostics (empty for
-    SGD), kept in trainer/ until the end; the gradient mask of a masked run."""
-    callbacks = [NonFiniteGuardCallback(), DataOrderCallback(), CrashPointCallback()]
+def _callbacks(model, tokenizer, names: list[str], mask_path, out_dir: Path, spec: RunSpec,
+               main_process: bool):
+    """Every run's callbacks: NaN guard, data order, crash points, bf16 snapshots and
+    optimizer state diagnostics (empty for SGD), which a sharded model's processes compute
+    together; the training log and progress on the first process, which writes every file
+    (kept in trainer/ until the end); the gradient mask of a masked run."""
+    every = max(spec.training["steps"] // 20, 1)
+    trainer_dir = out_dir / "trainer"
+    callbacks = [
+        NonFiniteGuardCallback(), DataOrderCallback(), CrashPointCallback(),
+        SnapshotCallback(lambda path, trained: save_gathered(trained, tokenizer, names, path,
+                                                             "train.snapshot"),
+                         spec.training["save_every"], trainer_dir / "snapshots"),
+    ]
+    if main_process or sharded(spec.training):
+        callbacks.append(OptimizerStateCallback(trainer_dir / "optimizer_state.csv", spec.name,
+                                                every, writes=main_process))
     if main_process:
-        every = max(spec.training["steps"] // 20, 1)
-        callbacks += [
-            CSVLogCallback(out_dir / "trainer" / "train_log.csv", run=spec.name),
-            SnapshotCallback(lambda path: save_checkpoint(model, tokenizer, path,
-                                                          point="train.snapshot"),
-                             spec.training["save_every"], out_dir / "trainer" / "snapshots"),
-            *progress_callbacks(),
-            OptimizerStateCallback(out_dir / "trainer" / "optimizer_state.csv", spec.name,
-                                   every),
-        ]
+        callbacks += [CSVLogCallback(trainer_dir / "train_log.csv", run=spec.name),
+                      *progress_callbacks()]
     if mask_path is not None:
         callbacks.append(GradientMaskCallback.from_file(mask_path, model))
     return callbacks
