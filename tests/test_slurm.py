@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -22,12 +21,13 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import pandas as pd
 import pytest
 import yaml
+
+from opdgeo.cluster_check import JOB_HEADER
 
 # The cluster fixture; imported by name only, so pytest can rewrite its asserts.
 pytest_plugins = ["slurm_cluster"]
@@ -306,7 +306,6 @@ REHEARSAL = "rehearsal/config.yaml"
 # Python start-up (no preload server on a cluster). 80 of them took 25 min on 2 cores shared
 # with 20 other processes: the limit only catches a hang, on a slow machine too.
 REHEARSAL_TIMEOUT_S = 2400
-JOB_HEADER = re.compile(r"^(local)?rule (\w+):$", re.M)
 # Where figure and table rules write; a plot-setting edit may rerun nothing else.
 PRESENTATION_OUTPUTS = ("results/figures/", "results/tables/")
 
@@ -709,64 +708,18 @@ def test_plot_edit_reruns_only_figures_and_tables(rehearsal):
 
 
 def paper_cluster_jobs(repo: Path, env: dict[str, str], *args: str) -> list[dict]:
-    """Every job of config/paper.yaml's DAG that the profile would submit: rule, wildcards,
-    threads and resources, from `snakemake --profile slurm -n` (the resources Snakemake hands
-    the executor plugin; --cores only makes the dry run print threads)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", PAPER, "-n",
-         "--cores", "512", *args], cwd=repo, env=env, capture_output=True, text=True,
-        timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    blocks = JOB_HEADER.split(result.stdout)
-    jobs = []
-    for local, rule, body in zip(blocks[1::3], blocks[2::3], blocks[3::3], strict=True):
-        fields = dict(re.findall(r"^ {4}(\w+): (.*)$", body, re.M))
-        if local or rule == "all":
-            continue
-        resources = {}
-        for item in fields["resources"].split(", "):
-            key, value = item.split("=", 1)
-            resources[key] = int(value) if value.isdigit() else value
-        values = [kv.split("=", 1)[1] for kv in fields.get("wildcards", "").split(", ") if kv]
-        jobs.append({"rule": rule, "wildcards": "_".join(values),  # as the plugin's comment
-                     "threads": int(fields.get("threads", 1)), "resources": resources})
-    return jobs
+    """Every job of config/paper.yaml's DAG that the profile would submit (`opdgeo
+    check-cluster`'s dry run)."""
+    from opdgeo.cluster_check import dry_run_jobs
 
-
-class JobResources(dict):
-    """A job's resources as the plugin reads them: `.get(key)` and `.key`."""
-
-    __getattr__ = dict.get
-
-
-def plugin_sbatch_options(job: dict, partitions: list, profile: dict) -> list[str]:
-    """The sbatch options the executor plugin builds for a job (its own functions: partition
-    choice, submit string, GPU string), without --wrap, logs and names."""
-    from snakemake_executor_plugin_slurm.partitions import get_best_partition
-    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
-    from snakemake_executor_plugin_slurm.utils import set_gres_string
-
-    resources = JobResources(job["resources"])
-    plugin_job = SimpleNamespace(name=job["rule"], threads=job["threads"], resources=resources)
-    logger = SimpleNamespace(info=lambda *a: None, debug=lambda *a: None,
-                             warning=lambda *a: None)
-    partition = resources.get("slurm_partition") or get_best_partition(
-        partitions, plugin_job, logger)
-    settings = SimpleNamespace(requeue=profile.get("slurm-requeue", False), no_requeue=False,
-                               qos=None, reservation=None)
-    params = {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": f"rule_{job['rule']}",
-              "account": "", "partition": f"-p {partition}", "workdir": None}
-    call = get_submit_command(plugin_job, params, settings) + set_gres_string(plugin_job)
-    argv = shlex.split(call)[1:]
-    for name in ("--job-name", "--output", "--comment"):
-        i = argv.index(name)
-        del argv[i:i + 2]
-    return [a for a in argv if a != "--parsable"]
+    return dry_run_jobs(PAPER, "slurm", *args, cwd=repo, env=env)
 
 
 def sbatch_test_only(cluster, options: list[str]) -> subprocess.CompletedProcess:
-    """`sbatch --test-only`: slurmctld's verdict on a submission, nothing queued."""
-    return cluster.run("sbatch", "--test-only", *options, "--wrap", "true", check=False)
+    """`sbatch --test-only` on the test cluster (`opdgeo check-cluster`'s check)."""
+    from opdgeo.cluster_check import sbatch_test_only as on_cluster
+
+    return on_cluster(options, env=cluster.env)
 
 
 @pytest.fixture(scope="module")
@@ -775,6 +728,8 @@ def paper_submissions(tmp_path_factory):
     if not workflow_ready():
         pytest.skip("workflow/config not there yet")
     from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    from opdgeo.cluster_check import sbatch_options
 
     repo = copy_repo(tmp_path_factory.mktemp("paper"))
     env = workflow_env(repo, dict(os.environ))
@@ -786,8 +741,7 @@ def paper_submissions(tmp_path_factory):
     submissions = {}
     for gpus in (1, 4):
         jobs = paper_cluster_jobs(repo, env, "--config", f"training={{gpus: {gpus}}}")
-        submissions[gpus] = [(job, plugin_sbatch_options(job, partitions, profile))
-                             for job in jobs]
+        submissions[gpus] = [(job, sbatch_options(job, partitions, profile)) for job in jobs]
     return repo, env, submissions
 
 
@@ -856,6 +810,38 @@ def check_acceptance(slurm_cluster, submissions):
     assert unfitted > gpu.max_runtime
     verdict = sbatch_test_only(slurm_cluster, replaced("-t", unfitted))
     assert verdict.returncode != 0 and "time limit" in verdict.stderr, verdict
+
+
+@pytest.mark.slurm
+def test_check_cluster_command_names_the_jobs_a_cluster_refuses(paper_submissions, slurm_cluster,
+                                                                tmp_path):
+    """`opdgeo check-cluster`, what a user runs against their own cluster: the paper's sharded
+    vision-language training job (2 GPUs) under the shipped profile is accepted; under a site
+    profile whose partition file names a partition the cluster does not have, it is refused,
+    with slurmctld's reason and the exit status 1."""
+    repo, env, _ = paper_submissions
+    env = {**env, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
+    target = "results/runs/qwen25vl-opd-noisyrollout-geo3k-7b-adamw-s0/final"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "config.yaml").write_text(SITE_PROFILE)
+    (site / "partitions.yaml").write_text(SITE_PARTITIONS)  # site-cpu, site-gpu: not there
+
+    def check(profile: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "opdgeo.cli", "check-cluster", "--configfile", PAPER,
+             "--profile", profile, "--", target], cwd=repo, env={**env, **extra},
+            capture_output=True, text=True, timeout=600)
+
+    with slurm_cluster.paper_scale():
+        shipped = check("slurm")
+        theirs = check(str(site), SNAKEMAKE_SLURM_PARTITIONS=str(site / "partitions.yaml"))
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr[-3000:]
+    assert "1 of 1 jobs" in shipped.stdout and "refused" not in shipped.stdout
+    assert theirs.returncode == 1, theirs.stdout + theirs.stderr[-3000:]
+    assert f"refused: train_run {Path(target).parent.name}: " in theirs.stdout
+    assert "invalid partition" in theirs.stdout.lower() and "-p site-gpu" in theirs.stdout
+    assert "--gpus=2" in theirs.stdout and "0 of 1 jobs" in theirs.stdout
 
 
 @pytest.mark.workflow

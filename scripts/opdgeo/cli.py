@@ -54,6 +54,7 @@ EXAMPLES = {
     "captions": "opdgeo captions --out results/report",
     "rehearse": "opdgeo rehearse config/paper.yaml --out rehearsal",
     "plan": "opdgeo plan --configfile config/paper.yaml",
+    "check-cluster": "opdgeo check-cluster --configfile config/paper.yaml --profile slurm",
 }
 DEBUG_VARIABLE = "OPDGEO_DEBUG"
 
@@ -207,6 +208,14 @@ def cmd_plan(args):
         with atomic(args.csv, "tables.write") as tmp:
             table.to_csv(tmp, index=False)
     print(plan_json(table, notes) if args.json else format_plan(table, notes))
+
+
+def cmd_check_cluster(args):
+    from opdgeo.cluster_check import check_cluster
+
+    status = check_cluster(str(args.configfile), args.profile, args.snakemake_args)
+    if status:
+        raise SystemExit(status)
 
 
 def _tidy_inputs(args):
@@ -395,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every column of every row, and the notes, as JSON")
     p.add_argument("--csv", type=Path, help="also write every column of every row here")
     p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("check-cluster", help="every job of a config's DAG, with the sbatch "
+                       "options of your SLURM profile, put to your cluster with `sbatch "
+                       "--test-only` (nothing is queued); exits 1 if one is refused")
+    p.add_argument("--configfile", type=Path, required=True)
+    p.add_argument("--profile", default="slurm", help="your profile's folder (default: slurm)")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="more Snakemake options for the dry run, after `--` (e.g. --config "
+                   "'training={gpus: 4}')")
+    p.set_defaults(handler=cmd_check_cluster)
 
     p = sub.add_parser("figure", help="one figure (PNG/PDF per plots.formats) from tidy tables")
     p.add_argument("name", nargs="?", help="figure name (opdgeo.figures.FIGURES; --list lists "
