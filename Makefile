@@ -28,7 +28,7 @@ $(BIN)/.installed-test: $(BIN)/.installed envs/requirements-test.txt
 setup: $(BIN)/.installed
 
 reproduce: $(BIN)/.installed
-	$(BIN)/python -m opdgeo.config "$(CONFIG)"  # a YAML error with its line and column
+	$(BIN)/opdgeo check-config "$(CONFIG)"  # a YAML error with its line and column
 	mkdir -p results && echo "$(CONFIG)" > $(LAST_CONFIG)
 	$(BIN)/snakemake --configfile "$(CONFIG)" --cores $(CORES)
 	@echo

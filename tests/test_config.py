@@ -139,20 +139,18 @@ def test_a_yaml_error_names_its_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match=r"study.yaml: .*flow sequence at line 4, column 10"):
         read_config_file(bad)
     # as `make reproduce` checks CONFIG before Snakemake reads it
-    check = subprocess.run([sys.executable, "-m", "opdgeo.config", str(bad)],
-                           capture_output=True, text=True)
+    check = check_file([bad])
     assert check.returncode == 1 and "line 4, column 10" in check.stderr
     # every shipped config passes, its masks at the paper's densities resolved
     for shipped in ("config/smoke.yaml", "config/config.yaml", "config/paper.yaml"):
-        good = subprocess.run([sys.executable, "-m", "opdgeo.config", shipped],
-                              cwd=ROOT, capture_output=True, text=True)
+        good = check_file([shipped], cwd=ROOT)
         assert good.returncode == 0, (shipped, good.stderr)
 
 
 def check_file(path, cwd=None) -> subprocess.CompletedProcess:
-    """`python -m opdgeo.config PATH`, as `make reproduce` runs it before Snakemake."""
-    return subprocess.run([sys.executable, "-m", "opdgeo.config", *map(str, path)], cwd=cwd,
-                          capture_output=True, text=True)
+    """`opdgeo check-config PATH`, as `make reproduce` runs it before Snakemake."""
+    return subprocess.run([sys.executable, "-m", "opdgeo.cli", "check-config", *map(str, path)],
+                          cwd=cwd, capture_output=True, text=True)
 
 
 REFERENCE_ERRORS = {
@@ -197,7 +195,7 @@ def test_a_dry_run_rejects_a_key_given_twice(tmp_path):
 
 def test_the_config_check_without_a_file_prints_its_usage():
     check = check_file([])
-    assert check.returncode == 2 and check.stderr.startswith("usage: python -m opdgeo.config")
+    assert check.returncode == 2 and check.stderr.startswith("usage: opdgeo check-config")
     assert "Traceback" not in check.stderr
 
 

@@ -22,7 +22,7 @@ def test_make_passes_a_config_path_whole(tmp_path):
     result = subprocess.run(["make", "-n", "reproduce", f"CONFIG={config}"], cwd=ROOT,
                             capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in result.stdout.splitlines()
-                if "opdgeo.config" in line or "--configfile" in line]
+                if "check-config" in line or "--configfile" in line]
     assert len(commands) == 2, result.stdout
     for words in commands:
         assert config in words, words

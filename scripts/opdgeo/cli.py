@@ -54,6 +54,7 @@ EXAMPLES = {
     "captions": "opdgeo captions --out results/report",
     "rehearse": "opdgeo rehearse config/paper.yaml --out rehearsal",
     "plan": "opdgeo plan --configfile config/paper.yaml",
+    "check-config": "opdgeo check-config config/paper.yaml",
     "check-cluster": "opdgeo check-cluster --configfile config/paper.yaml --profile slurm",
 }
 DEBUG_VARIABLE = "OPDGEO_DEBUG"
@@ -197,6 +198,15 @@ def cmd_runs(args):
     from opdgeo.table_formats import write_table
 
     write_table(run_table(build_runs(args.config), args.config["models"]), args.out)
+
+
+def cmd_check_config(args):
+    # The paper's numbers are read here, not in opdgeo.config: every command imports that
+    # module, and only the masks at the paper's density read them.
+    from opdgeo.config import check_config_file
+    from opdgeo.paper_tables import PAPER_MASK_DENSITY
+
+    check_config_file(args.config, PAPER_MASK_DENSITY)
 
 
 def cmd_plan(args):
@@ -404,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every column of every row, and the notes, as JSON")
     p.add_argument("--csv", type=Path, help="also write every column of every row here")
     p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("check-config", help="check a config file as a dry run would, before "
+                       "Snakemake reads it: YAML (an error's line and column, keys given once), "
+                       "the schema, references between sections, the runs and masks it makes")
+    p.add_argument("config", type=Path, help="the config file, e.g. config/config.yaml")
+    p.set_defaults(handler=cmd_check_config)
 
     p = sub.add_parser("check-cluster", help="every job of a config's DAG, with the sbatch "
                        "options of your SLURM profile, put to your cluster with `sbatch "

@@ -16,7 +16,6 @@ what a schema cannot (references between sections) and expands the config into r
 
 import copy
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -559,33 +558,11 @@ def read_config(path) -> dict:
     return config
 
 
-def check_config_file(path) -> dict:
+def check_config_file(path, paper_density: dict) -> dict:
     """Every check a dry run makes of a config file: YAML (keys given once), the schema,
-    the references between sections, the runs and masks it makes."""
-    from opdgeo.paper_tables import PAPER_MASK_DENSITY  # it imports this module
-
+    the references between sections, the runs and masks it makes (a mask at the paper's
+    density resolved with `paper_density`, as the workflow does; `opdgeo check-config`)."""
     config = read_config(path)
     build_runs(config)
-    build_masks(config, PAPER_MASK_DENSITY)
+    build_masks(config, paper_density)
     return config
-
-
-USAGE = """usage: python -m opdgeo.config CONFIG.yaml
-
-Check a config file as `snakemake --configfile CONFIG.yaml -n` would, without Snakemake:
-YAML syntax and keys given twice, the schema, references between models, pairs and
-external runs."""
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr if len(argv) != 1 else sys.stdout)
-        raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    try:
-        check_config_file(argv[0])
-    except ConfigError as error:
-        raise SystemExit(f"config: {error}") from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
