@@ -160,7 +160,14 @@ class NonFiniteGuardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # Checked every step: once a weight is NaN the next rollout fails inside generate().
-        if model is not None and not all(p.isfinite().all() for p in model.parameters()):
+        if model is None:
+            return
+        finite = all(_local(p).isfinite().all() for p in model.parameters())
+        if isinstance(model, FSDPModule):  # each process checks its shards; all stop together
+            flag = torch.tensor([float(finite)], device=next(model.parameters()).device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
             self._fail("a weight became NaN or inf", state.global_step)
 
     @staticmethod
@@ -320,8 +327,9 @@ class GradientMaskCallback(TrainerCallback):
         for name, inside in self.mask.items():
             param = params[name]
             inside = inside.to(param.device)
-            if isinstance(param, DTensor):
-                inside = distribute_tensor(inside, param.device_mesh, param.placements)
+            if isinstance(param, DTensor):  # every process holds the whole mask: no traffic
+                inside = distribute_tensor(inside, param.device_mesh, param.placements,
+                                           src_data_rank=None)
             start_outside = torch.where(inside, 0.0, param.detach())
             inside = inside.to(param.dtype)
             self._frozen.append((param, inside, start_outside))
