@@ -1,11 +1,17 @@
 """AdamW's state over training: the first moment's cosine to earlier steps and the spread
 of the second moment, beside the paper's curves."""
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from opdgeo.figures.bands import DELTA_INTERVAL, draw_lines
-from opdgeo.figures.style import group_colors, group_dashes, note, run_labels, step_axis
+from opdgeo.figures.style import (
+    group_colors,
+    group_dashes,
+    note,
+    pair_rows,
+    run_labels,
+    step_axis,
+)
 from opdgeo.paper_tables import PAPER_ADAMW_STATE
 from opdgeo.tidy import main_runs
 
@@ -23,22 +29,14 @@ def optimizer_state(state: pd.DataFrame, info: pd.DataFrame, plots: dict):
     parameters."""
     info = main_runs(info)  # the sweep grid appears in its own figure only
     data = state[state["block"] == "all"] if not state.empty else state
-    pairs = list(dict.fromkeys(info.loc[info["run"].isin(data["run"]), "pair"])) \
-        if not data.empty else []
-    rows = max(len(pairs), 1)
-    fig, axes = plt.subplots(rows, len(M1_LAGS) + 1, figsize=(22, 4.8 * rows), squeeze=False)
-    if not pairs:
-        for ax in axes.flat:
-            note(ax, "no AdamW state logged (no AdamW run)")
-        return fig
-    data = data.merge(info[["run", "series", "pair", "method_rank"]], on="run")
-    data = data.sort_values(["method_rank", "series", "step"])
+    fig, rows, data = pair_rows(data, info, len(M1_LAGS) + 1, (22, 4.8),
+                                "no AdamW state logged (no AdamW run)")
     colors, labels, dashes = group_colors(info, plots), run_labels(info), group_dashes(info)
-    for row, pair in zip(axes, pairs, strict=True):
+    for pair, row in rows:
         own = data[data["pair"] == pair]
         _pair_row(row, own, colors, labels, dashes)
         for ax in row:
-            ax.set_title(f"{pair}\n{ax.get_title()}" if len(pairs) > 1 else ax.get_title(),
+            ax.set_title(f"{pair}\n{ax.get_title()}" if len(rows) > 1 else ax.get_title(),
                          fontsize="medium")
         legend = {}
         for ax in row:  # the pair's run lines once, and the paper's references

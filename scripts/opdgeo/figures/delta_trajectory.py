@@ -1,7 +1,6 @@
 """The delta over training: sparsity, spectral energy and principal projection of each
 intermediate checkpoint's delta, one row of panels per pair."""
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from opdgeo.delta.columns import (
@@ -17,7 +16,7 @@ from opdgeo.figures.style import (
     group_colors,
     group_dashes,
     metric_scale,
-    note,
+    pair_rows,
     percent,
     run_labels,
     step_axis,
@@ -37,25 +36,17 @@ def trajectory(traj: pd.DataFrame, info: pd.DataFrame, plots: dict):
     info = main_runs(info)  # the sweep grid appears in its own figure only
     runs = info[info["kind"].isin(TRAINED_METHODS)]
     data = traj[traj["run"].isin(runs["run"])] if not traj.empty else traj
-    pairs = list(dict.fromkeys(runs.loc[runs["run"].isin(data["run"]), "pair"])) \
-        if not data.empty else []
-    fig, axes = plt.subplots(max(len(pairs), 1), 3, figsize=(17, 4.4 * max(len(pairs), 1)),
-                             squeeze=False)
-    if data.empty:
-        for ax in axes.flat:
-            note(ax, "no trajectory (analysis.trajectory off, or no trained runs)")
-        return fig
-    data = data.merge(runs[["run", "series", "pair", "method_rank"]], on="run")
-    data = data.sort_values(["method_rank", "series", "step"])
+    fig, rows, data = pair_rows(data, runs, len(TRAJECTORY_PANELS), (17, 4.4),
+                                "no trajectory (analysis.trajectory off, or no trained runs)")
     colors, labels, dashes = group_colors(info, plots), run_labels(info), group_dashes(info)
-    for row, pair in zip(axes, pairs, strict=True):
+    for pair, row in rows:
         own = data[data["pair"] == pair]
         for ax, column in zip(row, TRAJECTORY_PANELS, strict=True):
             draw_lines(ax, own[own["metric"] == column], "step", colors, labels,
                        metric_scale(column), dashes=dashes)
             step_axis(ax)
             ax.set_ylabel(axis_label(column))
-            ax.set_title(pair if len(pairs) > 1 else "")
+            ax.set_title(pair if len(rows) > 1 else "")
         isotropic = ISOTROPIC_PROJECTION * 100
         reference = f"isotropic update ({percent(ISOTROPIC_PROJECTION)})"
         if row[2].get_ylim()[0] <= isotropic * 1.5:  # drawn where the data comes near it

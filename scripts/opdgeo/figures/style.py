@@ -56,6 +56,26 @@ def step_axis(ax):
     ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
 
 
+def pair_rows(data: pd.DataFrame, runs: pd.DataFrame, panels: int, size: tuple[float, float],
+              empty: str):
+    """A figure with one row of `panels` panels per pair that has data (in the runs' order),
+    each row `size` (width, height) inches: (figure, [(pair, its row of axes)], `data` with
+    each run's series, pair and display rank, in display order). Without data, every panel is
+    a note saying `empty`."""
+    pairs = list(dict.fromkeys(runs.loc[runs["run"].isin(data["run"]), "pair"])) \
+        if not data.empty else []
+    width, height = size
+    fig, axes = plt.subplots(max(len(pairs), 1), panels,
+                             figsize=(width, height * max(len(pairs), 1)), squeeze=False)
+    if not pairs:
+        for ax in axes.flat:
+            note(ax, empty)
+        return fig, [], data
+    data = data.merge(runs[["run", "series", "pair", "method_rank"]], on="run")
+    return fig, list(zip(pairs, axes, strict=False)), \
+        data.sort_values(["method_rank", "series", "step"])
+
+
 def method_colors(plots: dict) -> dict[str, tuple]:
     """Method (opdgeo.kinds.METHOD_ORDER) -> its colour, the same in every figure: the
     palette's first colour for OPD, the study's subject, the next ones for the other methods
