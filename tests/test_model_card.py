@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from test_train import TASK, spec
+from test_train import TASK, self_distillation_spec, spec
 
 from opdgeo.cli import main
 from opdgeo.delta import columns
@@ -95,7 +95,7 @@ def test_card_in_the_final_checkpoint_names_the_runs_settings_scores_and_delta(t
     # the settings as YAML: training, task and evaluation
     settings = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S)[1])
     assert settings["training"]["loss"] == "forward_kl_topk" and settings["evaluation"] == \
-        EVALUATION and settings["run"]["name"] == run.name
+        EVALUATION and settings["run"]["name"] == run.name and settings["run"]["teacher"] == "t"
 
     data = card.data
     assert data.tags == ["trl", "opdgeo", "on-policy-distillation", "opd"]
@@ -107,6 +107,27 @@ def test_card_in_the_final_checkpoint_names_the_runs_settings_scores_and_delta(t
                                              ["model-index"])
     assert [(r.metric_type, r.metric_value, r.metric_args["ci95_low"], r.metric_args["step"])
             for r in results] == [("exact_match", 0.75, 0.625, 4), ("mean@2", 0.625, 0.5625, 4)]
+
+
+@pytest.mark.parametrize("kind,self_teacher", [("opsd", "source"), ("op2sd", "current")])
+def test_card_of_a_self_distillation_run_names_the_model_itself_as_its_teacher(
+        tmp_path, kind, self_teacher):
+    """OPSD and OP2SD have no teacher model: the student's own model is the teacher, reading
+    a privileged context (its frozen source weights, or its current ones)."""
+    run = self_distillation_spec(kind, self_teacher)
+    assert run.teacher is None
+    write_inputs(tmp_path, run.name)
+    card = card_command(tmp_path, run, "results/models/s/final")
+    weights = "its source's weights, frozen" if self_teacher == "source" else \
+        "its current weights"
+    whose = "its own" if kind == "opsd" else "another example's"
+    assert (f"| teacher | the model itself ({weights}), reading {whose} reference solution in "
+            "its prompt |") in card.text
+    settings = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card.text, re.S)[1])
+    assert settings["run"]["teacher"] == settings["run"]["source"] == "s"
+    assert settings["training"]["self_teacher"] == self_teacher
+    assert card.data.tags == ["trl", "opdgeo", "on-policy-distillation", kind]
+    assert metadata_errors(tmp_path / "final" / "README.md") == []
 
 
 def test_card_of_a_hub_model_on_a_hub_data_set(tmp_path):

@@ -257,10 +257,10 @@ def _self_teacher(kind, training: dict) -> str:
     """A self-distillation run's teacher: its own model, with a privileged context."""
     if not kind.privileged:
         return "none"
-    weights = "the frozen source" if training["self_teacher"] == "source" else \
-        "the student's current weights"
+    weights = "its source's weights, frozen" if training["self_teacher"] == "source" else \
+        "its current weights"
     whose = "its own" if kind.privileged == OWN else "another example's"
-    return f"{weights}, reading {whose} reference solution in its prompt"
+    return f"the model itself ({weights}), reading {whose} reference solution in its prompt"
 
 
 def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None,
@@ -306,7 +306,9 @@ def model_card(spec: RunSpec, source: str, teacher: str | None, mask: str | None
         *_license_note(license_, source),
         "## How it was made", "", *_table(("setting", "value"), settings),
         *_config_block({"run": {k: v for k, v in vars(spec).items()
-                                if k not in ("training", "task")},
+                                if k not in ("training", "task")}
+                        # a self-distillation run's teacher is its own model, not none
+                        | ({"teacher": spec.source} if kind.privileged else {}),
                         "training": training, "task": spec.task, "evaluation": evaluation}),
         "## Held-out scores", "", *_scores_table(scores, before, evaluation),
         "## Parameter delta (this checkpoint minus the source)", "",
