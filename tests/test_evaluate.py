@@ -240,3 +240,45 @@ def test_a_self_teacher_is_scored_reading_each_prompt_s_own_context_or_another_s
     assert table["exact_match (own context)"] == 1 and table["mean@2 (own context)"] == 1
     # another prompt's answer is right only where two sums agree
     assert table["exact_match (other context)"] < 0.1
+
+
+def test_every_scores_the_intermediate_checkpoints_a_run_evaluates_and_the_final_one(
+        tmp_path, make_checkpoint, monkeypatch):
+    """`opdgeo evaluate --every N` (the workflow passes the run's `evaluate_every`): of the
+    step-N checkpoints, those at multiples of N are loaded and scored, each from its own
+    folder, and the final checkpoint always; without --every, every checkpoint."""
+    from opdgeo.cli import main
+    from opdgeo.config import RunSpec, pair_training
+
+    config = {"training": {"steps": 5, "save_every": 1, "evaluate_every": 2,
+                           "optimizers": {"adamw": {"learning_rate": 1e-3}}},
+              "pairs": {"p": {"student": "s", "teachers": ["t"]}}}
+    spec = RunSpec("r", "opd", "p", "s", "t", "adamw", 0, training=pair_training(config, "p"))
+    run = tmp_path / "run"
+    for step in spec.checkpoint_steps():  # 1..4: the runs' checkpoints differ
+        make_checkpoint(run / "checkpoints" / f"step-{step}", seed=step)
+    make_checkpoint(run / "final", seed=5)
+    loaded = []
+    load = TransformersEngine.__init__
+
+    def spy(self, path, *args, **kwargs):
+        loaded.append(path)
+        load(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersEngine, "__init__", spy)
+    small = json.dumps({**TASK, "eval_prompts": 4})
+
+    def scored(*every):
+        loaded.clear()
+        out = tmp_path / f"every{''.join(every)}.csv"
+        main(["evaluate", "--run", "r", "--checkpoint", str(run / "final"), "--step", "5",
+              "--checkpoints", str(run / "checkpoints"), *every, "--task", small,
+              "--evaluation", json.dumps(SPEC), "--out", str(out), "--device", "cpu",
+              "--threads", "1"])
+        return sorted(pd.read_csv(out)["step"].unique()), loaded.copy()
+
+    steps, paths = scored("--every", str(spec.evaluate_every))
+    assert spec.evaluated_steps() == [2, 4] and steps == [2, 4, 5]
+    assert paths == [run / "checkpoints" / "step-2", run / "checkpoints" / "step-4",
+                     run / "final"]
+    assert scored()[0] == [1, 2, 3, 4, 5]
