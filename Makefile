@@ -53,11 +53,11 @@ report: $(BIN)/.installed
 
 # The workflow catalogue's lint (`snakemake --lint`, ~15 s) runs with every `make test`.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(BIN)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not slurm and not train and not workflow"
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow and not slurm and not train and not workflow"
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_analysis.py
