@@ -40,7 +40,9 @@ DISTRIBUTIONS = ("half_normal", "constant")
 EXPONENTS = 256  # float32 / bf16 exponent field
 BF16_FINITE = 0x7F80  # non-negative bf16 bit patterns below +inf
 BISECTION_STEPS = 64
-SHUFFLE_BUCKET = 1 << 20  # entries per bucket of a streamed shuffle (about: labels are uint8)
+# entries per bucket of a streamed shuffle (about: labels are uint8): a layer's matrix is one
+# bucket, a single randperm (grouping by labels costs about as much as the shuffle itself)
+SHUFFLE_BUCKET = 1 << 23
 MAX_BUCKETS = 256
 
 
@@ -210,13 +212,14 @@ class StreamedShuffle:
         numel, device = self.flats[0].numel(), tensors[0].device
         buckets = min(MAX_BUCKETS, max(1, -(-numel // bucket_size)))
         self.seed = int(torch.randint(1 << 62, (1,), generator=generator, device=device))
+        self.cached: tuple[int, tuple[torch.Tensor, ...]] | None = None
+        if buckets == 1:  # no labels: one randperm of the whole
+            self.segments, self.ends = [[(0, numel)]], [numel]
+            return
         label_generator = torch.Generator(device=device).manual_seed(self.seed)
         slices = list(chunk_slices(numel, chunk))  # grouped a chunk at a time
         sizes = torch.zeros(len(slices), buckets, dtype=torch.int64)  # per chunk and bucket
         for i, sl in enumerate(slices):
-            if buckets == 1:
-                sizes[i, 0] = sl.stop - sl.start
-                continue
             labels = torch.randint(buckets, (sl.stop - sl.start,), generator=label_generator,
                                    device=device, dtype=torch.uint8)
             order = torch.argsort(labels, stable=True)
@@ -228,7 +231,6 @@ class StreamedShuffle:
         self.segments = torch.stack([chunk_starts[:, None] + sizes.cumsum(1) - sizes, sizes],
                                     dim=-1).transpose(0, 1).tolist()
         self.ends = sizes.sum(0).cumsum(0).tolist()  # where each bucket ends in the output
-        self.cached: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
     def bucket(self, index: int) -> tuple[torch.Tensor, ...]:
         """Bucket `index`'s entries of each tensor in their shuffled order."""
@@ -240,8 +242,9 @@ class StreamedShuffle:
             order = torch.randperm(sum(size for _, size in segments), generator=generator,
                                    device=device, dtype=torch.int32)
             self.cached = index, tuple(
-                torch.index_select(torch.cat([flat[start:start + size]
-                                              for start, size in segments]), 0, order)
+                torch.index_select(flat[segments[0][0]:sum(segments[0])] if len(segments) == 1
+                                   else torch.cat([flat[start:start + size]
+                                                   for start, size in segments]), 0, order)
                 for flat in self.flats)
         return self.cached[1]
 
