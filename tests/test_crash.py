@@ -313,8 +313,9 @@ def _writes(node) -> list[str]:
     for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
         name = _called(call)
         modes = [a.value for a in call.args if isinstance(a, ast.Constant)]
-        one_path = (len(call.args) == 1 and not call.keywords
-                    and not isinstance(call.args[0], ast.Constant))  # Path.replace(target)
+        # Path.replace(target), a method; a bare replace(x) is dataclasses.replace
+        one_path = (isinstance(call.func, ast.Attribute) and len(call.args) == 1
+                    and not call.keywords and not isinstance(call.args[0], ast.Constant))
         if (name in WRITES
                 or (name == "open" and any(isinstance(m, str) and m[:1] in "wax" for m in modes))
                 or (name == "yaml.safe_dump"  # into a stream, not a string
