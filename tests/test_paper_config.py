@@ -83,17 +83,10 @@ def test_paper_pairs_become_the_papers_runs(paper):
 
 
 @pytest.mark.workflow
-def test_paper_dag_resolves_offline(tmp_path):
-    """`snakemake -n` with hub ids for every model: ids are no files, so nothing waits on them."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for folder in ("workflow", "config", "scripts", "envs"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    result = subprocess.run(
-        [str(BIN / "snakemake"), "-n", "--configfile", "config/paper.yaml", "--cores", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_paper_dag_resolves_offline(paper_dag):
+    """`snakemake -n` with hub ids for every model, offline and with an empty cache: ids are
+    no files, so nothing waits on them."""
+    result = paper_dag
     assert "train_run" in result.stdout and "analyze_run" in result.stdout
     # The default config's tiny models are not merged into the paper's study.
     assert "train_model" not in result.stdout
@@ -249,6 +242,14 @@ def paper_dry_run(tmp_path, *args) -> subprocess.CompletedProcess:
                           text=True)
 
 
+@pytest.fixture(scope="module")
+def paper_dag(tmp_path_factory) -> subprocess.CompletedProcess:
+    """The paper's whole DAG as a dry run, made once for the tests that read it."""
+    result = paper_dry_run(tmp_path_factory.mktemp("paper_dag"), "--cores", "8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def dry_run_jobs(stdout: str) -> list[dict]:
     """rule, wildcards, resources and shell command of every job of `snakemake -n -p`."""
     jobs = []
@@ -267,12 +268,11 @@ def dry_run_jobs(stdout: str) -> list[dict]:
 
 
 @pytest.mark.workflow
-def test_paper_jobs_ask_for_what_their_models_need(tmp_path, paper):
+def test_paper_jobs_ask_for_what_their_models_need(paper_dag, paper):
     """Every job of the paper's DAG: a command that names cuda has a GPU, and memory at least
     what the paper's models need (fp32 student, its gradients and AdamW state on the GPU, the
     bf16 teacher, a checkpoint in fp32 for evaluation, the largest tensor for the analysis)."""
-    result = paper_dry_run(tmp_path, "--cores", "8")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = paper_dag
     jobs = [job for job in dry_run_jobs(result.stdout) if "shell" in job]
     runs, path = build_runs(paper), {key: spec["path"] for key, spec in paper["models"].items()}
 
