@@ -81,7 +81,7 @@ from opdgeo.progress import progress
 
 TRAJECTORY_NOTE = """An intermediate checkpoint's measures cost the delta's passes only: the
 source's geometry is decomposed once per source (`opdgeo.delta.source`), and each source
-tensor and its geometry are read once for all of a run's checkpoints. As in the final
+tensor is read once for all of a run's checkpoints. As in the final
 analysis (to float32 rounding, 1e-6 relative; tested): every coordinate metric (relative norm,
 sparsity, coordinate energy shares), every coverage (low-magnitude, principal, combined; the
 rounding null), the principal projection (joint, left, right) at 10%. The delta's spectrum
@@ -303,10 +303,10 @@ def analyze_deltas(source: str | Path, trained: list[str | Path], dtype: str = "
                    rounding_null: str = "half_normal", geometry: str | Path | None = None,
                    trajectory: bool = False) -> list[tuple[dict, pd.DataFrame]]:
     """(summary, per-tensor table) of each trained checkpoint against one source, options as
-    for `analyze_checkpoints`. Tensor by tensor: each source tensor and its geometry are read
-    (or decomposed) once for every checkpoint, which are analysed one after another against
-    them (a trajectory's). One checkpoint: its analysis gets the only references, so that it
-    can release them as it goes (the shuffle null holds the delta whole)."""
+    for `analyze_checkpoints`. Tensor by tensor: each source tensor is read (and, without a
+    geometry folder, decomposed) once for every checkpoint, which are analysed one after
+    another against it (a trajectory's). One checkpoint: its analysis gets the only
+    references, so that it can release them as it goes."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if rounding_null not in DISTRIBUTIONS:
@@ -333,13 +333,14 @@ def analyze_deltas(source: str | Path, trained: list[str | Path], dtype: str = "
         source_tensor = source_checkpoint.load(pair.source_name).to(torch_device, DTYPES[dtype])
         if len(pair.shape) != 2:
             read_geometry = None
-        elif shared:
-            read_geometry = partial(_own_masks, geometry_folder.load(
-                pair.source_name, pair.shape, torch_device) if geometry_folder is not None
-                else source_geometry(source_tensor, exact_svd_max))
         elif geometry_folder is not None:
+            # read by each checkpoint's analysis: the file's pages come in as it reads them,
+            # and a geometry kept across checkpoints would keep them resident beside the
+            # next checkpoint's delta (+0.2 GB at the 0.5B pair's embedding)
             read_geometry = partial(geometry_folder.load, pair.source_name, pair.shape,
                                     torch_device)
+        elif shared:
+            read_geometry = partial(_own_masks, source_geometry(source_tensor, exact_svd_max))
         else:
             # decomposed before the trained tensor is read: its temporaries (the principal
             # magnitudes) are the analysis's largest; handed over (popped), so that the
