@@ -667,10 +667,15 @@ def test_every_paper_run_and_every_paper_row_the_config_maps_is_filled(rehearsal
                          & (interventions["arm"] == "run-grpo")]
     assert (rlvr["mask density %"] > 0).all()
 
-    # The trajectory, on in the paper's config: every main trained run's intermediate
-    # checkpoints are analysed (against the source's one decomposition) and drawn.
+    # The trajectory, on in the paper's config: every main trained run compared on its delta
+    # (not a masked retrain) has its intermediate checkpoints analysed (against the source's
+    # one decomposition) and drawn.
+    from opdgeo.kinds import RUN_KINDS
+
     trajectory = paper_table(repo, "trajectory")
-    drawn = {name for name, spec in runs.items() if spec.is_trained and spec.group == "main"}
+    drawn = {name for name, spec in runs.items() if spec.is_trained and spec.group == "main"
+             and RUN_KINDS[spec.kind].delta_method}
+    assert drawn and not any(runs[name].kind == "masked" for name in drawn)
     steps = trajectory.groupby("run")["step"].nunique()  # an intermediate one and the final
     assert paper["analysis"]["trajectory"] and all(steps.get(n, 0) >= 2 for n in drawn), steps
     assert list((repo / "results" / "figures").glob("trajectory.*"))
