@@ -8,6 +8,7 @@ import subprocess
 import sys
 import termios
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -127,3 +128,18 @@ def test_figure_list_names_every_figure_and_its_tables_without_other_arguments(c
     with pytest.raises(SystemExit):  # without --list, a name, --tables and --out are needed
         main(["figure", "fig1_overview"])
     assert "give a figure name, --tables and --out" in capsys.readouterr().err
+
+
+def test_check_cluster_names_a_missing_or_bad_config_before_its_dry_run(tmp_path):
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config/smoke.yaml").read_text())
+    config["training"]["sharding"] = "zero9"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for config, named in ((tmp_path / "missing.yaml", "missing.yaml"), (bad, "zero9")):
+        result = opdgeo("check-cluster", "--configfile", str(config), "--profile", "slurm")
+        assert result.returncode == 1
+        assert result.stderr.startswith("opdgeo check-cluster: error: "), result.stderr
+        assert named in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "Snakemake" not in result.stdout + result.stderr  # no dry run was started

@@ -223,6 +223,8 @@ def cmd_plan(args):
 def cmd_check_cluster(args):
     from opdgeo.cluster_check import check_cluster
 
+    # a bad or missing config is named in one line before Snakemake's dry run starts
+    cmd_check_config(argparse.Namespace(config=args.configfile))
     status = check_cluster(str(args.configfile), args.profile, args.snakemake_args)
     if status:
         raise SystemExit(status)
