@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from opdgeo.delta import spectrum
 from opdgeo.delta.geometry import principal_magnitudes, principal_projection, rotation_and_drift
 from opdgeo.delta.metrics import rank_splits
-from opdgeo.delta.spectrum import decompose, rank_count, tall_rows
+from opdgeo.delta.spectrum import decompose, rank_count, tall_rows, upper_gram
 
 ROWS, COLS = 120, 80
 K10 = rank_count(0.10, COLS)
@@ -108,3 +109,28 @@ def test_principal_projection_counts_floor_of_ratio_directions():
     metrics = principal_projection(tall_rows(ninth), decomposition)
     assert metrics["principal_projection_10pct"] == pytest.approx(0, abs=1e-5)
     assert metrics["principal_projection_20pct"] == pytest.approx(1, abs=1e-5)  # k = 17
+
+
+@pytest.mark.parametrize("wide", [False, True])  # wide: read transposed, short vectors = left
+def test_projection_reads_the_short_side_from_the_gram_as_from_the_rows(source, wide,
+                                                                        monkeypatch):
+    # a trajectory checkpoint passes the Gram its spectrum formed: every side at every ratio
+    # as from the rows (an update mixing inside and outside the subspaces on both sides)
+    generator = torch.Generator().manual_seed(4)
+    left, values, right = source
+    delta = (left[:, :K10] @ torch.randn(K10, COLS, generator=generator, dtype=torch.float64)
+             @ right.T + 0.3 * torch.randn(ROWS, COLS, generator=generator,
+                                             dtype=torch.float64)).float()
+    matrix = weight(source)
+    if wide:
+        matrix, delta = matrix.T.contiguous(), delta.T.contiguous()
+    decomposition = decompose(tall_rows(matrix), rank_count(0.2, COLS), 4096)
+    monkeypatch.setattr(spectrum, "CHUNK_ELEMENTS", 1000)  # several row chunks, summed
+    rows = tall_rows(delta)
+    direct = principal_projection(rows, decomposition)
+    from_gram = principal_projection(rows, decomposition, gram=upper_gram(rows))
+    assert from_gram.keys() == direct.keys()
+    for key, value in direct.items():
+        assert from_gram[key] == pytest.approx(value, rel=1e-6), key
+    for side in ("left", "right"):  # not a trivial case
+        assert 0.05 < direct[f"principal_projection_{side}_10pct"] < 0.95, side

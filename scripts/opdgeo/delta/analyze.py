@@ -202,14 +202,17 @@ def analyze_tensor(pair: TensorPair, tensors: dict[str, torch.Tensor], exact_svd
     # Spectrum of the delta; geometry against the one decomposition of the source.
     delta_rows = tall_rows(trained, minus=source) if delta is None else tall_rows(delta)
     short_side = delta_rows.shape[1]
-    values, complete = (top_singular_values if trajectory else singular_values)(
-        delta_rows, exact_svd_max)
+    if trajectory:
+        values, complete, delta_gram = top_singular_values(delta_rows, exact_svd_max)
+    else:
+        (values, complete), delta_gram = singular_values(delta_rows, exact_svd_max), None
     row |= spectrum_metrics(values, short_side, stats.delta_energy, complete)
     source_decomposition = geometry.decomposition
     del geometry
     row |= principal_projection(delta_rows, source_decomposition,
                                 (HEADLINE_RATIO,) if trajectory else MASK_RATIOS,
-                                stats.delta_energy)
+                                stats.delta_energy, delta_gram)
+    del delta_gram
     if not trajectory:
         trained_decomposition = decompose(tall_rows(trained),
                                           rank_count(HEADLINE_RATIO, short_side), exact_svd_max)

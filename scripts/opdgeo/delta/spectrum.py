@@ -125,8 +125,11 @@ def singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, 
     return eigenvalues.flip(0).clamp(min=0).sqrt().cpu(), True
 
 
-def top_singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tensor, bool]:
-    """The spectrum a trajectory checkpoint needs (top-k energy, s_1), at a fraction of the cost.
+def top_singular_values(delta: TallRows, exact_svd_max: int
+                        ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """The spectrum a trajectory checkpoint needs (top-k energy, s_1), at a fraction of the cost,
+    and the Gram matrix it formed (as `upper_gram` leaves it; None where it formed none), from
+    which the principal projection reads the short side's norms (`geometry.principal_projection`).
 
     A matrix of at most SMALL_MATRIX elements, or wider than `exact_svd_max`: as
     `singular_values`. Otherwise the float32 eigenvalues (0.6x the float64 eigensolver's
@@ -140,9 +143,10 @@ def top_singular_values(delta: TallRows, exact_svd_max: int) -> tuple[torch.Tens
     """
     long, short = delta.shape
     if long * short <= SMALL_MATRIX or short > exact_svd_max:
-        return singular_values(delta, exact_svd_max)
-    eigenvalues = torch.linalg.eigvalsh(upper_gram(delta).float(), UPLO="U")
-    return eigenvalues.double().flip(0).clamp(min=0).sqrt().cpu(), False
+        return *singular_values(delta, exact_svd_max), None
+    upper = upper_gram(delta)
+    eigenvalues = torch.linalg.eigvalsh(upper.float(), UPLO="U")
+    return eigenvalues.double().flip(0).clamp(min=0).sqrt().cpu(), False, upper
 
 
 def spectrum_metrics(values: torch.Tensor, short_side: int, frobenius_energy: float,
