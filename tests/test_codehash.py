@@ -40,6 +40,22 @@ def test_a_command_depends_on_the_modules_it_imports_and_no_other(package):
     assert {"delta.analyze", "delta.metrics", "delta.nulls", "naming"} <= analyze.keys()
 
 
+def test_the_drawing_modules_the_figure_contract_names_are_the_figure_commands_code(package):
+    """FIGURES names each drawing function as 'module:function', imported when the figure is
+    drawn, not when the workflow reads the contract: those modules are still `figure`'s code."""
+    from opdgeo.figures import FIGURES
+
+    before = hashes("figure", package)
+    drawing = {reference.split(":")[0].removeprefix("opdgeo.") for reference, _ in
+               FIGURES.values()}
+    assert drawing | {"figures.style", "figures.bands"} <= before.keys()
+    with open(package / "figures" / "overview.py", "a") as source:
+        source.write("\nEDITED = 1\n")
+    after = hashes("figure", package)
+    assert {m for m in before if after[m] != before[m]} == {"figures.overview"}
+    assert "matplotlib==" in code_text(["figure"], REQUIREMENTS, package)
+
+
 def test_a_statement_changes_the_hash_of_its_module_only(package):
     before = {c: hashes(c, package) for c in subcommands()}
     with open(package / "delta" / "metrics.py", "a") as source:

@@ -295,6 +295,28 @@ def test_report_of_existing_results_retrains_nothing(smoke):
 
 
 @pytest.mark.workflow
+def test_parsing_the_workflow_imports_no_plotting_or_statistics_library(tmp_path):
+    """Every Snakemake start parses the workflow, each cluster job's too: matplotlib, seaborn
+    and scipy (most of that CPU, once) are for the jobs that draw and compute, not the parse.
+    The figures, paper tables and findings are declared all the same (their rules exist)."""
+    copy_workflow(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "snakemake"), "-n", "--configfile",
+         "config/smoke.yaml", "--cores", "1"],
+        cwd=tmp_path, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"opdgeo.figures", "opdgeo.paper_tables", "opdgeo.findings"} <= imported
+    rules = scheduled_jobs(result.stdout).keys()
+    assert {"figure_fig1_overview", "paper_tables", "findings"} <= rules
+    heavy = sorted(name for name in imported
+                   if name.split(".")[0] in ("matplotlib", "seaborn", "scipy"))
+    assert not heavy, heavy[:10]
+
+
+@pytest.mark.workflow
 def test_jobs_find_opdgeo_when_the_environment_is_not_activated(tmp_path):
     # `.venv/bin/snakemake ...` from a login node: the venv's bin folder is not on PATH
     copy_workflow(tmp_path)

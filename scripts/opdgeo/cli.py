@@ -240,12 +240,12 @@ def _tidy_inputs(args):
 
 
 def cmd_figure(args):
-    from opdgeo.figures import FIGURES, render
+    from opdgeo.figures import FIGURES, drawing, render
 
     if args.list:
         width = max(map(len, FIGURES))
-        for name, (function, reads) in FIGURES.items():
-            paragraph = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
+        for name, (_, reads) in FIGURES.items():
+            paragraph = " ".join((drawing(name).__doc__ or "").strip().split("\n\n")[0].split())
             shows = re.split(r"(?<=[.?])\s", paragraph)[0]
             print(f"{name:<{width}}  reads {', '.join(reads)}: {shows}")
         return

@@ -5,15 +5,18 @@ that Snakemake reruns exactly the jobs whose code changed (workflow/rules/common
 The code of a command is derived from the source, never listed by hand: the console entry
 point and the command's handler in the modules that dispatch subcommands (only the functions
 they reach by name, so another command's handler is not this command's code), and every
-package module those import, transitively and whole. Each module counts as a hash of its
-syntax tree without docstrings, so comments, docstrings and formatting change nothing. The
-pinned versions (envs/requirements.txt) of the distributions those modules import, and of the
-pinned distributions these require, count too: a new torch pin reruns what imports torch.
+package module those import, transitively and whole (a module whose function a string names
+as 'module:function', imported when it is called, counts as imported). Each module counts as
+a hash of its syntax tree without docstrings, so comments, docstrings and formatting change
+nothing. The pinned versions (envs/requirements.txt) of the distributions those modules
+import, and of the pinned distributions these require, count too: a new torch pin reruns what
+imports torch.
 """
 
 import ast
 import hashlib
 import json
+import re
 import sys
 from functools import cache
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
@@ -106,11 +109,16 @@ class _Walk:
         self._follow(module, self._tree(module))
 
     def _follow(self, module: str, node: ast.AST):
-        """Follow the imports in `node`, and (in a dispatch module) the names it uses."""
-        imports, attributes, names = _uses(node)
+        """Follow the imports in `node`, the package functions it names as 'module:function'
+        (imported when called: the figures' drawing functions), and (in a dispatch module) the
+        names it uses."""
+        imports, attributes, names, references = _uses(node)
         bound = dict(self._top_level_bindings(module))  # local name -> dispatch module
         for statement in imports:
             bound |= self._imports(module, statement)
+        for target, name in references:
+            if self._is_ours(target) and self._tree(target) is not None:
+                self.reach(target, name)
         for base, attribute in attributes:
             if base in bound:  # dispatch_module.attribute
                 self.reach(bound[base], attribute)
@@ -248,10 +256,15 @@ def _is_definition(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
 
 
+# A function named by a string, as in an entry point: "opdgeo.figures.overview:fig1_overview".
+REFERENCE = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
 @cache
-def _uses(node: ast.AST) -> tuple[list, set[tuple[str, str]], set[str]]:
-    """The import statements in `node`, its `name.attribute` pairs and the names it reads."""
-    imports, attributes, names = [], set(), set()
+def _uses(node: ast.AST) -> tuple[list, set[tuple[str, str]], set[str], set[tuple[str, str]]]:
+    """The import statements in `node`, its `name.attribute` pairs, the names it reads and the
+    (module, function) pairs its strings name as 'module:function'."""
+    imports, attributes, names, references = [], set(), set(), set()
     for child in ast.walk(node):
         if isinstance(child, ast.Import | ast.ImportFrom):
             imports.append(child)
@@ -259,7 +272,10 @@ def _uses(node: ast.AST) -> tuple[list, set[tuple[str, str]], set[str]]:
             attributes.add((child.value.id, child.attr))
         elif isinstance(child, ast.Name):
             names.add(child.id)
-    return imports, attributes, names
+        elif isinstance(child, ast.Constant) and isinstance(child.value, str) and (
+                match := REFERENCE.fullmatch(child.value)):
+            references.add(match.groups())
+    return imports, attributes, names, references
 
 
 @cache

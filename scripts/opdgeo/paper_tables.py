@@ -8,6 +8,7 @@ inputs to a computation.
 import math
 import re
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -59,11 +60,18 @@ REFERENCE = Path(__file__).resolve().parents[2] / "config" / "paper_reference.ya
 def paper_reference(table: str, path: Path = REFERENCE) -> tuple[tuple[str, ...], dict]:
     """One of the paper's tables in config/paper_reference.yaml: (columns, row -> values);
     a one-column table maps rows to the value itself."""
-    entry = yaml.safe_load(Path(path).read_text())[table]
+    entry = _reference_file(Path(path))[table]
     columns = tuple(entry["columns"])
     rows = {row: tuple(values) if len(columns) > 1 else values[0]
             for row, values in entry["rows"].items()}
     return columns, rows
+
+
+@cache
+def _reference_file(path: Path) -> dict:
+    """The file parsed once for all its tables: the workflow imports this module on every
+    Snakemake start (every cluster job's too)."""
+    return yaml.safe_load(path.read_text())
 
 
 # The paper's numbers, by the table they come from (% except ranks; None: not reported).

@@ -7,7 +7,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -24,6 +23,10 @@ def seed_interval(values) -> tuple[float, float, float]:
     mean = float(values.mean())
     if len(values) < 2:
         return mean, NAN, NAN
+    # imported here: the workflow reads the paper tables' and findings' declarations on every
+    # Snakemake start, and scipy.stats costs more than the rest of those imports together
+    from scipy import stats
+
     half = stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(
         len(values))
     return mean, float(mean - half), float(mean + half)

@@ -1,14 +1,19 @@
 """How a figure looks: the plot settings, a colour per method and its shades per run group,
 line styles and markers, labels, axes (log, steps), and the note of an empty panel."""
 
-import matplotlib.pyplot as plt
-import matplotlib.ticker as mticker
-import numpy as np
-import pandas as pd
-import seaborn as sns
+import matplotlib
 
-from opdgeo.delta import columns
-from opdgeo.kinds import CONTROLS, DELTA_KINDS, METHOD_ORDER, OPD
+# Files only, no display on cluster nodes: set here, as every drawing module imports this one.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from opdgeo.delta import columns  # noqa: E402
+from opdgeo.kinds import CONTROLS, DELTA_KINDS, METHOD_ORDER, OPD  # noqa: E402
 
 DEFAULTS = {"style": "whitegrid", "context": "paper", "dpi": 150, "formats": ["png", "pdf"],
             "fig2_run": "", "palette": "colorblind", "labels": {}, "metric": ""}
