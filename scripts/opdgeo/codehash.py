@@ -14,10 +14,12 @@ imports torch.
 """
 
 import ast
+import gc
 import hashlib
 import json
 import re
 import sys
+from contextlib import contextmanager
 from functools import cache
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
@@ -34,13 +36,28 @@ def code_text(commands: list[str], requirements: Path, package: Path = PACKAGE) 
     of the package's source in `package`: one short hash per module (so that Snakemake's
     rerun reason shows which one changed) and the pins the code depends on."""
     modules, imported = {}, set()
-    for command in commands:
-        code, names = command_code(command, package)
-        modules |= code
-        imported |= names
+    with _collector_paused():
+        for command in commands:
+            code, names = command_code(command, package)
+            modules |= code
+            imported |= names
     hashes = " ".join(f"{name}={digest}" for name, digest in sorted(modules.items()))
     pins = " ".join(pinned_dependencies(frozenset(imported), requirements))
     return f"{' '.join(sorted(set(commands)))}: {hashes} | {pins}".rstrip(" |")
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cycle collector off: hashing allocates some 10^5 containers (syntax trees,
+    their dumps), none in a cycle, and each collection they trigger walks every live object,
+    Snakemake's too; with it on, hashing took about twice the CPU."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @cache
@@ -298,20 +315,41 @@ def _definitions(tree: ast.Module) -> dict[str, list[ast.stmt]]:
 def _normalised(node: ast.AST) -> str:
     """The syntax tree without docstrings, positions and the fields a Python version adds
     empty (so that the text is the same on every Python that parses the code alike)."""
+    return repr(_dumped(node))
 
-    def dump(value):
+
+def _dumped(node: ast.AST) -> tuple:
+    """`node` as (type, [(field, value), ...]), its docstring and its empty fields left out.
+    Every node of the package passes here at each Snakemake start, hence the plain loops."""
+    fields = []
+    for field in node._fields:
+        value = getattr(node, field, None)
+        if value is None:
+            continue
         if isinstance(value, ast.AST):
-            body = getattr(value, "body", None)
-            if isinstance(body, list) and body and _is_docstring(body[0]):
-                body = body[1:]
-            fields = [(field, dump(body if field == "body" and body is not None else item))
-                      for field, item in ast.iter_fields(value)]
-            return (type(value).__name__, [(f, v) for f, v in fields if v not in (None, [])])
-        if isinstance(value, list):
-            return [dump(item) for item in value]
-        return value
+            value = _dumped(value)
+        elif isinstance(value, list):
+            if field == "body" and value and _is_docstring(value[0]):
+                value = value[1:]
+            if not value:
+                continue
+            value = [_dumped_item(item) for item in value]
+        fields.append((field, value))
+    return (type(node).__name__, fields)
 
-    return repr(dump(node))
+
+# A statement once: every command's code holds the dispatch modules' statements it reaches.
+_dumped_statement = cache(_dumped)
+
+
+def _dumped_item(value):
+    if isinstance(value, ast.stmt):
+        return _dumped_statement(value)
+    if isinstance(value, ast.AST):
+        return _dumped(value)
+    if isinstance(value, list):
+        return [_dumped_item(item) for item in value]
+    return value
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
@@ -322,20 +360,27 @@ def _is_docstring(statement: ast.stmt) -> bool:
 def _data_files(tree: ast.Module, folder: Path) -> list[Path]:
     """The repository's data files a module reads, written as `... / "config" / "name.yaml"`
     (the paper's reference numbers, the hub models' facts): part of its code."""
-    files = []
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
-                and isinstance(node.right, ast.Constant) and isinstance(node.left, ast.BinOp)
-                and isinstance(node.left.right, ast.Constant)
-                and node.left.right.value == folder.name
-                and (folder / str(node.right.value)).is_file()):
-            files.append(folder / node.right.value)
-    return files
+    return [folder / name for parent, name in _path_pairs(tree)
+            if parent == folder.name and (folder / name).is_file()]
+
+
+@cache
+def _path_pairs(tree: ast.Module) -> tuple[tuple[str, str], ...]:
+    """The constants of every `... / "parent" / "name"` in a module (once per module)."""
+    return tuple((node.left.right.value, str(node.right.value)) for node in ast.walk(tree)
+                 if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+                 and isinstance(node.right, ast.Constant) and isinstance(node.left, ast.BinOp)
+                 and isinstance(node.left.right, ast.Constant))
 
 
 def _data_digest(path: Path) -> str:
     """A YAML file's content, not its comments or layout."""
-    content = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+    return _content_digest(path.read_text())
+
+
+@cache
+def _content_digest(text: str) -> str:
+    content = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
     return hashlib.sha256(content.encode()).hexdigest()[:8]
 
 
