@@ -171,6 +171,16 @@ def test_other_hugging_face_settings_run_in_process(server, job_environment, mon
     assert handover.run_in_server(["opdgeo", "runs", "--help"]) is None
 
 
+def test_the_server_preloads_what_every_figure_job_draws_with():
+    """opdgeo.figures names its drawing functions without importing them (the workflow reads
+    it at every start), so the server imports their modules by name."""
+    from opdgeo.figures import FIGURES
+
+    modules = preload.preloaded_modules()
+    assert {reference.split(":")[0] for reference, _ in FIGURES.values()} <= set(modules)
+    assert {"opdgeo.figures", "opdgeo.paper_tables", "opdgeo.findings"} <= set(modules)
+
+
 def test_no_server_for_jobs_on_the_gpu(tmp_path, monkeypatch):
     monkeypatch.delenv(handover.SOCKET_VARIABLE, raising=False)
     before = preload._server

@@ -38,7 +38,9 @@ from pathlib import Path
 
 from opdgeo.handover import ACCEPTED, DECLINED, NUMBER, SOCKET_VARIABLE, read_exactly
 
-# Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again.
+# Everything a subcommand imports lazily (see opdgeo.cli), so that no job imports it again;
+# and the figures' drawing modules, which opdgeo.figures names but does not import
+# (preloaded_modules).
 PRELOADED_MODULES = (
     "opdgeo.train", "opdgeo.evaluate", "opdgeo.masks", "opdgeo.delta.analyze",
     "opdgeo.delta.overlap", "opdgeo.collect", "opdgeo.figures", "opdgeo.findings",
@@ -59,6 +61,12 @@ USAGE_LINE = "job\t{wall:.3f}\t{cpu:.3f}\t{rss:.0f}\t{status}\t{command}\n"
 # ---------------------------------------------------------------- the server's side
 
 
+def preloaded_modules() -> tuple[str, ...]:
+    from opdgeo.figures import drawing_modules
+
+    return (*PRELOADED_MODULES, *drawing_modules())
+
+
 def serve(path: str, owner: int, device: str = "cpu"):
     """Listen on `path`, import the heavy modules, then fork one worker per request, until the
     process `owner` (the Snakemake run) is no longer this server's parent; then end the
@@ -69,9 +77,10 @@ def serve(path: str, owner: int, device: str = "cpu"):
     listener.bind(path)  # before the imports: a command that connects meanwhile waits
     listener.listen(128)
     start = time.perf_counter()
-    for module in PRELOADED_MODULES:
+    modules = preloaded_modules()
+    for module in modules:
         importlib.import_module(module)
-    print(f"preloaded {len(PRELOADED_MODULES)} modules in {time.perf_counter() - start:.1f} s",
+    print(f"preloaded {len(modules)} modules in {time.perf_counter() - start:.1f} s",
           flush=True)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers are reaped by the kernel
     listener.settimeout(1.0)

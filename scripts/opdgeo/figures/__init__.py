@@ -53,6 +53,11 @@ def drawing(name: str):
     return getattr(import_module(module), function)
 
 
+def drawing_modules() -> list[str]:
+    """The modules the drawing functions live in (the preload server imports them once)."""
+    return sorted({reference.split(":")[0] for reference, _ in FIGURES.values()})
+
+
 def render(name: str, tables: dict[str, pd.DataFrame], info: pd.DataFrame, plots: dict,
            out: Path) -> list[Path]:
     """Draw figure `name` (a key of FIGURES) from the tables it declares, and no other, and
