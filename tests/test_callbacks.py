@@ -123,6 +123,7 @@ class _FirstMomentProbe(TrainerCallback):
             for p in model.parameters() if "exp_avg" in optimizer.state.get(p, {})])
 
 
+@pytest.mark.train
 def test_optimizer_state_callback_writes_tidy_rows(tmp_path):
     tokenizer, student, teacher = tiny_models()
     initial = {n: p.detach().clone() for n, p in student.named_parameters()}

@@ -403,6 +403,7 @@ def test_killing_snakemake_ends_its_jobs_without_the_preload_server(tmp_path):
     kill_and_wait_for_its_jobs(run, tmp_path)  # job shell, opdgeo command
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("preload", [True, False])
 def test_preload_setting_decides_whether_jobs_run_in_the_server(tmp_path, preload):
     copy_workflow(tmp_path)

@@ -68,6 +68,7 @@ def comparable(written: dict[str, bytes]) -> dict[str, bytes]:
     return written
 
 
+@pytest.mark.train  # a train-run job, in the server and on its own
 def test_jobs_run_in_the_server_write_the_bytes_of_direct_runs(server, job_environment,
                                                                tiny_pair, tmp_path):
     student, teacher = tiny_pair
