@@ -51,13 +51,21 @@ report: $(BIN)/.installed
 		--allowed-rules $(REPORT_RULES)
 	@echo "Report of $(CONFIG): results/report.html"
 
+# Tests run in PYTEST_WORKERS pytest-xdist workers, one per core of CI's 2 (0: in pytest's own
+# process). Each module runs whole in one worker (its module fixtures made once; the one that
+# starts the SLURM test cluster alone needs it), handed out in collection order, which
+# tests/scheduling.py makes longest first: one worker takes the rehearsal, the other the rest.
+PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The workflow catalogue's lint (`snakemake --lint`, ~15 s) runs with every `make test`.
 test: lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 $(XDIST)
 
 test-fast: $(BIN)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=10 -m "not slow and not slurm and not train and not workflow"
+	$(BIN)/python -m pytest -q --durations=10 $(XDIST) \
+		-m "not slow and not slurm and not train and not workflow"
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_analysis.py

@@ -2,6 +2,10 @@
 
 import pytest
 
+# How modules are handed to pytest-xdist's workers (longest first), registered as this
+# conftest's own hooks.
+from scheduling import pytest_collection_modifyitems, pytest_configure_node  # noqa: F401
+
 from opdgeo.models import (
     VISION_ARCHITECTURES,
     build_model,

@@ -25,6 +25,11 @@ Design points that are not obvious:
   config at the compiled-in default. A pre-existing, foreign ``slurm.conf`` is never
   replaced: the fixture refuses to run instead.
 
+* One cluster per machine (a lock), and under pytest-xdist each worker is a session of its
+  own: with several workers the fixture starts only where one module uses it and
+  ``--dist loadfile`` keeps that module on one worker (``make test``); otherwise its tests
+  fail naming the fix, instead of a second worker waiting for the first one's cluster.
+
 Without the binaries (or without root, which ``slurmd`` needs to launch jobs) the fixture
 skips; with ``CI=true`` it fails instead, so CI cannot go green by silently testing nothing.
 """
@@ -455,9 +460,39 @@ def running_cluster(partitions: dict | None = None) -> Iterator[SlurmCluster]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def sharing_problem(items, workerinput: dict | None) -> str | None:
+    """Why this session must not start the cluster, if it must not: under pytest-xdist each
+    worker is a session of its own, and a second worker's cluster would wait for the first
+    one's (one per machine) until the first session ends."""
+    if not workerinput or workerinput.get("workercount", 1) < 2:
+        return None
+    modules = sorted({item.path.name for item in items
+                      if "slurm_cluster" in getattr(item, "fixturenames", ())})
+    if len(modules) > 1:
+        return (f"the SLURM test cluster is used by {', '.join(modules)}: with several "
+                "pytest-xdist workers only one module may use it (its worker starts the "
+                "cluster); move these tests into one module, or run them with -n 0")
+    if modules and workerinput.get("dist") != "loadfile":
+        return (f"{modules[0]} uses the SLURM test cluster: with several pytest-xdist workers "
+                f"run it with --dist loadfile (not {workerinput.get('dist')}), so that one "
+                "worker runs the whole module and starts the one cluster, as `make test` does")
+    return None
+
+
+_SHARING_PROBLEM = pytest.StashKey[str | None]()
+
+
+@pytest.hookimpl(trylast=True)  # what runs, after `-m` and `-k` have deselected
+def pytest_collection_modifyitems(config, items):
+    config.stash[_SHARING_PROBLEM] = sharing_problem(items, getattr(config, "workerinput", None))
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def slurm_cluster(request) -> Iterator[SlurmCluster]:
     """A running single-node SLURM cluster, shared by all tests of the session."""
+    problem = request.config.stash.get(_SHARING_PROBLEM, None)
+    if problem:
+        pytest.fail(problem, pytrace=False)
     require_slurm()
     with running_cluster() as cluster:
         yield cluster
