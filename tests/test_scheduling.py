@@ -3,6 +3,7 @@ the SLURM module while the other runs every other module, and the SLURM test clu
 never started by two workers. Each check runs a small pytest session of its own, with the
 suite's hooks (tests/scheduling.py) and, for the distribution, the Makefile's own options."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -31,9 +32,12 @@ markers =
 
 
 def xdist_options() -> list[str]:
-    """The options `make test-fast` gives pytest to distribute the tests (as `make test`)."""
-    shown = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.replace("\\\n", " ")
+    """The options `make test-fast` gives pytest to distribute the tests (as `make test`), as
+    the Makefile sets them: not those of a `make test-fast PYTEST_WORKERS=0` running this."""
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTEST_WORKERS")}
+    shown = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, env=environment,
+                           capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
     line = next(line for line in shown.splitlines() if "-m pytest" in line)
     words = shlex.split(line)
     options = []
