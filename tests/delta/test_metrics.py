@@ -7,6 +7,7 @@ import torch
 from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO, MASK_RATIOS
 from opdgeo.delta.metrics import (
     PRINCIPAL_STATES,
+    Histogram,
     coordinate_masks,
     delta_stats,
     magnitude_key,
@@ -131,3 +132,18 @@ def test_coordinate_masks_count_every_mask_as_sorting_does():
         _, high = rank_splits(values.to(dtype), [1])
         assert torch.equal(masks.bin_counts, high[0])
         assert masks.source_energy == sum_of_squares(values.to(dtype))
+
+
+def test_histogram_adds_chunks_as_bincount_does():
+    generator = torch.Generator().manual_seed(4)
+    # runs of one bin, as an update's unchanged coordinates give, and a ragged last chunk
+    index = torch.randint(0, 50, (3000,), generator=generator, dtype=torch.int32)
+    index[torch.rand(3000, generator=generator) < 0.7] = 0
+    weights = torch.rand(3000, generator=generator)
+    counts, sums = Histogram(50, index.device), Histogram(50, index.device, weighted=True)
+    for start in range(0, 3000, 1024):
+        counts.add(index[start:start + 1024])
+        sums.add(index[start:start + 1024], weights[start:start + 1024])
+    assert torch.equal(counts.total(), torch.bincount(index, minlength=50).double())
+    torch.testing.assert_close(sums.total(),
+                               torch.bincount(index, weights=weights.double(), minlength=50))

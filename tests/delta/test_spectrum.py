@@ -54,6 +54,7 @@ def test_upper_gram_is_the_upper_triangle_of_the_gram_matrix(shape, monkeypatch)
     exact = tall.T @ tall
     torch.testing.assert_close(upper.triu(), exact.triu(), rtol=0,
                                atol=1e-5 * float(exact.max()))
+    assert not upper.tril(-1).any()  # zeros below the diagonal, as the projection reads it
     eigenvalues = torch.linalg.eigvalsh(upper, UPLO="U")
     torch.testing.assert_close(eigenvalues, torch.linalg.eigvalsh(exact), rtol=0,
                                atol=1e-5 * float(exact.max()))

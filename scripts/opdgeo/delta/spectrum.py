@@ -80,10 +80,10 @@ def gram(matrix: TallRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def upper_gram(matrix: TallRows, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
-    """A^T A where `eigvalsh(..., UPLO="U")` reads it, on and above the diagonal (below the
-    diagonal blocks: zeros): each row chunk's products in float32 over `blocks` column blocks,
-    the diagonal ones and those right of them only (9/16 of the products at 8 blocks), summed
-    in float64."""
+    """The upper triangle of A^T A, diagonal included (zeros below it), as `eigvalsh(...,
+    UPLO="U")` reads it: each row chunk's products in float32 over `blocks` column blocks, the
+    diagonal ones and those right of them only (9/16 of the products at 8 blocks), summed in
+    float64."""
     short = matrix.shape[1]
     edges = [i * short // blocks for i in range(blocks + 1)]
     total = None
@@ -92,6 +92,8 @@ def upper_gram(matrix: TallRows, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
             total = torch.zeros(short, short, dtype=torch.float64, device=chunk.device)
         for start, stop in zip(edges[:-1], edges[1:], strict=True):
             total[start:stop, start:] += chunk[:, start:stop].T @ chunk[:, start:]
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        total[start:stop, start:stop].triu_()
     return total
 
 
