@@ -20,13 +20,14 @@ Target on 2 cores: <= 90 s and <= 2 GB peak RSS. Each line also gives the proces
 time, which on a shared machine measures the work where wall time measures the neighbours.
 
     PYTHONPATH=scripts python scripts/bench_analysis.py [--layers 24] [--threads 2]
-        [--tasks full,decompose,final,trajectory]
+        [--tasks full,decompose,final,trajectory] [--repeat 3]
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,13 @@ def measure(task: str, root: Path, threads: int) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One task's rounds: the median of each clock, the largest peak RSS."""
+    return {"seconds": statistics.median(r["seconds"] for r in runs),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -211,6 +219,9 @@ def main() -> None:
                              "per-tensor loop), and in this order decompose, final, trajectory")
     parser.add_argument("--checkpoints", type=int, default=5,
                         help="intermediate checkpoints of the trajectory task")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the tasks, one after another: each figure is the "
+                             "median over rounds, each ratio given per round as well")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +237,9 @@ def main() -> None:
         print(f"built the pair ({args.layers} layers) in {time.perf_counter() - started:.0f} s; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
               f"{args.threads} torch threads")
-        results = {task: measure(task, root, args.threads) for task in args.tasks.split(",")}
+        rounds = [{task: measure(task, root, args.threads) for task in args.tasks.split(",")}
+                  for _ in range(args.repeat)]
+    results = {task: median_result([one[task] for one in rounds]) for task in rounds[0]}
     labels = {"issue3": "analysis without isotropic/shuffle nulls",
               "full": "full analysis (all metrics and nulls)",
               "floor": "SVD floor (svd of sources + svdvals of deltas)",
@@ -257,8 +270,12 @@ def main() -> None:
         for clock in ("seconds", "cpu_seconds"):
             full, final, trajectory = (results[task][clock] for task in (
                 "full", "final", "trajectory"))
+            each = ", ".join(
+                f"{(one['final'][clock] + one['trajectory'][clock]) / one['full'][clock]:.2f}"
+                for one in rounds)
             print(f"{clock}: final + {args.checkpoints}-checkpoint trajectory = "
-                  f"{(final + trajectory) / full:.2f} x one full analysis (goal <= 1.5)")
+                  f"{(final + trajectory) / full:.2f} x one full analysis (goal <= 1.5)"
+                  + (f"; per round {each}" if len(rounds) > 1 else ""))
         for clock in ("seconds", "cpu_seconds"):
             full, decompose, final, trajectory = (results[task][clock] for task in (
                 "full", "decompose", "final", "trajectory"))
