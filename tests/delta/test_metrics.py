@@ -140,10 +140,9 @@ def test_histogram_adds_chunks_as_bincount_does():
     index = torch.randint(0, 50, (3000,), generator=generator, dtype=torch.int32)
     index[torch.rand(3000, generator=generator) < 0.7] = 0
     weights = torch.rand(3000, generator=generator)
-    counts, sums = Histogram(50, index.device), Histogram(50, index.device, weighted=True)
+    histogram = Histogram(50, index.device, weighted=True)
     for start in range(0, 3000, 1024):
-        counts.add(index[start:start + 1024])
-        sums.add(index[start:start + 1024], weights[start:start + 1024])
-    assert torch.equal(counts.total(), torch.bincount(index, minlength=50).double())
-    torch.testing.assert_close(sums.total(),
+        histogram.add(index[start:start + 1024], weights[start:start + 1024])
+    assert torch.equal(histogram.counts(), torch.bincount(index, minlength=50).double())
+    torch.testing.assert_close(histogram.sums(),
                                torch.bincount(index, weights=weights.double(), minlength=50))

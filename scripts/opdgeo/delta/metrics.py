@@ -47,29 +47,33 @@ def _lanes(device: torch.device) -> torch.Tensor:
 
 
 class Histogram:
-    """Counts, or float64 sums of weights, per bin, added to in place chunk by chunk (chunks of
-    at most STATS_CHUNK elements). Each bin is kept in LANES interleaved copies (element i of a
-    chunk goes to copy i mod LANES), added when read: a delta's bins come in runs (most
-    coordinates are unchanged, bin 0), and a CPU's adds to one counter in quick succession
-    wait on each other. On a 4864 x 896 delta with 80% zeros, one thread, this took the
-    statistics' two histograms from 17.3 ms (torch.bincount, which also allocates its output
-    per call) to 8.8 ms."""
+    """Counts per bin, and optionally float64 sums of weights per bin, added to in place chunk
+    by chunk (chunks of at most STATS_CHUNK elements). Each bin is kept in LANES interleaved
+    copies (element i of a chunk goes to copy i mod LANES), added when read: a delta's bins
+    come in runs (most coordinates are unchanged, bin 0), and a CPU's adds to one counter in
+    quick succession wait on each other. On a 4864 x 896 delta with 80% zeros, one thread,
+    this took the statistics' counts and energies per bin from 17.3 ms (two torch.bincount
+    per chunk, each allocating its output) to 8.8 ms."""
 
     def __init__(self, n_bins: int, device: torch.device, weighted: bool = False):
-        self.weighted = weighted
-        self.lanes = torch.zeros(n_bins * LANES, device=device,
-                                 dtype=torch.float64 if weighted else torch.int64)
+        self._counts = torch.zeros(n_bins * LANES, dtype=torch.int64, device=device)
+        self._sums = torch.zeros(n_bins * LANES, dtype=torch.float64, device=device) \
+            if weighted else None
 
     def add(self, index: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Count the chunk's indices (integers in [0, n_bins)), or add up their weights."""
+        """Count the chunk's indices (integers in [0, n_bins)), and add up their weights."""
         spread = (index.to(torch.int32) * LANES).add_(_lanes(index.device)[:index.numel()])
-        source = weights.double() if self.weighted else \
-            self.lanes.new_ones(1).expand(index.numel())
-        self.lanes.index_add_(0, spread, source)
+        self._counts.index_add_(0, spread, self._counts.new_ones(1).expand(index.numel()))
+        if self._sums is not None:
+            self._sums.index_add_(0, spread, weights.double())
 
-    def total(self) -> torch.Tensor:
+    def counts(self) -> torch.Tensor:
         """Per bin, float64."""
-        return self.lanes.view(-1, LANES).sum(dim=1, dtype=torch.float64)
+        return self._counts.view(-1, LANES).sum(dim=1, dtype=torch.float64)
+
+    def sums(self) -> torch.Tensor:
+        """Per bin, float64."""
+        return self._sums.view(-1, LANES).sum(dim=1)
 
 
 def float64_sum(values: torch.Tensor) -> float:
@@ -250,13 +254,24 @@ def sparsity_thresholds(source_rms: float) -> dict[str, float]:
     return thresholds
 
 
+@cache
+def _pair_categories(atol_bin: int, device: torch.device) -> torch.Tensor:
+    """The update category (N_CATEGORIES) of each `ThresholdTable` pair, as uint8."""
+    bins = torch.arange(HIGH_BINS).repeat_interleave(2)
+    at_or_below = torch.arange(2 * HIGH_BINS) % 2 == 1
+    changed = (bins > 0) | ~at_or_below  # |dW| > 0 (bin 0's threshold is 0)
+    above_atol = (bins > atol_bin) | ((bins == atol_bin) & ~at_or_below)
+    return (changed.to(torch.uint8) + above_atol.to(torch.uint8)).to(device)
+
+
 class ThresholdTable:
     """Counts of |dW| <= t for a few thresholds t, from one histogram of (high-bits bin, at or
     below the bin's threshold) pairs: the bins are the |dW| bins the statistics keep anyway, and
     a coordinate in a bin that holds a threshold carries one more bit, found by one table
     lookup and one comparison (a search over the sorted thresholds costs several times more).
     A threshold sharing its bin with another (rare: bins are 2^-7 wide) is counted directly.
-    The same pairs give each coordinate's update category (N_CATEGORIES) by a second lookup."""
+    The same pairs give each coordinate's update category (N_CATEGORIES) by a second lookup,
+    and the histogram sums dW^2 over each pair as well (the energy per bin)."""
 
     def __init__(self, thresholds: dict[str, float], device: torch.device):
         self.thresholds = thresholds
@@ -272,32 +287,26 @@ class ThresholdTable:
                 self.direct.append(value)
             else:
                 self.cut[key >> 16] = key
-        zero_bin, atol_bin = 0, self.keys[HEADLINE_ATOL] >> 16
-        bins = torch.arange(HIGH_BINS).repeat_interleave(2)
-        at_or_below = torch.arange(2 * HIGH_BINS) % 2 == 1
-        category = (bins > zero_bin) | ~at_or_below  # |dW| > 0 (bin 0's threshold is 0)
-        above_atol = (bins > atol_bin) | ((bins == atol_bin) & ~at_or_below)
-        self.category = (category.to(torch.uint8) + above_atol.to(torch.uint8)).to(device)
+        self.category = _pair_categories(self.keys[HEADLINE_ATOL] >> 16, device)
         self.cut = self.cut.to(device)
-        self.pairs = Histogram(2 * HIGH_BINS, device)
+        self.pairs = Histogram(2 * HIGH_BINS, device, weighted=True)
         self.direct_counts = torch.zeros(len(self.direct), dtype=torch.int64, device=device)
 
-    def add(self, key: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        """Count one chunk (keys of |dW| and their high bits); its update categories."""
+    def add(self, key: torch.Tensor, high: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        """Count one chunk (keys of |dW|, their high bits, dW^2); its update categories."""
         # pair 2 x bin + (key <= cut), in int32 arithmetic (a bool operand costs ~4x more):
         # (cut - key) >> 31 is 0 at or below the cut and -1 above (no overflow: both < 2^31)
         below = self.cut.index_select(0, high).sub_(key).bitwise_right_shift_(31)
         pairs = (key >> 15).bitwise_or_(1).add_(below)
-        self.pairs.add(pairs)
+        self.pairs.add(pairs, squares)
         for i, value in enumerate(self.direct):
             self.direct_counts[i] += (key <= self.keys[value]).sum()
         return self.category.index_select(0, pairs)
 
-    def bin_counts(self) -> torch.Tensor:
-        return self.pairs.total().view(HIGH_BINS, 2).sum(dim=1)
-
-    def at_most(self) -> dict[str, int]:
-        pairs = self.pairs.total().view(HIGH_BINS, 2)
+    def bins(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """The count at or below each threshold (by name); per high-bits bin, the coordinates
+        and the energy."""
+        pairs = self.pairs.counts().view(HIGH_BINS, 2)
         bin_counts = pairs.sum(dim=1)
         below_bin = torch.cat([bin_counts.new_zeros(1), bin_counts.cumsum(0)])
         at_or_below = pairs[:, 1]
@@ -306,7 +315,7 @@ class ThresholdTable:
         for name, value in self.thresholds.items():
             high = self.keys[value] >> 16
             counts[name] = direct.get(value, round(float(below_bin[high] + at_or_below[high])))
-        return counts
+        return counts, bin_counts, self.pairs.sums().view(HIGH_BINS, 2).sum(dim=1)
 
 
 STATS_CHUNK = 1 << 18  # elements: a chunk's dozen passes read 1 MB of float32 from the cache
@@ -331,7 +340,6 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
     flat_trained = trained.reshape(-1) if delta is None else None
     flat_delta = delta.reshape(-1) if delta is not None else None
     buffer = torch.empty(min(numel, STATS_CHUNK), device=source.device)
-    magnitude_energy = Histogram(HIGH_BINS, source.device, weighted=True)
     energy = abs_sum = 0.0
     linf = torch.zeros((), device=source.device)
     for sl in chunk_slices(numel, STATS_CHUNK):
@@ -342,14 +350,12 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
         squares = chunk * chunk
         magnitude = chunk.abs()
         key = magnitude.view(torch.int32)  # magnitudes are non-negative
-        high = key >> 16
-        flat_category[sl] = table.add(key, high)
-        magnitude_energy.add(high, squares)
+        flat_category[sl] = table.add(key, key >> 16, squares)
         energy += float64_sum(squares)
         abs_sum += float64_sum(magnitude)
         linf = torch.maximum(linf, magnitude.max())
     return category, CoordinateStats(numel, energy, source_energy, abs_sum, float(linf),
-                                     table.at_most(), table.bin_counts(), magnitude_energy.total())
+                                     *table.bins())
 
 
 def delta_tensor(source: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
@@ -396,7 +402,7 @@ class CoordinateMasks:
         table = Histogram(n_labels * N_CLASSES, labels.device)
         for sl in chunk_slices(flat_labels.numel(), STATS_CHUNK):
             table.add(flat_labels[sl].to(joint_dtype) * N_CLASSES + flat_classes[sl])
-        return table.total().view(n_labels, N_CLASSES).cpu()
+        return table.counts().view(n_labels, N_CLASSES).cpu()
 
     def low_weights(self, ratio: float) -> torch.Tensor:
         """(N_CLASSES,) membership of each class in the low-magnitude mask at `ratio`."""
