@@ -203,6 +203,13 @@ def measure(task: str, root: Path, threads: int) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def rounds_count(text: str) -> int:
+    """--repeat's value: a whole number of rounds, at least one."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--repeat takes a number of rounds >= 1, got {text!r}")
+    return int(text)
+
+
 def median_result(runs: list[dict]) -> dict:
     """One task's rounds: the median of each clock, the largest peak RSS."""
     return {"seconds": statistics.median(r["seconds"] for r in runs),
@@ -219,7 +226,7 @@ def main() -> None:
                              "per-tensor loop), and in this order decompose, final, trajectory")
     parser.add_argument("--checkpoints", type=int, default=5,
                         help="intermediate checkpoints of the trajectory task")
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=rounds_count, default=1,
                         help="rounds of the tasks, one after another: each figure is the "
                              "median over rounds, each ratio given per round as well")
     parser.add_argument("--child", help=argparse.SUPPRESS)

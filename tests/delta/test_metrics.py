@@ -2,11 +2,13 @@
 
 import math
 
+import pytest
 import torch
 
 from opdgeo.delta.columns import HEADLINE_ATOL, HEADLINE_RATIO, MASK_RATIOS
 from opdgeo.delta.metrics import (
     PRINCIPAL_STATES,
+    STATS_CHUNK,
     Histogram,
     coordinate_masks,
     delta_stats,
@@ -146,3 +148,9 @@ def test_histogram_adds_chunks_as_bincount_does():
     assert torch.equal(histogram.counts(), torch.bincount(index, minlength=50).double())
     torch.testing.assert_close(histogram.sums(),
                                torch.bincount(index, weights=weights.double(), minlength=50))
+
+
+def test_histogram_refuses_a_chunk_longer_than_its_lanes():
+    histogram = Histogram(4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="at most"):
+        histogram.add(torch.zeros(STATS_CHUNK + 1, dtype=torch.int32))

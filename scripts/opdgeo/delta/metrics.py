@@ -62,6 +62,9 @@ class Histogram:
 
     def add(self, index: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Count the chunk's indices (integers in [0, n_bins)), and add up their weights."""
+        if index.numel() > STATS_CHUNK:
+            raise ValueError(f"a Histogram chunk holds at most {STATS_CHUNK} elements, got "
+                             f"{index.numel()}: add it in chunk_slices(n, STATS_CHUNK)")
         spread = (index.to(torch.int32) * LANES).add_(_lanes(index.device)[:index.numel()])
         self._counts.index_add_(0, spread, self._counts.new_ones(1).expand(index.numel()))
         if self._sums is not None:
@@ -292,8 +295,9 @@ class ThresholdTable:
         self.pairs = Histogram(2 * HIGH_BINS, device, weighted=True)
         self.direct_counts = torch.zeros(len(self.direct), dtype=torch.int64, device=device)
 
-    def add(self, key: torch.Tensor, high: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
-        """Count one chunk (keys of |dW|, their high bits, dW^2); its update categories."""
+    def add(self, key: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        """Count one chunk (keys of |dW|, and dW^2); its update categories."""
+        high = key >> 16
         # pair 2 x bin + (key <= cut), in int32 arithmetic (a bool operand costs ~4x more):
         # (cut - key) >> 31 is 0 at or below the cut and -1 above (no overflow: both < 2^31)
         below = self.cut.index_select(0, high).sub_(key).bitwise_right_shift_(31)
@@ -350,7 +354,7 @@ def delta_stats(source: torch.Tensor, trained: torch.Tensor | None,
         squares = chunk * chunk
         magnitude = chunk.abs()
         key = magnitude.view(torch.int32)  # magnitudes are non-negative
-        flat_category[sl] = table.add(key, key >> 16, squares)
+        flat_category[sl] = table.add(key, squares)
         energy += float64_sum(squares)
         abs_sum += float64_sum(magnitude)
         linf = torch.maximum(linf, magnitude.max())
